@@ -1,0 +1,34 @@
+"""Error types the orchestration treats differently: data errors are never retried."""
+
+from __future__ import annotations
+
+
+class NestcastError(Exception):
+    """Base of every error nestcast raises on purpose."""
+
+
+class DataValidationError(NestcastError):
+    """Input data is unusable as a whole (unreadable file, missing columns, empty, bad encoding).
+
+    The message names the file, the failed expectations and a few offending values.
+    Retrying cannot help, so the Prefect tasks fail at once on it.
+    """
+
+
+class ExportCheckError(NestcastError):
+    """A submission frame failed a check before it was written."""
+
+
+class DeviceUnavailableError(NestcastError):
+    """The configured device (``device=gpu``) is not visible."""
+
+
+#: Exceptions that a retry cannot fix.
+NON_RETRYABLE: tuple[type[BaseException], ...] = (
+    DataValidationError,
+    ExportCheckError,
+    DeviceUnavailableError,
+    ValueError,
+    KeyError,
+    TypeError,
+)
