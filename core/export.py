@@ -1,0 +1,282 @@
+"""Step 6: the gate between model and baseline, and the checked, atomic submission export.
+
+The submission is the competition's exact format (``ID,item_cnt_month``, one row per ``test.csv`` row,
+sorted by ID). It is checked in memory before anything touches the disk, so a failed check leaves
+no file and no temporary behind.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+
+from core.errors import ExportCheckError
+from core.lake import write_bytes_atomic
+
+SUBMISSION_COLUMNS: tuple[str, str] = ("ID", "item_cnt_month")
+DEFAULT_CLIP: tuple[float, float] = (0.0, 20.0)
+# Six decimals keep float32 predictions exact to their own precision while every value still reads as a float.
+FLOAT_FORMAT = "%.6f"
+# How many offending IDs an error message quotes; the counts say how many there are in all.
+_QUOTE = 5
+
+Exported = Literal["model", "baseline"]
+Fallback = Literal["baseline", "model"]
+
+
+def forecast_month_label(month: int, first_month: str = "2013-01") -> str:
+    """Calendar month ``YYYY-MM`` of ``date_block_num`` ``month`` (34 -> ``2015-11`` with the default start)."""
+    match = re.fullmatch(r"(\d{4})-(\d{2})", first_month)
+    if match is None or not 1 <= int(match.group(2)) <= 12:
+        raise ValueError(f"first_month must look like YYYY-MM, got {first_month!r}")
+    if isinstance(month, bool) or int(month) != month or month < 0:
+        raise ValueError(f"month must be a non-negative integer date_block_num, got {month!r}")
+    index = int(match.group(1)) * 12 + int(match.group(2)) - 1 + int(month)
+    return f"{index // 12:04d}-{index % 12 + 1:02d}"
+
+
+def _quote(values: Sequence[Any] | np.ndarray) -> str:
+    shown = ", ".join(str(v) for v in list(values[:_QUOTE]))
+    return shown + (", ..." if len(values) > _QUOTE else "")
+
+
+def check_submission(frame: pd.DataFrame, test: pd.DataFrame, clip: tuple[float, float] = DEFAULT_CLIP) -> None:
+    """Raise :class:`ExportCheckError` naming every problem of a submission frame against ``test``.
+
+    Checks: exactly the columns ``ID,item_cnt_month``; integer IDs; numeric values; one row per test ID
+    (no duplicate, missing or extra ID); no NaN or inf; every value within ``clip``.
+    """
+    if not isinstance(frame, pd.DataFrame):
+        raise ExportCheckError(f"submission must be a pandas DataFrame, got {type(frame).__name__}")
+    if "ID" not in getattr(test, "columns", ()):
+        raise ExportCheckError("test frame has no ID column; cannot check the submission against it")
+    columns = [str(c) for c in frame.columns]
+    if columns != list(SUBMISSION_COLUMNS):
+        missing = [c for c in SUBMISSION_COLUMNS if c not in columns]
+        extra = [c for c in columns if c not in SUBMISSION_COLUMNS]
+        detail = []
+        if missing:
+            detail.append(f"missing {missing}")
+        if extra:
+            detail.append(f"unexpected {extra}")
+        if not missing and not extra:
+            detail.append("wrong order or repeated names")
+        raise ExportCheckError(
+            f"submission columns must be exactly {list(SUBMISSION_COLUMNS)}, got {columns} ({'; '.join(detail)})"
+        )
+
+    problems: list[str] = []
+    ids, values = frame["ID"], frame["item_cnt_month"]
+    if not pd.api.types.is_integer_dtype(ids.dtype) or pd.api.types.is_bool_dtype(ids.dtype):
+        problems.append(f"ID must have an integer dtype, got {ids.dtype}")
+    numeric = pd.api.types.is_numeric_dtype(values.dtype) and not pd.api.types.is_bool_dtype(values.dtype)
+    if not numeric:
+        problems.append(f"item_cnt_month must have a numeric dtype, got {values.dtype}")
+    if problems:
+        # The ID and value checks below need integers and numbers to mean anything.
+        raise ExportCheckError("submission failed its checks: " + "; ".join(problems))
+
+    if ids.isna().any():
+        raise ExportCheckError(f"submission failed its checks: {int(ids.isna().sum())} missing (NA) ID value(s)")
+    frame_ids = ids.to_numpy(dtype=np.int64)
+    test_ids = pd.Index(test["ID"].to_numpy())
+    duplicated = pd.Index(frame_ids[pd.Index(frame_ids).duplicated()]).unique()
+    if len(duplicated):
+        problems.append(f"{len(duplicated)} duplicate ID(s): {_quote(np.sort(duplicated.to_numpy()))}")
+    unique_ids = pd.Index(frame_ids).unique()
+    missing_ids = test_ids.unique().difference(unique_ids)
+    if len(missing_ids):
+        problems.append(f"{len(missing_ids)} test ID(s) missing: {_quote(missing_ids.to_numpy())}")
+    extra_ids = unique_ids.difference(test_ids)
+    if len(extra_ids):
+        problems.append(f"{len(extra_ids)} ID(s) not in test.csv: {_quote(extra_ids.to_numpy())}")
+    if len(frame) != len(test) and not (len(duplicated) or len(missing_ids) or len(extra_ids)):
+        problems.append(f"{len(frame)} rows for {len(test)} test rows")
+
+    array = values.to_numpy(dtype=np.float64, na_value=np.nan)
+    nan = np.isnan(array)
+    if nan.any():
+        problems.append(f"{int(nan.sum())} NaN value(s), at ID {_quote(frame_ids[nan])}")
+    inf = np.isinf(array)
+    if inf.any():
+        problems.append(f"{int(inf.sum())} infinite value(s), at ID {_quote(frame_ids[inf])}")
+    low, high = clip
+    finite = ~(nan | inf)
+    outside = finite & ((array < low) | (array > high))
+    if outside.any():
+        problems.append(
+            f"{int(outside.sum())} value(s) outside [{low:g}, {high:g}] (min {array[finite].min():g}, "
+            f"max {array[finite].max():g}), at ID {_quote(frame_ids[outside])}"
+        )
+    if problems:
+        raise ExportCheckError("submission failed its checks: " + "; ".join(problems))
+
+
+def choose_forecast(
+    model_forecast: np.ndarray | pd.Series,
+    baseline_forecast: np.ndarray | pd.Series,
+    beats_baseline: bool,
+    fallback: Fallback = "baseline",
+    *,
+    clip: tuple[float, float] = DEFAULT_CLIP,
+    model_rmse: float | None = None,
+    baseline_rmse: float | None = None,
+) -> tuple[np.ndarray, Exported, str]:
+    """The gate: which forecast to export, and why.
+
+    The model's forecast goes out when it beat the previous-period baseline on the holdout; otherwise
+    ``fallback`` decides. The chosen values come back as float32 clipped to ``clip`` (the competition
+    clips the same way). A chosen forecast with NaN or inf is an :class:`ExportCheckError` rather than
+    being clipped, because clipping would turn inf into a plausible-looking 20.
+    """
+    if fallback not in ("baseline", "model"):
+        raise ValueError(f"fallback must be 'baseline' or 'model', got {fallback!r}")
+    model = np.asarray(model_forecast, dtype=np.float64).reshape(-1)
+    baseline = np.asarray(baseline_forecast, dtype=np.float64).reshape(-1)
+    if model.shape != baseline.shape:
+        raise ValueError(f"model forecast has {model.size} values, baseline forecast {baseline.size}")
+
+    scores = ""
+    if model_rmse is not None and baseline_rmse is not None:
+        scores = f" (holdout RMSE {model_rmse:.4f} vs {baseline_rmse:.4f})"
+    exported: Exported
+    if beats_baseline:
+        exported = "model"
+        reason = f"the model beats the previous-period baseline{scores}"
+    elif fallback == "model":
+        exported = "model"
+        reason = f"the model does not beat the previous-period baseline{scores}; exported anyway (fallback=model)"
+    else:
+        exported = "baseline"
+        reason = (
+            f"the model does not beat the previous-period baseline{scores}; "
+            "exported the baseline forecast (fallback=baseline)"
+        )
+
+    chosen = model if exported == "model" else baseline
+    bad = ~np.isfinite(chosen)
+    if bad.any():
+        raise ExportCheckError(
+            f"the {exported} forecast has {int(bad.sum())} NaN/inf value(s) at position(s) "
+            f"{_quote(np.flatnonzero(bad))}"
+        )
+    return np.clip(chosen, clip[0], clip[1]).astype(np.float32), exported, reason
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportResult:
+    """Where the submission went and what it holds."""
+
+    forecast_month: str
+    csv_path: Path
+    sidecar_path: Path
+    copy_path: Path | None
+    rows: int
+    sha256: str
+    total: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "forecast_month": self.forecast_month,
+            "csv_path": str(self.csv_path),
+            "sidecar_path": str(self.sidecar_path),
+            "copy_path": None if self.copy_path is None else str(self.copy_path),
+            "rows": self.rows,
+            "sha256": self.sha256,
+            "total": self.total,
+        }
+
+
+def submission_frame(forecast: pd.DataFrame) -> pd.DataFrame:
+    """``ID,item_cnt_month`` from a forecast frame of exactly ID plus one value column, sorted by ID; no check.
+
+    The value column may have any name (``item_cnt_month``, ``prediction``...). Any further column is an
+    error rather than being dropped, so a frame mixed up with another cannot slip through.
+    """
+    if not isinstance(forecast, pd.DataFrame):
+        raise ExportCheckError(f"forecast must be a pandas DataFrame, got {type(forecast).__name__}")
+    columns = [str(c) for c in forecast.columns]
+    others = [c for c in columns if c != "ID"]
+    if "ID" not in columns or len(others) != 1 or len(columns) != 2:
+        raise ExportCheckError(f"forecast must have exactly the columns ID and one value column, got {columns}")
+    frame = pd.DataFrame({"ID": forecast["ID"].to_numpy(), "item_cnt_month": forecast[others[0]].to_numpy()})
+    return frame.sort_values("ID", kind="stable").reset_index(drop=True)
+
+
+def submission_csv(frame: pd.DataFrame) -> bytes:
+    buffer = io.StringIO()
+    out = frame.astype({"item_cnt_month": np.float64})
+    out.to_csv(buffer, index=False, float_format=FLOAT_FORMAT, lineterminator="\n")
+    return buffer.getvalue().encode("utf-8")
+
+
+def export_submission(
+    forecast: pd.DataFrame,
+    test: pd.DataFrame,
+    out_dir: str | Path,
+    forecast_month_label: str,
+    sidecar: Mapping[str, Any],
+    copy_to: str | Path | None = None,
+    *,
+    clip: tuple[float, float] = DEFAULT_CLIP,
+) -> ExportResult:
+    """Check and write ``<out_dir>/<forecast_month_label>.csv`` and its ``.json`` sidecar.
+
+    ``forecast`` holds exactly ``ID`` and one value column (any name, e.g. ``item_cnt_month``), already
+    clipped (see :func:`choose_forecast`); it is not clipped here, so an out-of-range value is an error.
+    ``sidecar`` names the run, model, metrics, data hashes and which forecast was exported and why;
+    the export adds the file name, row count, total and content hash. ``copy_to`` (a file, or an existing
+    directory) receives the same CSV bytes. Both payloads are built and checked before the first write.
+    """
+    if not re.fullmatch(r"\d{4}-\d{2}", forecast_month_label):
+        raise ValueError(f"forecast_month_label must look like YYYY-MM, got {forecast_month_label!r}")
+    frame = submission_frame(forecast)
+    check_submission(frame, test, clip=clip)
+
+    payload = submission_csv(frame)
+    digest = hashlib.sha256(payload).hexdigest()
+    out_dir = Path(out_dir)
+    csv_path = out_dir / f"{forecast_month_label}.csv"
+    sidecar_path = out_dir / f"{forecast_month_label}.json"
+    total = float(frame["item_cnt_month"].to_numpy(dtype=np.float64).sum())
+    meta = dict(sidecar)
+    meta["submission"] = {
+        "file": csv_path.name,
+        "forecast_month": forecast_month_label,
+        "rows": len(frame),
+        "sha256": digest,
+        "total": total,
+        "mean": total / len(frame) if len(frame) else 0.0,
+        "columns": list(SUBMISSION_COLUMNS),
+    }
+    # Serialise up front so an unserialisable sidecar fails before the CSV is written.
+    meta_bytes = (json.dumps(meta, indent=2, sort_keys=True, default=str) + "\n").encode("utf-8")
+
+    copy_path: Path | None = None
+    if copy_to is not None:
+        copy_path = Path(copy_to)
+        if copy_path.is_dir():
+            copy_path = copy_path / csv_path.name
+
+    write_bytes_atomic(csv_path, payload)
+    write_bytes_atomic(sidecar_path, meta_bytes)
+    if copy_path is not None:
+        write_bytes_atomic(copy_path, payload)
+    return ExportResult(
+        forecast_month=forecast_month_label,
+        csv_path=csv_path,
+        sidecar_path=sidecar_path,
+        copy_path=copy_path,
+        rows=len(frame),
+        sha256=digest,
+        total=total,
+    )

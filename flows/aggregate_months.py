@@ -1,0 +1,37 @@
+"""Per-month aggregation as a sub-flow, so its fan-out can run on threads or on a Dask cluster."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow, unmapped
+from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
+
+from core.config import NestcastConfig
+from tasks.aggregate import aggregate_month, plan_months
+
+
+def make_task_runner(config: NestcastConfig) -> TaskRunner:
+    """The default thread pool, or Dask: a local cluster, or the cluster at ``dask_address``."""
+    if config.orchestration.task_runner == "dask":
+        from prefect_dask import DaskTaskRunner
+
+        if config.orchestration.dask_address:
+            return DaskTaskRunner(address=config.orchestration.dask_address)
+        return DaskTaskRunner(cluster_kwargs={"n_workers": 2, "threads_per_worker": 1, "processes": True})
+    return ThreadPoolTaskRunner(max_workers=2)
+
+
+@flow(name="aggregate-months")
+def _aggregate_months(config: NestcastConfig, ingested: dict[str, Any]) -> dict[str, Any]:
+    months = plan_months(config, ingested)
+    futures = aggregate_month.with_options(retries=config.orchestration.retries).map(
+        config=unmapped(config), month=months["all"], sales_partition_hash=[months["hashes"][m] for m in months["all"]]
+    )
+    written = futures.result()
+    return {"months": months["all"], "monthly_dir": months["monthly_dir"], "partitions": written}
+
+
+def aggregate_months(config: NestcastConfig, ingested: dict[str, Any]) -> dict[str, Any]:
+    """Run the aggregation sub-flow on the task runner the config asks for."""
+    return _aggregate_months.with_options(task_runner=make_task_runner(config))(config, ingested)

@@ -1,0 +1,29 @@
+"""Step 3 as a Prefect task: the dense feature cube and the sample index."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import get_run_logger, task
+
+from core import windows as windows_step
+from core.config import NestcastConfig
+from tasks.common import RETRY_OPTIONS, content_cache_key, jsonable, retry_transient_only
+
+
+@task(
+    name="build-windows",
+    tags=["nestcast"],
+    retry_condition_fn=retry_transient_only,
+    cache_key_fn=content_cache_key("aggregate", "windows"),
+    **RETRY_OPTIONS,
+)
+def build_windows(config: NestcastConfig, monthly: dict[str, Any]) -> dict[str, Any]:
+    """Cube [series, month, channel] + (series, target month) samples, split by time."""
+    summary = jsonable(windows_step.build_windows(config))
+    get_run_logger().info(
+        "windows: %s series, %s train samples, holdout month %s, forecast month %s",
+        summary.get("n_series"), summary.get("train_samples"), summary.get("holdout_month"),
+        summary.get("forecast_month"),
+    )  # fmt: skip
+    return summary

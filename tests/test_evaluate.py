@@ -1,0 +1,314 @@
+"""Step 5: metrics against hand-computed values, the baselines, the grid, the report and its plots."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from core.evaluate import (
+    Evaluation,
+    backtest_frame,
+    build_grid,
+    evaluate,
+    monthly_totals,
+    write_report,
+)
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture
+def small_holdout() -> pd.DataFrame:
+    """Four pairs whose metrics are worked out by hand in the tests below."""
+    return pd.DataFrame(
+        {
+            "series_idx": np.arange(4, dtype=np.int32),
+            "shop_id": np.array([5, 6, 5, 6], dtype=np.int16),
+            "item_id": np.array([100, 100, 200, 300], dtype=np.int32),
+            "item_category_id": np.array([1, 1, 2, 2], dtype=np.int16),
+            # 25 is above the clip: it scores as 20.
+            "actual": np.array([0.0, 3.0, 25.0, 1.0], dtype=np.float32),
+            "prev": np.array([1.0, 3.0, 10.0, 0.0], dtype=np.float32),
+            "mean3": np.array([0.5, 2.0, 30.0, 0.0], dtype=np.float32),
+            "new_item": [False, False, False, True],
+            "new_pair": [False, False, True, True],
+        }
+    )
+
+
+# model -1 -> 0 and 22 -> 20 after clipping.
+SMALL_MODEL = np.array([-1.0, 4.0, 22.0, 2.0])
+
+
+def test_overall_metrics_match_hand_computed_values(small_holdout: pd.DataFrame) -> None:
+    ev = evaluate(small_holdout, SMALL_MODEL, category_names={1: "Games", 2: "Films"})
+    # clipped actual [0, 3, 20, 1]
+    # model [0, 4, 20, 2]: errors [0, 1, 0, 1]
+    assert ev.overall["model"].rmse == pytest.approx(math.sqrt(2 / 4))
+    assert ev.overall["model"].mae == pytest.approx(2 / 4)
+    # baseline (prev) [1, 3, 10, 0]: errors [1, 0, -10, -1]
+    assert ev.overall["baseline"].rmse == pytest.approx(math.sqrt(102 / 4))
+    assert ev.overall["baseline"].mae == pytest.approx(12 / 4)
+    # mean3 [0.5, 2, 20, 0]: errors [0.5, -1, 0, -1]
+    assert ev.overall["mean3"].rmse == pytest.approx(math.sqrt(2.25 / 4))
+    assert ev.overall["mean3"].mae == pytest.approx(2.5 / 4)
+    # zeros: errors [0, -3, -20, -1]
+    assert ev.overall["zeros"].rmse == pytest.approx(math.sqrt(410 / 4))
+    assert ev.overall["zeros"].mae == pytest.approx(24 / 4)
+
+    assert ev.improvement_rmse == pytest.approx(1 - math.sqrt(2 / 102))
+    assert ev.improvement_mae == pytest.approx((3 - 0.5) / 3)
+    assert ev.beats_baseline is True
+    assert ev.rows == 4
+    assert ev.totals == pytest.approx({"actual": 24.0, "model": 26.0, "baseline": 14.0, "mean3": 22.5, "zeros": 0.0})
+
+
+def test_segment_metrics_match_hand_computed_values(small_holdout: pd.DataFrame) -> None:
+    ev = evaluate(small_holdout, SMALL_MODEL, category_names={1: "Games", 2: "Films"})
+    novelty = {row.key: row for row in ev.segments["novelty"]}
+    assert [row.key for row in ev.segments["novelty"]] == ["new_item", "new_pair", "existing_pair"]
+    # new item: row 3 only (actual 1, model 2, prev 0)
+    assert novelty["new_item"].rows == 1
+    assert novelty["new_item"].metrics["model"].rmse == pytest.approx(1.0)
+    assert novelty["new_item"].metrics["baseline"].rmse == pytest.approx(1.0)
+    # new pair of a known item: row 2 only (actual 20, model 20, prev 10)
+    assert novelty["new_pair"].rows == 1
+    assert novelty["new_pair"].metrics["model"].rmse == pytest.approx(0.0)
+    assert novelty["new_pair"].metrics["baseline"].mae == pytest.approx(10.0)
+    assert novelty["new_pair"].improvement_rmse == pytest.approx(1.0)
+    # existing pairs: rows 0 and 1, model errors [0, 1], baseline errors [1, 0]
+    assert novelty["existing_pair"].rows == 2
+    assert novelty["existing_pair"].actual_mean == pytest.approx(1.5)
+    assert novelty["existing_pair"].metrics["model"].rmse == pytest.approx(math.sqrt(0.5))
+    assert novelty["existing_pair"].improvement_rmse == pytest.approx(0.0)
+
+    categories = {row.key: row for row in ev.segments["category"]}
+    assert categories["2"].label == "2 · Films"
+    assert categories["2"].metrics["model"].rmse == pytest.approx(math.sqrt(1 / 2))
+    assert categories["2"].metrics["baseline"].rmse == pytest.approx(math.sqrt(101 / 2))
+    assert categories["1"].metrics["zeros"].mae == pytest.approx(1.5)
+
+    shops = {row.key: row for row in ev.segments["shop"]}
+    assert shops["5"].label == "5"  # no shop names given
+    assert shops["5"].metrics["model"].rmse == pytest.approx(0.0)
+    assert shops["5"].metrics["baseline"].mae == pytest.approx(5.5)
+    assert shops["6"].metrics["model"].mae == pytest.approx(1.0)
+    assert sum(row.rows for row in ev.segments["shop"]) == 4
+
+
+def test_predictions_are_clipped_before_scoring(small_holdout: pd.DataFrame) -> None:
+    far_above = evaluate(small_holdout, np.full(4, 1000.0))
+    at_clip = evaluate(small_holdout, np.full(4, 20.0))
+    assert far_above.overall["model"].rmse == pytest.approx(at_clip.overall["model"].rmse)
+    # errors against clipped actual [0, 3, 20, 1]: [20, 17, 0, 19]
+    assert at_clip.overall["model"].mae == pytest.approx(56 / 4)
+    below = evaluate(small_holdout, np.full(4, -5.0))
+    assert below.overall["model"].rmse == pytest.approx(below.overall["zeros"].rmse)
+    # A tighter clip changes the scores: actual and predictions both clip to [0, 2].
+    tight = evaluate(small_holdout, SMALL_MODEL, clip=(0.0, 2.0))
+    # actual [0, 2, 2, 1], model [0, 2, 2, 2], prev [1, 2, 2, 0]
+    assert tight.overall["model"].rmse == pytest.approx(math.sqrt(1 / 4))
+    assert tight.overall["baseline"].rmse == pytest.approx(math.sqrt(2 / 4))
+
+
+def test_losing_model_and_ties_do_not_beat_the_baseline(small_holdout: pd.DataFrame) -> None:
+    tie = evaluate(small_holdout, small_holdout["prev"].to_numpy())
+    assert tie.overall["model"].rmse == pytest.approx(tie.overall["baseline"].rmse)
+    assert tie.beats_baseline is False
+    worse = evaluate(small_holdout, np.zeros(4))
+    assert worse.beats_baseline is False
+    assert worse.improvement_rmse is not None and worse.improvement_rmse < 0
+
+
+def test_evaluate_rejects_bad_inputs(small_holdout: pd.DataFrame) -> None:
+    with pytest.raises(ValueError, match="3 values for 4"):
+        evaluate(small_holdout, np.zeros(3))
+    with pytest.raises(ValueError, match="NaN"):
+        evaluate(small_holdout, np.array([0.0, np.nan, 1.0, 1.0]))
+    with pytest.raises(ValueError, match="mean3"):
+        evaluate(small_holdout.drop(columns=["mean3"]), np.zeros(4))
+
+
+def _monthly(rows: list[tuple[int, int, int, float]]) -> pd.DataFrame:
+    frame = pd.DataFrame(rows, columns=["date_block_num", "shop_id", "item_id", "item_cnt_month"])
+    # Category = item // 10 so the grid's category mapping is checkable.
+    frame["item_category_id"] = (frame["item_id"] // 10).astype(np.int16)
+    return frame
+
+
+def test_build_grid_is_shops_times_items_of_the_month_with_zeros() -> None:
+    monthly = _monthly(
+        [
+            (1, 3, 12, 9.0),  # another month: neither shop 3 nor item 12 joins the grid
+            (2, 1, 10, 3.0),
+            (2, 2, 11, 5.0),
+            (2, 2, 25, -1.0),  # a return still puts its pair's shop and item on the grid
+        ]
+    )
+    grid = build_grid(monthly, 2)
+    assert list(grid.columns) == ["date_block_num", "shop_id", "item_id", "item_category_id", "item_cnt_month"]
+    assert list(zip(grid["shop_id"], grid["item_id"], grid["item_cnt_month"], strict=True)) == [
+        (1, 10, 3.0),
+        (1, 11, 0.0),
+        (1, 25, 0.0),
+        (2, 10, 0.0),
+        (2, 11, 5.0),
+        (2, 25, -1.0),
+    ]
+    assert grid["item_category_id"].tolist() == [1, 1, 2, 1, 1, 2]
+    assert (grid["date_block_num"] == 2).all()
+    assert grid["shop_id"].dtype == np.int16 and grid["item_id"].dtype == np.int32
+    with pytest.raises(ValueError, match="no monthly rows"):
+        build_grid(monthly, 7)
+
+
+@pytest.fixture
+def tiny_monthly() -> pd.DataFrame:
+    return _monthly(
+        [
+            (0, 1, 10, 2.0),
+            (0, 1, 11, 30.0),
+            (1, 1, 10, 4.0),
+            (1, 2, 11, -1.0),
+            (2, 1, 10, 1.0),
+            (2, 2, 10, 2.0),
+            (2, 1, 12, 7.0),
+            (3, 1, 10, 5.0),
+            (3, 2, 11, 25.0),
+            (3, 2, 12, 1.0),
+            (3, 1, 13, 2.0),
+        ]
+    )
+
+
+def test_backtest_frame_baselines_on_tiny_data(tiny_monthly: pd.DataFrame) -> None:
+    frame = backtest_frame(tiny_monthly, 3).set_index(["shop_id", "item_id"])
+    assert len(frame) == 8  # shops {1, 2} x items {10, 11, 12, 13}
+    expected = {
+        # pair: (actual, prev, mean3, new_item, new_pair)
+        (1, 10): (5, 1, 7 / 3, False, False),
+        (1, 11): (0, 0, 20 / 3, False, False),  # 30 clips to 20 before averaging
+        (1, 12): (0, 7, 7 / 3, False, False),
+        (1, 13): (2, 0, 0, True, True),
+        (2, 10): (0, 2, 2 / 3, False, False),
+        (2, 11): (20, 0, 0, False, False),  # a return (-1) clips to 0
+        (2, 12): (1, 0, 0, False, True),
+        (2, 13): (0, 0, 0, True, True),
+    }
+    for pair, (actual, prev, mean3, new_item, new_pair) in expected.items():
+        row = frame.loc[pair]
+        assert row["actual"] == pytest.approx(actual), pair
+        assert row["prev"] == pytest.approx(prev), pair
+        assert row["mean3"] == pytest.approx(mean3), pair
+        assert bool(row["new_item"]) is new_item, pair
+        assert bool(row["new_pair"]) is new_pair, pair
+
+    ev = evaluate(backtest_frame(tiny_monthly, 3), np.zeros(8), month=3)
+    # baseline errors (prev - actual): [-4, 0, 7, -2, 2, -20, -1, 0] -> SSE 16+49+4+4+400+1 = 474
+    assert ev.overall["baseline"].rmse == pytest.approx(math.sqrt(474 / 8))
+    assert ev.overall["baseline"].mae == pytest.approx(36 / 8)
+    assert ev.month_label == "2013-04"
+
+
+def test_monthly_totals_sum_clipped_counts(tiny_monthly: pd.DataFrame) -> None:
+    totals = monthly_totals(tiny_monthly)
+    assert totals["date_block_num"].tolist() == [0, 1, 2, 3]
+    assert totals["actual"].tolist() == pytest.approx([22.0, 4.0, 10.0, 28.0])
+    # The same total as the holdout grid's clipped actuals.
+    assert backtest_frame(tiny_monthly, 3)["actual"].sum() == pytest.approx(28.0)
+
+
+def _wide_holdout(n: int = 600, seed: int = 3) -> tuple[pd.DataFrame, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    frame = pd.DataFrame(
+        {
+            "shop_id": rng.integers(0, 15, n).astype(np.int16),
+            "item_id": rng.integers(0, 300, n).astype(np.int32),
+            "item_category_id": rng.integers(0, 14, n).astype(np.int16),
+            "actual": np.clip(rng.poisson(0.8, n), 0, 20).astype(np.float32),
+            "prev": np.clip(rng.poisson(0.8, n), 0, 20).astype(np.float32),
+            "mean3": rng.gamma(1.0, 0.8, n).astype(np.float32),
+            "new_item": rng.random(n) < 0.1,
+            "date_block_num": np.full(n, 33, dtype=np.int16),
+        }
+    )
+    frame["new_pair"] = frame["new_item"] | (rng.random(n) < 0.3)
+    model = frame["actual"].to_numpy() + rng.normal(0, 0.7, n)
+    return frame, model
+
+
+def test_write_report_writes_tables_verdict_and_valid_pngs(tmp_path) -> None:
+    holdout, model = _wide_holdout()
+    names = {i: f"Category {i} | part" for i in range(14)}
+    ev = evaluate(holdout, model, category_names=names, shop_names={i: f"Moscow {i}" for i in range(15)})
+    assert ev.month == 33 and ev.month_label == "2015-10"
+    history = pd.DataFrame({"date_block_num": np.arange(20, 33), "actual": np.linspace(400, 500, 13)})
+    paths = write_report(
+        ev,
+        tmp_path / "run",
+        exported="baseline",
+        reason="the model does not beat the previous-period baseline; exported the baseline forecast",
+        extra={"run_id": "r-1", "model": "nlstm"},
+        history=history,
+        forecast_total=480.0,
+        top=5,
+    )
+    assert set(paths) == {"metrics", "report", "totals_plot", "pairs_plot", "segments_plot"}
+    report = paths["report"].read_text(encoding="utf-8")
+    assert report.startswith("# Evaluation — holdout month 2015-10 (date_block_num 33)")
+    assert "beats the previous-period baseline" in report
+    assert ("✅ beats" in report) == ev.beats_baseline
+    assert "**Exported: baseline forecast** — the model does not beat" in report
+    assert "| predictor | RMSE | MAE | vs baseline (RMSE) | predicted total |" in report
+    assert f"| model | {ev.overall['model'].rmse:.4f} | {ev.overall['model'].mae:.4f} |" in report
+    assert f"| previous month (baseline) | {ev.baseline_rmse:.4f} |" in report
+    assert "| zeros |" in report and "| mean of last 3 months |" in report
+    assert "## By novelty" in report and "| new item (never sold before) |" in report
+    assert "## By category (top 5 of 14 by rows)" in report
+    biggest_category = ev.segments["category"][0].key
+    assert f"| {biggest_category} · Category {biggest_category} \\| part |" in report  # pipes escaped
+    assert "| all other (9) |" in report
+    assert "## By shop (top 5 of 15 by rows)" in report and "· Moscow" in report
+    assert "| run_id | r-1 |" in report
+    # Bounded length: top-N tables, not one line per category and shop.
+    assert report.count("\n| ") < 50
+
+    # The pooled "all other" row equals the metric computed directly over those rows.
+    biggest = [int(row.key) for row in ev.segments["category"][:5]]
+    rest = ~holdout["item_category_id"].isin(biggest).to_numpy()
+    err = np.clip(model, 0, 20)[rest] - holdout["actual"].to_numpy()[rest]
+    assert f"| all other (9) | {int(rest.sum()):,} |" in report
+    assert f"| {math.sqrt(np.mean(err**2)):.4f} |" in report
+
+    for key in ("totals_plot", "pairs_plot", "segments_plot"):
+        data = paths[key].read_bytes()
+        assert data[:8] == PNG_MAGIC, key
+        assert len(data) > 10_000, key
+
+    metrics = json.loads(paths["metrics"].read_text(encoding="utf-8"))
+    assert metrics["exported"] == "baseline"
+    assert metrics["beats_baseline"] == ev.beats_baseline
+    assert metrics["extra"] == {"run_id": "r-1", "model": "nlstm"}
+    assert metrics["overall"]["model"]["rmse"] == pytest.approx(ev.model_rmse)
+    assert Evaluation.from_dict(metrics).to_dict() == ev.to_dict()
+    assert not [p for p in (tmp_path / "run").iterdir() if p.name.startswith(".")]  # no temp files left
+
+
+def test_write_report_is_idempotent_and_works_from_json(tmp_path, small_holdout: pd.DataFrame) -> None:
+    ev = evaluate(small_holdout, SMALL_MODEL)
+    first = write_report(ev, tmp_path / "a", exported="model", reason="the model beats the baseline")
+    second = write_report(ev, tmp_path / "a", exported="model", reason="the model beats the baseline")
+    for key, path in first.items():
+        assert path.read_bytes() == second[key].read_bytes(), key
+
+    # Rebuilt from metrics.json the evaluation has no pair-level data: the scatter is skipped, the rest written.
+    rebuilt = Evaluation.from_dict(json.loads(first["metrics"].read_text(encoding="utf-8")))
+    assert rebuilt.to_dict() == ev.to_dict()
+    paths = write_report(rebuilt, tmp_path / "b", exported="model", reason="r")
+    assert "pairs_plot" not in paths
+    assert paths["totals_plot"].read_bytes()[:8] == PNG_MAGIC
+    assert "✅ beats" in paths["report"].read_text(encoding="utf-8")

@@ -1,0 +1,223 @@
+"""Step 6: the gate, the submission checks (nothing left on disk on failure) and the written format."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from core.errors import ExportCheckError
+from core.export import (
+    check_submission,
+    choose_forecast,
+    export_submission,
+    forecast_month_label,
+)
+
+# The head of Kaggle's sample_submission.csv for "Predict Future Sales".
+KAGGLE_SAMPLE = "ID,item_cnt_month\n0,0.5\n1,0.5\n2,0.5\n3,0.5\n4,0.5\n5,0.5\n"
+
+
+@pytest.fixture
+def test_frame() -> pd.DataFrame:
+    return pd.DataFrame(
+        {
+            "ID": np.arange(6, dtype=np.int32),
+            "shop_id": np.array([5, 5, 5, 4, 4, 4], dtype=np.int16),
+            "item_id": np.array([5037, 5320, 5233, 5232, 5268, 5039], dtype=np.int32),
+        }
+    )
+
+
+def good_frame() -> pd.DataFrame:
+    return pd.DataFrame(
+        {"ID": np.arange(6, dtype=np.int64), "item_cnt_month": np.array([0.0, 0.5, 1.25, 20.0, 3.0, 0.1])}
+    )
+
+
+def _with(column: str, index: int, value: object) -> pd.DataFrame:
+    frame = good_frame()
+    frame.loc[index, column] = value
+    return frame
+
+
+BAD_FRAMES = {
+    "missing ID": (good_frame().iloc[1:], "1 test ID(s) missing: 0"),
+    "duplicate ID": (_with("ID", 5, 4), "1 duplicate ID(s): 4"),
+    "extra ID": (pd.concat([good_frame(), pd.DataFrame({"ID": [99], "item_cnt_month": [1.0]})]), "not in test.csv: 99"),
+    "NaN": (_with("item_cnt_month", 2, np.nan), "1 NaN value(s), at ID 2"),
+    "inf": (_with("item_cnt_month", 3, np.inf), "1 infinite value(s), at ID 3"),
+    "above range": (_with("item_cnt_month", 1, 20.5), "outside [0, 20]"),
+    "below range": (_with("item_cnt_month", 1, -0.1), "outside [0, 20]"),
+    "wrong column name": (good_frame().rename(columns={"item_cnt_month": "prediction"}), "missing ['item_cnt_month']"),
+    "extra column": (good_frame().assign(shop_id=5), "unexpected ['shop_id']"),
+    "column order": (good_frame()[["item_cnt_month", "ID"]], "wrong order"),
+    "float IDs": (good_frame().astype({"ID": np.float64}), "ID must have an integer dtype"),
+    "string values": (good_frame().astype({"item_cnt_month": str}), "item_cnt_month must have a numeric dtype"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_FRAMES))
+def test_check_submission_rejects_each_bad_frame(case: str, test_frame: pd.DataFrame) -> None:
+    frame, message = BAD_FRAMES[case]
+    with pytest.raises(ExportCheckError, match=None) as info:
+        check_submission(frame, test_frame)
+    assert message in str(info.value)
+
+
+def test_check_submission_accepts_a_good_frame_and_reports_every_problem(test_frame: pd.DataFrame) -> None:
+    check_submission(good_frame(), test_frame)
+    check_submission(good_frame().astype({"ID": np.int32, "item_cnt_month": np.float32}), test_frame)
+    frame = good_frame()
+    frame.loc[0, "ID"] = 42
+    frame.loc[4, "item_cnt_month"] = np.nan
+    with pytest.raises(ExportCheckError) as info:
+        check_submission(frame, test_frame)
+    text = str(info.value)
+    assert "missing: 0" in text and "not in test.csv: 42" in text and "NaN value(s), at ID 4" in text
+
+
+# Bad forecasts as export_submission receives them (ID + values, any order); each must leave nothing on disk.
+BAD_FORECASTS = {
+    "missing ID": good_frame().iloc[:-1],
+    "duplicate ID": _with("ID", 0, 1),
+    "extra ID": pd.concat([good_frame(), pd.DataFrame({"ID": [6], "item_cnt_month": [1.0]})]),
+    "NaN": _with("item_cnt_month", 0, np.nan),
+    "inf": _with("item_cnt_month", 0, -np.inf),
+    "out of range": _with("item_cnt_month", 5, 21.0),
+    "wrong columns": good_frame().assign(extra=1.0),
+    "no ID column": good_frame().rename(columns={"ID": "id"}),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_FORECASTS))
+def test_failed_export_leaves_nothing_behind(case: str, test_frame: pd.DataFrame, tmp_path: Path) -> None:
+    out_dir = tmp_path / "submissions"
+    copy = tmp_path / "copy.csv"
+    with pytest.raises(ExportCheckError):
+        export_submission(BAD_FORECASTS[case], test_frame, out_dir, "2015-11", {"run_id": "r"}, copy_to=copy)
+    leftovers = [p for p in tmp_path.rglob("*")]
+    assert leftovers == [] or leftovers == [out_dir] and not any(out_dir.iterdir())
+
+
+def test_failed_export_keeps_the_previous_submission(test_frame: pd.DataFrame, tmp_path: Path) -> None:
+    result = export_submission(good_frame(), test_frame, tmp_path, "2015-11", {"run_id": "first"})
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    with pytest.raises(ExportCheckError):
+        export_submission(_with("item_cnt_month", 0, np.nan), test_frame, tmp_path, "2015-11", {"run_id": "second"})
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    assert result.csv_path.name == "2015-11.csv"
+
+
+def test_round_trip_matches_kaggle_sample_format(test_frame: pd.DataFrame, tmp_path: Path) -> None:
+    forecast = good_frame().sample(frac=1.0, random_state=0)  # shuffled: the export sorts by ID
+    forecast = forecast.rename(columns={"item_cnt_month": "prediction"})  # one value column of any name
+    forecast["prediction"] = forecast["prediction"].astype(np.float32)
+    sidecar = {"run_id": "run-7", "model": "nlstm", "exported": "model", "metrics": {"rmse": 0.9}}
+    result = export_submission(
+        forecast, test_frame, tmp_path / "submissions", "2015-11", sidecar, copy_to=tmp_path / "kaggle"
+    )
+
+    text = result.csv_path.read_text(encoding="utf-8")
+    assert result.csv_path == tmp_path / "submissions" / "2015-11.csv"
+    assert text.splitlines()[0] == "ID,item_cnt_month"
+    assert text.endswith("\n") and "\r" not in text
+    assert len(text.splitlines()) == len(test_frame) + 1
+    written = pd.read_csv(result.csv_path)
+    sample = pd.read_csv(io.StringIO(KAGGLE_SAMPLE))
+    assert list(written.columns) == list(sample.columns)
+    assert written.dtypes.to_dict() == sample.dtypes.to_dict()
+    assert written["ID"].tolist() == list(range(6))
+    np.testing.assert_allclose(written["item_cnt_month"], good_frame()["item_cnt_month"], atol=1e-6)
+    check_submission(written, test_frame)
+
+    meta = json.loads(result.sidecar_path.read_text(encoding="utf-8"))
+    assert result.sidecar_path.name == "2015-11.json"
+    assert meta["run_id"] == "run-7" and meta["model"] == "nlstm" and meta["metrics"] == {"rmse": 0.9}
+    assert meta["submission"]["rows"] == 6
+    assert meta["submission"]["sha256"] == hashlib.sha256(result.csv_path.read_bytes()).hexdigest() == result.sha256
+    assert meta["submission"]["total"] == pytest.approx(24.85, abs=1e-5)
+
+    # copy_to an existing directory receives the same bytes under the same name.
+    (tmp_path / "kaggle2").mkdir()
+    again = export_submission(forecast, test_frame, tmp_path / "submissions", "2015-11", sidecar, tmp_path / "kaggle2")
+    assert result.copy_path is not None and result.copy_path.read_bytes() == result.csv_path.read_bytes()
+    assert again.copy_path == tmp_path / "kaggle2" / "2015-11.csv"
+    assert again.copy_path.read_bytes() == result.csv_path.read_bytes()
+    assert again.sha256 == result.sha256  # a rerun writes the same bytes
+    assert not [p for p in (tmp_path / "submissions").iterdir() if p.name.startswith(".")]
+
+
+def test_gate_exports_the_model_when_it_beats_the_baseline() -> None:
+    model = np.array([0.5, 25.0, -1.0])
+    baseline = np.array([1.0, 2.0, 3.0])
+    values, exported, reason = choose_forecast(model, baseline, True, "baseline", model_rmse=0.9, baseline_rmse=1.1)
+    assert exported == "model"
+    assert values.tolist() == [0.5, 20.0, 0.0]  # clipped to [0, 20]
+    assert values.dtype == np.float32
+    assert "beats the previous-period baseline" in reason and "0.9000 vs 1.1000" in reason
+
+
+def test_gate_falls_back_to_the_baseline_when_the_model_loses() -> None:
+    model = np.array([np.nan, 1.0, 2.0])  # a broken model forecast is irrelevant once it is not exported
+    baseline = pd.Series([1.0, 30.0, 0.0])
+    values, exported, reason = choose_forecast(model, baseline, False)
+    assert exported == "baseline"
+    assert values.tolist() == [1.0, 20.0, 0.0]
+    assert "does not beat" in reason and "fallback=baseline" in reason
+
+
+def test_gate_exports_the_losing_model_with_fallback_model() -> None:
+    values, exported, reason = choose_forecast(np.array([3.0, 4.0]), np.array([1.0, 1.0]), False, "model")
+    assert exported == "model"
+    assert values.tolist() == [3.0, 4.0]
+    assert "does not beat" in reason and "fallback=model" in reason
+
+
+def test_gate_rejects_bad_forecasts_and_policies() -> None:
+    with pytest.raises(ExportCheckError, match="model forecast has 1 NaN/inf"):
+        choose_forecast(np.array([np.inf, 1.0]), np.array([1.0, 1.0]), True)
+    with pytest.raises(ValueError, match="fallback"):
+        choose_forecast(np.zeros(2), np.zeros(2), False, "zeros")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="3 values"):
+        choose_forecast(np.zeros(3), np.zeros(2), True)
+
+
+def test_gate_output_passes_the_export(test_frame: pd.DataFrame, tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    model = rng.normal(2.0, 10.0, len(test_frame))  # unclipped network output
+    baseline = rng.integers(0, 40, len(test_frame)).astype(np.float32)
+    values, exported, reason = choose_forecast(model, baseline, beats_baseline=False)
+    forecast = pd.DataFrame({"ID": test_frame["ID"], "item_cnt_month": values})
+    result = export_submission(forecast, test_frame, tmp_path, "2015-11", {"exported": exported, "reason": reason})
+    written = pd.read_csv(result.csv_path)
+    np.testing.assert_allclose(written["item_cnt_month"], np.clip(baseline, 0, 20), atol=1e-6)
+    assert json.loads(result.sidecar_path.read_text())["exported"] == "baseline"
+
+
+@pytest.mark.parametrize(
+    ("month", "first", "label"),
+    [
+        (34, "2013-01", "2015-11"),
+        (0, "2013-01", "2013-01"),
+        (11, "2013-01", "2013-12"),
+        (12, "2013-01", "2014-01"),
+        (7, "2014-06", "2015-01"),
+    ],
+)
+def test_forecast_month_label(month: int, first: str, label: str) -> None:
+    assert forecast_month_label(month, first) == label
+
+
+def test_forecast_month_label_rejects_bad_input() -> None:
+    with pytest.raises(ValueError):
+        forecast_month_label(-1)
+    with pytest.raises(ValueError):
+        forecast_month_label(3, "2013-13")
+    with pytest.raises(ValueError):
+        export_submission(good_frame(), good_frame(), Path("/nonexistent"), "Nov 2015", {})
