@@ -1,0 +1,53 @@
+"""The `nestcast` command: help, demo data, and one-line errors on bad input (before any flow starts)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+from typer.testing import CliRunner
+
+from flows.cli import app
+
+runner = CliRunner()
+NESTCAST = Path(sys.executable).parent / "nestcast"
+
+
+def test_help_lists_every_command_and_explains_options():
+    result = runner.invoke(app, ["--help"])
+    assert result.exit_code == 0
+    for command in ("demo-data", "run", "serve"):
+        assert command in result.output
+    run_help = runner.invoke(app, ["run", "--help"]).output
+    assert "--epochs" in run_help and "--submission" in run_help and "Training epochs" in run_help
+
+
+def test_demo_data_writes_the_five_competition_files(tmp_path):
+    result = runner.invoke(app, ["demo-data", str(tmp_path), "--scale", "tiny", "--seed", "2"])
+    assert result.exit_code == 0, result.output
+    raw = tmp_path / "raw"
+    assert sorted(p.name for p in raw.iterdir()) == [
+        "item_categories.csv", "items.csv", "sales_train.csv", "shops.csv", "test.csv",
+    ]  # fmt: skip
+    assert list(pd.read_csv(raw / "test.csv", nrows=1).columns) == ["ID", "shop_id", "item_id"]
+
+
+def test_run_without_raw_data_is_a_one_line_error(tmp_path):
+    result = subprocess.run(
+        [str(NESTCAST), "run", "--data-dir", str(tmp_path / "nowhere")], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 2
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "does not exist" in lines[0] and "nestcast demo-data" in lines[0]
+
+
+def test_run_rejects_bad_options_before_running(tmp_path):
+    (tmp_path / "raw").mkdir()
+    bad_kind = runner.invoke(app, ["run", "--data-dir", str(tmp_path), "--kind", "transformer"])
+    assert bad_kind.exit_code == 2 and "kind" in bad_kind.output
+    bad_set = runner.invoke(app, ["run", "--data-dir", str(tmp_path), "--set", "no_such_field=1"])
+    assert bad_set.exit_code == 2 and "unknown field 'no_such_field'" in bad_set.output
+    zero_epochs = runner.invoke(app, ["run", "--data-dir", str(tmp_path), "--epochs", "0"])
+    assert zero_epochs.exit_code == 2
