@@ -1,0 +1,368 @@
+"""Step 2: daily sales -> one row per (month, shop, item) in ``lake/monthly``.
+
+Each month is an independent unit of work: ``aggregate_month`` reads one ``lake/sales`` partition
+and writes the matching ``lake/monthly`` partition, so the orchestration can fan months out in
+parallel. Whether a month needs recomputing is decided by a hash of everything its output depends on
+(the sales partition, the aggregation config, the items reference), stored in the output file's own
+Parquet metadata -- the data and its provenance are renamed into place together, so they can never
+disagree. ``lake/monthly/_state.json`` is a readable summary written after a run (parallel month
+writers never touch the shared file).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+
+from core.config import NestcastConfig
+from core.errors import DataValidationError
+from core.lake import LakePaths, file_sha256, tree_sha256, write_json_atomic, write_parquet_atomic
+
+# Bump when the aggregation logic changes, so every month is recomputed once.
+AGGREGATE_VERSION = "1"
+STATE_FILE = "_state.json"
+PARTITION_FILE = "data.parquet"
+HASH_KEY = b"nestcast.input_hash"
+STATS_KEY = b"nestcast.stats"
+
+MONTHLY_SCHEMA = pa.schema(
+    [
+        ("shop_id", pa.int16()),
+        ("item_id", pa.int32()),
+        ("item_category_id", pa.int16()),
+        ("item_cnt_month", pa.float32()),
+        ("revenue", pa.float64()),
+        ("mean_price", pa.float32()),
+        ("transactions", pa.int32()),
+    ]
+)
+
+
+@dataclass
+class MonthStats:
+    """Rows-in = rows-out accounting for one month."""
+
+    month: int
+    rows_in: int
+    rows_dropped_returns: int
+    rows_used: int
+    rows_out: int
+    units_in: float
+    units_used: float
+    units_out: float
+
+
+@dataclass
+class AggregateSummary:
+    """What ``aggregate`` did; small and JSON-friendly so a Prefect task can return it."""
+
+    monthly_dir: str
+    months: list[int]
+    recomputed: list[int]
+    skipped: list[int]
+    removed: list[int]
+    rows_in: int = 0
+    rows_out: int = 0
+    units_in: float = 0.0
+    units_out: float = 0.0
+    seconds: float = 0.0
+    month_stats: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# --- partitions ----------------------------------------------------------------------------------
+
+
+def _partition_months(root: Path) -> list[int]:
+    if not root.exists():
+        return []
+    months = []
+    for child in root.iterdir():
+        if child.is_dir() and child.name.startswith("date_block_num="):
+            try:
+                months.append(int(child.name.split("=", 1)[1]))
+            except ValueError:
+                continue
+    return sorted(months)
+
+
+def _partition_dir(root: Path, month: int) -> Path:
+    return root / f"date_block_num={month}"
+
+
+def sales_months(paths: LakePaths) -> list[int]:
+    """Months that have a partition in ``lake/sales``."""
+    return _partition_months(paths.sales)
+
+
+def monthly_path(paths: LakePaths, month: int) -> Path:
+    return _partition_dir(paths.monthly, month) / PARTITION_FILE
+
+
+def _aggregate_settings(config: NestcastConfig) -> dict[str, Any]:
+    agg = config.aggregate
+    return {
+        "version": AGGREGATE_VERSION,
+        "shop_merge_map": {str(k): int(v) for k, v in sorted(agg.shop_merge_map.items())},
+        "daily_count_cap": agg.daily_count_cap,
+        "drop_returns": agg.drop_returns,
+    }
+
+
+def month_input_hash(paths: LakePaths, month: int, config: NestcastConfig) -> str:
+    """Hash of everything the monthly partition of ``month`` depends on."""
+    items = paths.reference / "items.parquet"
+    digest = hashlib.sha256()
+    digest.update(tree_sha256(_partition_dir(paths.sales, month)).encode())
+    digest.update(json.dumps(_aggregate_settings(config), sort_keys=True).encode())
+    digest.update((file_sha256(items) if items.exists() else "no-items").encode())
+    return digest.hexdigest()
+
+
+def _stored_hash(path: Path) -> str | None:
+    if not path.exists():
+        return None
+    try:
+        metadata = pq.read_schema(path).metadata or {}
+    except (OSError, pa.ArrowInvalid):
+        return None
+    value = metadata.get(HASH_KEY)
+    return value.decode() if value else None
+
+
+def months_to_aggregate(config: NestcastConfig) -> list[int]:
+    """Sales months whose monthly partition is missing or was built from different inputs."""
+    paths = LakePaths(config.data_dir)
+    return [
+        m for m in sales_months(paths) if _stored_hash(monthly_path(paths, m)) != month_input_hash(paths, m, config)
+    ]
+
+
+# --- the work ------------------------------------------------------------------------------------
+
+
+def _category_lookup(paths: LakePaths) -> np.ndarray:
+    """Dense item_id -> item_category_id array (-1 for ids the reference does not know)."""
+    items_path = paths.reference / "items.parquet"
+    if not items_path.exists():
+        raise DataValidationError(f"{items_path}: items reference is missing; run ingest first")
+    items = pq.read_table(items_path, columns=["item_id", "item_category_id"])
+    ids = items["item_id"].to_numpy().astype(np.int64)
+    cats = items["item_category_id"].to_numpy().astype(np.int16)
+    lookup = np.full(int(ids.max(initial=-1)) + 1, -1, dtype=np.int16)
+    lookup[ids] = cats
+    return lookup
+
+
+def _merge_shops(shop: np.ndarray, merge_map: dict[int, int]) -> np.ndarray:
+    """Fold duplicate shop ids into their canonical id (vectorised through a lookup table)."""
+    if not merge_map or shop.size == 0:
+        return shop
+    size = max(int(shop.max()), *merge_map.keys(), *merge_map.values()) + 1
+    table = np.arange(size, dtype=np.int64)
+    for dup, canonical in merge_map.items():
+        table[dup] = canonical
+    return table[shop.astype(np.int64)].astype(shop.dtype)
+
+
+def merge_shop_ids(shop: np.ndarray, config: NestcastConfig) -> np.ndarray:
+    """Public form of the shop merge, for steps that read shop ids from elsewhere (test.csv)."""
+    return _merge_shops(np.asarray(shop), config.aggregate.shop_merge_map)
+
+
+def aggregate_month(paths: LakePaths, month: int, config: NestcastConfig) -> Path:
+    """Aggregate one sales partition into ``lake/monthly/date_block_num=<month>/data.parquet``.
+
+    Safe to run concurrently for different months. Duplicate shops are merged before grouping, so
+    the two ids' sales land in one row and sum.
+    """
+    path, _ = _aggregate_month(paths, month, config, _category_lookup(paths))
+    return path
+
+
+def _aggregate_month(
+    paths: LakePaths, month: int, config: NestcastConfig, categories: np.ndarray
+) -> tuple[Path, MonthStats]:
+    source = _partition_dir(paths.sales, month)
+    if not source.exists():
+        raise DataValidationError(f"{source}: no sales partition for month {month}")
+    input_hash = month_input_hash(paths, month, config)
+    table = ds.dataset(source, format="parquet").to_table(columns=["shop_id", "item_id", "item_price", "item_cnt_day"])
+    rows_in = table.num_rows
+    units_in = float(pc.sum(table["item_cnt_day"]).as_py() or 0.0)
+
+    agg = config.aggregate
+    cnt = table["item_cnt_day"].to_numpy(zero_copy_only=False).astype(np.float64)
+    price = table["item_price"].to_numpy(zero_copy_only=False).astype(np.float64)
+    shop = _merge_shops(table["shop_id"].to_numpy(zero_copy_only=False).astype(np.int16), agg.shop_merge_map)
+    item = table["item_id"].to_numpy(zero_copy_only=False).astype(np.int32)
+    keep = np.ones(rows_in, dtype=bool)
+    if agg.drop_returns:
+        keep &= cnt >= 0
+    rows_dropped = int(rows_in - keep.sum())
+    if agg.daily_count_cap is not None:
+        cnt = np.minimum(cnt, agg.daily_count_cap)
+    cnt, price, shop, item = cnt[keep], price[keep], shop[keep], item[keep]
+
+    # mean_price is the plain mean of the daily price points (one per daily row): a daily row is one
+    # price observation; weighting by count would let a single bulk day or a return dominate it.
+    frame = pd.DataFrame({"shop_id": shop, "item_id": item, "cnt": cnt, "revenue": price * cnt, "price": price})
+    grouped = (
+        frame.groupby(["shop_id", "item_id"], sort=True)
+        .agg(
+            item_cnt_month=("cnt", "sum"),
+            revenue=("revenue", "sum"),
+            mean_price=("price", "mean"),
+            transactions=("cnt", "size"),
+        )
+        .reset_index()
+    )
+
+    out_items = grouped["item_id"].to_numpy()
+    known = out_items < categories.size
+    category = np.full(out_items.size, -1, dtype=np.int16)
+    category[known] = categories[out_items[known]]
+    if (category < 0).any():
+        unknown = np.unique(out_items[category < 0])[:10].tolist()
+        raise DataValidationError(f"{source}: item ids missing from lake/reference/items.parquet: {unknown}")
+
+    out = pa.table(
+        {
+            "shop_id": pa.array(grouped["shop_id"].to_numpy(np.int16)),
+            "item_id": pa.array(out_items.astype(np.int32)),
+            "item_category_id": pa.array(category),
+            "item_cnt_month": pa.array(grouped["item_cnt_month"].to_numpy(np.float32)),
+            "revenue": pa.array(grouped["revenue"].to_numpy(np.float64)),
+            "mean_price": pa.array(grouped["mean_price"].to_numpy(np.float32)),
+            "transactions": pa.array(grouped["transactions"].to_numpy(np.int32)),
+        },
+        schema=MONTHLY_SCHEMA,
+    )
+    stats = MonthStats(
+        month=month,
+        rows_in=rows_in,
+        rows_dropped_returns=rows_dropped,
+        rows_used=int(keep.sum()),
+        rows_out=out.num_rows,
+        units_in=units_in,
+        units_used=float(cnt.sum()),
+        units_out=float(grouped["item_cnt_month"].sum()),
+    )
+    # Provenance travels inside the file so data and hash are renamed into place together.
+    out = out.replace_schema_metadata({HASH_KEY: input_hash.encode(), STATS_KEY: json.dumps(asdict(stats)).encode()})
+    target = monthly_path(paths, month)
+    write_parquet_atomic(target, out)
+    return target, stats
+
+
+def _stored_stats(path: Path) -> dict[str, Any] | None:
+    try:
+        raw = (pq.read_schema(path).metadata or {}).get(STATS_KEY)
+    except (OSError, pa.ArrowInvalid):
+        return None
+    return json.loads(raw) if raw else None
+
+
+def remove_stale_months(config: NestcastConfig) -> list[int]:
+    """Delete monthly partitions whose sales partition no longer exists; returns their months."""
+    paths = LakePaths(config.data_dir)
+    available = set(sales_months(paths))
+    removed = [m for m in _partition_months(paths.monthly) if m not in available]
+    for month in removed:
+        shutil.rmtree(_partition_dir(paths.monthly, month))
+    return removed
+
+
+def write_state(config: NestcastConfig) -> Path:
+    """Rewrite ``lake/monthly/_state.json`` from the partitions' embedded provenance.
+
+    Deterministic (no timestamps), so an unchanged lake rewrites identical bytes.
+    """
+    paths = LakePaths(config.data_dir)
+    months = {}
+    for month in _partition_months(paths.monthly):
+        path = monthly_path(paths, month)
+        months[str(month)] = {
+            "input_hash": _stored_hash(path),
+            "sha256": file_sha256(path),
+            "stats": _stored_stats(path),
+        }
+    state = {"version": AGGREGATE_VERSION, "settings": _aggregate_settings(config), "months": months}
+    target = paths.monthly / STATE_FILE
+    old = target.read_text(encoding="utf-8") if target.exists() else None
+    if old is None or json.loads(old) != json.loads(json.dumps(state, sort_keys=True, default=str)):
+        write_json_atomic(target, state)
+    return target
+
+
+def aggregate(config: NestcastConfig, months: Iterable[int] | None = None, workers: int = 4) -> AggregateSummary:
+    """Bring ``lake/monthly`` up to date with ``lake/sales``: recompute changed months only.
+
+    Monthly partitions whose sales partition disappeared are removed. ``months`` restricts the work.
+    To fan months out elsewhere (Dask): ``months_to_aggregate`` -> ``aggregate_month`` per month ->
+    ``remove_stale_months`` and ``write_state`` once at the end.
+    """
+    start = time.perf_counter()
+    paths = LakePaths(config.data_dir)
+    available = sales_months(paths)
+    if not available:
+        raise DataValidationError(f"{paths.sales}: no sales partitions; run ingest first")
+    todo = set(months_to_aggregate(config))
+    if months is not None:
+        todo &= set(months)
+    removed = remove_stale_months(config)
+    categories = _category_lookup(paths)
+    ordered = sorted(todo)
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        # pyarrow and pandas release the GIL in their heavy parts, so threads overlap usefully.
+        results = list(pool.map(lambda m: _aggregate_month(paths, m, config, categories), ordered))
+    write_state(config)
+
+    stats = [s for _, s in results]
+    return AggregateSummary(
+        monthly_dir=str(paths.monthly),
+        months=available,
+        recomputed=ordered,
+        skipped=[m for m in available if m not in todo],
+        removed=removed,
+        rows_in=sum(s.rows_in for s in stats),
+        rows_out=sum(s.rows_out for s in stats),
+        units_in=sum(s.units_in for s in stats),
+        units_out=sum(s.units_out for s in stats),
+        seconds=time.perf_counter() - start,
+        month_stats=[asdict(s) for s in stats],
+    )
+
+
+def read_monthly_table(paths: LakePaths, months: Iterable[int] | None = None) -> pa.Table:
+    """All (or some) monthly partitions as one Arrow table, with ``date_block_num`` int16 first."""
+    available = _partition_months(paths.monthly)
+    wanted = available if months is None else sorted(set(months) & set(available))
+    schema = pa.schema([("date_block_num", pa.int16()), *MONTHLY_SCHEMA])
+    tables = []
+    for month in wanted:
+        table = pq.read_table(monthly_path(paths, month)).replace_schema_metadata(None)
+        column = pa.array(np.full(table.num_rows, month, dtype=np.int16))
+        tables.append(table.add_column(0, "date_block_num", column).cast(schema))
+    return pa.concat_tables(tables) if tables else schema.empty_table()
+
+
+def read_monthly(paths: LakePaths, months: Iterable[int] | None = None) -> pd.DataFrame:
+    """All (or some) monthly partitions as one frame, with ``date_block_num`` int16."""
+    return read_monthly_table(paths, months).to_pandas()
