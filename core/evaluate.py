@@ -682,3 +682,79 @@ def write_report(
     report = render_report(evaluation, exported=exported, reason=reason, extra=extra, plots=plots, top=top)
     paths["report"] = write_text_atomic(run_dir / "report.md", report)
     return paths
+
+
+# --- the whole step, as the orchestration calls it ----------------------------------------------
+
+FORECAST_FILE = "forecast.parquet"
+
+
+def _names(reference_dir: Path, table: str, id_column: str, name_column: str) -> dict[int, str] | None:
+    path = reference_dir / f"{table}.parquet"
+    if not path.exists():
+        return None
+    frame = pd.read_parquet(path, columns=[id_column, name_column])
+    return dict(zip(frame[id_column].astype(int), frame[name_column].astype(str), strict=True))
+
+
+def evaluate_run(config: Any, windows_dir: str | Path, model_path: str | Path, run_dir: str | Path) -> dict[str, Any]:
+    """Score a trained model on the holdout grid, predict the forecast pairs and write the run's report.
+
+    The forecast for ``test.csv`` (model and previous-period baseline, side by side) goes to
+    ``run_dir/forecast.parquet`` so export needs no model; the report already says which of the two
+    the gate will export, and why.
+    """
+    from core.aggregate import read_monthly
+    from core.export import choose_forecast
+    from core.lake import LakePaths, atomic_path
+    from core.model import load_model, predict
+    from core.windows import WindowStore
+
+    paths = LakePaths(config.data_dir)
+    store = WindowStore.open(windows_dir)
+    clip = (config.windows.target_clip_min, config.windows.target_clip_max)
+    model = load_model(model_path)
+    batch = max(config.train.batch_size, 4096)
+
+    holdout = store.holdout_frame()
+    holdout_pred = predict(model, store.holdout_dataset(batch), clip_min=clip[0], clip_max=clip[1])
+    evaluation = evaluate(
+        holdout,
+        holdout_pred,
+        clip,
+        _names(paths.reference, "item_categories", "item_category_id", "item_category_name"),
+        shop_names=_names(paths.reference, "shops", "shop_id", "shop_name"),
+        month=int(store.meta["holdout_month"]),
+        first_month=config.ingest.first_month,
+    )
+
+    forecast = store.forecast_frame()
+    forecast_model = predict(model, store.forecast_dataset(batch), clip_min=clip[0], clip_max=clip[1])
+    forecast_baseline = np.clip(forecast["prev"].to_numpy(dtype=np.float32), *clip)
+    chosen, exported, reason = choose_forecast(
+        forecast_model, forecast_baseline, evaluation.beats_baseline, config.export.fallback, clip=clip,
+        model_rmse=evaluation.model_rmse, baseline_rmse=evaluation.baseline_rmse,
+    )  # fmt: skip
+    run_dir = Path(run_dir)
+    with atomic_path(run_dir / FORECAST_FILE) as tmp:
+        pd.DataFrame(
+            {"ID": forecast["ID"].to_numpy(), "model": forecast_model, "baseline": forecast_baseline}
+        ).to_parquet(tmp, index=False)
+
+    monthly = read_monthly(paths)
+    history = monthly_totals(monthly[monthly["date_block_num"] < store.meta["holdout_month"]], clip)
+    written = write_report(
+        evaluation, run_dir, exported=exported, reason=reason, history=history, forecast_total=float(chosen.sum()),
+        extra={"model": config.model.kind, "units": config.model.units, "depth": config.model.depth,
+               "lookback": config.windows.lookback, "holdout_month": int(store.meta["holdout_month"])},
+    )  # fmt: skip
+    return {
+        "model_rmse": evaluation.model_rmse,
+        "baseline_rmse": evaluation.baseline_rmse,
+        "beats_baseline": evaluation.beats_baseline,
+        "exported": exported,
+        "reason": reason,
+        "headline": evaluation.headline(),
+        "forecast": str(run_dir / FORECAST_FILE),
+        **{name: str(path) for name, path in written.items()},
+    }

@@ -280,3 +280,42 @@ def export_submission(
         sha256=digest,
         total=total,
     )
+
+
+def export_run(
+    config: Any, windows_dir: str | Path, run_dir: str | Path, evaluation: Mapping[str, Any]
+) -> ExportResult:
+    """Gate, check and write the submission of a scored run (its ``forecast.parquet``)."""
+    from core.lake import LakePaths, read_json
+    from core.windows import WindowStore
+
+    paths = LakePaths(config.data_dir)
+    run_dir = Path(run_dir)
+    clip = (config.windows.target_clip_min, config.windows.target_clip_max)
+    meta = WindowStore.open(windows_dir).meta
+    forecast = pd.read_parquet(run_dir / "forecast.parquet")
+    values, exported, reason = choose_forecast(
+        forecast["model"].to_numpy(), forecast["baseline"].to_numpy(), bool(evaluation["beats_baseline"]),
+        config.export.fallback, clip=clip, model_rmse=evaluation["model_rmse"],
+        baseline_rmse=evaluation["baseline_rmse"],
+    )  # fmt: skip
+    test = pd.read_parquet(paths.reference / "test.parquet", columns=["ID", "shop_id", "item_id"])
+    sidecar = {
+        "run_id": run_dir.name,
+        "run_dir": str(run_dir),
+        "model": read_json(run_dir / "metadata.json", default={}).get("model_config", {"kind": config.model.kind}),
+        "metrics": {k: evaluation[k] for k in ("model_rmse", "baseline_rmse", "beats_baseline")},
+        "exported": exported,
+        "reason": reason,
+        "forecast_month": int(meta["forecast_month"]),
+        "data": meta.get("input_hashes", {}),
+    }
+    return export_submission(
+        pd.DataFrame({"ID": forecast["ID"].to_numpy(), "item_cnt_month": values}),
+        test,
+        paths.submissions,
+        forecast_month_label(int(meta["forecast_month"]), config.ingest.first_month),
+        sidecar,
+        copy_to=config.export.submission_path,
+        clip=clip,
+    )

@@ -8,7 +8,7 @@ from prefect import flow, unmapped
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
 from core.config import NestcastConfig
-from tasks.aggregate import aggregate_month, plan_months
+from tasks.aggregate import aggregate_month, finish_aggregation, plan_months
 
 
 def make_task_runner(config: NestcastConfig) -> TaskRunner:
@@ -24,12 +24,12 @@ def make_task_runner(config: NestcastConfig) -> TaskRunner:
 
 @flow(name="aggregate-months")
 def _aggregate_months(config: NestcastConfig, ingested: dict[str, Any]) -> dict[str, Any]:
-    months = plan_months(config, ingested)
-    futures = aggregate_month.with_options(retries=config.orchestration.retries).map(
-        config=unmapped(config), month=months["all"], sales_partition_hash=[months["hashes"][m] for m in months["all"]]
-    )
-    written = futures.result()
-    return {"months": months["all"], "monthly_dir": months["monthly_dir"], "partitions": written}
+    input_hashes = plan_months(config, ingested)
+    months = sorted(input_hashes)
+    aggregate_month.with_options(retries=config.orchestration.retries).map(
+        config=unmapped(config), month=months, input_hash=[input_hashes[month] for month in months]
+    ).result()
+    return finish_aggregation(config, input_hashes)
 
 
 def aggregate_months(config: NestcastConfig, ingested: dict[str, Any]) -> dict[str, Any]:

@@ -70,7 +70,7 @@ def sales_forecast(
         "rows_accepted": ingested["rows_accepted"],
         "rows_quarantined": ingested["rows_quarantined"],
         "months": monthly["months"],
-        "train_samples": windows["train_samples"],
+        "train_samples": windows["sample_counts"]["train"],
         "run_dir": trained["run_dir"],
         "model_rmse": evaluation["model_rmse"],
         "baseline_rmse": evaluation["baseline_rmse"],

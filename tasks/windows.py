@@ -1,4 +1,4 @@
-"""Step 3 as a Prefect task: the dense feature cube and the sample index."""
+"""Step 3 as a Prefect task: the windowed feature store and the sample index."""
 
 from __future__ import annotations
 
@@ -19,11 +19,11 @@ from tasks.common import RETRY_OPTIONS, content_cache_key, jsonable, retry_trans
     **RETRY_OPTIONS,
 )
 def build_windows(config: NestcastConfig, monthly: dict[str, Any]) -> dict[str, Any]:
-    """Cube [series, month, channel] + (series, target month) samples, split by time."""
+    """Features [series, month, channel] + (series, target month) samples, split by time."""
     summary = jsonable(windows_step.build_windows(config))
     get_run_logger().info(
-        "windows: %s series, %s train samples, holdout month %s, forecast month %s",
-        summary.get("n_series"), summary.get("train_samples"), summary.get("holdout_month"),
-        summary.get("forecast_month"),
+        "windows: %s series, samples %s, holdout month %s, forecast month %s%s",
+        summary["n_series"], summary["sample_counts"], summary["holdout_month"], summary["forecast_month"],
+        " (unchanged, reused)" if summary["skipped"] else "",
     )  # fmt: skip
     return summary

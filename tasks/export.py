@@ -1,0 +1,30 @@
+"""Step 6 as a Prefect task: the gated, checked submission, linked from the UI."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from prefect import get_run_logger, task
+from prefect.artifacts import create_link_artifact
+
+from core import export as export_step
+from core.config import NestcastConfig
+from tasks.common import RETRY_OPTIONS, retry_transient_only
+
+
+@task(name="export", tags=["nestcast", "io"], retry_condition_fn=retry_transient_only, **RETRY_OPTIONS)
+def export_forecast(
+    config: NestcastConfig, windows: dict[str, Any], trained: dict[str, Any], evaluation: dict[str, Any]
+) -> dict[str, Any]:
+    """Write submissions/<month>.csv (model or baseline, by the gate) and its JSON sidecar."""
+    result = export_step.export_run(config, windows["windows_dir"], trained["run_dir"], evaluation)
+    get_run_logger().info("exported the %s forecast to %s (%s)", evaluation["exported"], result.csv_path,
+                          evaluation["reason"])
+    create_link_artifact(
+        key="submission",
+        link=Path(result.csv_path).resolve().as_uri(),
+        link_text=f"submission {result.forecast_month} ({result.rows} rows, {evaluation['exported']} forecast)",
+        description=evaluation["reason"],
+    )
+    return {**result.to_dict(), "submission": str(result.csv_path), "exported": evaluation["exported"]}
