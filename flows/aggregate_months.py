@@ -6,6 +6,7 @@ from typing import Any
 
 from prefect import flow, unmapped
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
+from prefect.tasks import exponential_backoff
 
 from core.config import NestcastConfig
 from tasks.aggregate import aggregate_month, finish_aggregation, plan_months
@@ -26,7 +27,10 @@ def make_task_runner(config: NestcastConfig) -> TaskRunner:
 def _aggregate_months(config: NestcastConfig, ingested: dict[str, Any]) -> dict[str, Any]:
     input_hashes = plan_months(config, ingested)
     months = sorted(input_hashes)
-    aggregate_month.with_options(retries=config.orchestration.retries).map(
+    aggregate_month.with_options(
+        retries=config.orchestration.retries,
+        retry_delay_seconds=exponential_backoff(config.orchestration.retry_delay_seconds),
+    ).map(
         config=unmapped(config), month=months, input_hash=[input_hashes[month] for month in months]
     ).result()
     return finish_aggregation(config, input_hashes)

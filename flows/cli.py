@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -24,7 +24,7 @@ app = typer.Typer(
 DEFAULTS = NestcastConfig()
 
 
-class Scale(str, Enum):
+class Scale(StrEnum):
     tiny = "tiny"
     demo = "demo"
     full = "full"
@@ -104,7 +104,10 @@ def run(
 ) -> None:
     """Run the whole forecast flow locally (ingest -> aggregate -> windows -> train -> evaluate -> export)."""
     if not (data_dir / "raw").is_dir():
-        _fail(f"{data_dir / 'raw'} does not exist: put the competition CSVs there or run `nestcast demo-data {data_dir}`")
+        _fail(
+            f"{data_dir / 'raw'} does not exist: put the competition CSVs there "
+            f"or run `nestcast demo-data {data_dir}`"
+        )
     parameters: dict[str, Any] = {
         "data_dir": str(data_dir), "epochs": epochs, "batch_size": batch_size, "learning_rate": learning_rate,
         "lookback": lookback, "sample_policy": sample_policy, "kind": kind, "units": units, "depth": depth,

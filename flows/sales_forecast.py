@@ -10,6 +10,7 @@ from typing import Any, Literal
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
+from prefect.tasks import exponential_backoff
 
 from core.config import NestcastConfig
 from flows.aggregate_months import aggregate_months
@@ -53,7 +54,10 @@ def sales_forecast(
         device=device, fallback=fallback, task_runner=task_runner, dask_address=dask_address,
         submission_path=submission_path, overrides=overrides,
     )  # fmt: skip
-    retries = {"retries": config.orchestration.retries}
+    retries = {
+        "retries": config.orchestration.retries,
+        "retry_delay_seconds": exponential_backoff(config.orchestration.retry_delay_seconds),
+    }
 
     ingested = ingest_raw_files.with_options(**retries)(config)
     monthly = aggregate_months(config, ingested)
