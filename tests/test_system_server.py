@@ -157,3 +157,24 @@ def test_manual_deployment_runs_to_completion_with_artifacts_and_a_ui_page(serve
     artifacts_dir = REPO / "build" / "screenshots"
     artifacts_dir.mkdir(parents=True, exist_ok=True)
     shutil.copy(screenshot, artifacts_dir / "flow-run.png")
+
+
+def test_prefect_yaml_deploys_both_deployments_to_a_process_pool(server):
+    env = {**server["env"], "PROJECT_ROOT": str(REPO)}
+    prefect = str(BIN / "prefect")
+    subprocess.run(
+        [prefect, "work-pool", "create", "nestcast-process", "--type", "process", "--overwrite"],
+        env=env, cwd=REPO, capture_output=True, text=True, timeout=60, check=True,
+    )  # fmt: skip
+    deployed = subprocess.run(
+        [prefect, "--no-prompt", "deploy", "--prefect-file", "deployments/prefect.yaml", "--all"],
+        env=env, cwd=REPO, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert deployed.returncode == 0, deployed.stdout[-2000:] + deployed.stderr[-2000:]
+    for name in ("monthly", "manual"):
+        deployment = httpx.get(f"{server['api']}/deployments/name/sales-forecast/{name}", timeout=5).json()
+        assert deployment["work_pool_name"] == "nestcast-process"
+        assert deployment["entrypoint"] == "flows/sales_forecast.py:sales_forecast"
+        assert deployment["pull_steps"][0]["prefect.deployments.steps.set_working_directory"]["directory"] == str(REPO)
+    monthly = httpx.get(f"{server['api']}/deployments/name/sales-forecast/monthly", timeout=5).json()
+    assert monthly["schedules"][0]["schedule"] == {"cron": "0 6 1 * *", "timezone": "Europe/Moscow", "day_or": True}
