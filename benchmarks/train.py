@@ -1,0 +1,223 @@
+"""Training speed of the Nested LSTM on the seed notebook's shape, against the naive cell loop and LSTM.
+
+The seed trains ``NestedLSTM(40, depth=2) -> Dense(1)`` on 214 200 windows x 33 months x 1 channel at
+batch 128. This script times one epoch (after a warm-up that compiles every batch shape) of:
+
+- ``nlstm``        this layer (``implementation="auto"``: fused loops + hand-written backward, XLA on);
+- ``nlstm-nojit``  the same without XLA (TensorFlow only);
+- ``nlstm-unroll`` the layer's autodiff path (step Python-unrolled), XLA off on TensorFlow;
+- ``naive``        ``keras.layers.RNN(NestedLSTMCell)``: keras' generic per-step loop;
+- ``lstm``         ``keras.layers.LSTM(40)``;
+
+and prints s/epoch, samples/s, analytic FLOPs per epoch (matmuls; backward = 2x forward) and the
+achieved GFLOP/s beside a 2048x2048 float32 matmul ceiling measured in the same process.
+
+    .venv/bin/python benchmarks/train.py                      # full epoch, every variant, batch 128
+    .venv/bin/python benchmarks/train.py --samples 40000      # scaled down, extrapolated to 214 200
+    .venv/bin/python benchmarks/train.py --variants nlstm --batch-sizes 128 256 512 1024
+    KERAS_BACKEND=jax python benchmarks/train.py --variants nlstm lstm   # no TensorFlow needed
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+
+import core.nlstm as nlstm_module  # noqa: E402
+from core.model import select_device  # noqa: E402
+from core.nlstm import NestedLSTM, NestedLSTMCell  # noqa: E402
+
+SEED_SAMPLES, STEPS, CHANNELS, UNITS, DEPTH = 214_200, 33, 1, 40, 2
+VARIANTS = ("nlstm", "nlstm-nojit", "nlstm-unroll", "naive", "lstm")
+
+
+def make_data(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Monthly counts shaped like the seed's pivot: mostly zeros, a long tail, clipped to [0, 20]."""
+    rng = np.random.default_rng(seed)
+    rate = rng.gamma(0.3, 2.0, size=(n, 1))  # per-series popularity
+    counts = rng.poisson(rate * rng.gamma(2.0, 0.5, size=(n, STEPS + 1)))
+    counts = np.minimum(counts, 20).astype("float32")
+    return counts[:, :STEPS, None], counts[:, STEPS]
+
+
+def flops_per_sample(variant: str) -> float:
+    """Matmul FLOPs for one window, forward + backward (2x forward)."""
+    four_u = 4 * UNITS
+    if variant == "lstm":
+        forward = 2 * (CHANNELS * four_u + UNITS * four_u)
+    else:
+        # outer level: input + recurrent kernels; each inner level: [x, h] (2u) -> 4u
+        forward = 2 * (CHANNELS * four_u + UNITS * four_u) + (DEPTH - 1) * 2 * (2 * UNITS * four_u)
+    head = 2 * UNITS
+    return 3.0 * (STEPS * forward + head)
+
+
+def matmul_ceiling(n: int = 2048, repeats: int = 10) -> float:
+    """GFLOP/s of a compiled n x n float32 matmul chain on the default device."""
+    backend = keras.backend.backend()
+    a = keras.ops.convert_to_tensor(np.random.default_rng(0).random((n, n), dtype=np.float32))
+    if backend == "jax":
+        import jax
+
+        fn = jax.jit(lambda x: x @ x)
+        fn(a).block_until_ready()
+        start = time.perf_counter()
+        for _ in range(repeats):
+            out = fn(a)
+        out.block_until_ready()
+    else:
+        import tensorflow as tf
+
+        fn = tf.function(lambda x: tf.matmul(x, x))
+        fn(a).numpy()
+        start = time.perf_counter()
+        for _ in range(repeats):
+            out = fn(a)
+        out.numpy()
+    return 2 * n**3 * repeats / (time.perf_counter() - start) / 1e9
+
+
+def build(variant: str, precision: str, jit: bool, steps_per_execution: int, impl: str = "auto") -> keras.Model:
+    keras.utils.set_random_seed(0)
+    if variant.startswith("nlstm"):
+        impl = "unroll" if variant == "nlstm-unroll" else impl
+        encoder = NestedLSTM(UNITS, depth=DEPTH, implementation=impl, dtype=precision)
+    elif variant == "naive":
+        encoder = keras.layers.RNN(NestedLSTMCell(UNITS, depth=DEPTH), dtype=precision)
+    else:
+        encoder = keras.layers.LSTM(UNITS, dtype=precision)
+    model = keras.Sequential([keras.Input((STEPS, CHANNELS)), encoder, keras.layers.Dense(1, dtype="float32")])
+    optimizer: Any = keras.optimizers.Adam(1e-3)
+    if precision == "mixed_float16":
+        optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+    model.compile(optimizer=optimizer, loss="mse", jit_compile=jit, steps_per_execution=steps_per_execution)
+    return model
+
+
+def time_epoch(model: keras.Model, x: np.ndarray, y: np.ndarray, batch: int) -> tuple[float, float]:
+    """(warm-up seconds, seconds for one epoch over x). The warm-up compiles full and partial batches."""
+    warm_n = min(len(x), 4 * batch + len(x) % batch)
+    start = time.perf_counter()
+    model.fit(x[:warm_n], y[:warm_n], batch_size=batch, epochs=1, verbose=0, shuffle=False)
+    warm = time.perf_counter() - start
+    start = time.perf_counter()
+    model.fit(x, y, batch_size=batch, epochs=1, verbose=0, shuffle=True)
+    return warm, time.perf_counter() - start
+
+
+def holdout_mse(model: keras.Model, x: np.ndarray, y: np.ndarray) -> float:
+    pred = np.asarray(model.predict(x, batch_size=4096, verbose=0)).reshape(-1)
+    return float(np.mean((np.clip(pred, 0, 20) - y) ** 2))
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--samples", type=int, default=SEED_SAMPLES, help="windows per timed epoch")
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    parser.add_argument("--batch-sizes", nargs="+", type=int, default=[128])
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "gpu"])
+    parser.add_argument("--precision", default=None, help="float32 | mixed_float16 (default: by device)")
+    parser.add_argument("--steps-per-execution", type=int, default=None, help="default: 1 on CPU, 16 on GPU")
+    parser.add_argument(
+        "--accuracy-epochs", type=int, default=0, help="also train this many epochs per batch size, report holdout MSE"
+    )
+    parser.add_argument(
+        "--nlstm-impl", default="auto", help="implementation of the 'nlstm' variant (auto, fused, fused_unrolled, ...)"
+    )
+    parser.add_argument("--scan-unroll", type=int, default=None, help="JAX: steps per iteration of the fused loops")
+    parser.add_argument("--json", type=Path, default=None, help="write the results here too")
+    args = parser.parse_args(argv)
+
+    if args.scan_unroll:
+        nlstm_module.SCAN_UNROLL = args.scan_unroll
+    device = select_device(args.device)
+    precision = args.precision or device.precision
+    spe = args.steps_per_execution or (16 if device.kind == "gpu" else 1)
+    backend = keras.backend.backend()
+    x, y = make_data(args.samples)
+    x_hold, y_hold = make_data(20_000, seed=1)
+    ceiling = matmul_ceiling()
+    scale = SEED_SAMPLES / args.samples
+    print(
+        f"backend={backend} device={device.kind} {device.devices} precision={precision} "
+        f"steps_per_execution={spe} cpus={os.cpu_count()} samples/epoch={args.samples} "
+        f"(extrapolated x{scale:.2f} to {SEED_SAMPLES}) load={os.getloadavg()[0]:.1f}"
+    )
+    print(f"matmul ceiling 2048x2048 float32: {ceiling:.1f} GFLOP/s")
+    header = f"{'variant':22s} {'precision':>13s} {'jit':>5s} {'batch':>6s} {'warm s':>7s} {'s/epoch':>8s}"
+    header += f" {'samples/s':>10s}"
+    header += f" {'GFLOP/ep':>9s} {'GFLOP/s':>8s} {'% ceil':>7s}"
+    if args.accuracy_epochs:
+        header += f" {'holdout MSE':>12s}"
+    print(header)
+    rows = []
+    for variant in args.variants:
+        if variant == "nlstm-nojit" and backend != "tensorflow":
+            continue
+        # XLA where it helps: the fused NLSTM needs it on TF; the autodiff loops are slower under XLA on CPU.
+        jit = device.jit_compile if variant == "nlstm" or backend != "tensorflow" or device.kind == "gpu" else False
+        if variant == "nlstm-nojit":
+            jit = False
+        run_precision = precision
+        if variant == "lstm" and backend == "jax" and device.kind == "gpu":
+            run_precision = "float32"  # JAX's cuDNN LSTM rejects float16
+        for batch in args.batch_sizes if variant in ("nlstm", "lstm") else args.batch_sizes[:1]:
+            with device.scope():
+                model = build(variant, run_precision, jit, spe, args.nlstm_impl)
+                warm, seconds = time_epoch(model, x, y, batch)
+                mse = None
+                if args.accuracy_epochs:
+                    model = build(variant, run_precision, jit, spe, args.nlstm_impl)
+                    model.fit(x, y, batch_size=batch, epochs=args.accuracy_epochs, verbose=0)
+                    mse = holdout_mse(model, x_hold, y_hold)
+            epoch = seconds * scale
+            flops = flops_per_sample(variant) * SEED_SAMPLES
+            row = {
+                "variant": variant if variant != "nlstm" else f"nlstm[{args.nlstm_impl}]",
+                "jit": jit,
+                "precision": run_precision,
+                "scan_unroll": nlstm_module.SCAN_UNROLL,
+                "batch": batch,
+                "warmup_s": warm,
+                "s_per_epoch": epoch,
+                "samples_per_s": SEED_SAMPLES / epoch,
+                "gflop_per_epoch": flops / 1e9,
+                "gflop_per_s": flops / epoch / 1e9,
+                "holdout_mse": mse,
+            }
+            rows.append(row)
+            line = (
+                f"{row['variant']:22s} {run_precision:>13s} {str(jit):>5s} {batch:6d} {warm:7.1f} {epoch:8.2f}"
+                f" {row['samples_per_s']:10.0f}"
+                f" {row['gflop_per_epoch']:9.1f} {row['gflop_per_s']:8.1f} {100 * row['gflop_per_s'] / ceiling:6.1f}%"
+            )
+            if mse is not None:
+                line += f" {mse:12.4f}"
+            print(line, flush=True)
+    result = {
+        "backend": backend,
+        "device": device.to_dict(),
+        "precision": precision,
+        "steps_per_execution": spe,
+        "samples": args.samples,
+        "matmul_ceiling_gflops": ceiling,
+        "rows": rows,
+    }
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    main()

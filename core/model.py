@@ -1,0 +1,543 @@
+"""Step 4: build, train and run the forecaster (a recurrent encoder of the window -> a small head).
+
+One harness for four encoders (``nlstm`` | ``lstm`` | ``gru`` | ``rnn``) so they compare on equal
+terms: the window ``sequence`` [b, lookback, channels] goes through the encoder; optional shop and
+category embeddings are concatenated to its last state; a head (Dense relu -> Dense(1), float32)
+outputs next month's count. Training minimises MSE (or Huber) on the clipped target with Adam,
+early-stops on the holdout month (best weights restored), writes a checkpoint after every epoch
+and resumes from the last one, and records what it ran on in ``metadata.json``.
+
+Device: ``select_device("auto")`` takes every visible GPU (one: the default strategy; several:
+``tf.distribute.MirroredStrategy`` on TensorFlow, ``keras.distribution.DataParallel`` on JAX), with
+mixed precision and XLA; the CPU otherwise. TensorFlow is imported only when it is the Keras backend.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import os
+import platform
+import shutil
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import keras
+import numpy as np
+
+from core.errors import DeviceUnavailableError
+from core.lake import read_json, write_json_atomic
+from core.nlstm import NestedLSTM
+
+if TYPE_CHECKING:  # the config pulls in pydantic-settings; the GPU benchmark runs without it
+    from core.config import ModelConfig, NestcastConfig, TrainConfig
+
+INPUT_NAMES = ("sequence", "shop", "category")
+CHECKPOINT_STATE = "state.json"
+EpochCallback = Callable[[int, dict[str, float]], None]
+
+
+# --- device ------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class DeviceInfo:
+    """What training runs on; ``to_dict()`` goes into ``metadata.json``."""
+
+    requested: str
+    kind: str  # "cpu" | "gpu"
+    backend: str
+    devices: list[str]
+    strategy: str  # "default" | "mirrored" | "data_parallel"
+    precision: str  # "float32" | "mixed_float16"
+    jit_compile: bool
+    _strategy: Any = dataclasses.field(default=None, repr=False, compare=False)
+
+    @property
+    def n_gpus(self) -> int:
+        return len(self.devices) if self.kind == "gpu" else 0
+
+    @contextlib.contextmanager
+    def scope(self) -> Iterator[None]:
+        """Build, compile and fit inside this scope (strategy / device placement)."""
+        if self._strategy is not None:
+            with self._strategy.scope():
+                yield
+        elif self.backend == "tensorflow" and self.kind == "cpu":
+            import tensorflow as tf
+
+            with tf.device("/CPU:0"):
+                yield
+        else:
+            yield
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "requested": self.requested,
+            "kind": self.kind,
+            "backend": self.backend,
+            "devices": self.devices,
+            "n_gpus": self.n_gpus,
+            "strategy": self.strategy,
+            "precision": self.precision,
+            "jit_compile": self.jit_compile,
+            "host": platform.node(),
+            "cpu_count": os.cpu_count(),
+        }
+
+
+def visible_gpus() -> list[str]:
+    """Names of the GPUs the current Keras backend can use (no TensorFlow import on other backends)."""
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        return [d.name for d in tf.config.list_physical_devices("GPU")]
+    if backend == "jax":
+        import jax
+
+        try:
+            return [str(d) for d in jax.devices("gpu")]
+        except RuntimeError:  # no GPU platform
+            return []
+    if backend == "torch":
+        import torch
+
+        return [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    return []
+
+
+def select_device(device: str = "auto", jit_compile: str = "auto") -> DeviceInfo:
+    """Resolve ``device`` ("auto" | "cpu" | "gpu") and ``jit_compile`` ("auto" | "on" | "off").
+
+    ``auto``: every visible GPU with mixed precision and XLA, else the CPU (XLA on: the NLSTM's fused
+    loops need it to be fast under TensorFlow). ``gpu`` with no GPU raises ``DeviceUnavailableError``.
+    """
+    if device not in ("auto", "cpu", "gpu"):
+        raise ValueError(f"device must be 'auto', 'cpu' or 'gpu', got {device!r}")
+    backend = keras.backend.backend()
+    gpus = [] if device == "cpu" else visible_gpus()
+    if device == "gpu" and not gpus:
+        raise DeviceUnavailableError(
+            f"device='gpu' was requested but the Keras backend {backend!r} sees no GPU "
+            "(check the driver and CUDA libraries, or set train.device to 'auto' or 'cpu')"
+        )
+    jit = jit_compile != "off"
+    if not gpus:
+        return DeviceInfo(device, "cpu", backend, ["cpu"], "default", "float32", jit)
+    strategy_name, strategy = "default", None
+    if len(gpus) > 1 and backend == "tensorflow":
+        import tensorflow as tf
+
+        strategy_name, strategy = "mirrored", tf.distribute.MirroredStrategy()
+    elif len(gpus) > 1 and backend == "jax":
+        strategy_name = "data_parallel"
+        keras.distribution.set_distribution(keras.distribution.DataParallel())
+    return DeviceInfo(device, "gpu", backend, gpus, strategy_name, "mixed_float16", jit, strategy)
+
+
+# --- model -------------------------------------------------------------------------------------
+def _encoder(model_cfg: ModelConfig, seed: int, dtype: Any) -> keras.layers.Layer:
+    common = {"dropout": model_cfg.dropout, "recurrent_dropout": model_cfg.recurrent_dropout, "seed": seed}
+    kind = model_cfg.kind
+    if kind == "nlstm":
+        return NestedLSTM(model_cfg.units, depth=model_cfg.depth, name="encoder", dtype=dtype, **common)
+    layer = {"lstm": keras.layers.LSTM, "gru": keras.layers.GRU, "rnn": keras.layers.SimpleRNN}.get(kind)
+    if layer is None:
+        raise ValueError(f"unknown model kind {kind!r}; expected nlstm, lstm, gru or rnn")
+    return layer(model_cfg.units, name="encoder", dtype=dtype, **common)
+
+
+def build_model(
+    model_cfg: ModelConfig,
+    *,
+    lookback: int,
+    n_channels: int,
+    n_shops: int,
+    n_categories: int,
+    seed: int,
+    train_cfg: TrainConfig | None = None,
+    device: DeviceInfo | None = None,
+) -> keras.Model:
+    """The compiled forecaster: inputs ``sequence`` / ``shop`` / ``category``, output [b, 1] float32.
+
+    ``train_cfg`` gives the optimiser (Adam, ``learning_rate``) and loss (``mse`` | ``huber``);
+    ``device`` the precision and XLA setting (default: float32 on the CPU, XLA on).
+    """
+    learning_rate = train_cfg.learning_rate if train_cfg is not None else 2e-3
+    loss = train_cfg.loss if train_cfg is not None else "mse"
+    keras.utils.set_random_seed(seed)
+    device = device or DeviceInfo("cpu", "cpu", keras.backend.backend(), ["cpu"], "default", "float32", True)
+    dtype = device.precision
+    with device.scope():
+        sequence = keras.Input((lookback, n_channels), name="sequence", dtype="float32")
+        shop = keras.Input((), name="shop", dtype="int32")
+        category = keras.Input((), name="category", dtype="int32")
+        features = [_encoder(model_cfg, seed, dtype)(sequence)]
+        if model_cfg.embeddings:
+            for name, inp, size in (("shop", shop, n_shops), ("category", category, n_categories)):
+                embedded = keras.layers.Embedding(
+                    max(int(size), 1), model_cfg.embedding_dim, name=f"{name}_embedding", dtype=dtype
+                )(inp)
+                features.append(embedded)
+        hidden = features[0] if len(features) == 1 else keras.layers.Concatenate(name="features")(features)
+        if model_cfg.head_units > 0:
+            hidden = keras.layers.Dense(model_cfg.head_units, activation="relu", name="head", dtype=dtype)(hidden)
+        # The output stays float32 under mixed precision: the loss is computed on it.
+        output = keras.layers.Dense(1, name="count", dtype="float32")(hidden)
+        model = keras.Model({"sequence": sequence, "shop": shop, "category": category}, output, name=model_cfg.kind)
+        optimizer: Any = keras.optimizers.Adam(learning_rate)
+        if dtype == "mixed_float16":
+            optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+        loss_fn = keras.losses.Huber() if loss == "huber" else keras.losses.MeanSquaredError()
+        jit: Any = device.jit_compile
+        if jit and model_cfg.kind != "nlstm":
+            jit = "auto"  # keras turns XLA off by itself where a layer (cuDNN LSTM/GRU) cannot use it
+        model.compile(
+            optimizer=optimizer, loss=loss_fn, metrics=[keras.metrics.RootMeanSquaredError("rmse")], jit_compile=jit
+        )
+    return model
+
+
+# --- data --------------------------------------------------------------------------------------
+class ArrayBatches(keras.utils.PyDataset):
+    """Batches of in-memory arrays ``(inputs dict, y)``, reshuffled each epoch from ``(seed, epoch)``.
+
+    The permutation depends only on the epoch number, so a run resumed at epoch k sees exactly the
+    batches an uninterrupted run would have seen.
+    """
+
+    def __init__(
+        self,
+        inputs: dict[str, np.ndarray],
+        y: np.ndarray | None,
+        batch_size: int,
+        *,
+        shuffle: bool = True,
+        seed: int = 0,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.inputs = {name: np.asarray(value) for name, value in inputs.items()}
+        self.y = None if y is None else np.asarray(y, dtype=np.float32).reshape(-1)
+        self.n = len(next(iter(self.inputs.values())))
+        self.batch_size = int(batch_size)
+        self.shuffle = shuffle
+        self.seed = seed
+        self.epoch = 0
+        self._order = self._permutation()
+
+    def _permutation(self) -> np.ndarray:
+        if not self.shuffle:
+            return np.arange(self.n)
+        return np.random.default_rng([self.seed, self.epoch]).permutation(self.n)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self._order = self._permutation()
+
+    def __len__(self) -> int:
+        return math.ceil(self.n / self.batch_size)
+
+    def __getitem__(self, i: int) -> Any:
+        rows = self._order[i * self.batch_size : (i + 1) * self.batch_size]
+        batch = {name: value[rows] for name, value in self.inputs.items()}
+        return (batch,) if self.y is None else (batch, self.y[rows])
+
+    def on_epoch_end(self) -> None:
+        self.set_epoch(self.epoch + 1)
+
+
+def _as_dataset(data: Any, batch_size: int, *, shuffle: bool, seed: int) -> Any:
+    """Tuples of arrays become ``ArrayBatches``; datasets (PyDataset, tf.data) pass through."""
+    if isinstance(data, tuple) and len(data) in (1, 2) and isinstance(data[0], dict):
+        return ArrayBatches(data[0], data[1] if len(data) == 2 else None, batch_size, shuffle=shuffle, seed=seed)
+    return data
+
+
+def _set_epoch(data: Any, epoch: int) -> None:
+    """Position an epoch-seeded dataset (ours or core.windows') at ``epoch`` when resuming."""
+    if hasattr(data, "set_epoch"):
+        data.set_epoch(epoch)
+    elif hasattr(data, "epoch") and hasattr(data, "_permutation"):
+        data.epoch = epoch
+        data._order = data._permutation()
+
+
+# --- training ----------------------------------------------------------------------------------
+@dataclasses.dataclass
+class TrainResult:
+    """Summary of one ``train_model`` call (JSON-ready through ``dataclasses.asdict``)."""
+
+    history: dict[str, list[float]]
+    best_epoch: int  # 1-based epoch whose weights were kept (0: none)
+    best_val_loss: float | None
+    epochs_run: int  # epochs completed in total, including those before a resume
+    resumed_from: int  # epochs already done when this call started (0: fresh)
+    stopped_early: bool
+    seconds_per_epoch: float | None  # mean over the epochs run by this call
+    seconds_total: float
+    params: int
+    device: dict[str, Any]
+    model_path: str
+    metadata_path: str
+
+
+def _weights_file(directory: Path, stem: str) -> Path:
+    return directory / f"{stem}.weights.h5"
+
+
+def _save_weights_atomic(model: keras.Model, target: Path) -> None:
+    # keras needs the ".weights.h5" suffix, so the temporary keeps it.
+    tmp = target.parent / f".tmp-{uuid.uuid4().hex[:8]}.weights.h5"
+    try:
+        model.save_weights(tmp)
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def save_model_atomic(model: keras.Model, target: str | os.PathLike[str]) -> Path:
+    """``model.save`` to a ``.keras`` file through a temporary sibling and a rename."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".tmp-{uuid.uuid4().hex[:8]}.keras"
+    try:
+        model.save(tmp)
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return target
+
+
+class _EpochCheckpoint(keras.callbacks.Callback):
+    """Checkpoint + early stopping whose state survives a restart.
+
+    After every epoch: the weights *and optimizer state* go to ``epoch-NNNN.weights.h5``, then
+    ``state.json`` (epoch count, history, early-stopping state) is replaced atomically to point at
+    it — the state file is the commit, so a crash between the two leaves the previous checkpoint.
+    Improvements on the monitored loss also copy the weights to ``best.weights.h5``.
+    """
+
+    def __init__(
+        self,
+        directory: Path,
+        state: dict[str, Any],
+        patience: int,
+        monitor: str,
+        on_epoch: EpochCallback | None,
+        data: Any,
+    ) -> None:
+        super().__init__()
+        self.directory = directory
+        self.state = state
+        self.patience = patience
+        self.monitor = monitor
+        self.on_epoch = on_epoch
+        self.data = data
+        self.epoch_seconds: list[float] = []
+        self._started = 0.0
+
+    def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        # keras calls the dataset's on_epoch_end a varying number of times; pin the order to the epoch.
+        _set_epoch(self.data, epoch)
+        self._started = time.perf_counter()
+
+    def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        self.epoch_seconds.append(time.perf_counter() - self._started)
+        logs = {name: float(value) for name, value in (logs or {}).items()}
+        state = self.state
+        for name, value in logs.items():
+            state["history"].setdefault(name, []).append(value)
+        current = logs.get(self.monitor, logs.get("loss"))
+        best = state["best_val_loss"]
+        if current is not None and math.isfinite(current) and (best is None or current < best):
+            state["best_val_loss"], state["best_epoch"], state["wait"] = current, epoch + 1, 0
+            _save_weights_atomic(self.model, _weights_file(self.directory, "best"))
+        else:
+            state["wait"] += 1
+        if self.patience > 0 and state["wait"] >= self.patience:
+            self.model.stop_training = True
+            state["stopped_early"] = True
+        previous = state.get("weights")
+        name = f"epoch-{epoch + 1:04d}"
+        _save_weights_atomic(self.model, _weights_file(self.directory, name))
+        state["epoch"], state["weights"] = epoch + 1, name
+        write_json_atomic(self.directory / CHECKPOINT_STATE, state)
+        if previous and previous != name:
+            _weights_file(self.directory, previous).unlink(missing_ok=True)
+        if self.on_epoch is not None:
+            self.on_epoch(epoch, logs)
+
+
+def train_model(
+    model: keras.Model,
+    train_data: Any,
+    val_data: Any,
+    train_cfg: TrainConfig,
+    run_dir: str | os.PathLike[str],
+    on_epoch: EpochCallback | None = None,
+    *,
+    device: DeviceInfo | None = None,
+    extra_metadata: dict[str, Any] | None = None,
+) -> TrainResult:
+    """Fit ``model``; resume from ``run_dir/checkpoints`` if a previous call was interrupted.
+
+    ``train_data``/``val_data``: a ``keras.utils.PyDataset`` / ``tf.data.Dataset`` of
+    ``(inputs, y)`` batches, or a tuple ``(inputs dict, y)`` of arrays (batched and reshuffled per
+    epoch from ``train_cfg.seed``). ``on_epoch(epoch, logs)`` is called after each epoch with the
+    0-based epoch index and float logs (``loss``, ``rmse``, ``val_loss``, ``val_rmse``).
+    Writes ``model.keras`` (best weights) and ``metadata.json`` atomically into ``run_dir``.
+    """
+    started = time.perf_counter()
+    run_dir = Path(run_dir)
+    ckpt_dir = run_dir / "checkpoints"
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    device = device or DeviceInfo("cpu", "cpu", keras.backend.backend(), ["cpu"], "default", "float32", True)
+    keras.utils.set_random_seed(train_cfg.seed)
+    train = _as_dataset(train_data, train_cfg.batch_size, shuffle=True, seed=train_cfg.seed)
+    val = (
+        _as_dataset(val_data, train_cfg.batch_size, shuffle=False, seed=train_cfg.seed)
+        if val_data is not None
+        else None
+    )
+
+    state: dict[str, Any] = read_json(ckpt_dir / CHECKPOINT_STATE) or {
+        "epoch": 0,
+        "weights": None,
+        "history": {},
+        "best_val_loss": None,
+        "best_epoch": 0,
+        "wait": 0,
+        "stopped_early": False,
+    }
+    resumed_from = int(state["epoch"])
+    if resumed_from and state.get("weights"):
+        if model.optimizer is not None and not model.optimizer.built:
+            model.optimizer.build(model.trainable_variables)
+        model.load_weights(_weights_file(ckpt_dir, state["weights"]))
+        _set_epoch(train, resumed_from)
+
+    monitor = "val_loss" if val is not None else "loss"
+    checkpoint = _EpochCheckpoint(ckpt_dir, state, train_cfg.patience, monitor, on_epoch, train)
+    done = state["stopped_early"] or resumed_from >= train_cfg.epochs
+    if not done:
+        with device.scope():
+            model.fit(
+                train,
+                validation_data=val,
+                epochs=train_cfg.epochs,
+                initial_epoch=resumed_from,
+                # Datasets reshuffle themselves from (seed, epoch); keras' own batch shuffling draws
+                # from a global RNG that a resumed run cannot replay.
+                shuffle=False,
+                callbacks=[checkpoint],
+                verbose=0,
+            )
+    best = _weights_file(ckpt_dir, "best")
+    if best.exists():
+        model.load_weights(best)
+
+    model_path = save_model_atomic(model, run_dir / "model.keras")
+    seconds = checkpoint.epoch_seconds
+    result = TrainResult(
+        history=state["history"],
+        best_epoch=int(state["best_epoch"]),
+        best_val_loss=state["best_val_loss"],
+        epochs_run=int(state["epoch"]),
+        resumed_from=resumed_from,
+        stopped_early=bool(state["stopped_early"]),
+        seconds_per_epoch=float(np.mean(seconds)) if seconds else None,
+        seconds_total=time.perf_counter() - started,
+        params=int(model.count_params()),
+        device=device.to_dict(),
+        model_path=str(model_path),
+        metadata_path=str(run_dir / "metadata.json"),
+    )
+    metadata = {
+        "device": device.kind,
+        "devices": device.devices,
+        "precision": device.precision,
+        "strategy": device.strategy,
+        "jit_compile": device.jit_compile,
+        "backend": keras.backend.backend(),
+        "keras_version": keras.__version__,
+        "params": result.params,
+        "model": model.name,
+        "train_config": train_cfg.model_dump(mode="json") if hasattr(train_cfg, "model_dump") else dict(train_cfg),
+        "epochs_run": result.epochs_run,
+        "resumed_from": resumed_from,
+        "best_epoch": result.best_epoch,
+        "best_val_loss": result.best_val_loss,
+        "stopped_early": result.stopped_early,
+        "timings": {
+            "seconds_per_epoch": seconds,
+            "mean_seconds_per_epoch": result.seconds_per_epoch,
+            "seconds_total": result.seconds_total,
+        },
+        "history": result.history,
+        **(extra_metadata or {}),
+    }
+    write_json_atomic(run_dir / "metadata.json", metadata)
+    return result
+
+
+def predict(
+    model: keras.Model, data: Any, *, clip_min: float = 0.0, clip_max: float = 20.0, batch_size: int = 4096
+) -> np.ndarray:
+    """Predictions as a flat float32 array clipped to ``[clip_min, clip_max]`` (the caller's config)."""
+    if isinstance(data, dict):
+        data = ArrayBatches(data, None, batch_size, shuffle=False)
+    elif isinstance(data, tuple) and data and isinstance(data[0], dict):
+        data = ArrayBatches(data[0], None, batch_size, shuffle=False)
+    values = np.asarray(model.predict(data, verbose=0), dtype=np.float32).reshape(-1)
+    return np.clip(values, clip_min, clip_max)
+
+
+def load_model(path: str | os.PathLike[str]) -> keras.Model:
+    """Load a saved forecaster (``safe_mode`` on: only registered classes are deserialised)."""
+    return keras.models.load_model(path, safe_mode=True)
+
+
+# --- the whole step, as the orchestration calls it ----------------------------------------------
+def train_forecaster(
+    config: NestcastConfig,
+    windows_dir: str | os.PathLike[str],
+    run_dir: str | os.PathLike[str],
+    on_epoch: EpochCallback | None = None,
+) -> TrainResult:
+    """Open the windows, pick the device, build and train the configured model into ``run_dir``."""
+    from core.windows import WindowStore
+
+    store = WindowStore.open(windows_dir)
+    device = select_device(config.train.device, config.train.jit_compile)
+    train_cfg = config.train
+    model = build_model(
+        config.model,
+        lookback=store.lookback,
+        n_channels=store.n_channels,
+        n_shops=int(store.meta["n_shops"]),
+        n_categories=int(store.meta["n_categories"]),
+        seed=train_cfg.seed,
+        train_cfg=train_cfg,
+        device=device,
+    )
+    train = store.train_dataset(train_cfg.batch_size, seed=train_cfg.seed, max_samples=train_cfg.max_train_samples)
+    val = store.holdout_dataset(train_cfg.batch_size)
+    return train_model(
+        model,
+        train,
+        val,
+        train_cfg,
+        run_dir,
+        on_epoch,
+        device=device,
+        extra_metadata={"model_config": config.model.model_dump(mode="json"), "windows_dir": str(windows_dir)},
+    )
+
+
+def remove_checkpoints(run_dir: str | os.PathLike[str]) -> None:
+    """Drop ``run_dir/checkpoints`` once a run is final (they are only for resuming)."""
+    shutil.rmtree(Path(run_dir) / "checkpoints", ignore_errors=True)

@@ -1,0 +1,794 @@
+"""Nested LSTM (Moniz & Krueger 2018, arXiv:1801.10308) for Keras 3, written with ``keras.ops`` only.
+
+A Nested LSTM replaces the additive memory update of an LSTM, ``c_t = f * c_{t-1} + i * g``, by a
+*learned* update: the two terms become the input and the hidden state of an inner LSTM, whose
+output is the outer memory. Nesting repeats ``depth`` times.
+
+Equations for one time step (levels ``l = 1 .. D``, ``D = depth``; ``σ`` = ``recurrent_activation``,
+``φ_1`` = ``cell_activation``, ``φ_l`` = ``activation`` for ``l > 1``, ``ψ`` = ``activation``)::
+
+    x_1 = x_t                      h_1 = h_{t-1}                         (outer level)
+    [z_i, z_f, z_g, z_o] = x_l W_l + h_l U_l + b_l                        (Keras LSTM gate order)
+    x_{l+1} = σ(z_i) * φ_l(z_g)         inner input   (multiplied, as in the paper and hannw/nlstm)
+    h_{l+1} = σ(z_f) * c_{l, t-1}       inner hidden state
+    c_{D,t} = h_{D+1} + x_{D+1}         innermost level: the plain LSTM memory update
+    c_{l,t} = o-output of level l+1     for l < D, i.e. c_{l,t} = σ(z_o^{l+1}) * ψ(c_{l+1,t})
+    h_t     = σ(z_o^1) * ψ(c_{1,t})
+
+State = ``[h_t, c_1, …, c_D]`` (``c_l`` for ``l < D`` equals the output of level ``l+1``, as in the
+reference implementation). With ``depth=1`` and ``cell_activation="tanh"`` this is exactly
+``keras.layers.LSTMCell`` (same gate order, same weight shapes and order).
+
+``cell_activation`` defaults to ``"tanh"``: a depth-1 NLSTM is then an LSTM, and the inner LSTM gets a
+bounded input. The seed notebook used ``"linear"`` for the outermost candidate (its reading of the
+paper); pass ``cell_activation="linear"`` to get that variant.
+
+Weight layout (created level by level, in this order; ``C`` = input features, ``u`` = units)::
+
+    level 1:  kernel [C, 4u]   recurrent_kernel [u, 4u]   bias [4u]
+    level l:  kernel_l [u, 4u] recurrent_kernel_l [u, 4u] bias_l [4u]      (l = 2 .. D)
+
+Each 4u axis is split [input gate i, forget gate f, candidate g, output gate o].
+
+Speed: ``NestedLSTM`` does not run the cell once per step through ``keras.layers.RNN``'s generic loop.
+It projects the whole input sequence with one matmul (``[b*T, C] x [C, 4u]``), and runs only the
+recurrent part per step, either Python-unrolled over a static sequence length (XLA/JIT then sees one
+straight-line graph) or with ``keras.ops.scan``. Dropout masks are drawn once per sequence.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import keras
+from keras import activations, constraints, initializers, ops, regularizers
+
+try:  # Not exported publicly; keras.layers.RNN pre-draws dropout masks only for its subclasses.
+    from keras.src.layers.rnn.dropout_rnn_cell import DropoutRNNCell
+except ImportError:  # pragma: no cover - keras layout change
+
+    class DropoutRNNCell:  # type: ignore[no-redef]
+        def reset_dropout_mask(self) -> None:
+            self._dropout_mask = None
+
+        def reset_recurrent_dropout_mask(self) -> None:
+            self._recurrent_dropout_mask = None
+
+
+__all__ = ["NestedLSTMCell", "NestedLSTM"]
+
+#: Without the fused path, sequences up to this length are Python-unrolled; longer ones use ``keras.ops.scan``.
+MAX_UNROLL = 64
+IMPLEMENTATIONS = ("auto", "fused", "fused_unrolled", "unroll", "scan")
+#: Steps per iteration of the fused loops' ``lax.scan`` on JAX (a tuning knob; see benchmarks/train.py).
+SCAN_UNROLL = 1
+
+
+@keras.saving.register_keras_serializable(package="nestcast")
+class NestedLSTMCell(keras.layers.Layer, DropoutRNNCell):
+    """One step of a Nested LSTM (see the module docstring for the equations and weight layout).
+
+    Args:
+        units: size of the output and of every memory level.
+        depth: nesting depth D >= 1 (1 = a plain LSTM when ``cell_activation="tanh"``).
+        activation: candidate activation of the inner levels and output squashing of every level.
+        recurrent_activation: gate activation.
+        cell_activation: candidate activation of the outermost level.
+        use_bias, kernel/recurrent/bias initializers, regularizers, constraints: as ``LSTMCell``;
+            the ``kernel_*`` ones apply to every level's input kernel, the ``recurrent_*`` ones to
+            every level's recurrent kernel.
+        unit_forget_bias: add 1 to every level's forget-gate bias at initialisation.
+        dropout: fraction of input features dropped (one mask per sequence).
+        recurrent_dropout: fraction of each level's recurrent input dropped (one mask per level
+            and sequence).
+        seed: seed of the dropout masks.
+    """
+
+    def __init__(
+        self,
+        units: int,
+        depth: int = 2,
+        activation: Any = "tanh",
+        recurrent_activation: Any = "sigmoid",
+        cell_activation: Any = "tanh",
+        use_bias: bool = True,
+        kernel_initializer: Any = "glorot_uniform",
+        recurrent_initializer: Any = "orthogonal",
+        bias_initializer: Any = "zeros",
+        unit_forget_bias: bool = True,
+        kernel_regularizer: Any = None,
+        recurrent_regularizer: Any = None,
+        bias_regularizer: Any = None,
+        kernel_constraint: Any = None,
+        recurrent_constraint: Any = None,
+        bias_constraint: Any = None,
+        dropout: float = 0.0,
+        recurrent_dropout: float = 0.0,
+        seed: int | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if units <= 0:
+            raise ValueError(f"units must be a positive integer, got {units}")
+        if depth < 1:
+            raise ValueError(f"depth must be at least 1, got {depth}")
+        super().__init__(**kwargs)
+        self.units = int(units)
+        self.depth = int(depth)
+        self.activation = activations.get(activation)
+        self.recurrent_activation = activations.get(recurrent_activation)
+        self.cell_activation = activations.get(cell_activation)
+        self.use_bias = use_bias
+        self.kernel_initializer = initializers.get(kernel_initializer)
+        self.recurrent_initializer = initializers.get(recurrent_initializer)
+        self.bias_initializer = initializers.get(bias_initializer)
+        self.unit_forget_bias = unit_forget_bias
+        self.kernel_regularizer = regularizers.get(kernel_regularizer)
+        self.recurrent_regularizer = regularizers.get(recurrent_regularizer)
+        self.bias_regularizer = regularizers.get(bias_regularizer)
+        self.kernel_constraint = constraints.get(kernel_constraint)
+        self.recurrent_constraint = constraints.get(recurrent_constraint)
+        self.bias_constraint = constraints.get(bias_constraint)
+        self.dropout = min(1.0, max(0.0, float(dropout)))
+        self.recurrent_dropout = min(1.0, max(0.0, float(recurrent_dropout)))
+        self.seed = seed
+        self.seed_generator = keras.random.SeedGenerator(seed=seed)
+        self.state_size = [self.units] * (self.depth + 1)
+        self.output_size = self.units
+        self._dropout_mask = None
+        self._recurrent_dropout_mask = None
+
+    # --- weights --------------------------------------------------------------------------------
+    def build(self, input_shape: tuple[int | None, ...]) -> None:
+        input_dim = input_shape[-1]
+        self.kernels: list[Any] = []
+        self.recurrent_kernels: list[Any] = []
+        self.biases: list[Any] = []
+        for level in range(self.depth):
+            suffix = "" if level == 0 else f"_{level + 1}"
+            self.kernels.append(
+                self.add_weight(
+                    shape=(input_dim if level == 0 else self.units, 4 * self.units),
+                    name=f"kernel{suffix}",
+                    initializer=self.kernel_initializer,
+                    regularizer=self.kernel_regularizer,
+                    constraint=self.kernel_constraint,
+                )
+            )
+            self.recurrent_kernels.append(
+                self.add_weight(
+                    shape=(self.units, 4 * self.units),
+                    name=f"recurrent_kernel{suffix}",
+                    initializer=self.recurrent_initializer,
+                    regularizer=self.recurrent_regularizer,
+                    constraint=self.recurrent_constraint,
+                )
+            )
+            if self.use_bias:
+                self.biases.append(
+                    self.add_weight(
+                        shape=(4 * self.units,),
+                        name=f"bias{suffix}",
+                        initializer=self._bias_initializer(),
+                        regularizer=self.bias_regularizer,
+                        constraint=self.bias_constraint,
+                    )
+                )
+        self.built = True
+
+    def _bias_initializer(self) -> Any:
+        if not self.unit_forget_bias:
+            return self.bias_initializer
+        units, base = self.units, self.bias_initializer
+
+        def init(_shape: Any, *args: Any, **kwargs: Any) -> Any:
+            # Forget gate starts open (bias 1), as Jozefowicz et al. recommend.
+            return ops.concatenate(
+                [
+                    base((units,), *args, **kwargs),
+                    initializers.get("ones")((units,), *args, **kwargs),
+                    base((2 * units,), *args, **kwargs),
+                ]
+            )
+
+        return init
+
+    # --- dropout masks (drawn once per sequence; RNN.call pre-draws them outside the loop) ------
+    def get_dropout_mask(self, step_input: Any) -> Any:
+        if self._dropout_mask is None and self.dropout > 0:
+            self._dropout_mask = keras.random.dropout(
+                ops.ones_like(step_input), rate=self.dropout, seed=self.seed_generator
+            )
+        return self._dropout_mask
+
+    def get_recurrent_dropout_mask(self, step_input: Any) -> Any:
+        if self._recurrent_dropout_mask is None and self.recurrent_dropout > 0:
+            ones = ops.ones_like(step_input)
+            self._recurrent_dropout_mask = [
+                keras.random.dropout(ones, rate=self.recurrent_dropout, seed=self.seed_generator)
+                for _ in range(self.depth)
+            ]
+        return self._recurrent_dropout_mask
+
+    # --- the recurrence -------------------------------------------------------------------------
+    def project_inputs(self, inputs: Any) -> Any:
+        """Outer level's input term ``x W_1 + b_1``; works on [b, C] and on [b, T, C] alike."""
+        z = ops.matmul(inputs, ops.cast(self.kernels[0], inputs.dtype))
+        if self.use_bias:
+            z = z + ops.cast(self.biases[0], z.dtype)
+        return z
+
+    def step(self, z_x: Any, states: list[Any] | tuple[Any, ...], recurrent_masks: Any = None) -> tuple[Any, list[Any]]:
+        """One step from the pre-projected input ``z_x`` = ``x_t W_1 + b_1`` and ``[h, c_1 … c_D]``."""
+        units = self.units
+        sigma = self.recurrent_activation
+        h_prev, cells = states[0], states[1:]
+        x_in: Any = None
+        h_in = h_prev
+        output_gates = []
+        for level in range(self.depth):
+            if recurrent_masks is not None:
+                h_in = h_in * recurrent_masks[level]
+            z = ops.matmul(h_in, self.recurrent_kernels[level])
+            if level == 0:
+                z = z + z_x
+            else:
+                z = z + ops.matmul(x_in, self.kernels[level])
+                if self.use_bias:
+                    z = z + self.biases[level]
+            candidate = self.cell_activation if level == 0 else self.activation
+            x_in = sigma(z[:, :units]) * candidate(z[:, 2 * units : 3 * units])
+            h_in = sigma(z[:, units : 2 * units]) * cells[level]
+            output_gates.append(z[:, 3 * units :])
+        memory = h_in + x_in  # innermost: the plain LSTM update
+        new_cells = [memory]
+        for level in reversed(range(self.depth)):
+            out = sigma(output_gates[level]) * self.activation(memory)
+            if level > 0:
+                new_cells.append(out)  # the outer level's memory is this level's output
+            memory = out
+        new_cells.reverse()
+        return memory, [memory, *new_cells]
+
+    def call(self, inputs: Any, states: Any, training: bool = False) -> tuple[Any, list[Any]]:
+        states = list(states) if isinstance(states, (list, tuple)) else [states]
+        if training and 0.0 < self.dropout < 1.0:
+            inputs = inputs * self.get_dropout_mask(inputs)
+        masks = None
+        if training and 0.0 < self.recurrent_dropout < 1.0:
+            masks = self.get_recurrent_dropout_mask(states[0])
+        return self.step(self.project_inputs(inputs), states, masks)
+
+    def get_initial_state(self, batch_size: Any = None) -> list[Any]:
+        return [ops.zeros((batch_size, size), dtype=self.compute_dtype) for size in self.state_size]
+
+    def get_config(self) -> dict[str, Any]:
+        config = {
+            "units": self.units,
+            "depth": self.depth,
+            "activation": activations.serialize(self.activation),
+            "recurrent_activation": activations.serialize(self.recurrent_activation),
+            "cell_activation": activations.serialize(self.cell_activation),
+            "use_bias": self.use_bias,
+            "kernel_initializer": initializers.serialize(self.kernel_initializer),
+            "recurrent_initializer": initializers.serialize(self.recurrent_initializer),
+            "bias_initializer": initializers.serialize(self.bias_initializer),
+            "unit_forget_bias": self.unit_forget_bias,
+            "kernel_regularizer": regularizers.serialize(self.kernel_regularizer),
+            "recurrent_regularizer": regularizers.serialize(self.recurrent_regularizer),
+            "bias_regularizer": regularizers.serialize(self.bias_regularizer),
+            "kernel_constraint": constraints.serialize(self.kernel_constraint),
+            "recurrent_constraint": constraints.serialize(self.recurrent_constraint),
+            "bias_constraint": constraints.serialize(self.bias_constraint),
+            "dropout": self.dropout,
+            "recurrent_dropout": self.recurrent_dropout,
+            "seed": self.seed,
+        }
+        return {**super().get_config(), **config}
+
+
+# Derivatives written in terms of the activation's *output* y, so the backward pass needs only the
+# stored activations. Activations not listed here fall back to automatic differentiation.
+_DERIVATIVE_FROM_OUTPUT: dict[str, Any] = {
+    "tanh": lambda y: 1.0 - y * y,
+    "sigmoid": lambda y: y * (1.0 - y),
+    "linear": lambda y: ops.ones_like(y),
+    "relu": lambda y: ops.cast(y > 0, y.dtype),
+}
+
+
+def _derivative(fn: Any) -> Any:
+    name = activations.serialize(fn)
+    return _DERIVATIVE_FROM_OUTPUT.get(name) if isinstance(name, str) else None
+
+
+def fused_supported(cell: NestedLSTMCell) -> bool:
+    """Whether ``fused_sequence`` can run this cell (all three activations have known derivatives)."""
+    return all(_derivative(fn) is not None for fn in (cell.activation, cell.recurrent_activation, cell.cell_activation))
+
+
+def fused_sequence(
+    cell: NestedLSTMCell,
+    z_x: Any,
+    states: list[Any],
+    recurrent_masks: Any = None,
+    return_sequences: bool = False,
+    unrolled: bool = False,
+) -> Any:
+    """Run the whole sequence with a hand-written backward pass (back-propagation through time).
+
+    ``z_x`` is the outer input term ``x_t W_1 + b_1`` for every step, time-major ``[T, b, 4u]`` with a
+    static ``T``. Returns ``(H or None, new_states)``; ``H`` = every step's output ``[T, b, u]``.
+
+    Why: automatic differentiation of the loop computes every weight gradient step by step as small
+    matmuls, and XLA on CPU re-fuses an unrolled memory-gradient chain with quadratic duplication.
+    Here the two loops (forward, then backward in reverse, both ``fori_loop`` so XLA compiles one
+    step) keep only the sequential work per step: one ``[b, u] x [u, 4u]`` matmul for the outer level
+    and one ``[b, 2u] x [2u, 4u]`` per inner level (an inner level's input and hidden kernels are
+    concatenated once per call, not per step). Each step writes what the backward pass needs into
+    one packed buffer (gates, squashed memories, innermost memory); the weight gradients are then one
+    large ``[2u, T*b] x [T*b, 4u]`` matmul per level after the loop.
+    """
+    depth, units = cell.depth, cell.units
+    dtype = z_x.dtype
+    steps = z_x.shape[0]
+    sigma, d_sigma = cell.recurrent_activation, _derivative(cell.recurrent_activation)
+    psi, d_psi = cell.activation, _derivative(cell.activation)
+    candidates = [cell.cell_activation] + [cell.activation] * (depth - 1)
+    d_candidates = [_derivative(fn) for fn in candidates]
+    use_bias = cell.use_bias
+    with_masks = recurrent_masks is not None
+    n_inner = depth - 1
+    # JAX: lax.scan stacks per-step records itself (and can unroll); TensorFlow's keras scan cannot
+    # emit outputs unlike its carry, so it writes into a buffer inside fori_loop instead.
+    use_scan = keras.backend.backend() == "jax"
+    width = 5 * units * depth + units  # packed per-step record: gates (4u per level), psi (u per level), c_D
+
+    def cast(value: Any) -> Any:
+        return ops.cast(value, dtype)
+
+    outer_recurrent = cast(cell.recurrent_kernels[0])
+    inner_kernels = [
+        ops.concatenate([cast(cell.kernels[level]), cast(cell.recurrent_kernels[level])], axis=0)
+        for level in range(1, depth)
+    ]
+    inner_biases = [cast(cell.biases[level]) for level in range(1, depth)] if use_bias else []
+    masks = [cast(m) for m in recurrent_masks] if with_masks else []
+
+    def unpack(args: Any) -> tuple[Any, ...]:
+        args = list(args)
+        zx, h0, c0 = args[0], args[1], args[2 : 2 + depth]
+        rest = args[2 + depth :]
+        u0, kernels = rest[0], rest[1 : 1 + n_inner]
+        rest = rest[1 + n_inner :]
+        biases = rest[:n_inner] if use_bias else []
+        rmasks = rest[n_inner:] if use_bias else rest
+        return zx, h0, c0, u0, kernels, biases, rmasks
+
+    def gates_of(record: Any, level: int) -> tuple[Any, Any, Any, Any]:
+        base = 4 * units * level
+        return tuple(record[..., base + k * units : base + (k + 1) * units] for k in range(4))
+
+    def psi_of(record: Any, level: int) -> Any:
+        base = 4 * units * depth + units * level
+        return record[..., base : base + units]
+
+    @ops.custom_gradient
+    def run(*args: Any) -> Any:
+        zx, h0, c0, u0, kernels, biases, rmasks = unpack(args)
+        batch = ops.shape(h0)[0]
+
+        def forward_core(z_t: Any, h: Any, cells: Any) -> tuple[Any, list[Any], Any]:
+            parts: list[Any] = []
+            x_in: Any = None
+            h_in = h
+            output_gates = []
+            for level in range(depth):
+                if with_masks:
+                    h_in = h_in * rmasks[level]
+                if level == 0:
+                    z = z_t + ops.matmul(h_in, u0)
+                else:
+                    z = ops.matmul(ops.concatenate([x_in, h_in], axis=-1), kernels[level - 1])
+                    if use_bias:
+                        z = z + biases[level - 1]
+                i = sigma(z[:, :units])
+                f = sigma(z[:, units : 2 * units])
+                g = candidates[level](z[:, 2 * units : 3 * units])
+                o = sigma(z[:, 3 * units :])
+                parts += [i, f, g, o]
+                output_gates.append(o)
+                x_in = i * g
+                h_in = f * cells[level]
+            memory = h_in + x_in  # innermost level: the plain LSTM update
+            innermost = memory
+            new_cells: list[Any] = [None] * depth
+            squashed: list[Any] = [None] * depth
+            for level in reversed(range(depth)):
+                new_cells[level] = memory
+                squashed[level] = psi(memory)
+                memory = output_gates[level] * squashed[level]
+            return memory, new_cells, ops.concatenate([*parts, *squashed, innermost], axis=-1)
+
+        if unrolled:
+            h, cells, rows_fwd = h0, list(c0), []
+            for z_t in ops.unstack(zx, num=steps, axis=0):
+                h, cells, row = forward_core(z_t, h, cells)
+                rows_fwd.append(row)
+            record = ops.stack(rows_fwd, axis=0)
+            final_states = [h, *cells]
+        elif use_scan:
+
+            def forward_scan(carry: Any, z_t: Any) -> Any:
+                h, cells, row = forward_core(z_t, carry[0], list(carry[1:]))
+                return [h, *cells], row
+
+            final_states, record = ops.scan(forward_scan, [h0, *c0], zx, length=steps, unroll=SCAN_UNROLL)
+            final_states = list(final_states)
+        else:
+
+            def forward_step(t: Any, carry: Any) -> Any:
+                h, cells, record = carry[0], carry[1 : 1 + depth], carry[-1]
+                h, cells, row = forward_core(ops.take(zx, t, axis=0), h, cells)
+                return (h, *cells, ops.slice_update(record, (t, 0, 0), ops.expand_dims(row, 0)))
+
+            record0 = ops.zeros((steps, batch, width), dtype=dtype)
+            final = ops.fori_loop(0, steps, forward_step, (h0, *c0, record0))
+            record = final[-1]
+            final_states = list(final[:-1])
+
+        # Sequences recovered from the record, vectorised over all steps.
+        level_outputs = [gates_of(record, level)[3] * psi_of(record, level) for level in range(depth)]
+        cell_seqs = [*level_outputs[1:], record[..., 5 * units * depth :]]
+        outputs = level_outputs[0]
+        prev_cells = [
+            ops.concatenate([ops.expand_dims(c0[level], 0), cell_seqs[level][:-1]], axis=0) for level in range(depth)
+        ]
+        prev_packed = ops.concatenate(prev_cells, axis=-1)
+        result = [outputs] if return_sequences else []
+        result += final_states
+
+        def grad(*upstream: Any, **kwargs: Any) -> Any:
+            flat = list(keras.tree.flatten(kwargs.get("upstream", upstream)))
+            d_seq = None
+            if return_sequences:
+                d_seq, flat = flat[0], flat[1:]
+            zeros = ops.zeros_like(h0)
+            d_h = zeros if flat[0] is None else flat[0]
+            d_cells = [zeros if d is None else d for d in flat[1 : 1 + depth]]
+            inner_t = [ops.transpose(k) for k in kernels]
+            u0_t = ops.transpose(u0)
+
+            def backward_core(row: Any, prev: Any, dh: Any, dcs: Any) -> tuple[Any, list[Any], Any]:
+                # Top-down: gradients of each level's output gate and memory m_l (m_l = output of l+1).
+                d_out_gate, g_out = [], dh
+                for level in range(depth):
+                    o = gates_of(row, level)[3]
+                    squashed = psi_of(row, level)
+                    d_out_gate.append(g_out * squashed * d_sigma(o))
+                    g_out = dcs[level] + g_out * o * d_psi(squashed)
+                # Bottom-up: the innermost memory is inner hidden + inner input.
+                g_x = g_h = g_out
+                d_z: list[Any] = [None] * depth
+                d_prev: list[Any] = [None] * depth
+                dh_prev: Any = None
+                for level in reversed(range(depth)):
+                    i, f, g, _ = gates_of(row, level)
+                    c_prev = prev[:, level * units : (level + 1) * units]
+                    d_z[level] = ops.concatenate(
+                        [
+                            g_x * g * d_sigma(i),
+                            g_h * c_prev * d_sigma(f),
+                            g_x * i * d_candidates[level](g),
+                            d_out_gate[level],
+                        ],
+                        axis=-1,
+                    )
+                    d_prev[level] = g_h * f
+                    if level > 0:
+                        d_in = ops.matmul(d_z[level], inner_t[level - 1])
+                        g_x, g_h = d_in[:, :units], d_in[:, units:]
+                        if with_masks:
+                            g_h = g_h * rmasks[level]
+                    else:
+                        dh_prev = ops.matmul(d_z[0], u0_t)
+                        if with_masks:
+                            dh_prev = dh_prev * rmasks[0]
+                return dh_prev, d_prev, ops.concatenate(d_z, axis=-1)
+
+            if unrolled:
+                dh, dcs = d_h, d_cells
+                prev_rows = ops.unstack(prev_packed, num=steps, axis=0)
+                seq_rows = ops.unstack(d_seq, num=steps, axis=0) if d_seq is not None else None
+                dz_rows: list[Any] = [None] * steps
+                for t in reversed(range(steps)):
+                    if seq_rows is not None:
+                        dh = dh + seq_rows[t]
+                    dh, dcs, dz_rows[t] = backward_core(rows_fwd[t], prev_rows[t], dh, dcs)
+                dz_record = ops.stack(dz_rows, axis=0)
+                d_initial = [dh, *dcs]
+            elif use_scan:
+
+                def backward_scan(carry: Any, xs: Any) -> Any:
+                    dh = carry[0] if d_seq is None else carry[0] + xs[2]
+                    dh, dcs, dz_row = backward_core(xs[0], xs[1], dh, list(carry[1:]))
+                    return [dh, *dcs], dz_row
+
+                xs_b = [record, prev_packed] + ([d_seq] if d_seq is not None else [])
+                d_initial, dz_record = ops.scan(
+                    backward_scan, [d_h, *d_cells], xs_b, length=steps, reverse=True, unroll=SCAN_UNROLL
+                )
+                d_initial = list(d_initial)
+            else:
+
+                def backward_step(k: Any, carry: Any) -> Any:
+                    t = steps - 1 - k
+                    dh, dcs, dz_record = carry[0], list(carry[1 : 1 + depth]), carry[-1]
+                    if d_seq is not None:
+                        dh = dh + ops.take(d_seq, t, axis=0)
+                    row, prev = ops.take(record, t, axis=0), ops.take(prev_packed, t, axis=0)
+                    dh, dcs, dz_row = backward_core(row, prev, dh, dcs)
+                    return (dh, *dcs, ops.slice_update(dz_record, (t, 0, 0), ops.expand_dims(dz_row, 0)))
+
+                dz0 = ops.zeros((steps, batch, 4 * units * depth), dtype=dtype)
+                final_b = ops.fori_loop(0, steps, backward_step, (d_h, *d_cells, dz0))
+                dz_record = final_b[-1]
+                d_initial = list(final_b[:-1])
+
+            def rows(seq: Any) -> Any:
+                return ops.reshape(seq, (-1, seq.shape[-1]))
+
+            dz_seqs = [dz_record[..., 4 * units * level : 4 * units * (level + 1)] for level in range(depth)]
+            hidden0 = ops.concatenate([ops.expand_dims(h0, 0), outputs[:-1]], axis=0)
+            if with_masks:
+                hidden0 = hidden0 * rmasks[0]
+            d_u0 = ops.matmul(ops.transpose(rows(hidden0)), rows(dz_seqs[0]))
+            d_kernels, d_biases = [], []
+            for level in range(1, depth):
+                i_up, f_up, g_up, _ = gates_of(record, level - 1)
+                hidden = f_up * prev_cells[level - 1]
+                if with_masks:
+                    hidden = hidden * rmasks[level]
+                inputs = ops.concatenate([i_up * g_up, hidden], axis=-1)
+                d_kernels.append(ops.matmul(ops.transpose(rows(inputs)), rows(dz_seqs[level])))
+                if use_bias:
+                    d_biases.append(ops.sum(rows(dz_seqs[level]), axis=0))
+            d_masks = [ops.zeros_like(m) for m in rmasks]
+            return [dz_seqs[0], *d_initial, d_u0, *d_kernels, *d_biases, *d_masks]
+
+        return result, grad
+
+    args = [z_x, *states, outer_recurrent, *inner_kernels, *inner_biases, *masks]
+    result = run(*args)
+    if return_sequences:
+        return result[0], list(result[1:])
+    return None, list(result)
+
+
+_CELL_ARGS = (
+    "units",
+    "depth",
+    "activation",
+    "recurrent_activation",
+    "cell_activation",
+    "use_bias",
+    "kernel_initializer",
+    "recurrent_initializer",
+    "bias_initializer",
+    "unit_forget_bias",
+    "kernel_regularizer",
+    "recurrent_regularizer",
+    "bias_regularizer",
+    "kernel_constraint",
+    "recurrent_constraint",
+    "bias_constraint",
+    "dropout",
+    "recurrent_dropout",
+    "seed",
+)
+
+
+@keras.saving.register_keras_serializable(package="nestcast")
+class NestedLSTM(keras.layers.RNN):
+    """Nested LSTM layer over ``[batch, time, features]`` with a fast sequence loop.
+
+    Takes every ``NestedLSTMCell`` argument plus ``return_sequences``, ``return_state``,
+    ``go_backwards``, ``stateful`` and ``implementation``:
+
+    - ``"fused"``: ``keras.ops.scan`` forward and a hand-written backward pass (``fused_sequence``);
+      the fastest under XLA (TensorFlow ``jit_compile=True`` and JAX). Needs known activation
+      derivatives (tanh, sigmoid, linear, relu) and no mask.
+    - ``"unroll"``: the step Python-unrolled over a static sequence length, automatic differentiation.
+    - ``"scan"``: ``keras.ops.scan`` with automatic differentiation (dynamic lengths; not XLA-differentiable
+      on TensorFlow).
+    - ``"auto"`` (default): fused when possible, else unroll when the length is static and at most
+      ``MAX_UNROLL``, else scan.
+
+    Supports masking (a masked step keeps the previous state and output).
+    """
+
+    def __init__(
+        self,
+        units: int,
+        depth: int = 2,
+        activation: Any = "tanh",
+        recurrent_activation: Any = "sigmoid",
+        cell_activation: Any = "tanh",
+        use_bias: bool = True,
+        kernel_initializer: Any = "glorot_uniform",
+        recurrent_initializer: Any = "orthogonal",
+        bias_initializer: Any = "zeros",
+        unit_forget_bias: bool = True,
+        kernel_regularizer: Any = None,
+        recurrent_regularizer: Any = None,
+        bias_regularizer: Any = None,
+        activity_regularizer: Any = None,
+        kernel_constraint: Any = None,
+        recurrent_constraint: Any = None,
+        bias_constraint: Any = None,
+        dropout: float = 0.0,
+        recurrent_dropout: float = 0.0,
+        seed: int | None = None,
+        return_sequences: bool = False,
+        return_state: bool = False,
+        go_backwards: bool = False,
+        stateful: bool = False,
+        implementation: str = "auto",
+        **kwargs: Any,
+    ) -> None:
+        if implementation not in IMPLEMENTATIONS:
+            raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
+        kwargs.pop("unroll", None)
+        cell = NestedLSTMCell(
+            units,
+            depth=depth,
+            activation=activation,
+            recurrent_activation=recurrent_activation,
+            cell_activation=cell_activation,
+            use_bias=use_bias,
+            kernel_initializer=kernel_initializer,
+            recurrent_initializer=recurrent_initializer,
+            bias_initializer=bias_initializer,
+            unit_forget_bias=unit_forget_bias,
+            kernel_regularizer=kernel_regularizer,
+            recurrent_regularizer=recurrent_regularizer,
+            bias_regularizer=bias_regularizer,
+            kernel_constraint=kernel_constraint,
+            recurrent_constraint=recurrent_constraint,
+            bias_constraint=bias_constraint,
+            dropout=dropout,
+            recurrent_dropout=recurrent_dropout,
+            seed=seed,
+            dtype=kwargs.get("dtype"),
+            trainable=kwargs.get("trainable", True),
+            name="nested_lstm_cell",
+        )
+        super().__init__(
+            cell,
+            return_sequences=return_sequences,
+            return_state=return_state,
+            go_backwards=go_backwards,
+            stateful=stateful,
+            unroll=False,
+            activity_regularizer=activity_regularizer,
+            **kwargs,
+        )
+        self.implementation = implementation
+        self.input_spec = keras.layers.InputSpec(ndim=3)
+
+    def inner_loop(self, sequences: Any, initial_state: Any, mask: Any, training: bool = False) -> Any:
+        cell: NestedLSTMCell = self.cell
+        if isinstance(mask, (list, tuple)):
+            mask = mask[0]
+        if training and 0.0 < cell.dropout < 1.0:
+            sequences = sequences * ops.expand_dims(cell.get_dropout_mask(sequences[:, 0, :]), 1)
+        rec_masks = None
+        if training and 0.0 < cell.recurrent_dropout < 1.0:
+            rec_masks = cell.get_recurrent_dropout_mask(initial_state[0])
+        states = list(initial_state)
+        steps = sequences.shape[1]
+        mode = self.implementation
+        if mode == "auto":
+            if mask is None and steps is not None and fused_supported(cell):
+                mode = "fused"
+            else:
+                mode = "unroll" if steps is not None and steps <= MAX_UNROLL else "scan"
+        if mode in ("fused", "fused_unrolled"):
+            if mask is not None or steps is None or not fused_supported(cell):
+                raise ValueError(
+                    f"NestedLSTM(implementation={mode!r}) needs a static sequence length, no mask and "
+                    f"activations among {sorted(_DERIVATIVE_FROM_OUTPUT)}"
+                )
+            # Time-major first (C is small), then the one big matmul: every step's input term at once.
+            z_x = cell.project_inputs(ops.transpose(sequences, (1, 0, 2)))
+            if self.go_backwards:
+                z_x = ops.flip(z_x, axis=0)
+            outputs, new_states = fused_sequence(
+                cell, z_x, states, rec_masks, self.return_sequences, unrolled=mode == "fused_unrolled"
+            )
+            sequence = ops.transpose(outputs, (1, 0, 2)) if self.return_sequences else new_states[0]
+            return new_states[0], sequence, new_states
+        z_x = cell.project_inputs(sequences)
+        if mode == "unroll":
+            if steps is None:
+                raise ValueError("NestedLSTM(implementation='unroll') needs a static sequence length")
+            return self._unrolled(cell, z_x, states, mask, rec_masks, steps)
+        return self._scanned(cell, z_x, states, mask, rec_masks)
+
+    def _unrolled(
+        self, cell: NestedLSTMCell, z_x: Any, states: list[Any], mask: Any, rec_masks: Any, steps: int
+    ) -> Any:
+        order = range(steps - 1, -1, -1) if self.go_backwards else range(steps)
+        outputs = []
+        output = states[0]
+        # unstack (gradient: one stack) rather than slicing per step (gradient: T pads of the whole tensor).
+        inputs = ops.unstack(z_x, num=steps, axis=1)
+        step_masks = ops.unstack(ops.cast(mask, "bool"), num=steps, axis=1) if mask is not None else None
+        for t in order:
+            new_output, new_states = cell.step(inputs[t], states, rec_masks)
+            emitted = new_output
+            if mask is not None:
+                keep = ops.expand_dims(step_masks[t], -1)
+                new_output = ops.where(keep, new_output, output)
+                new_states = [ops.where(keep, new, old) for new, old in zip(new_states, states, strict=True)]
+                emitted = new_output
+                if self.zero_output_for_mask:
+                    emitted = ops.where(keep, new_output, ops.zeros_like(new_output))
+            output, states = new_output, new_states
+            if self.return_sequences:
+                outputs.append(emitted)
+        stacked = ops.stack(outputs, axis=1) if self.return_sequences else output
+        return output, stacked, states
+
+    def _scanned(self, cell: NestedLSTMCell, z_x: Any, states: list[Any], mask: Any, rec_masks: Any) -> Any:
+        xs: Any = ops.transpose(z_x, (1, 0, 2))
+        if mask is not None:
+            xs = (xs, ops.transpose(ops.cast(mask, "bool"), (1, 0)))
+
+        def body(carry: Any, x: Any) -> Any:
+            output, old = carry[0], list(carry[1:])
+            if mask is None:
+                new_output, new = cell.step(x, old, rec_masks)
+            else:
+                z, m = x
+                new_output, new = cell.step(z, old, rec_masks)
+                keep = ops.expand_dims(m, -1)
+                new_output = ops.where(keep, new_output, output)
+                new = [ops.where(keep, n, o) for n, o in zip(new, old, strict=True)]
+            carry = [new_output, *new]
+            emitted = carry
+            if mask is not None and self.zero_output_for_mask:
+                emitted = [ops.where(keep, new_output, ops.zeros_like(new_output)), *new]
+            # keras' TensorFlow scan needs the per-step outputs to mirror the carry's structure.
+            return carry, emitted
+
+        carry, ys = ops.scan(body, [states[0], *states], xs, reverse=self.go_backwards)
+        output, final_states = carry[0], list(carry[1:])
+        sequence = ops.transpose(ys[0], (1, 0, 2)) if self.return_sequences else output
+        if self.return_sequences and self.go_backwards:
+            # RNN convention: a backwards layer returns its outputs in processing order.
+            sequence = ops.flip(sequence, axis=1)
+        return output, sequence, final_states
+
+    def call(self, sequences: Any, initial_state: Any = None, mask: Any = None, training: bool = False) -> Any:
+        return super().call(sequences, mask=mask, training=training, initial_state=initial_state)
+
+    @property
+    def units(self) -> int:
+        return self.cell.units
+
+    @property
+    def depth(self) -> int:
+        return self.cell.depth
+
+    def get_config(self) -> dict[str, Any]:
+        config = super().get_config()
+        cell_config = config.pop("cell")
+        cell_config = cell_config.get("config", cell_config)
+        for name in _CELL_ARGS:
+            config[name] = cell_config[name]
+        config["implementation"] = self.implementation
+        return config
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> NestedLSTM:
+        return cls(**config)

@@ -1,0 +1,181 @@
+"""The training harness: every encoder learns, early stopping, checkpoint/resume, seeding, device
+selection and the run's metadata."""
+
+from __future__ import annotations
+
+import json
+
+import keras
+import numpy as np
+import pytest
+
+from core.config import ModelConfig, TrainConfig
+from core.errors import DeviceUnavailableError
+from core.model import (
+    DeviceInfo,
+    build_model,
+    load_model,
+    predict,
+    select_device,
+    train_model,
+    visible_gpus,
+)
+
+LOOKBACK, CHANNELS, SHOPS, CATEGORIES = 6, 2, 4, 3
+# XLA compilation costs seconds per model; these small problems train faster without it.
+CPU_NO_JIT = DeviceInfo("cpu", "cpu", keras.backend.backend(), ["cpu"], "default", "float32", False)
+
+
+def make_data(n: int, seed: int, sign: float = 1.0):
+    """A learnable problem: next count = clip(last count + shop effect), counts like the real ones."""
+    rng = np.random.default_rng(seed)
+    seq = np.minimum(rng.negative_binomial(1.0, 0.35, size=(n, LOOKBACK, CHANNELS)), 20).astype("float32")
+    shop = rng.integers(0, SHOPS, n).astype("int32")
+    category = rng.integers(0, CATEGORIES, n).astype("int32")
+    y = np.clip(sign * (0.8 * seq[:, -1, 0] + 0.2 * seq[:, -2, 0]) + shop, 0, 20).astype("float32")
+    return {"sequence": seq, "shop": shop, "category": category}, y
+
+
+def build(kind: str = "nlstm", seed: int = 1, **model_kw) -> keras.Model:
+    cfg = ModelConfig(kind=kind, units=8, depth=2, head_units=8, **model_kw)
+    return build_model(
+        cfg,
+        lookback=LOOKBACK,
+        n_channels=CHANNELS,
+        n_shops=SHOPS,
+        n_categories=CATEGORIES,
+        seed=seed,
+        train_cfg=TrainConfig(learning_rate=1e-2),
+        device=CPU_NO_JIT,
+    )
+
+
+def weights_of(model: keras.Model) -> list[np.ndarray]:
+    return [np.asarray(w) for w in model.get_weights()]
+
+
+@pytest.mark.parametrize("kind", ["nlstm", "lstm", "gru", "rnn"])
+def test_each_kind_learns(kind, tmp_path):
+    train, val = make_data(768, 0), make_data(256, 1)
+    model = build(kind)
+    before = model.evaluate(*val, verbose=0, return_dict=True)["loss"]
+    result = train_model(model, train, val, TrainConfig(epochs=2, batch_size=64), tmp_path, device=CPU_NO_JIT)
+    assert result.epochs_run == 2 and len(result.history["loss"]) == 2
+    assert result.history["loss"][1] < result.history["loss"][0]
+    assert result.best_val_loss < before
+    preds = predict(model, val[0])
+    assert preds.shape == (256,) and preds.dtype == np.float32
+    assert np.sqrt(np.mean((preds - val[1]) ** 2)) < np.sqrt(before)
+
+
+def test_early_stopping_restores_best_weights(tmp_path):
+    # Validation targets run against the training signal: validation loss rises after the first epoch.
+    train = make_data(512, 0)
+    val = make_data(256, 1, sign=-1.0)
+    model = build("lstm")
+    result = train_model(
+        model, train, val, TrainConfig(epochs=6, batch_size=32, patience=2), tmp_path, device=CPU_NO_JIT
+    )
+    val_losses = result.history["val_loss"]
+    assert result.stopped_early and result.epochs_run < 6
+    assert result.best_epoch == int(np.argmin(val_losses)) + 1
+    assert result.epochs_run == result.best_epoch + 2
+    restored = model.evaluate(*val, batch_size=32, verbose=0, return_dict=True)["loss"]
+    assert restored == pytest.approx(min(val_losses), rel=1e-5)
+    reloaded = load_model(result.model_path)
+    np.testing.assert_allclose(predict(reloaded, val[0]), predict(model, val[0]), atol=1e-6)
+
+
+class Interrupt(RuntimeError):
+    pass
+
+
+def test_checkpoint_resume_after_interruption_equals_uninterrupted(tmp_path):
+    train, val = make_data(384, 0), make_data(128, 1)
+    cfg = TrainConfig(epochs=4, batch_size=64, patience=0, seed=5)
+
+    reference = build()
+    full = train_model(reference, train, val, cfg, tmp_path / "full", device=CPU_NO_JIT)
+
+    def crash_after_second(epoch, logs):
+        if epoch == 1:
+            raise Interrupt("simulated kill after epoch 2")
+
+    with pytest.raises(Interrupt):
+        train_model(build(), train, val, cfg, tmp_path / "run", crash_after_second, device=CPU_NO_JIT)
+    ckpt = tmp_path / "run" / "checkpoints"
+    state = json.loads((ckpt / "state.json").read_text())
+    assert state["epoch"] == 2 and sorted(p.name for p in ckpt.glob("epoch-*")) == ["epoch-0002.weights.h5"]
+    assert not (tmp_path / "run" / "model.keras").exists()
+
+    seen = []
+    resumed_model = build(seed=99)  # fresh weights: everything must come from the checkpoint
+    resumed = train_model(
+        resumed_model, train, val, cfg, tmp_path / "run", lambda e, logs: seen.append(e), device=CPU_NO_JIT
+    )
+    assert resumed.resumed_from == 2 and resumed.epochs_run == 4 and seen == [2, 3]
+    assert len(resumed.history["loss"]) == 4
+    np.testing.assert_allclose(resumed.history["loss"], full.history["loss"], rtol=1e-5)
+    for got, want in zip(weights_of(resumed_model), weights_of(reference), strict=True):
+        np.testing.assert_allclose(got, want, atol=1e-5)
+
+    # A finished run resumed again trains no further.
+    again = train_model(build(), train, val, cfg, tmp_path / "run", device=CPU_NO_JIT)
+    assert again.resumed_from == 4 and again.epochs_run == 4 and again.seconds_per_epoch is None
+
+
+def test_seeded_runs_are_identical(tmp_path):
+    train, val = make_data(256, 0), make_data(64, 1)
+    cfg = TrainConfig(epochs=2, batch_size=32, seed=3)
+    runs = []
+    for name in ("a", "b"):
+        model = build(seed=3, dropout=0.2)
+        train_model(model, train, val, cfg, tmp_path / name, device=CPU_NO_JIT)
+        runs.append(weights_of(model))
+    for a, b in zip(*runs, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_gpu_without_gpu_is_a_clear_error():
+    if visible_gpus():
+        pytest.skip("a GPU is visible here")
+    with pytest.raises(DeviceUnavailableError, match="no GPU"):
+        select_device("gpu")
+    auto = select_device("auto")
+    assert auto.kind == "cpu" and auto.precision == "float32" and auto.strategy == "default"
+    assert select_device("cpu", jit_compile="off").jit_compile is False
+    with pytest.raises(ValueError):
+        select_device("tpu")
+
+
+def test_metadata_and_artifacts(tmp_path):
+    train, val = make_data(256, 0), make_data(64, 1)
+    model = build(embeddings=False)
+    epochs = []
+    result = train_model(
+        model,
+        train,
+        val,
+        TrainConfig(epochs=2, batch_size=64),
+        tmp_path,
+        lambda e, logs: epochs.append((e, sorted(logs))),
+        device=CPU_NO_JIT,
+    )
+    assert epochs == [(0, ["loss", "rmse", "val_loss", "val_rmse"]), (1, ["loss", "rmse", "val_loss", "val_rmse"])]
+    meta = json.loads((tmp_path / "metadata.json").read_text())
+    assert meta["device"] == "cpu" and meta["precision"] == "float32" and meta["strategy"] == "default"
+    assert meta["jit_compile"] is False and meta["backend"] == keras.backend.backend()
+    assert meta["params"] == model.count_params() == result.params
+    assert meta["train_config"]["epochs"] == 2 and meta["epochs_run"] == 2
+    assert len(meta["timings"]["seconds_per_epoch"]) == 2 and meta["timings"]["mean_seconds_per_epoch"] > 0
+    assert (tmp_path / "model.keras").exists() and not list(tmp_path.glob(".tmp-*"))
+    # Without embeddings the shop/category inputs are accepted but unused.
+    assert not any("embedding" in layer.name for layer in model.layers)
+
+
+def test_predict_clips_to_the_callers_range():
+    model = build("rnn")
+    inputs, _ = make_data(32, 2)
+    model.layers[-1].set_weights([np.zeros((8, 1), "float32"), np.array([50.0], "float32")])
+    np.testing.assert_array_equal(predict(model, inputs), np.full(32, 20.0, "float32"))
+    np.testing.assert_array_equal(predict(model, inputs, clip_max=7.5), np.full(32, 7.5, "float32"))
