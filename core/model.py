@@ -147,6 +147,8 @@ def _encoder(model_cfg: ModelConfig, seed: int, dtype: Any) -> keras.layers.Laye
     layer = {"lstm": keras.layers.LSTM, "gru": keras.layers.GRU, "rnn": keras.layers.SimpleRNN}.get(kind)
     if layer is None:
         raise ValueError(f"unknown model kind {kind!r}; expected nlstm, lstm, gru or rnn")
+    if kind in ("lstm", "gru") and dtype == "mixed_float16" and keras.backend.backend() == "jax":
+        dtype = "float32"  # JAX's cuDNN RNN kernels reject float16 (seen on an H100)
     return layer(model_cfg.units, name="encoder", dtype=dtype, **common)
 
 

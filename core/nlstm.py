@@ -31,9 +31,14 @@ Weight layout (created level by level, in this order; ``C`` = input features, ``
 Each 4u axis is split [input gate i, forget gate f, candidate g, output gate o].
 
 Speed: ``NestedLSTM`` does not run the cell once per step through ``keras.layers.RNN``'s generic loop.
-It projects the whole input sequence with one matmul (``[b*T, C] x [C, 4u]``), and runs only the
-recurrent part per step, either Python-unrolled over a static sequence length (XLA/JIT then sees one
-straight-line graph) or with ``keras.ops.scan``. Dropout masks are drawn once per sequence.
+It projects the whole input sequence with one matmul (``[b*T, C] x [C, 4u]``) and runs only the
+recurrent part per step. Its default path (``implementation="fused"``, see ``fused_sequence``) has a
+hand-written backward pass: per step only the sequential matmuls remain (input and recurrent kernels
+apart at the outer level; an inner level's two kernels concatenated once per call), and the weight
+gradients are one large matmul per level after the loop. It wants XLA (``jit_compile=True`` on
+TensorFlow; JAX always compiles). ``implementation="unroll"``/``"scan"`` are the automatic-
+differentiation paths (also used for masked input). Dropout masks are drawn once per sequence.
+Measured numbers: ``benchmarks/train.py``.
 """
 
 from __future__ import annotations
@@ -308,7 +313,7 @@ def fused_supported(cell: NestedLSTMCell) -> bool:
 
 def fused_sequence(
     cell: NestedLSTMCell,
-    z_x: Any,
+    x_proj: Any,
     states: list[Any],
     recurrent_masks: Any = None,
     return_sequences: bool = False,
@@ -316,21 +321,24 @@ def fused_sequence(
 ) -> Any:
     """Run the whole sequence with a hand-written backward pass (back-propagation through time).
 
-    ``z_x`` is the outer input term ``x_t W_1 + b_1`` for every step, time-major ``[T, b, 4u]`` with a
-    static ``T``. Returns ``(H or None, new_states)``; ``H`` = every step's output ``[T, b, u]``.
+    ``x_proj`` is the outer input term without bias, ``x_t W_1``, for every step, time-major
+    ``[T, b, 4u]`` with a static ``T``. Returns ``(H or None, new_states)``; ``H`` = every step's
+    output ``[T, b, u]`` when ``return_sequences``.
 
     Why: automatic differentiation of the loop computes every weight gradient step by step as small
     matmuls, and XLA on CPU re-fuses an unrolled memory-gradient chain with quadratic duplication.
-    Here the two loops (forward, then backward in reverse, both ``fori_loop`` so XLA compiles one
-    step) keep only the sequential work per step: one ``[b, u] x [u, 4u]`` matmul for the outer level
-    and one ``[b, 2u] x [2u, 4u]`` per inner level (an inner level's input and hidden kernels are
-    concatenated once per call, not per step). Each step writes what the backward pass needs into
-    one packed buffer (gates, squashed memories, innermost memory); the weight gradients are then one
-    large ``[2u, T*b] x [T*b, 4u]`` matmul per level after the loop.
+    Here the two loops (forward, then backward in reverse) keep only the sequential work per step:
+    one ``[b, u] x [u, 4u]`` matmul for the outer level and one ``[b, 2u] x [2u, 4u]`` per inner level
+    (an inner level's input and hidden kernels are concatenated once per call, not per step). Each
+    step stores the operands of the weight gradients in per-level buffers laid out for one large
+    ``[2u, T*b] x [T*b, 4u]`` matmul per level after the loop (biases: a ones-vector matmul), and the
+    gates, squashed memories and previous memories the backward step needs in one packed record.
+    Loops: ``fori_loop`` writing into buffers (TensorFlow), ``lax.scan`` stacking its outputs (JAX),
+    or Python-unrolled (``unrolled=True``, for graph executors without XLA).
     """
     depth, units = cell.depth, cell.units
-    dtype = z_x.dtype
-    steps = z_x.shape[0]
+    dtype = x_proj.dtype
+    steps = x_proj.shape[0]
     sigma, d_sigma = cell.recurrent_activation, _derivative(cell.recurrent_activation)
     psi, d_psi = cell.activation, _derivative(cell.activation)
     candidates = [cell.cell_activation] + [cell.activation] * (depth - 1)
@@ -339,46 +347,46 @@ def fused_sequence(
     with_masks = recurrent_masks is not None
     n_inner = depth - 1
     # JAX: lax.scan stacks per-step records itself (and can unroll); TensorFlow's keras scan cannot
-    # emit outputs unlike its carry, so it writes into a buffer inside fori_loop instead.
-    use_scan = keras.backend.backend() == "jax"
-    width = 5 * units * depth + units  # packed per-step record: gates (4u per level), psi (u per level), c_D
+    # emit outputs unlike its carry, so it writes into buffers inside fori_loop instead.
+    use_scan = keras.backend.backend() == "jax" and not unrolled
+    # record of one step: gates (4u per level) | squashed memories psi_l (u per level) | c_{l,t-1} (u per level)
+    psi_base, prev_base = 4 * units * depth, 5 * units * depth
+    width = 6 * units * depth
+    operand_widths = [units] + [2 * units] * n_inner  # weight-gradient operands: hm_0 | [x_l, hm_l]
 
     def cast(value: Any) -> Any:
         return ops.cast(value, dtype)
 
-    outer_recurrent = cast(cell.recurrent_kernels[0])
-    inner_kernels = [
+    biases = [cast(cell.biases[level]) for level in range(depth)] if use_bias else []
+    kernels = [cast(cell.recurrent_kernels[0])] + [
         ops.concatenate([cast(cell.kernels[level]), cast(cell.recurrent_kernels[level])], axis=0)
         for level in range(1, depth)
     ]
-    inner_biases = [cast(cell.biases[level]) for level in range(1, depth)] if use_bias else []
     masks = [cast(m) for m in recurrent_masks] if with_masks else []
 
     def unpack(args: Any) -> tuple[Any, ...]:
         args = list(args)
         zx, h0, c0 = args[0], args[1], args[2 : 2 + depth]
         rest = args[2 + depth :]
-        u0, kernels = rest[0], rest[1 : 1 + n_inner]
-        rest = rest[1 + n_inner :]
-        biases = rest[:n_inner] if use_bias else []
-        rmasks = rest[n_inner:] if use_bias else rest
-        return zx, h0, c0, u0, kernels, biases, rmasks
+        ks, rest = rest[:depth], rest[depth:]
+        bs, rest = (rest[:depth], rest[depth:]) if use_bias else ([], rest)
+        return zx, h0, c0, ks, bs, rest
 
-    def gates_of(record: Any, level: int) -> tuple[Any, Any, Any, Any]:
-        base = 4 * units * level
-        return tuple(record[..., base + k * units : base + (k + 1) * units] for k in range(4))
+    def gate(record: Any, level: int, k: int) -> Any:
+        base = 4 * units * level + k * units
+        return record[..., base : base + units]
 
     def psi_of(record: Any, level: int) -> Any:
-        base = 4 * units * depth + units * level
-        return record[..., base : base + units]
+        return record[..., psi_base + units * level : psi_base + units * (level + 1)]
 
     @ops.custom_gradient
     def run(*args: Any) -> Any:
-        zx, h0, c0, u0, kernels, biases, rmasks = unpack(args)
+        zx, h0, c0, ks, bs, rmasks = unpack(args)
         batch = ops.shape(h0)[0]
 
-        def forward_core(z_t: Any, h: Any, cells: Any) -> tuple[Any, list[Any], Any]:
-            parts: list[Any] = []
+        def forward_core(z_t: Any, h: Any, cells: Any) -> tuple[Any, list[Any], list[Any]]:
+            gates: list[Any] = []
+            operands: list[Any] = []
             x_in: Any = None
             h_in = h
             output_gates = []
@@ -386,66 +394,64 @@ def fused_sequence(
                 if with_masks:
                     h_in = h_in * rmasks[level]
                 if level == 0:
-                    z = z_t + ops.matmul(h_in, u0)
+                    operands.append(h_in)
+                    z = z_t + ops.matmul(h_in, ks[0])
                 else:
-                    z = ops.matmul(ops.concatenate([x_in, h_in], axis=-1), kernels[level - 1])
-                    if use_bias:
-                        z = z + biases[level - 1]
+                    operand = ops.concatenate([x_in, h_in], axis=-1)
+                    operands.append(operand)
+                    z = ops.matmul(operand, ks[level])
+                if use_bias:
+                    z = z + bs[level]
                 i = sigma(z[:, :units])
                 f = sigma(z[:, units : 2 * units])
                 g = candidates[level](z[:, 2 * units : 3 * units])
                 o = sigma(z[:, 3 * units :])
-                parts += [i, f, g, o]
+                gates += [i, f, g, o]
                 output_gates.append(o)
                 x_in = i * g
                 h_in = f * cells[level]
             memory = h_in + x_in  # innermost level: the plain LSTM update
-            innermost = memory
             new_cells: list[Any] = [None] * depth
             squashed: list[Any] = [None] * depth
             for level in reversed(range(depth)):
                 new_cells[level] = memory
                 squashed[level] = psi(memory)
                 memory = output_gates[level] * squashed[level]
-            return memory, new_cells, ops.concatenate([*parts, *squashed, innermost], axis=-1)
+            record = ops.concatenate([*gates, *squashed, *cells], axis=-1)
+            return memory, new_cells, [*operands, record]
 
         if unrolled:
-            h, cells, rows_fwd = h0, list(c0), []
+            h, cells, per_step = h0, list(c0), []
             for z_t in ops.unstack(zx, num=steps, axis=0):
-                h, cells, row = forward_core(z_t, h, cells)
-                rows_fwd.append(row)
-            record = ops.stack(rows_fwd, axis=0)
+                h, cells, rows = forward_core(z_t, h, cells)
+                per_step.append(rows)
+            saved = [ops.stack([rows[k] for rows in per_step], axis=0) for k in range(depth + 1)]
             final_states = [h, *cells]
         elif use_scan:
 
             def forward_scan(carry: Any, z_t: Any) -> Any:
-                h, cells, row = forward_core(z_t, carry[0], list(carry[1:]))
-                return [h, *cells], row
+                h, cells, rows = forward_core(z_t, carry[0], list(carry[1:]))
+                return [h, *cells], rows
 
-            final_states, record = ops.scan(forward_scan, [h0, *c0], zx, length=steps, unroll=SCAN_UNROLL)
-            final_states = list(final_states)
+            final_states, saved = ops.scan(forward_scan, [h0, *c0], zx, length=steps, unroll=SCAN_UNROLL)
+            final_states, saved = list(final_states), list(saved)
         else:
 
             def forward_step(t: Any, carry: Any) -> Any:
-                h, cells, record = carry[0], carry[1 : 1 + depth], carry[-1]
-                h, cells, row = forward_core(ops.take(zx, t, axis=0), h, cells)
-                return (h, *cells, ops.slice_update(record, (t, 0, 0), ops.expand_dims(row, 0)))
+                h, cells, buffers = carry[0], carry[1 : 1 + depth], carry[1 + depth :]
+                h, cells, rows = forward_core(ops.take(zx, t, axis=0), h, cells)
+                buffers = [
+                    ops.slice_update(buf, (t, 0, 0), ops.expand_dims(row, 0))
+                    for buf, row in zip(buffers, rows, strict=True)
+                ]
+                return (h, *cells, *buffers)
 
-            record0 = ops.zeros((steps, batch, width), dtype=dtype)
-            final = ops.fori_loop(0, steps, forward_step, (h0, *c0, record0))
-            record = final[-1]
-            final_states = list(final[:-1])
-
-        # Sequences recovered from the record, vectorised over all steps.
-        level_outputs = [gates_of(record, level)[3] * psi_of(record, level) for level in range(depth)]
-        cell_seqs = [*level_outputs[1:], record[..., 5 * units * depth :]]
-        outputs = level_outputs[0]
-        prev_cells = [
-            ops.concatenate([ops.expand_dims(c0[level], 0), cell_seqs[level][:-1]], axis=0) for level in range(depth)
-        ]
-        prev_packed = ops.concatenate(prev_cells, axis=-1)
-        result = [outputs] if return_sequences else []
-        result += final_states
+            buffers0 = [ops.zeros((steps, batch, w), dtype=dtype) for w in (*operand_widths, width)]
+            final = ops.fori_loop(0, steps, forward_step, (h0, *c0, *buffers0))
+            final_states, saved = list(final[: 1 + depth]), list(final[1 + depth :])
+        operands, record = saved[:depth], saved[depth]
+        outputs = gate(record, 0, 3) * psi_of(record, 0) if return_sequences else None
+        result = ([outputs] if return_sequences else []) + final_states
 
         def grad(*upstream: Any, **kwargs: Any) -> Any:
             flat = list(keras.tree.flatten(kwargs.get("upstream", upstream)))
@@ -455,14 +461,13 @@ def fused_sequence(
             zeros = ops.zeros_like(h0)
             d_h = zeros if flat[0] is None else flat[0]
             d_cells = [zeros if d is None else d for d in flat[1 : 1 + depth]]
-            inner_t = [ops.transpose(k) for k in kernels]
-            u0_t = ops.transpose(u0)
+            kernels_t = [ops.transpose(k) for k in ks]
 
-            def backward_core(row: Any, prev: Any, dh: Any, dcs: Any) -> tuple[Any, list[Any], Any]:
+            def backward_core(row: Any, dh: Any, dcs: Any) -> tuple[Any, list[Any], list[Any]]:
                 # Top-down: gradients of each level's output gate and memory m_l (m_l = output of l+1).
                 d_out_gate, g_out = [], dh
                 for level in range(depth):
-                    o = gates_of(row, level)[3]
+                    o = gate(row, level, 3)
                     squashed = psi_of(row, level)
                     d_out_gate.append(g_out * squashed * d_sigma(o))
                     g_out = dcs[level] + g_out * o * d_psi(squashed)
@@ -470,10 +475,9 @@ def fused_sequence(
                 g_x = g_h = g_out
                 d_z: list[Any] = [None] * depth
                 d_prev: list[Any] = [None] * depth
-                dh_prev: Any = None
                 for level in reversed(range(depth)):
-                    i, f, g, _ = gates_of(row, level)
-                    c_prev = prev[:, level * units : (level + 1) * units]
+                    i, f, g = gate(row, level, 0), gate(row, level, 1), gate(row, level, 2)
+                    c_prev = row[:, prev_base + level * units : prev_base + (level + 1) * units]
                     d_z[level] = ops.concatenate(
                         [
                             g_x * g * d_sigma(i),
@@ -484,80 +488,70 @@ def fused_sequence(
                         axis=-1,
                     )
                     d_prev[level] = g_h * f
+                    d_in = ops.matmul(d_z[level], kernels_t[level])
                     if level > 0:
-                        d_in = ops.matmul(d_z[level], inner_t[level - 1])
                         g_x, g_h = d_in[:, :units], d_in[:, units:]
-                        if with_masks:
-                            g_h = g_h * rmasks[level]
                     else:
-                        dh_prev = ops.matmul(d_z[0], u0_t)
-                        if with_masks:
-                            dh_prev = dh_prev * rmasks[0]
-                return dh_prev, d_prev, ops.concatenate(d_z, axis=-1)
+                        g_h = d_in
+                    if with_masks:
+                        g_h = g_h * rmasks[level]
+                return g_h, d_prev, d_z
 
             if unrolled:
                 dh, dcs = d_h, d_cells
-                prev_rows = ops.unstack(prev_packed, num=steps, axis=0)
                 seq_rows = ops.unstack(d_seq, num=steps, axis=0) if d_seq is not None else None
                 dz_rows: list[Any] = [None] * steps
                 for t in reversed(range(steps)):
                     if seq_rows is not None:
                         dh = dh + seq_rows[t]
-                    dh, dcs, dz_rows[t] = backward_core(rows_fwd[t], prev_rows[t], dh, dcs)
-                dz_record = ops.stack(dz_rows, axis=0)
+                    dh, dcs, dz_rows[t] = backward_core(per_step[t][-1], dh, dcs)
+                dz_seqs = [ops.stack([rows[k] for rows in dz_rows], axis=0) for k in range(depth)]
                 d_initial = [dh, *dcs]
             elif use_scan:
 
                 def backward_scan(carry: Any, xs: Any) -> Any:
-                    dh = carry[0] if d_seq is None else carry[0] + xs[2]
-                    dh, dcs, dz_row = backward_core(xs[0], xs[1], dh, list(carry[1:]))
-                    return [dh, *dcs], dz_row
+                    dh = carry[0] if d_seq is None else carry[0] + xs[1]
+                    dh, dcs, d_z = backward_core(xs[0], dh, list(carry[1:]))
+                    return [dh, *dcs], d_z
 
-                xs_b = [record, prev_packed] + ([d_seq] if d_seq is not None else [])
-                d_initial, dz_record = ops.scan(
+                xs_b = [record] + ([d_seq] if d_seq is not None else [])
+                d_initial, dz_seqs = ops.scan(
                     backward_scan, [d_h, *d_cells], xs_b, length=steps, reverse=True, unroll=SCAN_UNROLL
                 )
-                d_initial = list(d_initial)
+                d_initial, dz_seqs = list(d_initial), list(dz_seqs)
             else:
 
                 def backward_step(k: Any, carry: Any) -> Any:
                     t = steps - 1 - k
-                    dh, dcs, dz_record = carry[0], list(carry[1 : 1 + depth]), carry[-1]
+                    dh, dcs, dz_bufs = carry[0], list(carry[1 : 1 + depth]), carry[1 + depth :]
                     if d_seq is not None:
                         dh = dh + ops.take(d_seq, t, axis=0)
-                    row, prev = ops.take(record, t, axis=0), ops.take(prev_packed, t, axis=0)
-                    dh, dcs, dz_row = backward_core(row, prev, dh, dcs)
-                    return (dh, *dcs, ops.slice_update(dz_record, (t, 0, 0), ops.expand_dims(dz_row, 0)))
+                    dh, dcs, d_z = backward_core(ops.take(record, t, axis=0), dh, dcs)
+                    dz_bufs = [
+                        ops.slice_update(buf, (t, 0, 0), ops.expand_dims(dz, 0))
+                        for buf, dz in zip(dz_bufs, d_z, strict=True)
+                    ]
+                    return (dh, *dcs, *dz_bufs)
 
-                dz0 = ops.zeros((steps, batch, 4 * units * depth), dtype=dtype)
-                final_b = ops.fori_loop(0, steps, backward_step, (d_h, *d_cells, dz0))
-                dz_record = final_b[-1]
-                d_initial = list(final_b[:-1])
+                dz0 = [ops.zeros((steps, batch, 4 * units), dtype=dtype) for _ in range(depth)]
+                final_b = ops.fori_loop(0, steps, backward_step, (d_h, *d_cells, *dz0))
+                d_initial, dz_seqs = list(final_b[: 1 + depth]), list(final_b[1 + depth :])
 
             def rows(seq: Any) -> Any:
                 return ops.reshape(seq, (-1, seq.shape[-1]))
 
-            dz_seqs = [dz_record[..., 4 * units * level : 4 * units * (level + 1)] for level in range(depth)]
-            hidden0 = ops.concatenate([ops.expand_dims(h0, 0), outputs[:-1]], axis=0)
-            if with_masks:
-                hidden0 = hidden0 * rmasks[0]
-            d_u0 = ops.matmul(ops.transpose(rows(hidden0)), rows(dz_seqs[0]))
-            d_kernels, d_biases = [], []
-            for level in range(1, depth):
-                i_up, f_up, g_up, _ = gates_of(record, level - 1)
-                hidden = f_up * prev_cells[level - 1]
-                if with_masks:
-                    hidden = hidden * rmasks[level]
-                inputs = ops.concatenate([i_up * g_up, hidden], axis=-1)
-                d_kernels.append(ops.matmul(ops.transpose(rows(inputs)), rows(dz_seqs[level])))
-                if use_bias:
-                    d_biases.append(ops.sum(rows(dz_seqs[level]), axis=0))
+            dz_rows_all = [rows(dz) for dz in dz_seqs]
+            d_kernels = [ops.matmul(ops.transpose(rows(op)), dz) for op, dz in zip(operands, dz_rows_all, strict=True)]
+            d_biases = []
+            if use_bias:
+                ones = ops.ones((1, dz_rows_all[0].shape[0] or ops.shape(dz_rows_all[0])[0]), dtype=dtype)
+                d_biases = [ops.reshape(ops.matmul(ones, dz), (-1,)) for dz in dz_rows_all]
             d_masks = [ops.zeros_like(m) for m in rmasks]
-            return [dz_seqs[0], *d_initial, d_u0, *d_kernels, *d_biases, *d_masks]
+            return [dz_seqs[0], *d_initial, *d_kernels, *d_biases, *d_masks]
 
         return result, grad
 
-    args = [z_x, *states, outer_recurrent, *inner_kernels, *inner_biases, *masks]
+    args = [x_proj, *states, *kernels, *biases, *masks]
     result = run(*args)
     if return_sequences:
         return result[0], list(result[1:])
@@ -698,8 +692,9 @@ class NestedLSTM(keras.layers.RNN):
                     f"NestedLSTM(implementation={mode!r}) needs a static sequence length, no mask and "
                     f"activations among {sorted(_DERIVATIVE_FROM_OUTPUT)}"
                 )
-            # Time-major first (C is small), then the one big matmul: every step's input term at once.
-            z_x = cell.project_inputs(ops.transpose(sequences, (1, 0, 2)))
+            # Time-major first (C is small), then the one big matmul: every step's input term at once
+            # (its bias is added inside the fused loop, whose backward sums its gradient cheaply).
+            z_x = ops.matmul(ops.transpose(sequences, (1, 0, 2)), ops.cast(cell.kernels[0], sequences.dtype))
             if self.go_backwards:
                 z_x = ops.flip(z_x, axis=0)
             outputs, new_states = fused_sequence(
