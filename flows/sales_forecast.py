@@ -54,19 +54,18 @@ def sales_forecast(
         device=device, fallback=fallback, task_runner=task_runner, dask_address=dask_address,
         submission_path=submission_path, overrides=overrides,
     )  # fmt: skip
-    retries = {
+    step_options = {
         "retries": config.orchestration.retries,
         "retry_delay_seconds": exponential_backoff(config.orchestration.retry_delay_seconds),
+        "timeout_seconds": config.orchestration.task_timeout_seconds,
     }
 
-    ingested = ingest_raw_files.with_options(**retries)(config)
+    ingested = ingest_raw_files.with_options(**step_options)(config)
     monthly = aggregate_months(config, ingested)
-    windows = build_windows.with_options(**retries)(config, monthly)
-    trained = train_model.with_options(**retries, timeout_seconds=config.orchestration.task_timeout_seconds)(
-        config, windows
-    )
-    evaluation = evaluate_model.with_options(**retries)(config, windows, trained)
-    exported = export_forecast.with_options(**retries)(config, windows, trained, evaluation)
+    windows = build_windows.with_options(**step_options)(config, monthly)
+    trained = train_model.with_options(**step_options)(config, windows)
+    evaluation = evaluate_model.with_options(**step_options)(config, windows, trained)
+    exported = export_forecast.with_options(**step_options)(config, windows, trained, evaluation)
 
     summary = {
         "data_dir": str(config.data_dir),

@@ -7,11 +7,11 @@ from pathlib import Path
 from typing import Any
 
 from prefect import get_run_logger, task
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 
 from core import evaluate as evaluate_step
 from core.config import NestcastConfig
-from tasks.common import RETRY_OPTIONS, content_cache_key, retry_transient_only
+from tasks.common import RETRY_OPTIONS, artifact_key, content_cache_key, retry_transient_only
 
 
 @task(
@@ -37,4 +37,12 @@ def evaluate_model(config: NestcastConfig, windows: dict[str, Any], trained: dic
     create_markdown_artifact(
         key="evaluation-report", markdown=Path(result["report"]).read_text(), description="report.md of this run"
     )
+    for name in ("report", "totals_plot", "pairs_plot", "segments_plot"):
+        if name in result:
+            create_link_artifact(
+                key=artifact_key(name),
+                link=Path(result[name]).resolve().as_uri(),
+                link_text=Path(result[name]).name,
+                description=f"{name.replace('_', ' ')} of run {Path(trained['run_dir']).name}",
+            )
     return result

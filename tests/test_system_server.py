@@ -136,7 +136,8 @@ def test_manual_deployment_runs_to_completion_with_artifacts_and_a_ui_page(serve
         f"{server['api']}/artifacts/filter", json={"artifacts": {"flow_run_id": {"any_": [flow_run_id]}}}, timeout=5
     ).json()
     keys = {artifact["key"] for artifact in artifacts}
-    assert {"validation-sales-train-csv", "training-progress", "evaluation", "submission"} <= keys
+    expected = {"validation-sales-train-csv", "training-progress", "evaluation", "report", "totals-plot", "submission"}
+    assert expected <= keys
     assert list((data_dir / "submissions").glob("*.csv"))
 
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
