@@ -86,7 +86,12 @@ Device = Literal["auto", "cpu", "gpu"]
 class TrainConfig(_Section):
     """Optimisation (step 4)."""
 
-    epochs: int = Field(8, ge=1)
+    epochs: int = Field(
+        3,
+        ge=1,
+        description="Training epochs. 3 won the backtest on the real slice (origins 26-28): 0.774x the "
+        "previous-month RMSE vs 0.787x at 8 epochs, whose extra epochs overfit the older months.",
+    )
     batch_size: int = Field(512, ge=1)
     learning_rate: float = Field(2e-3, gt=0)
     loss: Literal["mse", "huber"] = "mse"

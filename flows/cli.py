@@ -144,6 +144,101 @@ def serve() -> None:
     serve_deployments()
 
 
+# --- backtest and search (issue 8) -----------------------------------------------------------------
+def _origins(text: str | None) -> list[int] | None:
+    from core.backtest import parse_origins
+
+    try:
+        return parse_origins(text) if text else None
+    except ValueError as error:
+        _fail(f"--origins: {_one_line(error)}")
+        return None
+
+
+def _need_raw(data_dir: Path) -> None:
+    if not (data_dir / "raw").is_dir():
+        _fail(f"{data_dir / 'raw'} does not exist: put the competition CSVs there "
+              f"or run `nestcast demo-data {data_dir}`")
+
+
+@app.command()
+def backtest(
+    data_dir: Annotated[Path, typer.Option(help="Lake root holding raw/.")] = DEFAULTS.data_dir,
+    origins: Annotated[
+        str | None, typer.Option(help="Comma-separated origin months to score, e.g. 26,27,28 (default: last 3).")
+    ] = None,
+    epochs: Annotated[int, typer.Option(min=1, help="Training epochs.")] = DEFAULTS.train.epochs,
+    batch_size: Annotated[int, typer.Option(min=1, help="Training batch size.")] = DEFAULTS.train.batch_size,
+    learning_rate: Annotated[float, typer.Option(help="Adam learning rate.")] = DEFAULTS.train.learning_rate,
+    lookback: Annotated[int, typer.Option(min=1, help="Months of history in each window.")] = (
+        DEFAULTS.windows.lookback
+    ),
+    sample_policy: Annotated[str, typer.Option(help="Training samples: grid, active, or all.")] = (
+        DEFAULTS.windows.sample_policy
+    ),
+    kind: Annotated[str, typer.Option(help="Recurrent encoder: nlstm, lstm, gru or rnn.")] = DEFAULTS.model.kind,
+    units: Annotated[int, typer.Option(min=1, help="Recurrent units.")] = DEFAULTS.model.units,
+    depth: Annotated[int, typer.Option(min=1, help="NLSTM nesting depth.")] = DEFAULTS.model.depth,
+    seed: Annotated[int, typer.Option(help="Seed for weights, shuffling and dropout.")] = DEFAULTS.train.seed,
+    device: Annotated[str, typer.Option(help="auto, cpu or gpu.")] = DEFAULTS.train.device,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Any other config field, NAME=VALUE.")] = None,
+) -> None:
+    """Rolling backtest: for each origin month, train on the months before it and score it vs the baselines."""
+    _need_raw(data_dir)
+    parameters: dict[str, Any] = {
+        "data_dir": str(data_dir), "epochs": epochs, "batch_size": batch_size, "learning_rate": learning_rate,
+        "lookback": lookback, "sample_policy": sample_policy, "kind": kind, "units": units, "depth": depth,
+        "seed": seed, "device": device,
+    }  # fmt: skip
+    overrides = _parse_sets(set_ or [])
+    months = _origins(origins)
+    try:
+        NestcastConfig().with_overrides(**parameters, **overrides)
+    except (ValidationError, ValueError) as error:
+        _fail(_one_line(error))
+
+    from flows.backtest import backtest as backtest_flow
+
+    try:
+        summary = backtest_flow(**parameters, origins=months, overrides=overrides)
+    except NestcastError as error:
+        _fail(_one_line(error), code=1)
+    typer.echo("")
+    typer.echo(Path(summary["report"]).read_text(encoding="utf-8"))
+    typer.echo(f"report: {summary['report']}")
+
+
+@app.command()
+def search(
+    data_dir: Annotated[Path, typer.Option(help="Lake root holding raw/.")] = DEFAULTS.data_dir,
+    trials: Annotated[int, typer.Option(min=1, help="Number of Optuna trials (each one a backtest).")] = 10,
+    origins: Annotated[str | None, typer.Option(help="Comma-separated origin months (default: last 3).")] = None,
+    seed: Annotated[int, typer.Option(help="Sampler seed.")] = 0,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="Pin a config field, NAME=VALUE (pinned search parameters leave the space)."),
+    ] = None,
+) -> None:
+    """Hyperparameter search (units, depth, lookback, learning rate, batch size, epochs) by backtest."""
+    _need_raw(data_dir)
+    overrides = _parse_sets(set_ or [])
+    months = _origins(origins)
+    try:
+        NestcastConfig().with_overrides(data_dir=str(data_dir), **overrides)
+    except (ValidationError, ValueError) as error:
+        _fail(_one_line(error))
+
+    from flows.search import search as search_flow
+
+    try:
+        summary = search_flow(data_dir=str(data_dir), trials=trials, origins=months, seed=seed, overrides=overrides)
+    except NestcastError as error:
+        _fail(_one_line(error), code=1)
+    typer.echo("")
+    typer.echo(Path(summary["report"]).read_text(encoding="utf-8"))
+    typer.echo(f"report: {summary['report']}")
+
+
 def _one_line(error: BaseException) -> str:
     if isinstance(error, ValidationError):
         return "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())

@@ -1,0 +1,168 @@
+"""Compare the baselines and RNN / GRU / LSTM / NLSTM depth 1-3 at equal size by rolling backtest.
+
+    # the real slice (months 0-28), origins 26, 27, 28:
+    .venv/bin/python benchmarks/compare_models.py --raw-dir ../shared/data/real-1c-subset --origins 26,27,28
+    # synthetic competition data (core.synthetic):
+    .venv/bin/python benchmarks/compare_models.py --scale demo --origins 31,32,33
+
+The raw CSVs are copied (or generated) into a temporary data directory's ``raw/`` -- never into the
+repository -- ingested and aggregated, then every model is backtested with ``core.backtest.backtest``
+under the default configuration with only ``kind`` and ``depth`` changed (same units, head,
+embeddings, windows, epochs, learning rate), so the rows differ by the encoder alone. ``--set`` changes
+any other field for all models, ``--seeds`` averages over training seeds. Prints a markdown table:
+RMSE averaged over the origins and over seeds, the mean ratio to the previous-month baseline,
+parameters and training time (``--out`` also writes it to a file).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from core.backtest import BacktestResult, backtest, markdown_table, parse_origins, prepare_lake  # noqa: E402
+from core.config import NestcastConfig  # noqa: E402
+
+RAW_FILES = ("sales_train.csv", "test.csv", "items.csv", "item_categories.csv", "shops.csv")
+#: name -> overrides; depth is ignored by the non-nested encoders.
+MODELS: dict[str, dict[str, Any]] = {
+    "rnn": {"kind": "rnn"},
+    "gru": {"kind": "gru"},
+    "lstm": {"kind": "lstm"},
+    "nlstm1": {"kind": "nlstm", "depth": 1},
+    "nlstm2": {"kind": "nlstm", "depth": 2},
+    "nlstm3": {"kind": "nlstm", "depth": 3},
+}
+LABELS = {"rnn": "SimpleRNN", "gru": "GRU", "lstm": "LSTM", "nlstm1": "NLSTM depth 1", "nlstm2": "NLSTM depth 2",
+          "nlstm3": "NLSTM depth 3"}  # fmt: skip
+
+
+def parse_sets(pairs: list[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        name, _, raw = pair.partition("=")
+        try:
+            out[name] = json.loads(raw)
+        except json.JSONDecodeError:
+            out[name] = raw
+    return out
+
+
+def make_lake(args: argparse.Namespace, data_dir: Path) -> str:
+    raw = data_dir / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    if args.raw_dir is not None:
+        for name in RAW_FILES:
+            if (args.raw_dir / name).exists():
+                shutil.copyfile(args.raw_dir / name, raw / name)
+        return str(args.raw_dir)
+    from core.synthetic import write_competition_files
+
+    write_competition_files(raw, scale=args.scale, seed=args.data_seed)
+    return f"synthetic {args.scale} (seed {args.data_seed})"
+
+
+def rows_for(results: dict[str, list[BacktestResult]], origins: list[int]) -> list[dict[str, Any]]:
+    """Baselines (from the first model's runs: they do not depend on the model), then one row per model."""
+    first = next(iter(results.values()))[0]
+    previous = {o.origin: o.rmse["baseline"] for o in first.origins}
+
+    def row(name: str, rmse: dict[int, float], params: Any, per_epoch: Any, train_s: Any) -> dict[str, Any]:
+        mean = sum(rmse.values()) / len(rmse)
+        ratio = sum(rmse[m] / previous[m] for m in origins) / len(origins)
+        return {"predictor": name, "params": params, "rmse": mean, "vs_previous": ratio,
+                **{f"rmse_{m}": rmse[m] for m in origins}, "s_per_epoch": per_epoch, "train_s": train_s}  # fmt: skip
+
+    rows = [
+        row(label, {o.origin: o.rmse[key] for o in first.origins}, None, None, None)
+        for key, label in (("zeros", "zeros"), ("baseline", "previous month"), ("mean3", "mean of last 3"))
+    ]
+    for name, runs in results.items():
+        rmse = {m: sum(r.origins[i].rmse["model"] for r in runs) / len(runs) for i, m in enumerate(origins)}
+        per_epoch = [o.seconds_per_epoch for r in runs for o in r.origins if o.seconds_per_epoch]
+        rows.append(
+            row(
+                LABELS.get(name, name),
+                rmse,
+                runs[0].params,
+                round(sum(per_epoch) / len(per_epoch), 1) if per_epoch else None,
+                # training seconds per origin, averaged over origins and seeds
+                round(sum(r.train_seconds for r in runs) / (len(runs) * len(origins)), 1),
+            )
+        )
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--raw-dir", type=Path, help="competition CSVs to use (copied into the temp lake's raw/)")
+    source.add_argument("--scale", choices=["tiny", "demo", "full"], default="demo", help="synthetic data scale")
+    parser.add_argument("--data-seed", type=int, default=0, help="seed of the synthetic data")
+    parser.add_argument("--origins", default=None, help="comma-separated origin months (default: the last 3)")
+    parser.add_argument("--models", default=",".join(MODELS), help=f"subset of {','.join(MODELS)}")
+    parser.add_argument("--seeds", default="42", help="comma-separated training seeds to average over")
+    parser.add_argument("--set", dest="sets", action="append", default=[], help="NAME=VALUE config override")
+    parser.add_argument("--keep", type=Path, help="build the lake and runs here and keep them (default: temp dir)")
+    parser.add_argument("--out", type=Path, help="also write the table (markdown) to this file")
+    args = parser.parse_args(argv)
+
+    work = args.keep or Path(tempfile.mkdtemp(prefix="nestcast-compare-"))
+    try:
+        described = make_lake(args, work)
+        base = NestcastConfig(data_dir=work).with_overrides(**parse_sets(args.sets))
+        prepare_lake(base)
+        if args.origins:
+            origins = parse_origins(args.origins)
+        else:
+            from core.aggregate import read_monthly
+            from core.lake import LakePaths
+
+            last = int(read_monthly(LakePaths(work))["date_block_num"].max())
+            origins = [last - 2, last - 1, last]
+        seeds = [int(s) for s in args.seeds.split(",")]
+        results: dict[str, list[BacktestResult]] = {}
+        started = time.perf_counter()
+        for name in args.models.split(","):
+            for seed in seeds:
+                config = base.with_overrides(**MODELS[name], seed=seed)
+                result = backtest(config, origins, work / "runs" / f"compare-{name}-{seed}", prepare=False)
+                results.setdefault(name, []).append(result)
+                print(f"{name} seed {seed}: mean model / previous {result.mean_ratio:.4f} "
+                      f"({result.params:,} params, {result.train_seconds:.0f} s)", flush=True)  # fmt: skip
+        rows = rows_for(results, origins)
+    finally:
+        if args.keep is None:
+            shutil.rmtree(work, ignore_errors=True)
+
+    cfg = base.flat()
+    lines = [
+        f"Data: {described}; origins {', '.join(map(str, origins))}; seeds {args.seeds}. "
+        f"Machine: {platform.node()}, {os.cpu_count()} CPU cores, no GPU; {time.perf_counter() - started:.0f} s.",
+        f"Shared settings: units {cfg['units']}, head {cfg['head_units']}, embeddings {cfg['embeddings']}, "
+        f"lookback {cfg['lookback']}, {cfg['sample_policy']} samples (max {cfg['max_train_samples']}), "
+        f"epochs {cfg['epochs']}, batch {cfg['batch_size']}, lr {cfg['learning_rate']}, loss {cfg['loss']}.",
+        "RMSE: mean over origins (and seeds) on each origin's Kaggle-style grid; vs_previous: mean over origins "
+        "of RMSE / previous-month RMSE; train_s: training seconds per origin.",
+        "",
+        markdown_table(rows),
+    ]
+    text = "\n".join(lines) + "\n"
+    print("\n" + text)
+    if args.out is not None:
+        args.out.write_text(text, encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,356 @@
+"""Rolling-origin backtest: train on the months before each origin, score the origin month.
+
+For each origin month ``m`` the windows step is built with ``holdout_month = m`` into its own directory
+under ``lake/backtest/`` (so ``lake/windows`` of the forecast run stays as it is), the configured model
+is trained on the training targets (months ``< m``), and month ``m``'s Kaggle-style grid (the windows'
+holdout frame) is scored with :func:`core.evaluate.evaluate` against the previous-period, mean-of-3
+and zeros baselines. Every channel is causal and the covariate scaling uses months ``< m`` only, so
+the months after ``m`` that are in the lake never reach the model.
+
+Unlike the forecast run, a backtest does not validate on the scored month: early stopping and the
+"best epoch" would otherwise be chosen on the very month being scored, an optimistic bias. Training
+is therefore monitored on the training loss (``train_model`` with no validation data).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from core.config import NestcastConfig
+from core.evaluate import PREDICTORS, evaluate
+from core.lake import LakePaths, write_json_atomic, write_text_atomic
+from core.windows import WindowStore, build_windows
+
+REPORT_FILE = "backtest.md"
+RESULT_FILE = "backtest.json"
+BACKTEST_DIR = "backtest"  # under lake/: the per-origin windows
+PREDICTOR_COLUMNS: dict[str, str] = {"model": "model", "baseline": "previous", "mean3": "mean3", "zeros": "zeros"}
+
+EpochCallback = Callable[[int, dict[str, float]], None]
+
+
+@dataclass
+class OriginResult:
+    """One origin month: RMSE of the model and each baseline on its grid, and what training cost."""
+
+    origin: int
+    rows: int
+    rmse: dict[str, float]  # predictor (core.evaluate.PREDICTORS) -> RMSE on the origin's grid
+    mae: dict[str, float]
+    train_samples: int
+    epochs_run: int
+    seconds_per_epoch: float | None
+    train_seconds: float
+    params: int
+    windows_dir: str
+    run_dir: str
+
+    @property
+    def ratio(self) -> float:
+        """Model RMSE / previous-period RMSE (below 1: the model wins)."""
+        base = self.rmse["baseline"]
+        return self.rmse["model"] / base if base > 0 else math.inf
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self) | {"ratio": self.ratio}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> OriginResult:
+        return cls(**{k: v for k, v in data.items() if k != "ratio"})
+
+
+@dataclass
+class BacktestResult:
+    """Per-origin results plus the flat configuration they were produced with."""
+
+    config: dict[str, Any]
+    origins: list[OriginResult] = field(default_factory=list)
+
+    def mean_rmse(self, predictor: str) -> float:
+        return sum(o.rmse[predictor] for o in self.origins) / len(self.origins)
+
+    @property
+    def mean_ratio(self) -> float:
+        """Mean over origins of model RMSE / previous-period RMSE (the issue's acceptance measure)."""
+        return sum(o.ratio for o in self.origins) / len(self.origins)
+
+    @property
+    def train_seconds(self) -> float:
+        return sum(o.train_seconds for o in self.origins)
+
+    @property
+    def params(self) -> int:
+        return self.origins[0].params if self.origins else 0
+
+    def rows(self) -> list[dict[str, Any]]:
+        """One row per origin and a ``mean`` row: RMSE per predictor, ratio, training cost."""
+        rows = [_row(str(o.origin), o.rows, o.rmse, o.ratio, o.train_seconds, o.seconds_per_epoch, o.epochs_run)
+                for o in self.origins]  # fmt: skip
+        if self.origins:
+            per_epoch = [o.seconds_per_epoch for o in self.origins if o.seconds_per_epoch is not None]
+            rows.append(
+                _row(
+                    "mean",
+                    round(sum(o.rows for o in self.origins) / len(self.origins)),
+                    {p: self.mean_rmse(p) for p in PREDICTORS},
+                    self.mean_ratio,
+                    self.train_seconds / len(self.origins),
+                    sum(per_epoch) / len(per_epoch) if per_epoch else None,
+                    _mean_epochs([o.epochs_run for o in self.origins]),
+                )
+            )
+        return rows
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "config": self.config,
+            "origins": [o.to_dict() for o in self.origins],
+            "mean_ratio": self.mean_ratio if self.origins else None,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> BacktestResult:
+        return cls(config=dict(data["config"]), origins=[OriginResult.from_dict(o) for o in data["origins"]])
+
+
+def _mean_epochs(epochs: list[int]) -> float | int:
+    mean = sum(epochs) / len(epochs)
+    return int(mean) if mean.is_integer() else round(mean, 1)
+
+
+def _row(
+    origin: str,
+    rows: int,
+    rmse: dict[str, float],
+    ratio: float,
+    seconds: float,
+    per_epoch: float | None,
+    epochs: float,
+) -> dict[str, Any]:
+    return {
+        "origin": origin,
+        "rows": rows,
+        **{f"{PREDICTOR_COLUMNS[p]}_rmse": round(rmse[p], 4) for p in PREDICTORS},
+        "model_vs_previous": round(ratio, 4),
+        "epochs": epochs,
+        "s_per_epoch": None if per_epoch is None else round(per_epoch, 1),
+        "train_s": round(seconds, 1),
+    }
+
+
+# --- where things go -----------------------------------------------------------------------------
+
+
+def windows_dir_for(config: NestcastConfig, origin: int) -> Path:
+    """``lake/backtest/windows-<origin>-<hash>``: one directory per origin and windows setting.
+
+    Keying on the windows section lets trials with different lookbacks (the search) keep their builds
+    side by side instead of rebuilding one directory back and forth.
+    """
+    settings = json.dumps(config.windows.model_dump(mode="json"), sort_keys=True)
+    digest = hashlib.sha256(settings.encode()).hexdigest()[:10]
+    return LakePaths(config.data_dir).lake / BACKTEST_DIR / f"windows-{origin}-{digest}"
+
+
+def parse_origins(text: str | Sequence[int]) -> list[int]:
+    """``"26,27,28"`` (or a list) -> sorted distinct months; at least one."""
+    values = [int(v) for v in text.split(",") if v.strip()] if isinstance(text, str) else [int(v) for v in text]
+    if not values:
+        raise ValueError("give at least one origin month")
+    if min(values) < 2:
+        raise ValueError(f"origin months must be >= 2 (a month to train on and a previous month), got {values}")
+    return sorted(set(values))
+
+
+# --- the work ------------------------------------------------------------------------------------
+
+
+def prepare_lake(config: NestcastConfig) -> None:
+    """Ingest and aggregate (each skips inputs it has already seen), so ``lake/monthly`` is current."""
+    from core.aggregate import aggregate
+    from core.ingest import ingest
+
+    ingest(config)
+    aggregate(config)
+
+
+def backtest_origin(
+    config: NestcastConfig, origin: int, root: str | Path, on_epoch: EpochCallback | None = None
+) -> OriginResult:
+    """Build the origin's windows, train the configured model on the months before it, score the origin.
+
+    ``lake/monthly`` must exist (see :func:`prepare_lake`). The model and its ``metadata.json`` go to
+    ``root/origin-<m>-<windows build hash>``: a rerun on the same data resumes (or reuses) its
+    checkpoints, and changed data or windows settings get a fresh directory, never stale weights.
+    """
+    from core.model import build_model, predict, select_device, train_model
+
+    built = build_windows(config, holdout_month=origin, windows_dir=windows_dir_for(config, origin))
+    if built.holdout_month != origin or built.sample_counts["holdout"] == 0:
+        raise ValueError(f"origin {origin} has no data to score (last month in the lake: {built.last_month})")
+    store = WindowStore.open(built.windows_dir)
+    run_dir = Path(root) / f"origin-{origin}-{store.meta['build_hash'][:10]}"
+    train_cfg = config.train
+    device = select_device(train_cfg.device, train_cfg.jit_compile)
+    # train_forecaster would validate (early-stop, keep the best epoch) on the holdout, i.e. on the
+    # month being scored; here the same builder and trainer run with no validation data instead.
+    model = build_model(
+        config.model,
+        lookback=store.lookback,
+        n_channels=store.n_channels,
+        n_shops=int(store.meta["n_shops"]),
+        n_categories=int(store.meta["n_categories"]),
+        seed=train_cfg.seed,
+        train_cfg=train_cfg,
+        device=device,
+    )
+    train = store.train_dataset(train_cfg.batch_size, seed=train_cfg.seed, max_samples=train_cfg.max_train_samples)
+    trained = train_model(
+        model,
+        train,
+        None,
+        train_cfg,
+        run_dir,
+        on_epoch,
+        device=device,
+        extra_metadata={
+            "model_config": config.model.model_dump(mode="json"),
+            "windows_dir": built.windows_dir,
+            "backtest_origin": origin,
+        },
+    )
+    clip = (config.windows.target_clip_min, config.windows.target_clip_max)
+    holdout = store.holdout_frame()
+    pred = predict(model, store.holdout_dataset(max(train_cfg.batch_size, 4096)), clip_min=clip[0], clip_max=clip[1])
+    scored = evaluate(holdout, pred, clip, month=origin, first_month=config.ingest.first_month)
+    return OriginResult(
+        origin=origin,
+        rows=scored.rows,
+        rmse={p: scored.overall[p].rmse for p in PREDICTORS},
+        mae={p: scored.overall[p].mae for p in PREDICTORS},
+        train_samples=len(train.index),
+        epochs_run=trained.epochs_run,
+        seconds_per_epoch=trained.seconds_per_epoch,
+        train_seconds=trained.seconds_total,
+        params=trained.params,
+        windows_dir=built.windows_dir,
+        run_dir=str(run_dir),
+    )
+
+
+def backtest(
+    config: NestcastConfig,
+    origins: Sequence[int],
+    run_dir: str | Path | None = None,
+    *,
+    prepare: bool = True,
+    on_origin: Callable[[OriginResult], None] | None = None,
+) -> BacktestResult:
+    """Backtest the configured pipeline at each origin month; writes ``backtest.md`` and ``backtest.json``.
+
+    ``run_dir`` defaults to ``runs/backtest-<hash of config and origins>`` (so a rerun of the same
+    backtest resumes its checkpoints); each origin trains in ``run_dir/origin-<m>-<hash>``. With ``prepare``
+    the raw files are ingested and aggregated first (a no-op when the lake is current).
+    """
+    months = parse_origins(list(origins))
+    if prepare:
+        prepare_lake(config)
+    root = Path(run_dir) if run_dir is not None else default_run_dir(config, months)
+    result = BacktestResult(config=config.flat())
+    for origin in months:
+        outcome = backtest_origin(config, origin, root)
+        result.origins.append(outcome)
+        if on_origin is not None:
+            on_origin(outcome)
+    write_backtest_report(result, root / REPORT_FILE)
+    write_json_atomic(root / RESULT_FILE, result.to_dict())
+    return result
+
+
+def backtest_id(config: NestcastConfig, origins: Sequence[int]) -> str:
+    """A short id that changes with the configuration (less the data dir) and the origins."""
+    flat = {k: v for k, v in config.flat().items() if k != "data_dir"}
+    text = json.dumps({"config": flat, "origins": list(origins)}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:10]
+
+
+def default_run_dir(config: NestcastConfig, origins: Sequence[int]) -> Path:
+    return LakePaths(config.data_dir).run_dir(f"backtest-{backtest_id(config, origins)}")
+
+
+# --- report --------------------------------------------------------------------------------------
+
+_HEADERS = {
+    "origin": "origin",
+    "rows": "grid rows",
+    "model_rmse": "model",
+    "previous_rmse": "previous month",
+    "mean3_rmse": "mean of 3",
+    "zeros_rmse": "zeros",
+    "model_vs_previous": "model / previous",
+    "epochs": "epochs",
+    "s_per_epoch": "s/epoch",
+    "train_s": "train s",
+}
+_SHOWN_CONFIG = ("kind", "units", "depth", "lookback", "sample_policy", "epochs", "batch_size", "learning_rate",
+                 "loss", "max_train_samples", "embeddings", "head_units", "seed")  # fmt: skip
+
+
+def _cell(value: Any, decimals: int | None = None) -> str:
+    if value is None:
+        return "—"
+    if isinstance(value, float):
+        if decimals is None:  # RMSEs and ratios need 4 decimals; large values do not
+            decimals = 4 if abs(value) < 10 else 1 if abs(value) < 1000 else 0
+        return f"{value:,.{decimals}f}"
+    return f"{value:,}" if isinstance(value, int) and not isinstance(value, bool) else str(value)
+
+
+#: Columns shown with one decimal whatever their size (seconds).
+ONE_DECIMAL = frozenset({"s_per_epoch", "train_s"})
+
+
+def markdown_table(rows: Sequence[dict[str, Any]], headers: dict[str, str] | None = None) -> str:
+    """A GitHub markdown table of ``rows`` (columns: ``headers`` keys, or the first row's keys)."""
+    headers = headers or {k: k for k in rows[0]}
+    lines = ["| " + " | ".join(headers.values()) + " |", "|" + "---|" * len(headers)]
+    lines += [
+        "| " + " | ".join(_cell(row.get(key), 1 if key in ONE_DECIMAL else None) for key in headers) + " |"
+        for row in rows
+    ]
+    return "\n".join(lines)
+
+
+def render_backtest_report(result: BacktestResult) -> str:
+    """``backtest.md``: RMSE per origin for the model and the baselines, and the configuration."""
+    months = ", ".join(str(o.origin) for o in result.origins)
+    cfg = result.config
+    lines = [
+        f"# Backtest — origins {months}",
+        "",
+        f"Model **{cfg.get('kind')}** ({result.params:,} parameters), trained on the months before each origin "
+        "and scored on the origin's Kaggle-style grid (shops × items with sales that month), "
+        f"RMSE on counts clipped to [{cfg.get('target_clip_min')}, {cfg.get('target_clip_max')}]. "
+        f"Mean model / previous-month RMSE: **{result.mean_ratio:.3f}**.",
+        "",
+        markdown_table(result.rows(), _HEADERS),
+        "",
+        "## Configuration",
+        "",
+        markdown_table([{"field": k, "value": cfg.get(k)} for k in _SHOWN_CONFIG if k in cfg]),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def write_backtest_report(result: BacktestResult, path: str | Path) -> Path:
+    """Write :func:`render_backtest_report` atomically to ``path`` (a file, or a directory for backtest.md)."""
+    target = Path(path)
+    if target.is_dir():
+        target = target / REPORT_FILE
+    return write_text_atomic(target, render_backtest_report(result))

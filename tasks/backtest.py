@@ -1,0 +1,105 @@
+"""Backtest and search steps as Prefect tasks: one origin's train-and-score, the report, one search trial.
+
+The origin and trial tasks train, so they carry the ``gpu`` tag like the forecast's training task
+(a tag concurrency limit keeps one training per GPU); flows call them one after another, not
+``.submit``, because each already uses every core.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from prefect import get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+from core import backtest as backtest_step
+from core.config import NestcastConfig
+from core.lake import write_json_atomic
+from tasks.common import RETRY_OPTIONS, artifact_key, content_cache_key, retry_transient_only
+
+
+def _log_epochs(label: str, epochs: int) -> Any:
+    logger = get_run_logger()
+
+    def on_epoch(epoch: int, logs: dict[str, float]) -> None:
+        logger.info(
+            "%s epoch %d/%d: %s", label, epoch + 1, epochs, ", ".join(f"{k}={v:.4f}" for k, v in logs.items())
+        )
+
+    return on_epoch
+
+
+@task(
+    name="backtest-origin",
+    tags=["nestcast", "gpu"],
+    retry_condition_fn=retry_transient_only,
+    cache_key_fn=content_cache_key("windows", "model", "train"),
+    **RETRY_OPTIONS,
+)
+def backtest_origin(config: NestcastConfig, origin: int, root: str, monthly: dict[str, Any]) -> dict[str, Any]:
+    """Windows with ``origin`` held out, the model trained on the months before, the origin's grid scored.
+
+    ``monthly`` (the aggregation summary, with its input hashes) ties the cache key to the data.
+    """
+    result = backtest_step.backtest_origin(
+        config, origin, root, on_epoch=_log_epochs(f"origin {origin}", config.train.epochs)
+    )
+    get_run_logger().info(
+        "origin %d: model RMSE %.4f vs previous month %.4f (x%.3f), %d parameters, %.0f s training",
+        origin, result.rmse["model"], result.rmse["baseline"], result.ratio, result.params, result.train_seconds,
+    )  # fmt: skip
+    return result.to_dict()
+
+
+@task(name="backtest-report", tags=["nestcast", "io"], retry_condition_fn=retry_transient_only, **RETRY_OPTIONS)
+def backtest_report(config: NestcastConfig, origins: list[dict[str, Any]], root: str) -> dict[str, Any]:
+    """``backtest.md`` + ``backtest.json`` under ``root``, and the per-origin RMSE table artifact."""
+    result = backtest_step.BacktestResult(
+        config=config.flat(), origins=[backtest_step.OriginResult.from_dict(o) for o in origins]
+    )
+    report = backtest_step.write_backtest_report(result, Path(root) / backtest_step.REPORT_FILE)
+    write_json_atomic(Path(root) / backtest_step.RESULT_FILE, result.to_dict())
+    create_table_artifact(
+        key="backtest",
+        table=result.rows(),
+        description=f"Backtest of {config.model.kind}: RMSE per origin for the model and the baselines "
+        f"(mean model / previous month = {result.mean_ratio:.3f}); {report}",
+    )
+    return {"report": str(report), "mean_ratio": result.mean_ratio, "rows": result.rows()}
+
+
+@task(
+    name="search-trial",
+    tags=["nestcast", "gpu"],
+    retry_condition_fn=retry_transient_only,
+    cache_key_fn=content_cache_key("windows", "model", "train"),
+    **RETRY_OPTIONS,
+)
+def search_trial(
+    config: NestcastConfig, number: int, origins: list[int], root: str, monthly: dict[str, Any]
+) -> dict[str, Any]:
+    """One hyperparameter trial: a backtest of ``config`` over ``origins``; its mean ratio is the objective."""
+    result = backtest_step.backtest(config, origins, Path(root) / f"trial-{number:03d}", prepare=False)
+    get_run_logger().info(
+        "trial %d: mean model / previous %.4f, %d parameters, %.0f s training",
+        number, result.mean_ratio, result.params, result.train_seconds,
+    )  # fmt: skip
+    return result.to_dict() | {"train_seconds": result.train_seconds, "params": result.params}
+
+
+@task(name="search-report", tags=["nestcast", "io"], retry_condition_fn=retry_transient_only, **RETRY_OPTIONS)
+def search_report(rows: list[dict[str, Any]], root: str, best: dict[str, Any]) -> dict[str, Any]:
+    """``search.md`` under ``root`` and the trials table artifact (best first)."""
+    from core import search as search_step
+
+    report = search_step.write_search_report(rows, best, Path(root) / search_step.REPORT_FILE)
+    create_table_artifact(
+        key="search-trials",
+        table=search_step.sorted_rows(rows),
+        description=f"Hyperparameter trials, best first (objective: mean model / previous-month RMSE); {report}",
+    )
+    create_markdown_artifact(
+        key=artifact_key("search", "best"), markdown=report.read_text(encoding="utf-8"), description="search.md"
+    )
+    return {"report": str(report)}

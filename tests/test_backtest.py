@@ -1,0 +1,140 @@
+"""Backtest and search on tiny synthetic data: per-origin rows, baselines checked independently, reports, flows."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from prefect.client.orchestration import get_client
+from prefect.testing.utilities import prefect_test_harness
+
+from core.aggregate import read_monthly
+from core.backtest import REPORT_FILE, RESULT_FILE, BacktestResult, backtest, parse_origins
+from core.config import NestcastConfig
+from core.evaluate import backtest_frame
+from core.lake import LakePaths
+from core.synthetic import write_competition_files
+from core.windows import WindowStore
+
+SMALL = {
+    "units": 4, "depth": 2, "lookback": 4, "epochs": 1, "batch_size": 256, "head_units": 4,
+    "embedding_dim": 2, "max_train_samples": 2000, "retries": 0,
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def lake(tmp_path_factory) -> Path:
+    data_dir = tmp_path_factory.mktemp("backtest")
+    write_competition_files(data_dir / "raw", scale="tiny", seed=3)
+    return data_dir
+
+
+@pytest.fixture(scope="module")
+def result(lake) -> tuple[BacktestResult, list[int], NestcastConfig]:
+    config = NestcastConfig(data_dir=lake).with_overrides(**SMALL)
+    # ingest + aggregate first, to learn the months; backtest() then finds the lake current.
+    from core.backtest import prepare_lake
+
+    prepare_lake(config)
+    last = int(read_monthly(LakePaths(lake))["date_block_num"].max())
+    origins = [last - 1, last]
+    return backtest(config, origins, run_dir=lake / "runs" / "bt"), origins, config
+
+
+def rmse(pred: np.ndarray, actual: np.ndarray) -> float:
+    return float(np.sqrt(np.mean((np.asarray(pred, np.float64) - np.asarray(actual, np.float64)) ** 2)))
+
+
+def test_one_row_per_origin_with_model_baselines_and_cost(result):
+    res, origins, _ = result
+    assert [o.origin for o in res.origins] == origins
+    for o in res.origins:
+        assert set(o.rmse) == {"model", "baseline", "mean3", "zeros"}
+        assert all(np.isfinite(v) and v >= 0 for v in o.rmse.values())
+        assert o.params > 0 and o.train_seconds > 0 and o.epochs_run == 1
+        assert o.train_samples <= SMALL["max_train_samples"]
+    rows = res.rows()
+    assert [r["origin"] for r in rows] == [str(m) for m in origins] + ["mean"]
+    assert rows[-1]["model_rmse"] == pytest.approx(np.mean([o.rmse["model"] for o in res.origins]), abs=1e-4)
+
+
+def test_baselines_match_an_independent_computation_from_monthly_data(result, lake):
+    res, _, _ = result
+    monthly = read_monthly(LakePaths(lake))
+    for o in res.origins:
+        frame = backtest_frame(monthly, o.origin)
+        assert o.rows == len(frame)
+        assert o.rmse["baseline"] == pytest.approx(rmse(frame["prev"], frame["actual"]), rel=1e-5)
+        assert o.rmse["mean3"] == pytest.approx(rmse(frame["mean3"], frame["actual"]), rel=1e-5)
+        assert o.rmse["zeros"] == pytest.approx(rmse(np.zeros(len(frame)), frame["actual"]), rel=1e-5)
+
+
+def test_each_origin_trains_only_on_earlier_months_in_its_own_windows_dir(result, lake):
+    res, _, _ = result
+    assert not (LakePaths(lake).windows / "meta.json").exists(), "the main lake/windows must stay untouched"
+    dirs = {o.windows_dir for o in res.origins}
+    assert len(dirs) == len(res.origins)
+    for o in res.origins:
+        assert Path(o.windows_dir).parent == LakePaths(lake).lake / "backtest"
+        store = WindowStore.open(o.windows_dir)
+        assert store.holdout_month == o.origin
+        assert int(store.train_index[:, 1].max()) < o.origin
+        assert (Path(o.run_dir) / "model.keras").exists()
+
+
+def test_report_and_json_are_written(result, lake):
+    res, origins, _ = result
+    report = (lake / "runs" / "bt" / REPORT_FILE).read_text()
+    assert report.startswith("# Backtest")
+    for o in res.origins:
+        assert f"| {o.origin} | {o.rows:,} | {o.rmse['model']:.4f} | {o.rmse['baseline']:.4f} |" in report
+    saved = BacktestResult.from_dict(json.loads((lake / "runs" / "bt" / RESULT_FILE).read_text()))
+    assert saved.mean_ratio == pytest.approx(res.mean_ratio)
+
+
+def test_origins_are_parsed_and_checked():
+    assert parse_origins("28, 26,27") == [26, 27, 28]
+    with pytest.raises(ValueError):
+        parse_origins("")
+    with pytest.raises(ValueError):
+        parse_origins([1])
+
+
+# --- the flows, under one temporary Prefect backend -------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def harness():
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+def test_backtest_and_search_flows_write_reports_and_table_artifacts(harness, result, lake):
+    from flows.backtest import backtest as backtest_flow
+    from flows.search import search as search_flow
+
+    _, origins, _ = result
+    overrides = {k: v for k, v in SMALL.items() if k not in ("units", "depth", "lookback", "epochs", "batch_size")}
+    summary = backtest_flow(
+        data_dir=str(lake), origins=[origins[-1]], units=4, depth=1, lookback=4, epochs=1, batch_size=256,
+        overrides=overrides,
+    )  # fmt: skip
+    assert [r["origin"] for r in summary["rows"]] == [str(origins[-1]), "mean"]
+    assert (Path(summary["run_dir"]) / REPORT_FILE).exists()
+    assert Path(summary["run_dir"]).name.startswith("backtest-")
+
+    found = search_flow(
+        data_dir=str(lake), trials=2, origins=[origins[-1]], overrides={**SMALL, "epochs": 1, "batch_size": 512}
+    )
+    rows = found["rows"]
+    assert sorted(r["trial"] for r in rows) == [0, 1]
+    assert all(r["state"] == "complete" and r["model_vs_previous"] > 0 for r in rows)
+    assert all("learning_rate" in r and "epochs" not in r for r in rows), "pinned parameters leave the space"
+    assert found["best"]["model_vs_previous"] == pytest.approx(min(r["model_vs_previous"] for r in rows), abs=1e-4)
+    assert (Path(found["run_dir"]) / "search.md").exists() and (Path(found["run_dir"]) / "best.json").exists()
+
+    with get_client(sync_client=True) as client:
+        keys = {a.key for a in client.read_artifacts()}
+    assert {"backtest", "search-trials"} <= keys
