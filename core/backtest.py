@@ -158,13 +158,18 @@ def windows_dir_for(config: NestcastConfig, origin: int) -> Path:
     return LakePaths(config.data_dir).lake / BACKTEST_DIR / f"windows-{origin}-{digest}"
 
 
-def parse_origins(text: str | Sequence[int]) -> list[int]:
-    """``"26,27,28"`` (or a list) -> sorted distinct months; at least one."""
+def parse_origins(text: str | Sequence[int], last_month: int | None = None) -> list[int]:
+    """``"26,27,28"`` (or a list) -> sorted distinct months; at least one, each scoreable.
+
+    An origin needs a month to train on and a previous month (>= 2) and data of its own (<= ``last_month``).
+    """
     values = [int(v) for v in text.split(",") if v.strip()] if isinstance(text, str) else [int(v) for v in text]
     if not values:
         raise ValueError("give at least one origin month")
     if min(values) < 2:
         raise ValueError(f"origin months must be >= 2 (a month to train on and a previous month), got {values}")
+    if last_month is not None and max(values) > last_month:
+        raise ValueError(f"origin months must have data (the lake ends at month {last_month}), got {values}")
     return sorted(set(values))
 
 
@@ -258,9 +263,9 @@ def backtest(
     backtest resumes its checkpoints); each origin trains in ``run_dir/origin-<m>-<hash>``. With ``prepare``
     the raw files are ingested and aggregated first (a no-op when the lake is current).
     """
-    months = parse_origins(list(origins))
     if prepare:
         prepare_lake(config)
+    months = parse_origins(list(origins))
     root = Path(run_dir) if run_dir is not None else default_run_dir(config, months)
     result = BacktestResult(config=config.flat())
     for origin in months:
@@ -343,7 +348,7 @@ def render_backtest_report(result: BacktestResult) -> str:
         "",
         "## Configuration",
         "",
-        markdown_table([{"field": k, "value": cfg.get(k)} for k in _SHOWN_CONFIG if k in cfg]),
+        markdown_table([{"field": k, "value": str(cfg.get(k))} for k in _SHOWN_CONFIG if k in cfg]),
     ]
     return "\n".join(lines) + "\n"
 

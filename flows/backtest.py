@@ -57,7 +57,7 @@ def backtest(
     retries = retry_options(config)
     ingested = ingest_raw_files.with_options(**retries)(config)
     monthly = aggregate_months(config, ingested)
-    months = parse_origins(origins if origins else monthly["months"][-3:])
+    months = parse_origins(origins if origins else monthly["months"][-3:], last_month=max(monthly["months"]))
     root = default_run_dir(config, months)
     results = [
         backtest_origin.with_options(**retries, timeout_seconds=config.orchestration.task_timeout_seconds)(

@@ -44,7 +44,7 @@ def search(
     retries = retry_options(config)
     ingested = ingest_raw_files.with_options(**retries)(config)
     monthly = aggregate_months(config, ingested)
-    months = parse_origins(origins if origins else monthly["months"][-3:])
+    months = parse_origins(origins if origins else monthly["months"][-3:], last_month=max(monthly["months"]))
     key = json.dumps({"fixed": fixed, "origins": months, "seed": seed, "trials": trials}, sort_keys=True, default=str)
     root = LakePaths(config.data_dir).run_dir(f"search-{hashlib.sha256(key.encode()).hexdigest()[:10]}")
     pinned = {k: v for k, v in fixed.items() if k in search_step.SPACE}

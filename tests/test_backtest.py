@@ -20,7 +20,7 @@ from core.windows import WindowStore
 
 SMALL = {
     "units": 4, "depth": 2, "lookback": 4, "epochs": 1, "batch_size": 256, "head_units": 4,
-    "embedding_dim": 2, "max_train_samples": 2000, "retries": 0,
+    "embedding_dim": 2, "max_train_samples": 2000, "retries": 0, "jit_compile": "off",
 }  # fmt: skip
 
 
@@ -100,6 +100,8 @@ def test_origins_are_parsed_and_checked():
         parse_origins("")
     with pytest.raises(ValueError):
         parse_origins([1])
+    with pytest.raises(ValueError, match="ends at month 15"):
+        parse_origins("15,16", last_month=15)
 
 
 # --- the flows, under one temporary Prefect backend -------------------------------------------------
@@ -138,3 +140,20 @@ def test_backtest_and_search_flows_write_reports_and_table_artifacts(harness, re
     with get_client(sync_client=True) as client:
         keys = {a.key for a in client.read_artifacts()}
     assert {"backtest", "search-trials"} <= keys
+
+
+def test_cli_backtest_and_search_check_their_options_before_running(tmp_path):
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    runner = CliRunner()
+    assert "--origins" in runner.invoke(app, ["backtest", "--help"]).output
+    assert "--trials" in runner.invoke(app, ["search", "--help"]).output
+    (tmp_path / "raw").mkdir()
+    bad = runner.invoke(app, ["backtest", "--data-dir", str(tmp_path), "--origins", "1,2"])
+    assert bad.exit_code == 2 and "origin months must be >= 2" in bad.output
+    bad = runner.invoke(app, ["search", "--data-dir", str(tmp_path), "--set", "units=0"])
+    assert bad.exit_code == 2 and "units" in bad.output
+    missing = runner.invoke(app, ["search", "--data-dir", str(tmp_path / "nowhere")])
+    assert missing.exit_code == 2 and "demo-data" in missing.output
