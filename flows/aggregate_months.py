@@ -8,8 +8,11 @@ from prefect import flow, unmapped
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 from prefect.tasks import exponential_backoff
 
+from core.aggregate import monthly_path
 from core.config import NestcastConfig
+from core.lake import LakePaths
 from tasks.aggregate import aggregate_month, finish_aggregation, plan_months
+from tasks.common import refresh_if_missing
 
 
 def make_task_runner(config: NestcastConfig) -> TaskRunner:
@@ -27,9 +30,11 @@ def make_task_runner(config: NestcastConfig) -> TaskRunner:
 def _aggregate_months(config: NestcastConfig, ingested: dict[str, Any]) -> dict[str, Any]:
     input_hashes = plan_months(config, ingested)
     months = sorted(input_hashes)
+    partitions = [monthly_path(LakePaths(config.data_dir), month) for month in months]
     aggregate_month.with_options(
         retries=config.orchestration.retries,
         retry_delay_seconds=exponential_backoff(config.orchestration.retry_delay_seconds),
+        **refresh_if_missing(*partitions),
     ).map(
         config=unmapped(config), month=months, input_hash=[input_hashes[month] for month in months]
     ).result()

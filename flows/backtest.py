@@ -14,9 +14,11 @@ from prefect.tasks import exponential_backoff
 
 from core.backtest import default_run_dir, parse_origins
 from core.config import NestcastConfig
+from core.lake import LakePaths
 from flows.aggregate_months import aggregate_months
 from flows.sales_forecast import build_config
 from tasks.backtest import backtest_origin, backtest_report
+from tasks.common import refresh_if_missing
 from tasks.ingest import ingest_raw_files
 
 DEFAULTS = NestcastConfig()
@@ -55,7 +57,9 @@ def backtest(
         overrides=overrides,
     )  # fmt: skip
     retries = retry_options(config)
-    ingested = ingest_raw_files.with_options(**retries)(config)
+    ingested = ingest_raw_files.with_options(**retries, **refresh_if_missing(LakePaths(config.data_dir).manifest))(
+        config
+    )
     monthly = aggregate_months(config, ingested)
     months = parse_origins(origins if origins else monthly["months"][-3:], last_month=max(monthly["months"]))
     root = default_run_dir(config, months)

@@ -13,7 +13,9 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.tasks import exponential_backoff
 
 from core.config import NestcastConfig
+from core.lake import LakePaths
 from flows.aggregate_months import aggregate_months
+from tasks.common import refresh_if_missing
 from tasks.evaluate import evaluate_model
 from tasks.export import export_forecast
 from tasks.ingest import ingest_raw_files
@@ -60,9 +62,12 @@ def sales_forecast(
         "timeout_seconds": config.orchestration.task_timeout_seconds,
     }
 
-    ingested = ingest_raw_files.with_options(**step_options)(config)
+    lake = LakePaths(config.data_dir)
+    ingested = ingest_raw_files.with_options(**step_options, **refresh_if_missing(lake.manifest))(config)
     monthly = aggregate_months(config, ingested)
-    windows = build_windows.with_options(**step_options)(config, monthly)
+    windows = build_windows.with_options(**step_options, **refresh_if_missing(lake.windows / "meta.json"))(
+        config, monthly
+    )
     trained = train_model.with_options(**step_options)(config, windows)
     evaluation = evaluate_model.with_options(**step_options)(config, windows, trained)
     exported = export_forecast.with_options(**step_options)(config, windows, trained, evaluation)

@@ -22,6 +22,7 @@ from flows.aggregate_months import aggregate_months
 from flows.backtest import retry_options
 from flows.sales_forecast import build_config
 from tasks.backtest import search_report, search_trial
+from tasks.common import refresh_if_missing
 from tasks.ingest import ingest_raw_files
 
 DEFAULTS = NestcastConfig()
@@ -42,7 +43,9 @@ def search(
     fixed = dict(overrides or {})
     config = build_config(data_dir=data_dir, overrides=fixed)
     retries = retry_options(config)
-    ingested = ingest_raw_files.with_options(**retries)(config)
+    ingested = ingest_raw_files.with_options(**retries, **refresh_if_missing(LakePaths(config.data_dir).manifest))(
+        config
+    )
     monthly = aggregate_months(config, ingested)
     months = parse_origins(origins if origins else monthly["months"][-3:], last_month=max(monthly["months"]))
     key = json.dumps({"fixed": fixed, "origins": months, "seed": seed, "trials": trials}, sort_keys=True, default=str)

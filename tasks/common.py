@@ -91,3 +91,11 @@ def jsonable(result: Any) -> Any:
     if dataclasses.is_dataclass(result) and not isinstance(result, type):
         return json.loads(json.dumps(dataclasses.asdict(result), default=str))
     return json.loads(json.dumps(result, default=str))
+
+
+def refresh_if_missing(*outputs: Path) -> dict[str, Any]:
+    """Task options that bypass the cache when a step's outputs are gone (say, the lake was wiped).
+
+    Cache keys hash the inputs only, so a cached result could otherwise point at files that no longer exist.
+    """
+    return {"refresh_cache": True} if not all(Path(path).exists() for path in outputs) else {}

@@ -131,3 +131,16 @@ def test_per_month_aggregation_runs_on_a_local_dask_cluster(data_dir):
     assert monthly["item_cnt_month"].sum() == pytest.approx(
         core.ingest.read_sales(LakePaths(data_dir)).column("item_cnt_day").to_numpy().sum(), rel=1e-6
     )
+
+
+def test_a_wiped_lake_is_rebuilt_instead_of_served_from_cache(data_dir):
+    import shutil
+
+    first = run_flow(data_dir)
+    assert first.is_completed(), first.message
+    shutil.rmtree(data_dir / "lake")
+    second = run_flow(data_dir)
+    assert second.is_completed(), second.message
+    runs = task_runs(second.state_details.flow_run_id)
+    assert runs["ingest"].state.name == "Completed" and runs["build-windows"].state.name == "Completed"
+    assert list((data_dir / "lake" / "sales").glob("date_block_num=*/data.parquet"))
