@@ -9,7 +9,7 @@ the months after ``m`` that are in the lake never reach the model.
 
 Unlike the forecast run, a backtest does not validate on the scored month: early stopping and the
 "best epoch" would otherwise be chosen on the very month being scored, an optimistic bias. Training
-is therefore monitored on the training loss (``train_model`` with no validation data).
+is therefore monitored on the training loss (``train_forecaster(..., validate=False)``).
 """
 
 from __future__ import annotations
@@ -194,7 +194,7 @@ def backtest_origin(
     ``root/origin-<m>-<windows build hash>``: a rerun on the same data resumes (or reuses) its
     checkpoints, and changed data or windows settings get a fresh directory, never stale weights.
     """
-    from core.model import build_model, predict, select_device, train_model
+    from core.model import load_model, predict, train_forecaster
 
     built = build_windows(config, holdout_month=origin, windows_dir=windows_dir_for(config, origin))
     if built.holdout_month != origin or built.sample_counts["holdout"] == 0:
@@ -202,34 +202,11 @@ def backtest_origin(
     store = WindowStore.open(built.windows_dir)
     run_dir = Path(root) / f"origin-{origin}-{store.meta['build_hash'][:10]}"
     train_cfg = config.train
-    device = select_device(train_cfg.device, train_cfg.jit_compile)
-    # train_forecaster would validate (early-stop, keep the best epoch) on the holdout, i.e. on the
-    # month being scored; here the same builder and trainer run with no validation data instead.
-    model = build_model(
-        config.model,
-        lookback=store.lookback,
-        n_channels=store.n_channels,
-        n_shops=int(store.meta["n_shops"]),
-        n_categories=int(store.meta["n_categories"]),
-        seed=train_cfg.seed,
-        train_cfg=train_cfg,
-        device=device,
+    # No validation data: the holdout month is the month being scored, so it must not pick the epoch.
+    trained = train_forecaster(
+        config, built.windows_dir, run_dir, on_epoch, validate=False, extra_metadata={"backtest_origin": origin}
     )
-    train = store.train_dataset(train_cfg.batch_size, seed=train_cfg.seed, max_samples=train_cfg.max_train_samples)
-    trained = train_model(
-        model,
-        train,
-        None,
-        train_cfg,
-        run_dir,
-        on_epoch,
-        device=device,
-        extra_metadata={
-            "model_config": config.model.model_dump(mode="json"),
-            "windows_dir": built.windows_dir,
-            "backtest_origin": origin,
-        },
-    )
+    model = load_model(trained.model_path)
     clip = (config.windows.target_clip_min, config.windows.target_clip_max)
     holdout = store.holdout_frame()
     pred = predict(model, store.holdout_dataset(max(train_cfg.batch_size, 4096)), clip_min=clip[0], clip_max=clip[1])
@@ -239,7 +216,7 @@ def backtest_origin(
         rows=scored.rows,
         rmse={p: scored.overall[p].rmse for p in PREDICTORS},
         mae={p: scored.overall[p].mae for p in PREDICTORS},
-        train_samples=len(train.index),
+        train_samples=min(store.train_index.shape[0], train_cfg.max_train_samples or store.train_index.shape[0]),
         epochs_run=trained.epochs_run,
         seconds_per_epoch=trained.seconds_per_epoch,
         train_seconds=trained.seconds_total,

@@ -509,8 +509,15 @@ def train_forecaster(
     windows_dir: str | os.PathLike[str],
     run_dir: str | os.PathLike[str],
     on_epoch: EpochCallback | None = None,
+    *,
+    validate: bool = True,
+    extra_metadata: dict[str, Any] | None = None,
 ) -> TrainResult:
-    """Open the windows, pick the device, build and train the configured model into ``run_dir``."""
+    """Open the windows, pick the device, build and train the configured model into ``run_dir``.
+
+    ``validate=False`` trains the configured epochs with no holdout data (no early stopping), for
+    backtests whose holdout month is the month being scored.
+    """
     from core.windows import WindowStore
 
     store = WindowStore.open(windows_dir)
@@ -527,17 +534,10 @@ def train_forecaster(
         device=device,
     )
     train = store.train_dataset(train_cfg.batch_size, seed=train_cfg.seed, max_samples=train_cfg.max_train_samples)
-    val = store.holdout_dataset(train_cfg.batch_size)
-    return train_model(
-        model,
-        train,
-        val,
-        train_cfg,
-        run_dir,
-        on_epoch,
-        device=device,
-        extra_metadata={"model_config": config.model.model_dump(mode="json"), "windows_dir": str(windows_dir)},
-    )
+    val = store.holdout_dataset(train_cfg.batch_size) if validate else None
+    metadata = {"model_config": config.model.model_dump(mode="json"), "windows_dir": str(windows_dir)}
+    metadata.update(extra_metadata or {})
+    return train_model(model, train, val, train_cfg, run_dir, on_epoch, device=device, extra_metadata=metadata)
 
 
 def remove_checkpoints(run_dir: str | os.PathLike[str]) -> None:
