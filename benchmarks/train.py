@@ -10,7 +10,9 @@ batch 128. This script times one epoch (after a warm-up that compiles every batc
 - ``lstm``         ``keras.layers.LSTM(40)``;
 
 and prints s/epoch, samples/s, analytic FLOPs per epoch (matmuls; backward = 2x forward) and the
-achieved GFLOP/s beside a 2048x2048 float32 matmul ceiling measured in the same process.
+achieved GFLOP/s beside a 2048x2048 float32 matmul ceiling measured in the same process. Under each
+``nlstm`` row, the "matmul-only floor" runs the layer's matmuls alone (same compiled loops and shapes,
+no gate arithmetic): the time no elementwise optimisation can go below at that batch size.
 
     .venv/bin/python benchmarks/train.py                      # full epoch, every variant, batch 128
     .venv/bin/python benchmarks/train.py --samples 40000      # scaled down, extrapolated to 214 200
@@ -86,6 +88,67 @@ def matmul_ceiling(n: int = 2048, repeats: int = 10) -> float:
             out = fn(a)
         out.numpy()
     return 2 * n**3 * repeats / (time.perf_counter() - start) / 1e9
+
+
+def compiled(fn: Any) -> Any:
+    """``fn`` compiled whole by the backend (XLA on TensorFlow and JAX), returning numpy-ready output."""
+    if keras.backend.backend() == "jax":
+        import jax
+
+        jitted = jax.jit(fn)
+        return lambda *args: np.asarray(jitted(*args))
+    import tensorflow as tf
+
+    jitted = tf.function(fn, jit_compile=True)
+    return lambda *args: jitted(*args).numpy()
+
+
+def matmul_floor(batch: int, repeats: int = 20) -> float:
+    """Seconds per epoch of the NLSTM's matmuls alone, in the same loop structure as the fused layer.
+
+    Per step, the forward's sequential matmuls ([b,u]x[u,4u] outer, [b,2u]x[2u,4u] per inner level) and
+    the backward's ([b,4u]x[4u,u], [b,4u]x[4u,2u]), a cheap squash in between so nothing folds away, and
+    after the loop the per-level weight-gradient matmul over all T*b rows. No gate arithmetic, no
+    records: whatever the layer spends above this is elementwise work and loop overhead.
+    """
+    ops = keras.ops
+    rng = np.random.default_rng(0)
+    four_u = 4 * UNITS
+    widths = [UNITS] + [2 * UNITS] * (DEPTH - 1)
+    kernels = [ops.convert_to_tensor(rng.normal(0, 0.05, (w, four_u)).astype("float32")) for w in widths]
+    kernels_t = [ops.transpose(k) for k in kernels]
+    h0 = ops.convert_to_tensor(rng.random((batch, UNITS), dtype=np.float32))
+    operands = [ops.convert_to_tensor(rng.random((STEPS * batch, w), dtype=np.float32)) for w in widths]
+    d_rows = ops.convert_to_tensor(rng.random((STEPS * batch, four_u), dtype=np.float32))
+
+    def epoch_step(h: Any, operands: list[Any], d_rows: Any) -> Any:
+        def forward(_: Any, h: Any) -> Any:
+            z = ops.matmul(h, kernels[0])
+            for level in range(1, DEPTH):
+                z = ops.matmul(ops.tanh(z[:, : 2 * UNITS]), kernels[level])
+            return ops.tanh(z[:, :UNITS])
+
+        def backward(_: Any, d: Any) -> Any:
+            dz = ops.tile(d, (1, 4))
+            for level in reversed(range(1, DEPTH)):
+                dz = ops.tile(ops.matmul(dz, kernels_t[level]), (1, 2)) * 0.5
+            return ops.matmul(dz, kernels_t[0]) * 0.5
+
+        h = ops.fori_loop(0, STEPS, forward, h)
+        d = ops.fori_loop(0, STEPS, backward, h)
+        total = ops.sum(d)
+        for operand in operands:
+            total = total + ops.sum(ops.matmul(ops.transpose(operand), d_rows))
+        return total
+
+    run = compiled(epoch_step)
+    run(h0, operands, d_rows)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run(h0, operands, d_rows)
+        best = min(best, time.perf_counter() - start)
+    return best * -(-SEED_SAMPLES // batch)
 
 
 def build(variant: str, precision: str, jit: bool, steps_per_execution: int, impl: str = "auto") -> keras.Model:
@@ -205,6 +268,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             if mse is not None:
                 line += f" {mse:12.4f}"
             print(line, flush=True)
+            if variant == "nlstm":
+                with device.scope():
+                    row["matmul_floor_s_per_epoch"] = matmul_floor(batch)
+                print(f"{'  matmul-only floor':22s} {'':>13s} {'True':>5s} {batch:6d} {'':>7s}"
+                      f" {row['matmul_floor_s_per_epoch']:8.2f}", flush=True)  # fmt: skip
     result = {
         "backend": backend,
         "device": device.to_dict(),

@@ -38,6 +38,7 @@ if TYPE_CHECKING:  # the config pulls in pydantic-settings; the GPU benchmark ru
 
 INPUT_NAMES = ("sequence", "shop", "category")
 CHECKPOINT_STATE = "state.json"
+MODEL_FILE = "model.keras"
 EpochCallback = Callable[[int, dict[str, float]], None]
 
 
@@ -442,7 +443,7 @@ def train_model(
     if best.exists():
         model.load_weights(best)
 
-    model_path = save_model_atomic(model, run_dir / "model.keras")
+    model_path = save_model_atomic(model, run_dir / MODEL_FILE)
     seconds = checkpoint.epoch_seconds
     result = TrainResult(
         history=state["history"],

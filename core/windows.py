@@ -105,6 +105,7 @@ class WindowsSummary:
     sample_counts: dict[str, int] = field(default_factory=dict)
     bytes_on_disk: int = 0
     seconds: float = 0.0
+    build_hash: str = ""  # identifies the content (inputs + windows settings), not the moment of the build
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -276,6 +277,7 @@ def _summary(windows_dir: Path, meta: dict[str, Any], skipped: bool, seconds: fl
         sample_counts=meta["sample_counts"],
         bytes_on_disk=size,
         seconds=seconds,
+        build_hash=str(meta.get("build_hash", "")),
     )
 
 

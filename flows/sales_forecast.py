@@ -13,13 +13,15 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.tasks import exponential_backoff
 
 from core.config import NestcastConfig
+from core.evaluate import FORECAST_FILE
 from core.lake import LakePaths
+from core.model import MODEL_FILE
 from flows.aggregate_months import aggregate_months
 from tasks.common import refresh_if_missing
 from tasks.evaluate import evaluate_model
 from tasks.export import export_forecast
 from tasks.ingest import ingest_raw_files
-from tasks.train import train_model
+from tasks.train import forecast_run_dir, train_model
 from tasks.windows import build_windows
 
 DEFAULTS = NestcastConfig()
@@ -68,8 +70,11 @@ def sales_forecast(
     windows = build_windows.with_options(**step_options, **refresh_if_missing(lake.windows / "meta.json"))(
         config, monthly
     )
-    trained = train_model.with_options(**step_options)(config, windows)
-    evaluation = evaluate_model.with_options(**step_options)(config, windows, trained)
+    run_dir = forecast_run_dir(config, windows)
+    trained = train_model.with_options(**step_options, **refresh_if_missing(run_dir / MODEL_FILE))(config, windows)
+    evaluation = evaluate_model.with_options(**step_options, **refresh_if_missing(run_dir / FORECAST_FILE))(
+        config, windows, trained
+    )
     exported = export_forecast.with_options(**step_options)(config, windows, trained, evaluation)
 
     summary = {

@@ -6,10 +6,11 @@ training per GPU. The flow calls it directly (not ``.submit``) so its timeout ca
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+import hashlib
+from pathlib import Path
 from typing import Any
 
-from prefect import get_run_logger, runtime, task
+from prefect import get_run_logger, task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
 from core import model as model_step
@@ -18,10 +19,17 @@ from core.lake import LakePaths
 from tasks.common import RETRY_OPTIONS, artifact_key, content_cache_key, jsonable, retry_transient_only
 
 
-def new_run_id() -> str:
-    flow_run_id = runtime.flow_run.id
-    suffix = str(flow_run_id)[:8] if flow_run_id else "local"
-    return f"{datetime.now(UTC):%Y%m%dT%H%M%S}-{suffix}"
+def forecast_run_dir(config: NestcastConfig, windows: dict[str, Any]) -> Path:
+    """``runs/forecast-<hash>``, named by what the model is trained from: the windows' content and the model
+    and training settings.
+
+    The same inputs always train into the same directory, so a rerun resumes or reuses it (idempotent), and
+    the flow can tell before it consults the cache whether the run's files still exist.
+    """
+    digest = hashlib.sha256(windows["build_hash"].encode())
+    digest.update(config.model.model_dump_json().encode())
+    digest.update(config.train.model_dump_json().encode())
+    return LakePaths(config.data_dir).run_dir(f"forecast-{digest.hexdigest()[:12]}")
 
 
 @task(
@@ -34,7 +42,7 @@ def new_run_id() -> str:
 def train_model(config: NestcastConfig, windows: dict[str, Any]) -> dict[str, Any]:
     """Fit the configured recurrent forecaster on the training windows, early-stopped on the holdout."""
     logger = get_run_logger()
-    run_dir = LakePaths(config.data_dir).run_dir(new_run_id())
+    run_dir = forecast_run_dir(config, windows)
     epochs = config.train.epochs
     progress_id = create_progress_artifact(
         progress=0.0,

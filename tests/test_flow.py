@@ -133,7 +133,7 @@ def test_per_month_aggregation_runs_on_a_local_dask_cluster(data_dir):
     )
 
 
-def test_a_wiped_lake_is_rebuilt_instead_of_served_from_cache(data_dir):
+def test_a_wiped_lake_or_runs_dir_is_rebuilt_instead_of_served_from_cache(data_dir):
     import shutil
 
     first = run_flow(data_dir)
@@ -144,3 +144,14 @@ def test_a_wiped_lake_is_rebuilt_instead_of_served_from_cache(data_dir):
     runs = task_runs(second.state_details.flow_run_id)
     assert runs["ingest"].state.name == "Completed" and runs["build-windows"].state.name == "Completed"
     assert list((data_dir / "lake" / "sales").glob("date_block_num=*/data.parquet"))
+
+    # runs/ alone wiped: the data steps stay cached, the model is retrained into the same, content-named directory.
+    run_dir = Path(second.result()["run_dir"])
+    shutil.rmtree(data_dir / "runs")
+    third = run_flow(data_dir)
+    assert third.is_completed(), third.message
+    runs = task_runs(third.state_details.flow_run_id)
+    assert runs["ingest"].state.name == "Cached" and runs["build-windows"].state.name == "Cached"
+    assert runs["train"].state.name == "Completed" and runs["evaluate"].state.name == "Completed"
+    assert Path(third.result()["run_dir"]) == run_dir
+    assert (run_dir / "model.keras").exists() and (run_dir / "forecast.parquet").exists()
