@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 from pathlib import Path
 
@@ -10,6 +9,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pytest
+from lake_helpers import sales_table, write_lake
 
 from core.aggregate import (
     MONTHLY_SCHEMA,
@@ -23,39 +23,6 @@ from core.aggregate import (
 from core.config import NestcastConfig
 from core.errors import DataValidationError
 from core.lake import LakePaths, write_parquet_atomic
-
-
-def sales_table(month: int, part: pd.DataFrame) -> pa.Table:
-    """One lake/sales partition in the contract's schema (no date_block_num column inside)."""
-    first_day = dt.date(2013 + month // 12, month % 12 + 1, 1)
-    return pa.table(
-        {
-            "date": pa.array([first_day + dt.timedelta(days=k % 28) for k in range(len(part))], pa.date32()),
-            "shop_id": pa.array(part["shop_id"].to_numpy(np.int16)),
-            "item_id": pa.array(part["item_id"].to_numpy(np.int32)),
-            "item_price": pa.array(part["item_price"].to_numpy(np.float32)),
-            "item_cnt_day": pa.array(part["item_cnt_day"].to_numpy(np.float32)),
-        }
-    )
-
-
-def write_sales_lake(root: Path, sales: pd.DataFrame, items: pd.DataFrame) -> LakePaths:
-    """Write lake/sales partitions and lake/reference/items.parquet in the contract's schema."""
-    paths = LakePaths(root)
-    for month, part in sales.groupby("date_block_num"):
-        target = paths.sales / f"date_block_num={int(month)}" / "data.parquet"
-        write_parquet_atomic(target, sales_table(int(month), part))
-    write_parquet_atomic(
-        paths.reference / "items.parquet",
-        pa.table(
-            {
-                "item_id": pa.array(items["item_id"].to_numpy(np.int32)),
-                "item_name": pa.array([f"item {i}" for i in items["item_id"]]),
-                "item_category_id": pa.array(items["item_category_id"].to_numpy(np.int16)),
-            }
-        ),
-    )
-    return paths
 
 
 def random_sales(seed: int = 0, months: int = 4, rows: int = 600) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -76,7 +43,7 @@ def random_sales(seed: int = 0, months: int = 4, rows: int = 600) -> tuple[pd.Da
 @pytest.fixture
 def lake(tmp_path: Path) -> tuple[NestcastConfig, pd.DataFrame]:
     sales, items = random_sales()
-    write_sales_lake(tmp_path, sales, items)
+    write_lake(tmp_path, sales, items)
     return NestcastConfig(data_dir=tmp_path), sales
 
 
@@ -131,7 +98,7 @@ def test_duplicate_shops_are_merged_before_grouping(tmp_path: Path) -> None:
             "item_cnt_day": [1.0, 2.0, 4.0, 8.0],
         }
     )
-    write_sales_lake(tmp_path, sales, items)
+    write_lake(tmp_path, sales, items)
     aggregate(NestcastConfig(data_dir=tmp_path))
     monthly = read_monthly(LakePaths(tmp_path)).set_index("shop_id")
     assert sorted(monthly.index) == [5, 57]
@@ -155,7 +122,7 @@ def test_outlier_policy_comes_from_config(tmp_path: Path) -> None:
             "item_cnt_day": [500.0, -2.0, 3.0],
         }
     )
-    write_sales_lake(tmp_path, sales, items)
+    write_lake(tmp_path, sales, items)
     base = NestcastConfig(data_dir=tmp_path)
     aggregate(base)
     assert read_monthly(LakePaths(tmp_path))["item_cnt_month"].item() == 501.0
@@ -225,6 +192,6 @@ def test_unknown_item_is_a_data_error(tmp_path: Path) -> None:
     sales = pd.DataFrame(
         {"date_block_num": [0], "shop_id": [5], "item_id": [8], "item_price": [1.0], "item_cnt_day": [1.0]}
     )
-    write_sales_lake(tmp_path, sales, items)
+    write_lake(tmp_path, sales, items)
     with pytest.raises(DataValidationError, match="8"):
         aggregate(NestcastConfig(data_dir=tmp_path))
