@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from enum import StrEnum
 from pathlib import Path
@@ -13,6 +14,10 @@ from pydantic import ValidationError
 
 from core.config import FLAT_FIELDS, NestcastConfig
 from core.errors import NestcastError
+
+# Batch runs are often offline: the temporary server's telemetry would log an ERROR every 10 minutes.
+# An explicit PREFECT_SERVER_ANALYTICS_ENABLED still wins.
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 app = typer.Typer(
     help="nestcast: next month's unit sales for every (shop, item) pair with a Nested LSTM, orchestrated by Prefect.",
