@@ -14,21 +14,25 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
 from core import model as model_step
+from core import nlstm
 from core.config import NestcastConfig
 from core.lake import LakePaths
 from tasks.common import RETRY_OPTIONS, artifact_key, content_cache_key, jsonable, retry_transient_only
 
 
 def forecast_run_dir(config: NestcastConfig, windows: dict[str, Any]) -> Path:
-    """``runs/forecast-<hash>``, named by what the model is trained from: the windows' content and the model
-    and training settings.
+    """``runs/forecast-<hash>``, named by what the model is trained from: the windows' content, the model
+    and training settings, and the code that builds and trains the model.
 
     The same inputs always train into the same directory, so a rerun resumes or reuses it (idempotent), and
-    the flow can tell before it consults the cache whether the run's files still exist.
+    the flow can tell before it consults the cache whether the run's files still exist. Changed model code
+    gets a fresh directory rather than resuming checkpoints written by the old code.
     """
     digest = hashlib.sha256(windows["build_hash"].encode())
     digest.update(config.model.model_dump_json().encode())
     digest.update(config.train.model_dump_json().encode())
+    for module in (model_step, nlstm):
+        digest.update(Path(module.__file__).read_bytes())
     return LakePaths(config.data_dir).run_dir(f"forecast-{digest.hexdigest()[:12]}")
 
 

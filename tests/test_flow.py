@@ -155,3 +155,16 @@ def test_a_wiped_lake_or_runs_dir_is_rebuilt_instead_of_served_from_cache(data_d
     assert runs["train"].state.name == "Completed" and runs["evaluate"].state.name == "Completed"
     assert Path(third.result()["run_dir"]) == run_dir
     assert (run_dir / "model.keras").exists() and (run_dir / "forecast.parquet").exists()
+
+
+def test_the_forecast_run_directory_is_named_by_content(tmp_path):
+    from tasks.train import forecast_run_dir
+
+    config = build_config(data_dir=str(tmp_path))
+    windows = {"build_hash": "abc", "seconds": 1.0}
+    same = forecast_run_dir(config, {**windows, "seconds": 9.0})
+    assert forecast_run_dir(config, windows) == same, "build time must not change the directory"
+    assert same.parent == tmp_path / "runs" and same.name.startswith("forecast-")
+    assert forecast_run_dir(config, {**windows, "build_hash": "abd"}) != same
+    assert forecast_run_dir(config.with_overrides(epochs=config.train.epochs + 1), windows) != same
+    assert forecast_run_dir(config.with_overrides(units=config.model.units + 1), windows) != same
