@@ -1,4 +1,4 @@
-"""Compare the baselines and RNN / GRU / LSTM / NLSTM depth 1-3 at equal size by rolling backtest.
+"""Compare the baselines, the LightGBM reference, RNN / GRU / LSTM / NLSTM depth 1-3 and the ensemble by backtest.
 
     # the real slice (months 0-28), origins 26, 27, 28:
     .venv/bin/python benchmarks/compare_models.py --raw-dir ../shared/data/real-1c-subset --origins 26,27,28
@@ -9,9 +9,12 @@ The raw CSVs are copied (or generated) into a temporary data directory's ``raw/`
 repository -- ingested and aggregated, then every model is backtested with ``core.backtest.backtest``
 under the default configuration with only ``kind`` and ``depth`` changed (same units, head,
 embeddings, windows, epochs, learning rate), so the rows differ by the encoder alone. ``--set`` changes
-any other field for all models, ``--seeds`` averages over training seeds. Prints a markdown table:
-RMSE averaged over the origins and over seeds, the mean ratio to the previous-month baseline,
-parameters and training time (``--out`` also writes it to a file).
+any other field for all models, ``--seeds`` averages over training seeds. Every backtest follows the forecast
+flow's protocol (``core.protocol``): epochs, boosting rounds and the blend weight are chosen on the month before
+each origin, then the models are refitted through that month and score the origin. The LightGBM reference and
+the ensemble rows come from the default model's runs (``nlstm2``, else the first model). Prints a markdown table:
+RMSE averaged over the origins and over seeds, per origin, the mean ratio to the previous-month baseline,
+parameters and training seconds per origin (``--out`` also writes it to a file).
 """
 
 from __future__ import annotations
@@ -73,7 +76,8 @@ def make_lake(args: argparse.Namespace, data_dir: Path) -> str:
 
 
 def rows_for(results: dict[str, list[BacktestResult]], origins: list[int]) -> list[dict[str, Any]]:
-    """Baselines (from the first model's runs: they do not depend on the model), then one row per model."""
+    """Baselines (from the first model's runs: they do not depend on the model), the reference, one row per
+    model, and the ensemble of the default model with the reference."""
     first = next(iter(results.values()))[0]
     previous = {o.origin: o.rmse["baseline"] for o in first.origins}
 
@@ -83,23 +87,36 @@ def rows_for(results: dict[str, list[BacktestResult]], origins: list[int]) -> li
         return {"predictor": name, "params": params, "rmse": mean, "vs_previous": ratio,
                 **{f"rmse_{m}": rmse[m] for m in origins}, "s_per_epoch": per_epoch, "train_s": train_s}  # fmt: skip
 
+    def mean_over_seeds(runs: list[BacktestResult], predictor: str) -> dict[int, float]:
+        return {m: sum(r.origins[i].rmse[predictor] for r in runs) / len(runs) for i, m in enumerate(origins)}
+
+    def seconds(runs: list[BacktestResult], attribute: str) -> float:
+        values = [getattr(o, attribute) or 0.0 for r in runs for o in r.origins]
+        return round(sum(values) / len(values), 1)
+
     rows = [
         row(label, {o.origin: o.rmse[key] for o in first.origins}, None, None, None)
         for key, label in (("zeros", "zeros"), ("baseline", "previous month"), ("mean3", "mean of last 3"))
     ]
+    default = results.get("nlstm2") or next(iter(results.values()))
+    if "reference" in default[0].predictors:
+        rows.append(row("LightGBM reference", mean_over_seeds(default, "reference"), None, None,
+                        seconds(default, "reference_seconds")))  # fmt: skip
     for name, runs in results.items():
-        rmse = {m: sum(r.origins[i].rmse["model"] for r in runs) / len(runs) for i, m in enumerate(origins)}
         per_epoch = [o.seconds_per_epoch for r in runs for o in r.origins if o.seconds_per_epoch]
         rows.append(
             row(
                 LABELS.get(name, name),
-                rmse,
+                mean_over_seeds(runs, "model"),
                 runs[0].params,
                 round(sum(per_epoch) / len(per_epoch), 1) if per_epoch else None,
-                # training seconds per origin, averaged over origins and seeds
-                round(sum(r.train_seconds for r in runs) / (len(runs) * len(origins)), 1),
+                seconds(runs, "train_seconds"),  # training seconds per origin (select + refit), mean over seeds
             )
         )
+    if "ensemble" in default[0].predictors:
+        label = f"ensemble: {LABELS.get(next(k for k, v in results.items() if v is default), 'model')} + reference"
+        both = round(seconds(default, "train_seconds") + seconds(default, "reference_seconds"), 1)
+        rows.append(row(label, mean_over_seeds(default, "ensemble"), None, None, both))
     return rows
 
 
@@ -152,8 +169,10 @@ def main(argv: list[str] | None = None) -> int:
         f"Shared settings: units {cfg['units']}, head {cfg['head_units']}, embeddings {cfg['embeddings']}, "
         f"lookback {cfg['lookback']}, {cfg['sample_policy']} samples (max {cfg['max_train_samples']}), "
         f"epochs {cfg['epochs']}, batch {cfg['batch_size']}, lr {cfg['learning_rate']}, loss {cfg['loss']}.",
+        "Protocol: at origin m, epochs / boosting rounds / blend weight chosen on month m-1 (trained on months < m-1), "
+        "then refitted on every month < m; month m is scored and chooses nothing.",
         "RMSE: mean over origins (and seeds) on each origin's Kaggle-style grid; vs_previous: mean over origins "
-        "of RMSE / previous-month RMSE; train_s: training seconds per origin.",
+        "of RMSE / previous-month RMSE; train_s: training seconds per origin (select + refit).",
         "",
         markdown_table(rows),
     ]

@@ -35,7 +35,6 @@ from core.lake import LakePaths, file_sha256, tree_sha256, write_json_atomic, wr
 # Bump when the aggregation logic changes, so every month is recomputed once.
 AGGREGATE_VERSION = "1"
 STATE_FILE = "_state.json"
-PARTITION_FILE = "data.parquet"
 HASH_KEY = b"nestcast.input_hash"
 STATS_KEY = b"nestcast.stats"
 
@@ -89,30 +88,14 @@ class AggregateSummary:
 # --- partitions ----------------------------------------------------------------------------------
 
 
-def _partition_months(root: Path) -> list[int]:
-    if not root.exists():
-        return []
-    months = []
-    for child in root.iterdir():
-        if child.is_dir() and child.name.startswith("date_block_num="):
-            try:
-                months.append(int(child.name.split("=", 1)[1]))
-            except ValueError:
-                continue
-    return sorted(months)
-
-
-def _partition_dir(root: Path, month: int) -> Path:
-    return root / f"date_block_num={month}"
-
-
 def sales_months(paths: LakePaths) -> list[int]:
     """Months that have a partition in ``lake/sales``."""
-    return _partition_months(paths.sales)
+    return paths.sales_months()
 
 
 def monthly_path(paths: LakePaths, month: int) -> Path:
-    return _partition_dir(paths.monthly, month) / PARTITION_FILE
+    """``lake/monthly/date_block_num=<month>/data.parquet`` (the catalog's ``monthly_file``)."""
+    return paths.monthly_file(month)
 
 
 def _aggregate_settings(config: NestcastConfig) -> dict[str, Any]:
@@ -127,9 +110,9 @@ def _aggregate_settings(config: NestcastConfig) -> dict[str, Any]:
 
 def month_input_hash(paths: LakePaths, month: int, config: NestcastConfig) -> str:
     """Hash of everything the monthly partition of ``month`` depends on."""
-    items = paths.reference / "items.parquet"
+    items = paths.reference_table("items")
     digest = hashlib.sha256()
-    digest.update(tree_sha256(_partition_dir(paths.sales, month)).encode())
+    digest.update(tree_sha256(paths.sales_partition(month)).encode())
     digest.update(json.dumps(_aggregate_settings(config), sort_keys=True).encode())
     digest.update((file_sha256(items) if items.exists() else "no-items").encode())
     return digest.hexdigest()
@@ -148,7 +131,7 @@ def _stored_hash(path: Path) -> str | None:
 
 def months_to_aggregate(config: NestcastConfig) -> list[int]:
     """Sales months whose monthly partition is missing or was built from different inputs."""
-    paths = LakePaths(config.data_dir)
+    paths = LakePaths.of(config)
     return [
         m for m in sales_months(paths) if _stored_hash(monthly_path(paths, m)) != month_input_hash(paths, m, config)
     ]
@@ -159,7 +142,7 @@ def months_to_aggregate(config: NestcastConfig) -> list[int]:
 
 def _category_lookup(paths: LakePaths) -> np.ndarray:
     """Dense item_id -> item_category_id array (-1 for ids the reference does not know)."""
-    items_path = paths.reference / "items.parquet"
+    items_path = paths.reference_table("items")
     if not items_path.exists():
         raise DataValidationError(f"{items_path}: items reference is missing; run ingest first")
     items = pq.read_table(items_path, columns=["item_id", "item_category_id"])
@@ -199,7 +182,7 @@ def aggregate_month(paths: LakePaths, month: int, config: NestcastConfig) -> Pat
 def _aggregate_month(
     paths: LakePaths, month: int, config: NestcastConfig, categories: np.ndarray
 ) -> tuple[Path, MonthStats]:
-    source = _partition_dir(paths.sales, month)
+    source = paths.sales_partition(month)
     if not source.exists():
         raise DataValidationError(f"{source}: no sales partition for month {month}")
     input_hash = month_input_hash(paths, month, config)
@@ -281,11 +264,11 @@ def _stored_stats(path: Path) -> dict[str, Any] | None:
 
 def remove_stale_months(config: NestcastConfig) -> list[int]:
     """Delete monthly partitions whose sales partition no longer exists; returns their months."""
-    paths = LakePaths(config.data_dir)
+    paths = LakePaths.of(config)
     available = set(sales_months(paths))
-    removed = [m for m in _partition_months(paths.monthly) if m not in available]
+    removed = [m for m in paths.monthly_months() if m not in available]
     for month in removed:
-        shutil.rmtree(_partition_dir(paths.monthly, month))
+        shutil.rmtree(paths.monthly_partition(month))
     return removed
 
 
@@ -294,9 +277,9 @@ def write_state(config: NestcastConfig) -> Path:
 
     Deterministic (no timestamps), so an unchanged lake rewrites identical bytes.
     """
-    paths = LakePaths(config.data_dir)
+    paths = LakePaths.of(config)
     months = {}
-    for month in _partition_months(paths.monthly):
+    for month in paths.monthly_months():
         path = monthly_path(paths, month)
         months[str(month)] = {
             "input_hash": _stored_hash(path),
@@ -319,7 +302,7 @@ def aggregate(config: NestcastConfig, months: Iterable[int] | None = None, worke
     ``remove_stale_months`` and ``write_state`` once at the end.
     """
     start = time.perf_counter()
-    paths = LakePaths(config.data_dir)
+    paths = LakePaths.of(config)
     available = sales_months(paths)
     if not available:
         raise DataValidationError(f"{paths.sales}: no sales partitions; run ingest first")
@@ -352,7 +335,7 @@ def aggregate(config: NestcastConfig, months: Iterable[int] | None = None, worke
 
 def read_monthly_table(paths: LakePaths, months: Iterable[int] | None = None) -> pa.Table:
     """All (or some) monthly partitions as one Arrow table, with ``date_block_num`` int16 first."""
-    available = _partition_months(paths.monthly)
+    available = paths.monthly_months()
     wanted = available if months is None else sorted(set(months) & set(available))
     schema = pa.schema([("date_block_num", pa.int16()), *MONTHLY_SCHEMA])
     tables = []

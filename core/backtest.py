@@ -1,15 +1,13 @@
-"""Rolling-origin backtest: train on the months before each origin, score the origin month.
+"""Rolling-origin backtest: the forecast flow's protocol at each origin month, scored on that month.
 
 For each origin month ``m`` the windows step is built with ``holdout_month = m`` into its own directory
-under ``lake/backtest/`` (so ``lake/windows`` of the forecast run stays as it is), the configured model
-is trained on the training targets (months ``< m``), and month ``m``'s Kaggle-style grid (the windows'
-holdout frame) is scored with :func:`core.evaluate.evaluate` against the previous-period, mean-of-3
-and zeros baselines. Every channel is causal and the covariate scaling uses months ``< m`` only, so
-the months after ``m`` that are in the lake never reach the model.
-
-Unlike the forecast run, a backtest does not validate on the scored month: early stopping and the
-"best epoch" would otherwise be chosen on the very month being scored, an optimistic bias. Training
-is therefore monitored on the training loss (``train_forecaster(..., validate=False)``).
+under ``lake/backtest/`` (so ``lake/windows`` of the forecast run stays as it is), and
+:mod:`core.protocol` runs on it: the model and the LightGBM reference select their epoch count / rounds
+and the blend weight on month ``m - 1`` (trained on the months before it), then refit on every month
+before ``m`` and predict ``m``'s Kaggle-style grid, which :func:`core.evaluate.evaluate` scores beside the
+previous-period, mean-of-3 and zeros baselines. Nothing that selects sees month ``m``; every channel and
+feature is causal and the covariate scaling uses months ``< m`` only. The forecast flow's reported
+holdout score is this backtest at origin ``M - 1``.
 """
 
 from __future__ import annotations
@@ -29,8 +27,9 @@ from core.windows import WindowStore, build_windows
 
 REPORT_FILE = "backtest.md"
 RESULT_FILE = "backtest.json"
-BACKTEST_DIR = "backtest"  # under lake/: the per-origin windows
-PREDICTOR_COLUMNS: dict[str, str] = {"model": "model", "baseline": "previous", "mean3": "mean3", "zeros": "zeros"}
+PREDICTOR_COLUMNS: dict[str, str] = {"model": "model", "ensemble": "ensemble", "reference": "reference",
+                                     "trees": "trees",
+                                     "baseline": "previous", "mean3": "mean3", "zeros": "zeros"}  # fmt: skip
 
 EpochCallback = Callable[[int, dict[str, float]], None]
 
@@ -50,6 +49,8 @@ class OriginResult:
     params: int
     windows_dir: str
     run_dir: str
+    selection: dict[str, Any] = field(default_factory=dict)  # core.protocol.select's record
+    reference_seconds: float | None = None
 
     @property
     def ratio(self) -> float:
@@ -76,6 +77,11 @@ class BacktestResult:
         return sum(o.rmse[predictor] for o in self.origins) / len(self.origins)
 
     @property
+    def predictors(self) -> list[str]:
+        """Predictors scored at every origin, in :data:`core.evaluate.PREDICTORS` order."""
+        return [p for p in PREDICTORS if self.origins and all(p in o.rmse for o in self.origins)]
+
+    @property
     def mean_ratio(self) -> float:
         """Mean over origins of model RMSE / previous-period RMSE (the issue's acceptance measure)."""
         return sum(o.ratio for o in self.origins) / len(self.origins)
@@ -92,13 +98,14 @@ class BacktestResult:
         """One row per origin and a ``mean`` row: RMSE per predictor, ratio, training cost."""
         rows = [_row(str(o.origin), o.rows, o.rmse, o.ratio, o.train_seconds, o.seconds_per_epoch, o.epochs_run)
                 for o in self.origins]  # fmt: skip
+        shown = self.predictors
         if self.origins:
             per_epoch = [o.seconds_per_epoch for o in self.origins if o.seconds_per_epoch is not None]
             rows.append(
                 _row(
                     "mean",
                     round(sum(o.rows for o in self.origins) / len(self.origins)),
-                    {p: self.mean_rmse(p) for p in PREDICTORS},
+                    {p: self.mean_rmse(p) for p in shown},
                     self.mean_ratio,
                     self.train_seconds / len(self.origins),
                     sum(per_epoch) / len(per_epoch) if per_epoch else None,
@@ -136,7 +143,7 @@ def _row(
     return {
         "origin": origin,
         "rows": rows,
-        **{f"{PREDICTOR_COLUMNS[p]}_rmse": round(rmse[p], 4) for p in PREDICTORS},
+        **{f"{PREDICTOR_COLUMNS[p]}_rmse": round(rmse[p], 4) for p in PREDICTORS if p in rmse},
         "model_vs_previous": round(ratio, 4),
         "epochs": epochs,
         "s_per_epoch": None if per_epoch is None else round(per_epoch, 1),
@@ -155,7 +162,7 @@ def windows_dir_for(config: NestcastConfig, origin: int) -> Path:
     """
     settings = json.dumps(config.windows.model_dump(mode="json"), sort_keys=True)
     digest = hashlib.sha256(settings.encode()).hexdigest()[:10]
-    return LakePaths(config.data_dir).lake / BACKTEST_DIR / f"windows-{origin}-{digest}"
+    return LakePaths.of(config).backtest_windows(origin, digest)
 
 
 def parse_origins(text: str | Sequence[int], last_month: int | None = None) -> list[int]:
@@ -188,41 +195,42 @@ def prepare_lake(config: NestcastConfig) -> None:
 def backtest_origin(
     config: NestcastConfig, origin: int, root: str | Path, on_epoch: EpochCallback | None = None
 ) -> OriginResult:
-    """Build the origin's windows, train the configured model on the months before it, score the origin.
+    """Build the origin's windows, run the protocol's select and refit stages on them, score the origin.
 
-    ``lake/monthly`` must exist (see :func:`prepare_lake`). The model and its ``metadata.json`` go to
-    ``root/origin-<m>-<windows build hash>``: a rerun on the same data resumes (or reuses) its
-    checkpoints, and changed data or windows settings get a fresh directory, never stale weights.
+    ``lake/monthly`` must exist (see :func:`prepare_lake`). Each stage trains into
+    ``root/origin-<m>-<windows build hash>/{select,refit}``: a rerun on the same data resumes (or reuses)
+    its checkpoints, and changed data or windows settings get a fresh directory, never stale weights.
     """
-    from core.model import load_model, predict, train_forecaster
+    from core import protocol
 
     built = build_windows(config, holdout_month=origin, windows_dir=windows_dir_for(config, origin))
     if built.holdout_month != origin or built.sample_counts["holdout"] == 0:
         raise ValueError(f"origin {origin} has no data to score (last month in the lake: {built.last_month})")
     store = WindowStore.open(built.windows_dir)
     run_dir = Path(root) / f"origin-{origin}-{store.meta['build_hash'][:10]}"
-    train_cfg = config.train
-    # No validation data: the holdout month is the month being scored, so it must not pick the epoch.
-    trained = train_forecaster(
-        config, built.windows_dir, run_dir, on_epoch, validate=False, extra_metadata={"backtest_origin": origin}
-    )
-    model = load_model(trained.model_path)
-    clip = (config.windows.target_clip_min, config.windows.target_clip_max)
-    holdout = store.holdout_frame()
-    pred = predict(model, store.holdout_dataset(max(train_cfg.batch_size, 4096)), clip_min=clip[0], clip_max=clip[1])
-    scored = evaluate(holdout, pred, clip, month=origin, first_month=config.ingest.first_month)
+    selection = protocol.select(config, built.windows_dir, run_dir / "select", on_epoch)
+    refitted = protocol.refit(config, built.windows_dir, run_dir / "refit", selection, on_epoch)
+    predictions = protocol.read_predictions(run_dir / "refit", "holdout")
+    clip = config.windows.clip
+    others = {name: predictions[name].to_numpy() for name in ("ensemble", "reference", "trees") if name in predictions}
+    scored = evaluate(store.holdout_frame(), predictions["model"].to_numpy(), clip, month=origin,
+                      first_month=config.ingest.first_month, others=others)  # fmt: skip
+    model_seconds = selection["model_seconds"] + refitted["model_seconds"]
+    reference_seconds = (selection["reference_seconds"] or 0.0) + (refitted["reference_seconds"] or 0.0)
     return OriginResult(
         origin=origin,
         rows=scored.rows,
-        rmse={p: scored.overall[p].rmse for p in PREDICTORS},
-        mae={p: scored.overall[p].mae for p in PREDICTORS},
-        train_samples=min(store.train_index.shape[0], train_cfg.max_train_samples or store.train_index.shape[0]),
-        epochs_run=trained.epochs_run,
-        seconds_per_epoch=trained.seconds_per_epoch,
-        train_seconds=trained.seconds_total,
-        params=trained.params,
+        rmse={p: scored.overall[p].rmse for p in scored.predictors},
+        mae={p: scored.overall[p].mae for p in scored.predictors},
+        train_samples=min(store.train_index.shape[0], config.train.max_train_samples or store.train_index.shape[0]),
+        epochs_run=int(selection["epochs_run"]) + int(refitted["epochs"]),
+        seconds_per_epoch=refitted["seconds_per_epoch"],
+        train_seconds=model_seconds,
+        params=int(refitted["params"]),
         windows_dir=built.windows_dir,
         run_dir=str(run_dir),
+        selection=selection,
+        reference_seconds=reference_seconds if selection.get("rounds") else None,
     )
 
 
@@ -233,9 +241,13 @@ def backtest(
     *,
     prepare: bool = True,
     on_origin: Callable[[OriginResult], None] | None = None,
+    run_origin: Callable[[int, Path], OriginResult] | None = None,
+    finish: Callable[[BacktestResult, Path], Any] | None = None,
 ) -> BacktestResult:
     """Backtest the configured pipeline at each origin month; writes ``backtest.md`` and ``backtest.json``.
 
+    The one backtest loop: the Prefect flow runs it too, handing in ``run_origin`` (default
+    :func:`backtest_origin`) and ``finish`` (default :func:`write_backtest_files`) as its tasks.
     ``run_dir`` defaults to ``runs/backtest-<hash of config and origins>`` (so a rerun of the same
     backtest resumes its checkpoints); each origin trains in ``run_dir/origin-<m>-<hash>``. With ``prepare``
     the raw files are ingested and aggregated first (a no-op when the lake is current).
@@ -244,15 +256,22 @@ def backtest(
         prepare_lake(config)
     months = parse_origins(list(origins))
     root = Path(run_dir) if run_dir is not None else default_run_dir(config, months)
+    run_origin = run_origin or (lambda origin, root: backtest_origin(config, origin, root))
     result = BacktestResult(config=config.flat())
     for origin in months:
-        outcome = backtest_origin(config, origin, root)
+        outcome = run_origin(origin, root)
         result.origins.append(outcome)
         if on_origin is not None:
             on_origin(outcome)
-    write_backtest_report(result, root / REPORT_FILE)
-    write_json_atomic(root / RESULT_FILE, result.to_dict())
+    (finish or write_backtest_files)(result, root)
     return result
+
+
+def write_backtest_files(result: BacktestResult, root: str | Path) -> Path:
+    """``backtest.md`` and ``backtest.json`` under ``root``; returns the report's path."""
+    report = write_backtest_report(result, Path(root) / REPORT_FILE)
+    write_json_atomic(Path(root) / RESULT_FILE, result.to_dict())
+    return report
 
 
 def backtest_id(config: NestcastConfig, origins: Sequence[int]) -> str:
@@ -263,7 +282,7 @@ def backtest_id(config: NestcastConfig, origins: Sequence[int]) -> str:
 
 
 def default_run_dir(config: NestcastConfig, origins: Sequence[int]) -> Path:
-    return LakePaths(config.data_dir).run_dir(f"backtest-{backtest_id(config, origins)}")
+    return LakePaths.of(config).run_dir(f"backtest-{backtest_id(config, origins)}")
 
 
 # --- report --------------------------------------------------------------------------------------
@@ -272,6 +291,9 @@ _HEADERS = {
     "origin": "origin",
     "rows": "grid rows",
     "model_rmse": "model",
+    "ensemble_rmse": "ensemble",
+    "reference_rmse": "LightGBM reference",
+    "trees_rmse": "LightGBM extended",
     "previous_rmse": "previous month",
     "mean3_rmse": "mean of 3",
     "zeros_rmse": "zeros",

@@ -9,6 +9,7 @@ Defaults work out of the box; every field can be overridden by
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -18,6 +19,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 # Shops that the competition lists twice under different ids (same address, renamed);
 # the duplicate is folded into the id that carries on into test.csv.
 DEFAULT_SHOP_MERGE_MAP: dict[int, int] = {0: 57, 1: 58, 10: 11, 39: 40}
+#: The competition's clip range of monthly counts, [0, 20]: the one default every module uses.
+DEFAULT_CLIP: tuple[float, float] = (0.0, 20.0)
 
 
 class _Section(BaseModel):
@@ -31,6 +34,14 @@ class IngestConfig(_Section):
     min_item_cnt_day: float = Field(-100.0, description="Daily counts below this are quarantined.")
     max_item_cnt_day: float = Field(1000.0, description="Daily counts above this are quarantined.")
     first_month: str = Field("2013-01", description="Calendar month of date_block_num 0 (YYYY-MM).")
+    max_quarantined_share: float = Field(
+        0.5, ge=0, le=1,
+        description="A file with a larger share of its rows quarantined fails the step (a broken export, "
+        "not bad rows).",
+    )
+    warn_quarantined_share: float = Field(
+        0.05, ge=0, le=1, description="Above this share of quarantined rows a file gets a warning."
+    )
 
 
 class AggregateConfig(_Section):
@@ -53,8 +64,8 @@ class WindowsConfig(_Section):
     """Feature cube and sample windows (step 3)."""
 
     lookback: int = Field(12, ge=1, le=60, description="Months of history in each window.")
-    target_clip_min: float = 0.0
-    target_clip_max: float = 20.0
+    target_clip_min: float = DEFAULT_CLIP[0]
+    target_clip_max: float = DEFAULT_CLIP[1]
     sample_policy: SamplePolicy = Field(
         "grid",
         description="Training samples: 'grid' = all shops x items sold that month (Kaggle-style), "
@@ -62,6 +73,16 @@ class WindowsConfig(_Section):
     )
     holdout_month: int | None = Field(None, description="Evaluation month (default: last month in the lake).")
     min_train_month: int = Field(1, ge=1, description="Earliest target month used for training.")
+    static_features: bool = Field(
+        True,
+        description="Also give the model's head the target month's lag features (core.reference.STATIC_FEATURES) "
+        "and its month of year, beside the window.",
+    )
+
+    @property
+    def clip(self) -> tuple[float, float]:
+        """``(target_clip_min, target_clip_max)``: the range targets, predictions and the submission are clipped to."""
+        return (self.target_clip_min, self.target_clip_max)
 
 
 ModelKind = Literal["nlstm", "lstm", "gru", "rnn"]
@@ -104,6 +125,30 @@ class TrainConfig(_Section):
     )
 
 
+class ReferenceConfig(_Section):
+    """The gradient-boosted reference (``core.reference``): LightGBM on the standard monthly lag features.
+
+    Trained on the NLSTM's samples with the same protocol: early stopping on the validation month, then a
+    refit with the selected number of rounds. It is scored beside the model and may join it in the ensemble.
+    """
+
+    reference_enabled: bool = Field(True, description="Train and report the LightGBM reference (and the ensemble).")
+    boost_learning_rate: float = Field(0.05, gt=0, le=1)
+    num_leaves: int = Field(63, ge=2)
+    min_data_in_leaf: int = Field(50, ge=1)
+    feature_fraction: float = Field(0.8, gt=0, le=1)
+    bagging_fraction: float = Field(0.8, gt=0, le=1)
+    lambda_l2: float = Field(1.0, ge=0)
+    max_rounds: int = Field(1000, ge=1, description="Boosting rounds at most in the selection stage.")
+    early_stopping_rounds: int = Field(50, ge=1, description="Stop when the validation RMSE has not improved.")
+    boost_threads: int | None = Field(None, ge=1, description="LightGBM threads (None: every core).")
+    ensemble_trees: Literal["extended", "reference"] = Field(
+        "extended",
+        description="The ensemble's booster: 'extended' trains a second one on the reference's features plus the "
+        "launch and name-family features the model's head gets; 'reference' blends with the reported reference.",
+    )
+
+
 FallbackPolicy = Literal["baseline", "model"]
 
 
@@ -123,6 +168,11 @@ class OrchestrationConfig(_Section):
 
     task_runner: Literal["thread", "dask"] = "thread"
     dask_address: str | None = Field(None, description="Address of an existing Dask cluster.")
+    dask_dashboard: str | None = Field(
+        "127.0.0.1:8787",
+        description="HOST:PORT of the local Dask cluster's HTTP dashboard ('' or None: no dashboard). Scheduler and "
+        "workers listen on 127.0.0.1 only; '0.0.0.0:8787' opens the dashboard to the network on purpose.",
+    )
     retries: int = Field(2, ge=0)
     retry_delay_seconds: float = Field(2.0, ge=0)
     task_timeout_seconds: float = Field(3600.0, gt=0)
@@ -141,6 +191,7 @@ class NestcastConfig(BaseSettings):
     windows: WindowsConfig = Field(default_factory=WindowsConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    reference: ReferenceConfig = Field(default_factory=ReferenceConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
     orchestration: OrchestrationConfig = Field(default_factory=OrchestrationConfig)
 
@@ -154,23 +205,6 @@ class NestcastConfig(BaseSettings):
         if self.windows.target_clip_max <= self.windows.target_clip_min:
             raise ValueError("windows.target_clip_max must be greater than target_clip_min")
         return self
-
-    # --- lake layout -------------------------------------------------------------------------
-    @property
-    def raw_dir(self) -> Path:
-        return self.data_dir / "raw"
-
-    @property
-    def lake_dir(self) -> Path:
-        return self.data_dir / "lake"
-
-    @property
-    def runs_dir(self) -> Path:
-        return self.data_dir / "runs"
-
-    @property
-    def submissions_dir(self) -> Path:
-        return self.data_dir / "submissions"
 
     # --- flat overrides (CLI options, flow parameters) -----------------------------------------
     def with_overrides(self, **flat: Any) -> NestcastConfig:
@@ -217,3 +251,171 @@ def _flat_fields() -> dict[str, tuple[str, ...]]:
 
 
 FLAT_FIELDS: dict[str, tuple[str, ...]] = _flat_fields()
+
+
+# --- the run knobs: declared once, rendered as flow parameters and as CLI options ------------------
+#: Flat config names a run takes as its own parameters (``sales_forecast``'s flow parameters and ``nestcast run``'s
+#: options, in this order), each with the one-line help the CLI and the Prefect UI show. Every other field is
+#: still reachable through ``overrides`` / ``--set``.
+RUN_KNOBS: dict[str, str] = {
+    "data_dir": "Lake root holding raw/ (input) and lake/, runs/, submissions/.",
+    "epochs": "Training epochs at most; the validation month picks the count the refits use.",
+    "batch_size": "Training batch size.",
+    "learning_rate": "Adam learning rate.",
+    "lookback": "Months of history in each window.",
+    "sample_policy": "Training samples: grid (Kaggle-style), active, or all.",
+    "kind": "Recurrent encoder.",
+    "units": "Recurrent units.",
+    "depth": "NLSTM nesting depth.",
+    "seed": "Seed for weights, shuffling and dropout.",
+    "device": "auto (every visible GPU, else CPU), cpu or gpu.",
+    "fallback": "If the model loses to last month's sales: export 'baseline' or 'model'.",
+    "task_runner": "Per-month fan-out on threads or on Dask.",
+    "dask_address": "Existing Dask scheduler (default: local cluster).",
+    "submission_path": "Also write the submission CSV to this path.",
+}
+#: The knobs of a backtest (and of ``nestcast backtest``): the model and data ones, no export or fan-out.
+BACKTEST_KNOBS: tuple[str, ...] = tuple(name for name in RUN_KNOBS if name not in (
+    "fallback", "task_runner", "dask_address", "submission_path"))  # fmt: skip
+
+
+def knob_field(name: str) -> Any:
+    """The pydantic ``FieldInfo`` of flat config field ``name`` (its type, default, bounds, description)."""
+    path = FLAT_FIELDS[name]
+    if len(path) == 1:
+        return NestcastConfig.model_fields[path[0]]
+    return NestcastConfig.model_fields[path[0]].annotation.model_fields[path[1]]  # type: ignore[union-attr]
+
+
+def knob_default(name: str, config: NestcastConfig | None = None) -> Any:
+    """The value of knob ``name`` in ``config`` (default: the plain defaults)."""
+    value: Any = config if config is not None else NestcastConfig.model_construct()
+    for key in FLAT_FIELDS[name]:
+        value = getattr(value, key)
+    return value
+
+
+# --- environment variables (NESTCAST_*) ---------------------------------------------------------
+ENV_PREFIX = "NESTCAST_"
+ENV_DELIMITER = "__"
+
+
+class ConfigEnvironmentError(ValueError):
+    """A ``NESTCAST_*`` environment variable holds a value the config rejects; the message names it."""
+
+
+def _env_name(*loc: Any) -> str:
+    return (ENV_PREFIX + ENV_DELIMITER.join(str(part) for part in loc)).upper()
+
+
+def _known_environment() -> tuple[set[str], set[str]]:
+    """Every variable ``NestcastConfig`` reads, and the ones that also take deeper ``__KEY`` parts (dicts)."""
+    from typing import get_origin
+
+    names: set[str] = set()
+    open_ended: set[str] = set()
+    for name, field in NestcastConfig.model_fields.items():
+        names.add(_env_name(name))
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            for sub_name, sub_field in annotation.model_fields.items():
+                names.add(_env_name(name, sub_name))
+                if get_origin(sub_field.annotation) is dict:
+                    open_ended.add(_env_name(name, sub_name))
+        elif get_origin(annotation) is dict:
+            open_ended.add(_env_name(name))
+    return names, open_ended
+
+
+def known_environment_variables() -> set[str]:
+    """The names of the ``NESTCAST_*`` variables that set a config field (derived from the models)."""
+    return _known_environment()[0]
+
+
+def unknown_environment_variables(environ: Mapping[str, str] | None = None) -> list[tuple[str, str | None]]:
+    """``NESTCAST_*`` variables that no config field reads, each with the likely intended name (or None).
+
+    pydantic-settings ignores them silently, so a typo (``NESTCAST_TRAIN__EPOCH``) would change nothing.
+    """
+    import difflib
+    import os
+
+    environ = os.environ if environ is None else environ
+    known, open_ended = _known_environment()
+    by_leaf: dict[str, list[str]] = {}
+    for name in known:
+        by_leaf.setdefault(name.rsplit(ENV_DELIMITER, 1)[-1].removeprefix(ENV_PREFIX), []).append(name)
+    unknown: list[tuple[str, str | None]] = []
+    for variable in sorted(environ):
+        upper = variable.upper()
+        if not upper.startswith(ENV_PREFIX) or upper in known:
+            continue
+        if any(upper.startswith(prefix + ENV_DELIMITER) for prefix in open_ended):
+            continue
+        leaf = upper.rsplit(ENV_DELIMITER, 1)[-1].removeprefix(ENV_PREFIX)
+        same_leaf = by_leaf.get(leaf, [])
+        if len(same_leaf) == 1:  # right field, wrong or missing section: NESTCAST_EPOCHS
+            unknown.append((variable, same_leaf[0]))
+            continue
+        suffixes = {name.removeprefix(ENV_PREFIX): name for name in known}
+        close = difflib.get_close_matches(upper.removeprefix(ENV_PREFIX), list(suffixes), n=1, cutoff=0.6)
+        unknown.append((variable, suffixes[close[0]] if close else None))
+    return unknown
+
+
+def environment_warnings(environ: Mapping[str, str] | None = None) -> list[str]:
+    """One line per unknown ``NESTCAST_*`` variable, naming it and, when close, the intended one."""
+    lines = []
+    for variable, intended in unknown_environment_variables(environ):
+        hint = f"; did you mean {intended}?" if intended else "; no config field reads it (e.g. NESTCAST_TRAIN__EPOCHS)"
+        lines.append(f"unknown environment variable {variable} is ignored{hint}")
+    return lines
+
+
+def _find_variable(loc: tuple[Any, ...], environ: Mapping[str, str]) -> tuple[str, str, int] | None:
+    """The set variable that fed ``loc`` (the field's own, else its section's JSON): name, value, depth."""
+    upper = {name.upper(): name for name in environ}
+    for depth in range(len(loc), 0, -1):
+        name = upper.get(_env_name(*loc[:depth]))
+        if name is not None:
+            return name, environ[name], depth
+    return None
+
+
+def config_from_environment() -> NestcastConfig:
+    """``NestcastConfig()`` (defaults + ``NESTCAST_*``), with a one-line error naming the variable if one is bad."""
+    import os
+
+    from pydantic import ValidationError
+    from pydantic_settings import SettingsError
+
+    try:
+        return NestcastConfig()
+    except ValidationError as error:
+        parts = []
+        for item in error.errors():
+            loc = tuple(item["loc"])
+            field = ".".join(map(str, loc))
+            found = _find_variable(loc, os.environ)
+            if found is None:
+                names = sorted(name for name in os.environ if name.upper().startswith(ENV_PREFIX))
+                parts.append(
+                    f"environment {' '.join(names) or '(no NESTCAST_* set)'}: {field or 'config'}: {item['msg']}"
+                )
+            elif item["type"] == "extra_forbidden":  # a typo inside a known section: NESTCAST_TRAIN__EPOCH
+                intended = dict(unknown_environment_variables({found[0]: found[1]})).get(found[0])
+                hint = f"; did you mean {intended}?" if intended else ""
+                parts.append(f"environment variable {found[0]}={found[1]!r}: no config field {field}{hint}")
+            elif found[2] == len(loc):
+                parts.append(f"environment variable {found[0]}={found[1]!r}: {item['msg']}")
+            else:
+                parts.append(f"environment variable {found[0]}={found[1]!r}: {field}: {item['msg']}")
+        raise ConfigEnvironmentError("; ".join(parts)) from None
+    except SettingsError as error:  # a complex field whose variable is not valid JSON
+        import re
+
+        match = re.search(r'field "([^"]+)"', str(error))
+        prefix = _env_name(match.group(1)) if match else ENV_PREFIX
+        names = [n for n in sorted(os.environ) if n.upper() == prefix or n.upper().startswith(prefix + ENV_DELIMITER)]
+        shown = ", ".join(f"{n}={os.environ[n]!r}" for n in names) or prefix + "*"
+        raise ConfigEnvironmentError(f"environment variable {shown}: not valid JSON for this field ({error})") from None

@@ -24,13 +24,17 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from pydantic import BaseModel, ConfigDict, PrivateAttr
 
-from core.export import forecast_month_label
-from core.lake import write_bytes_atomic, write_json_atomic, write_text_atomic
+from core.config import DEFAULT_CLIP
+from core.lake import FORECAST_FILE, forecast_month_label, write_bytes_atomic, write_json_atomic, write_text_atomic
 
-DEFAULT_CLIP: tuple[float, float] = (0.0, 20.0)
-PREDICTORS: tuple[str, ...] = ("model", "baseline", "mean3", "zeros")
+#: Every predictor an evaluation may score, in report order; model, baseline, mean3 and zeros always are.
+PREDICTORS: tuple[str, ...] = ("model", "ensemble", "reference", "trees", "baseline", "mean3", "zeros")
+OPTIONAL_PREDICTORS: tuple[str, ...] = ("ensemble", "reference", "trees")
 PREDICTOR_LABELS: dict[str, str] = {
-    "model": "model",
+    "model": "model (Nested LSTM)",
+    "ensemble": "ensemble (model + reference)",
+    "reference": "LightGBM reference",
+    "trees": "LightGBM, extended features (ensemble member)",
     "baseline": "previous month (baseline)",
     "mean3": "mean of last 3 months",
     "zeros": "zeros",
@@ -195,6 +199,11 @@ class Evaluation(BaseModel):
     _pairs: dict[str, np.ndarray] | None = PrivateAttr(default=None)
 
     @property
+    def predictors(self) -> list[str]:
+        """The predictors this evaluation scored, in :data:`PREDICTORS` order."""
+        return [p for p in PREDICTORS if p in self.overall]
+
+    @property
     def model_rmse(self) -> float:
         return self.overall["model"].rmse
 
@@ -290,8 +299,12 @@ def evaluate(
     shop_names: Mapping[Any, str] | None = None,
     month: int | None = None,
     first_month: str = "2013-01",
+    others: Mapping[str, np.ndarray] | None = None,
 ) -> Evaluation:
     """Score ``model_pred`` (one value per holdout row) and the baselines on the holdout grid.
+
+    ``others`` adds the optional predictors (:data:`OPTIONAL_PREDICTORS`: ``ensemble``, ``reference``),
+    one value per holdout row each, scored like the model.
 
     ``holdout`` needs ``shop_id, item_id, item_category_id, actual, prev, mean3, new_item, new_pair``.
     Missing ``prev``/``mean3`` values count as 0 (no sales). ``month`` defaults to the frame's
@@ -308,8 +321,16 @@ def evaluate(
     pred = np.asarray(model_pred, dtype=np.float64).reshape(-1)
     if pred.size != len(holdout):
         raise ValueError(f"model_pred has {pred.size} values for {len(holdout)} holdout rows")
-    if not np.isfinite(pred).all():
-        raise ValueError(f"model_pred has {int((~np.isfinite(pred)).sum())} NaN/inf value(s)")
+    extra = {}
+    for name, values in (others or {}).items():
+        if name not in OPTIONAL_PREDICTORS:
+            raise ValueError(f"unknown predictor {name!r}; optional predictors: {OPTIONAL_PREDICTORS}")
+        extra[name] = np.asarray(values, dtype=np.float64).reshape(-1)
+    for name, values in {"model_pred": pred, **extra}.items():
+        if values.size != len(holdout):
+            raise ValueError(f"{name} has {values.size} values for {len(holdout)} holdout rows")
+        if not np.isfinite(values).all():
+            raise ValueError(f"{name} has {int((~np.isfinite(values)).sum())} NaN/inf value(s)")
     actual_raw = holdout["actual"].to_numpy(dtype=np.float64, na_value=np.nan)
     if np.isnan(actual_raw).any():
         raise ValueError(f"holdout actual has {int(np.isnan(actual_raw).sum())} NaN value(s)")
@@ -317,6 +338,7 @@ def evaluate(
     actual = np.clip(actual_raw, low, high)
     preds = {
         "model": np.clip(pred, low, high),
+        **{name: np.clip(extra[name], low, high) for name in OPTIONAL_PREDICTORS if name in extra},
         "baseline": np.clip(np.nan_to_num(holdout["prev"].to_numpy(dtype=np.float64, na_value=0.0)), low, high),
         "mean3": np.clip(np.nan_to_num(holdout["mean3"].to_numpy(dtype=np.float64, na_value=0.0)), low, high),
         "zeros": np.clip(np.zeros_like(actual), low, high),
@@ -407,14 +429,12 @@ def _pooled(rows: list[SegmentRow]) -> SegmentRow:
 
 
 def _segment_table(rows: list[SegmentRow], title: str) -> str:
+    predictors = [p for p in PREDICTORS if p in rows[0].metrics]
     header = [
         title,
         "rows",
         "actual mean",
-        "model RMSE",
-        "baseline RMSE",
-        "mean3 RMSE",
-        "zeros RMSE",
+        *(f"{p} RMSE" for p in predictors),
         "model MAE",
         "baseline MAE",
         "vs baseline",
@@ -424,7 +444,7 @@ def _segment_table(rows: list[SegmentRow], title: str) -> str:
             r.label,
             f"{r.rows:,}",
             f"{r.actual_mean:.3f}",
-            *(f"{r.metrics[p].rmse:.4f}" for p in PREDICTORS),
+            *(f"{r.metrics[p].rmse:.4f}" for p in predictors),
             f"{r.metrics['model'].mae:.4f}",
             f"{r.metrics['baseline'].mae:.4f}",
             _pct(r.improvement_rmse),
@@ -448,8 +468,12 @@ def render_report(
     extra: Mapping[str, Any] | None = None,
     plots: Mapping[str, str] | None = None,
     top: int = 10,
+    decision: Mapping[str, Any] | None = None,
 ) -> str:
-    """The markdown report: verdict, what was exported and why, overall and per-segment tables."""
+    """The markdown report: verdict, what was exported and why, overall and per-segment tables.
+
+    ``decision`` (``core.gate.Decision.to_dict()``) adds the validation-month scores the gate decided on.
+    """
     month = (
         f"{evaluation.month_label} (date_block_num {evaluation.month})" if evaluation.month is not None else "holdout"
     )
@@ -476,10 +500,27 @@ def render_report(
                     "—" if p == "baseline" else _pct(_relative(evaluation.baseline_rmse, evaluation.overall[p].rmse)),
                     f"{evaluation.totals[p]:,.0f}",
                 ]
-                for p in PREDICTORS
+                for p in evaluation.predictors
             ]
             + [["actual", "", "", "", f"{evaluation.totals['actual']:,.0f}"]],
         ),
+        "",
+    ]
+    if decision and decision.get("validation_rmse"):
+        scores = decision["validation_rmse"]
+        weight = decision.get("blend_weight")
+        lines += [
+            "",
+            f"## The gate: validation month {decision.get('validation_month')}",
+            "",
+            "Chosen on this month, which the holdout month's score above never influenced"
+            + (f"; the ensemble is {weight:g} × model + {1 - weight:g} × reference." if weight is not None else "."),
+            "",
+            _table(
+                ["candidate", "validation RMSE"], [[PREDICTOR_LABELS.get(k, k), f"{v:.4f}"] for k, v in scores.items()]
+            ),
+        ]
+    lines += [
         "",
         "## By novelty",
         "",
@@ -498,7 +539,8 @@ def render_report(
 
 # --- plots ----------------------------------------------------------------------------------------
 
-_COLOURS = {"actual": "#222222", "model": "#d62728", "baseline": "#1f77b4", "mean3": "#2ca02c", "zeros": "#7f7f7f"}
+_COLOURS = {"actual": "#222222", "model": "#d62728", "ensemble": "#ff7f0e", "reference": "#8c564b", "trees": "#e377c2",
+            "baseline": "#1f77b4", "mean3": "#2ca02c", "zeros": "#7f7f7f"}  # fmt: skip
 
 
 def _figure(**kwargs: Any) -> Figure:
@@ -621,12 +663,13 @@ def plot_segments(evaluation: Evaluation, top: int = 8) -> bytes:
     ]
     fig = _figure(figsize=(11, 6))
     axes = fig.subplots(1, 2, gridspec_kw={"width_ratios": [2, 3]})
-    width = 0.8 / len(PREDICTORS)
+    predictors = evaluation.predictors
+    width = 0.8 / len(predictors)
     for ax, (title, rows, label) in zip(axes, groups, strict=True):
         positions = np.arange(len(rows))
-        for i, name in enumerate(PREDICTORS):
+        for i, name in enumerate(predictors):
             ax.barh(
-                positions + (i - (len(PREDICTORS) - 1) / 2) * width,
+                positions + (i - (len(predictors) - 1) / 2) * width,
                 [r.metrics[name].rmse for r in rows],
                 height=width,
                 color=_COLOURS[name],
@@ -638,7 +681,7 @@ def plot_segments(evaluation: Evaluation, top: int = 8) -> bytes:
         ax.set_xlabel("RMSE (clipped)")
         ax.set_title(f"by {title}")
         ax.grid(axis="x", alpha=0.3)
-    fig.legend(loc="upper center", ncols=len(PREDICTORS), fontsize=8, frameon=False)
+    fig.legend(loc="upper center", ncols=len(predictors), fontsize=8, frameon=False)
     fig.tight_layout(rect=(0, 0, 1, 0.95))
     return _png(fig)
 
@@ -652,6 +695,7 @@ def write_report(
     extra: Mapping[str, Any] | None = None,
     history: pd.DataFrame | None = None,
     forecast_total: float | None = None,
+    decision: Mapping[str, Any] | None = None,
     top: int = 10,
 ) -> dict[str, Path]:
     """Write ``metrics.json``, ``report.md`` and the PNG plots into ``run_dir``, each atomically.
@@ -675,18 +719,19 @@ def write_report(
     metrics = evaluation.to_dict() | {
         "exported": exported,
         "reason": reason,
+        "decision": dict(decision or {}),
         "extra": dict(extra or {}),
         "plots": plots,
     }
     paths["metrics"] = write_json_atomic(run_dir / "metrics.json", metrics)
-    report = render_report(evaluation, exported=exported, reason=reason, extra=extra, plots=plots, top=top)
+    report = render_report(
+        evaluation, exported=exported, reason=reason, extra=extra, plots=plots, top=top, decision=decision
+    )
     paths["report"] = write_text_atomic(run_dir / "report.md", report)
     return paths
 
 
 # --- the whole step, as the orchestration calls it ----------------------------------------------
-
-FORECAST_FILE = "forecast.parquet"
 
 
 def _names(reference_dir: Path, table: str, id_column: str, name_column: str) -> dict[int, str] | None:
@@ -697,63 +742,87 @@ def _names(reference_dir: Path, table: str, id_column: str, name_column: str) ->
     return dict(zip(frame[id_column].astype(int), frame[name_column].astype(str), strict=True))
 
 
-def evaluate_run(config: Any, windows_dir: str | Path, model_path: str | Path, run_dir: str | Path) -> dict[str, Any]:
-    """Score a trained model on the holdout grid, predict the forecast pairs and write the run's report.
+def _forecast_frame(store: Any, predictions: pd.DataFrame, clip: tuple[float, float]) -> pd.DataFrame:
+    """Every candidate forecast of the store's forecast pairs side by side, by ``ID``."""
+    forecast = store.forecast_frame()
+    frame = {"ID": forecast["ID"].to_numpy()}
+    frame |= {name: predictions[name].to_numpy(np.float32) for name in ("model", "ensemble", "reference", "trees")
+              if name in predictions}  # fmt: skip
+    frame["baseline"] = np.clip(forecast["prev"].to_numpy(dtype=np.float32), *clip)
+    return pd.DataFrame(frame)
 
-    The forecast for ``test.csv`` (model and previous-period baseline, side by side) goes to
-    ``run_dir/forecast.parquet`` so export needs no model; the report already says which of the two
-    the gate will export, and why.
+
+def evaluate_run(
+    config: Any,
+    windows_dir: str | Path,
+    final_windows_dir: str | Path,
+    run_dir: str | Path,
+    selection: Mapping[str, Any],
+) -> dict[str, Any]:
+    """Score the holdout refit's predictions, let the gate decide, and write the run's report and forecast.
+
+    The holdout month's predictions come from ``run_dir/holdout`` (models refitted through the validation
+    month), the forecast's from ``run_dir/final`` (refitted through the last month); ``core.protocol`` wrote
+    both. The gate (:func:`core.gate.decide`) decides on the validation-month scores in ``selection``; every
+    candidate goes to ``run_dir/forecast.parquet`` so that export only picks the decided column.
     """
+    from core import gate, protocol
     from core.aggregate import read_monthly
-    from core.export import choose_forecast
     from core.lake import LakePaths, atomic_path
-    from core.model import load_model, predict
     from core.windows import WindowStore
 
-    paths = LakePaths(config.data_dir)
+    paths = LakePaths.of(config)
     store = WindowStore.open(windows_dir)
-    clip = (config.windows.target_clip_min, config.windows.target_clip_max)
-    model = load_model(model_path)
-    batch = max(config.train.batch_size, 4096)
-
-    holdout = store.holdout_frame()
-    holdout_pred = predict(model, store.holdout_dataset(batch), clip_min=clip[0], clip_max=clip[1])
+    clip = config.windows.clip
+    run_dir = Path(run_dir)
+    predictions = protocol.read_predictions(run_dir / "holdout", "holdout")
+    holdout_month = int(store.meta["holdout_month"])
     evaluation = evaluate(
-        holdout,
-        holdout_pred,
+        store.holdout_frame(),
+        predictions["model"].to_numpy(),
         clip,
         _names(paths.reference, "item_categories", "item_category_id", "item_category_name"),
         shop_names=_names(paths.reference, "shops", "shop_id", "shop_name"),
-        month=int(store.meta["holdout_month"]),
+        month=holdout_month,
         first_month=config.ingest.first_month,
+        others={name: predictions[name].to_numpy() for name in OPTIONAL_PREDICTORS if name in predictions},
+    )
+    candidates = {k: v for k, v in selection["validation_rmse"].items() if k in ("model", "ensemble", "baseline")}
+    decision = gate.decide(
+        candidates,
+        fallback=config.export.fallback,
+        validation_month=selection["validation_month"],
+        blend_weight=selection["blend_weight"],
     )
 
-    forecast = store.forecast_frame()
-    forecast_model = predict(model, store.forecast_dataset(batch), clip_min=clip[0], clip_max=clip[1])
-    forecast_baseline = np.clip(forecast["prev"].to_numpy(dtype=np.float32), *clip)
-    chosen, exported, reason = choose_forecast(
-        forecast_model, forecast_baseline, evaluation.beats_baseline, config.export.fallback, clip=clip,
-        model_rmse=evaluation.model_rmse, baseline_rmse=evaluation.baseline_rmse,
-    )  # fmt: skip
-    run_dir = Path(run_dir)
+    final = WindowStore.open(final_windows_dir)
+    forecast = _forecast_frame(final, protocol.read_predictions(run_dir / "final", "forecast"), clip)
     with atomic_path(run_dir / FORECAST_FILE) as tmp:
-        pd.DataFrame(
-            {"ID": forecast["ID"].to_numpy(), "model": forecast_model, "baseline": forecast_baseline}
-        ).to_parquet(tmp, index=False)
+        forecast.to_parquet(tmp, index=False)
 
     monthly = read_monthly(paths)
-    history = monthly_totals(monthly[monthly["date_block_num"] < store.meta["holdout_month"]], clip)
+    history = monthly_totals(monthly[monthly["date_block_num"] < holdout_month], clip)
+    exported_rmse = evaluation.overall[decision.exported].rmse
     written = write_report(
-        evaluation, run_dir, exported=exported, reason=reason, history=history, forecast_total=float(chosen.sum()),
+        evaluation, run_dir, exported=decision.exported, reason=decision.reason, history=history,
+        forecast_total=float(forecast[decision.exported].sum()), decision=decision.to_dict(),
         extra={"model": config.model.kind, "units": config.model.units, "depth": config.model.depth,
-               "lookback": config.windows.lookback, "holdout_month": int(store.meta["holdout_month"])},
+               "lookback": config.windows.lookback, "validation_month": selection["validation_month"],
+               "holdout_month": holdout_month, "forecast_month": int(final.meta["forecast_month"]),
+               "epochs (selected on the validation month)": selection["epochs"],
+               "reference boosting rounds": selection["rounds"],
+               "model weight in the ensemble": selection["blend_weight"]},
     )  # fmt: skip
     return {
         "model_rmse": evaluation.model_rmse,
         "baseline_rmse": evaluation.baseline_rmse,
+        **{f"{name}_rmse": evaluation.overall[name].rmse for name in OPTIONAL_PREDICTORS if name in evaluation.overall},
         "beats_baseline": evaluation.beats_baseline,
-        "exported": exported,
-        "reason": reason,
+        "exported": decision.exported,
+        "exported_rmse": exported_rmse,
+        "reason": decision.reason,
+        "decision": decision.to_dict(),
+        "holdout_month": holdout_month,
         "headline": evaluation.headline(),
         "forecast": str(run_dir / FORECAST_FILE),
         **{name: str(path) for name, path in written.items()},

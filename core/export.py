@@ -1,4 +1,4 @@
-"""Step 6: the gate between model and baseline, and the checked, atomic submission export.
+"""Step 6: the checked, atomic submission export of the forecast the gate (``core.gate``) chose.
 
 The submission is the competition's exact format (``ID,item_cnt_month``, one row per ``test.csv`` row,
 sorted by ID). It is checked in memory before anything touches the disk, so a failed check leaves
@@ -14,34 +14,21 @@ import json
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
+from core.config import DEFAULT_CLIP
 from core.errors import ExportCheckError
-from core.lake import write_bytes_atomic
+from core.lake import forecast_month_label, write_bytes_atomic  # the label is also importable from here, as before
 
 SUBMISSION_COLUMNS: tuple[str, str] = ("ID", "item_cnt_month")
-DEFAULT_CLIP: tuple[float, float] = (0.0, 20.0)
 # Six decimals keep float32 predictions exact to their own precision while every value still reads as a float.
 FLOAT_FORMAT = "%.6f"
 # How many offending IDs an error message quotes; the counts say how many there are in all.
 _QUOTE = 5
 
-Exported = Literal["model", "baseline"]
-Fallback = Literal["baseline", "model"]
-
-
-def forecast_month_label(month: int, first_month: str = "2013-01") -> str:
-    """Calendar month ``YYYY-MM`` of ``date_block_num`` ``month`` (34 -> ``2015-11`` with the default start)."""
-    match = re.fullmatch(r"(\d{4})-(\d{2})", first_month)
-    if match is None or not 1 <= int(match.group(2)) <= 12:
-        raise ValueError(f"first_month must look like YYYY-MM, got {first_month!r}")
-    if isinstance(month, bool) or int(month) != month or month < 0:
-        raise ValueError(f"month must be a non-negative integer date_block_num, got {month!r}")
-    index = int(match.group(1)) * 12 + int(match.group(2)) - 1 + int(month)
-    return f"{index // 12:04d}-{index % 12 + 1:02d}"
 
 
 def _quote(values: Sequence[Any] | np.ndarray) -> str:
@@ -121,55 +108,23 @@ def check_submission(frame: pd.DataFrame, test: pd.DataFrame, clip: tuple[float,
         raise ExportCheckError("submission failed its checks: " + "; ".join(problems))
 
 
-def choose_forecast(
-    model_forecast: np.ndarray | pd.Series,
-    baseline_forecast: np.ndarray | pd.Series,
-    beats_baseline: bool,
-    fallback: Fallback = "baseline",
-    *,
-    clip: tuple[float, float] = DEFAULT_CLIP,
-    model_rmse: float | None = None,
-    baseline_rmse: float | None = None,
-) -> tuple[np.ndarray, Exported, str]:
-    """The gate: which forecast to export, and why.
+def chosen_forecast(forecast: pd.DataFrame, exported: str, clip: tuple[float, float] = DEFAULT_CLIP) -> np.ndarray:
+    """The column the gate (``core.gate.decide``) chose from a run's ``forecast.parquet``, clipped to ``clip``.
 
-    The model's forecast goes out when it beat the previous-period baseline on the holdout; otherwise
-    ``fallback`` decides. The chosen values come back as float32 clipped to ``clip`` (the competition
-    clips the same way). A chosen forecast with NaN or inf is an :class:`ExportCheckError` rather than
-    being clipped, because clipping would turn inf into a plausible-looking 20.
+    A chosen forecast with NaN or inf is an :class:`ExportCheckError` rather than being clipped, because
+    clipping would turn inf into a plausible-looking 20.
     """
-    if fallback not in ("baseline", "model"):
-        raise ValueError(f"fallback must be 'baseline' or 'model', got {fallback!r}")
-    model = np.asarray(model_forecast, dtype=np.float64).reshape(-1)
-    baseline = np.asarray(baseline_forecast, dtype=np.float64).reshape(-1)
-    if model.shape != baseline.shape:
-        raise ValueError(f"model forecast has {model.size} values, baseline forecast {baseline.size}")
-
-    scores = ""
-    if model_rmse is not None and baseline_rmse is not None:
-        scores = f" (holdout RMSE {model_rmse:.4f} vs {baseline_rmse:.4f})"
-    exported: Exported
-    if beats_baseline:
-        exported = "model"
-        reason = f"the model beats the previous-period baseline{scores}"
-    elif fallback == "model":
-        exported = "model"
-        reason = f"the model does not beat the previous-period baseline{scores}; exported anyway (fallback=model)"
-    else:
-        exported = "baseline"
-        reason = (
-            f"the model does not beat the previous-period baseline{scores}; "
-            "exported the baseline forecast (fallback=baseline)"
-        )
-
-    chosen = model if exported == "model" else baseline
+    if exported not in forecast.columns or exported == "ID":
+        raise ExportCheckError(f"the gate chose the {exported!r} forecast, which the run's forecast does not hold "
+                               f"(columns: {[c for c in forecast.columns if c != 'ID']})")  # fmt: skip
+    chosen = forecast[exported].to_numpy(dtype=np.float64)
     bad = ~np.isfinite(chosen)
     if bad.any():
         raise ExportCheckError(
             f"the {exported} forecast has {int(bad.sum())} NaN/inf value(s) at position(s) "
             f"{_quote(np.flatnonzero(bad))}"
         )
-    return np.clip(chosen, clip[0], clip[1]).astype(np.float32), exported, reason
+    return np.clip(chosen, clip[0], clip[1]).astype(np.float32)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -285,28 +240,32 @@ def export_submission(
 def export_run(
     config: Any, windows_dir: str | Path, run_dir: str | Path, evaluation: Mapping[str, Any]
 ) -> ExportResult:
-    """Gate, check and write the submission of a scored run (its ``forecast.parquet``)."""
+    """Check and write the submission of a scored run: the column of ``forecast.parquet`` the gate chose.
+
+    ``windows_dir`` is the store the forecast was made from (the one built without a holdout).
+    """
     from core.lake import LakePaths, read_json
     from core.windows import WindowStore
 
-    paths = LakePaths(config.data_dir)
+    paths = LakePaths.of(config)
     run_dir = Path(run_dir)
-    clip = (config.windows.target_clip_min, config.windows.target_clip_max)
+    clip = config.windows.clip
     meta = WindowStore.open(windows_dir).meta
     forecast = pd.read_parquet(run_dir / "forecast.parquet")
-    values, exported, reason = choose_forecast(
-        forecast["model"].to_numpy(), forecast["baseline"].to_numpy(), bool(evaluation["beats_baseline"]),
-        config.export.fallback, clip=clip, model_rmse=evaluation["model_rmse"],
-        baseline_rmse=evaluation["baseline_rmse"],
-    )  # fmt: skip
-    test = pd.read_parquet(paths.reference / "test.parquet", columns=["ID", "shop_id", "item_id"])
+    exported = str(evaluation["exported"])
+    values = chosen_forecast(forecast, exported, clip)
+    test = pd.read_parquet(paths.reference_table("test"), columns=["ID", "shop_id", "item_id"])
+    metrics = ("model_rmse", "ensemble_rmse", "reference_rmse", "baseline_rmse", "exported_rmse", "holdout_month")
     sidecar = {
         "run_id": run_dir.name,
         "run_dir": str(run_dir),
-        "model": read_json(run_dir / "metadata.json", default={}).get("model_config", {"kind": config.model.kind}),
-        "metrics": {k: evaluation[k] for k in ("model_rmse", "baseline_rmse", "beats_baseline")},
+        "model": read_json(run_dir / "holdout" / "metadata.json", default={}).get(
+            "model_config", {"kind": config.model.kind}
+        ),
+        "metrics": {k: evaluation[k] for k in metrics if k in evaluation},
         "exported": exported,
-        "reason": reason,
+        "reason": evaluation["reason"],
+        "decision": evaluation.get("decision", {}),
         "forecast_month": int(meta["forecast_month"]),
         "data": meta.get("input_hashes", {}),
     }

@@ -19,16 +19,16 @@ import dataclasses
 import math
 import os
 import platform
-import shutil
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import keras
 import numpy as np
 
+from core.batches import EpochShuffled
 from core.errors import DeviceUnavailableError
 from core.lake import read_json, write_json_atomic
 from core.nlstm import NestedLSTM
@@ -163,8 +163,14 @@ def build_model(
     seed: int,
     train_cfg: TrainConfig | None = None,
     device: DeviceInfo | None = None,
+    n_static: int = 0,
 ) -> keras.Model:
     """The compiled forecaster: inputs ``sequence`` / ``shop`` / ``category``, output [b, 1] float32.
+
+    ``n_static > 0`` adds the inputs ``static`` ([b, n_static] floats, the target month's lag features of
+    ``core.reference.static_features``) and ``month`` (the target's month of year, embedded), which join the
+    encoder's last state in the head: the seasonal and long-lag signal a 12-step recurrence learns poorly
+    from two years of data.
 
     ``train_cfg`` gives the optimiser (Adam, ``learning_rate``) and loss (``mse`` | ``huber``);
     ``device`` the precision and XLA setting (default: float32 on the CPU, XLA on).
@@ -178,7 +184,13 @@ def build_model(
         sequence = keras.Input((lookback, n_channels), name="sequence", dtype="float32")
         shop = keras.Input((), name="shop", dtype="int32")
         category = keras.Input((), name="category", dtype="int32")
+        inputs = {"sequence": sequence, "shop": shop, "category": category}
         features = [_encoder(model_cfg, seed, dtype)(sequence)]
+        if n_static > 0:
+            inputs["static"] = keras.Input((n_static,), name="static", dtype="float32")
+            inputs["month"] = keras.Input((), name="month", dtype="int32")
+            features.append(inputs["static"])
+            features.append(keras.layers.Embedding(12, 3, name="month_embedding", dtype=dtype)(inputs["month"]))
         if model_cfg.embeddings:
             for name, inp, size in (("shop", shop, n_shops), ("category", category, n_categories)):
                 embedded = keras.layers.Embedding(
@@ -190,7 +202,7 @@ def build_model(
             hidden = keras.layers.Dense(model_cfg.head_units, activation="relu", name="head", dtype=dtype)(hidden)
         # The output stays float32 under mixed precision: the loss is computed on it.
         output = keras.layers.Dense(1, name="count", dtype="float32")(hidden)
-        model = keras.Model({"sequence": sequence, "shop": shop, "category": category}, output, name=model_cfg.kind)
+        model = keras.Model(inputs, output, name=model_cfg.kind)
         optimizer: Any = keras.optimizers.Adam(learning_rate)
         if dtype == "mixed_float16":
             optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
@@ -205,12 +217,8 @@ def build_model(
 
 
 # --- data --------------------------------------------------------------------------------------
-class ArrayBatches(keras.utils.PyDataset):
-    """Batches of in-memory arrays ``(inputs dict, y)``, reshuffled each epoch from ``(seed, epoch)``.
-
-    The permutation depends only on the epoch number, so a run resumed at epoch k sees exactly the
-    batches an uninterrupted run would have seen.
-    """
+class ArrayBatches(EpochShuffled, keras.utils.PyDataset):
+    """Batches of in-memory arrays ``(inputs dict, y)``, reshuffled each epoch from ``(seed, epoch)``."""
 
     def __init__(
         self,
@@ -222,35 +230,15 @@ class ArrayBatches(keras.utils.PyDataset):
         seed: int = 0,
         **kwargs: Any,
     ) -> None:
-        super().__init__(**kwargs)
         self.inputs = {name: np.asarray(value) for name, value in inputs.items()}
         self.y = None if y is None else np.asarray(y, dtype=np.float32).reshape(-1)
-        self.n = len(next(iter(self.inputs.values())))
-        self.batch_size = int(batch_size)
-        self.shuffle = shuffle
-        self.seed = seed
-        self.epoch = 0
-        self._order = self._permutation()
-
-    def _permutation(self) -> np.ndarray:
-        if not self.shuffle:
-            return np.arange(self.n)
-        return np.random.default_rng([self.seed, self.epoch]).permutation(self.n)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-        self._order = self._permutation()
-
-    def __len__(self) -> int:
-        return math.ceil(self.n / self.batch_size)
+        n_samples = len(next(iter(self.inputs.values())))
+        super().__init__(n_samples, batch_size, shuffle=shuffle, seed=seed, **kwargs)
 
     def __getitem__(self, i: int) -> Any:
-        rows = self._order[i * self.batch_size : (i + 1) * self.batch_size]
+        rows = self.batch_positions(i)
         batch = {name: value[rows] for name, value in self.inputs.items()}
         return (batch,) if self.y is None else (batch, self.y[rows])
-
-    def on_epoch_end(self) -> None:
-        self.set_epoch(self.epoch + 1)
 
 
 def _as_dataset(data: Any, batch_size: int, *, shuffle: bool, seed: int) -> Any:
@@ -261,12 +249,9 @@ def _as_dataset(data: Any, batch_size: int, *, shuffle: bool, seed: int) -> Any:
 
 
 def _set_epoch(data: Any, epoch: int) -> None:
-    """Position an epoch-seeded dataset (ours or core.windows') at ``epoch`` when resuming."""
-    if hasattr(data, "set_epoch"):
+    """Position an epoch-seeded dataset (ours or core.windows') at ``epoch``; other datasets keep their order."""
+    if isinstance(data, EpochShuffled):
         data.set_epoch(epoch)
-    elif hasattr(data, "epoch") and hasattr(data, "_permutation"):
-        data.epoch = epoch
-        data._order = data._permutation()
 
 
 # --- training ----------------------------------------------------------------------------------
@@ -329,7 +314,7 @@ class _EpochCheckpoint(keras.callbacks.Callback):
         directory: Path,
         state: dict[str, Any],
         patience: int,
-        monitor: str,
+        monitor: str | None,
         on_epoch: EpochCallback | None,
         data: Any,
     ) -> None:
@@ -354,9 +339,11 @@ class _EpochCheckpoint(keras.callbacks.Callback):
         state = self.state
         for name, value in logs.items():
             state["history"].setdefault(name, []).append(value)
-        current = logs.get(self.monitor, logs.get("loss"))
+        current = logs.get(self.monitor) if self.monitor else None
         best = state["best_val_loss"]
-        if current is not None and math.isfinite(current) and (best is None or current < best):
+        if self.monitor is None:  # a refit: the last epoch is the model, there is nothing to select on
+            state["best_epoch"] = epoch + 1
+        elif current is not None and math.isfinite(current) and (best is None or current < best):
             state["best_val_loss"], state["best_epoch"], state["wait"] = current, epoch + 1, 0
             _save_weights_atomic(self.model, _weights_file(self.directory, "best"))
         else:
@@ -423,8 +410,9 @@ def train_model(
         model.load_weights(_weights_file(ckpt_dir, state["weights"]))
         _set_epoch(train, resumed_from)
 
-    monitor = "val_loss" if val is not None else "loss"
-    checkpoint = _EpochCheckpoint(ckpt_dir, state, train_cfg.patience, monitor, on_epoch, train)
+    monitor = "val_loss" if val is not None else None
+    patience = train_cfg.patience if val is not None else 0
+    checkpoint = _EpochCheckpoint(ckpt_dir, state, patience, monitor, on_epoch, train)
     done = state["stopped_early"] or resumed_from >= train_cfg.epochs
     if not done:
         with device.scope():
@@ -505,25 +493,43 @@ def load_model(path: str | os.PathLike[str]) -> keras.Model:
 
 
 # --- the whole step, as the orchestration calls it ----------------------------------------------
+Stage = Literal["select", "refit"]
+
+
 def train_forecaster(
     config: NestcastConfig,
     windows_dir: str | os.PathLike[str],
     run_dir: str | os.PathLike[str],
     on_epoch: EpochCallback | None = None,
     *,
-    validate: bool = True,
+    stage: Stage = "select",
+    epochs: int | None = None,
     extra_metadata: dict[str, Any] | None = None,
 ) -> TrainResult:
-    """Open the windows, pick the device, build and train the configured model into ``run_dir``.
+    """One stage of the training protocol on the windows in ``windows_dir``, into ``run_dir``.
 
-    ``validate=False`` trains the configured epochs with no holdout data (no early stopping), for
-    backtests whose holdout month is the month being scored.
+    ``select``: train on the targets before the validation month (the month before the holdout) for at most
+    ``train.epochs`` epochs, early-stopped on the validation month's grid (best weights kept); its
+    ``best_epoch`` is the epoch count the refit uses. ``refit``: train on every training target (through
+    the month before the holdout; with a store built without a holdout, through the last month) for exactly
+    ``epochs`` epochs with no validation data, keeping the last epoch's weights.
     """
     from core.windows import WindowStore
 
     store = WindowStore.open(windows_dir)
     device = select_device(config.train.device, config.train.jit_compile)
     train_cfg = config.train
+    if stage == "select":
+        if store.validation_month is None:
+            raise ValueError(f"{windows_dir}: no validation month to select the epoch count on")
+        before, val = store.validation_month, store.validation_dataset(train_cfg.batch_size)
+    elif stage == "refit":
+        if epochs is None or epochs < 1:
+            raise ValueError(f"a refit needs the selected epoch count (>= 1), got {epochs!r}")
+        train_cfg = train_cfg.model_copy(update={"epochs": int(epochs)})
+        before, val = None, None
+    else:
+        raise ValueError(f"stage must be 'select' or 'refit', got {stage!r}")
     model = build_model(
         config.model,
         lookback=store.lookback,
@@ -533,14 +539,17 @@ def train_forecaster(
         seed=train_cfg.seed,
         train_cfg=train_cfg,
         device=device,
+        n_static=store.n_static,
     )
-    train = store.train_dataset(train_cfg.batch_size, seed=train_cfg.seed, max_samples=train_cfg.max_train_samples)
-    val = store.holdout_dataset(train_cfg.batch_size) if validate else None
-    metadata = {"model_config": config.model.model_dump(mode="json"), "windows_dir": str(windows_dir)}
+    train = store.train_dataset(
+        train_cfg.batch_size, seed=train_cfg.seed, max_samples=train_cfg.max_train_samples, before_month=before
+    )
+    metadata = {
+        "model_config": config.model.model_dump(mode="json"),
+        "windows_dir": str(windows_dir),
+        "stage": stage,
+        "trained_below_month": before if before is not None else store.holdout_month,
+        "validation_month": store.validation_month if stage == "select" else None,
+    }
     metadata.update(extra_metadata or {})
     return train_model(model, train, val, train_cfg, run_dir, on_epoch, device=device, extra_metadata=metadata)
-
-
-def remove_checkpoints(run_dir: str | os.PathLike[str]) -> None:
-    """Drop ``run_dir/checkpoints`` once a run is final (they are only for resuming)."""
-    shutil.rmtree(Path(run_dir) / "checkpoints", ignore_errors=True)

@@ -45,7 +45,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -56,12 +55,13 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from core.aggregate import PARTITION_FILE, merge_shop_ids, read_monthly_table
+from core.aggregate import merge_shop_ids, read_monthly_table
+from core.batches import EpochShuffled
 from core.config import NestcastConfig
 from core.errors import DataValidationError
 from core.lake import LakePaths, atomic_path, file_sha256, read_json
 
-WINDOWS_VERSION = "1"
+WINDOWS_VERSION = "4"  # 2: grid masks, validation month; 3: target-encoded means; 4: item name families
 
 # (name, level, scaled). Order is the channel order of every window.
 CHANNEL_SPECS: tuple[tuple[str, str, bool], ...] = (
@@ -72,14 +72,22 @@ CHANNEL_SPECS: tuple[tuple[str, str, bool], ...] = (
     ("item_shops", "item", True),  # number of shops that sold the item
     ("item_price", "item", True),  # log1p price, carried forward from the last month with sales
     ("item_age", "item", True),  # months since the item's first sale anywhere (+1; 0 = not yet)
+    # The "mean" channels are the target encodings gradient-boosted models win this competition with:
+    # the clipped target summed over a group and divided by the group's cells in that month's grid.
+    ("item_mean", "item", True),  # per grid shop
+    ("category_mean", "item", True),  # the item's category, per grid cell of the category
     ("shop_total", "shop", True),  # the shop's units over all items
+    ("shop_mean", "shop", True),  # per grid item
     ("shop_category_total", "shopcat", True),  # the shop's units in the item's category
+    ("shop_category_mean", "shopcat", True),  # per grid item of the category
     ("next_month_sin", "calendar", False),  # month of year of month t+1
     ("next_month_cos", "calendar", False),
 )
 CHANNELS: tuple[str, ...] = tuple(name for name, _, _ in CHANNEL_SPECS)
 LEVELS: tuple[str, ...] = ("pair", "item", "shop", "shopcat", "calendar")
 STORED_LEVELS: tuple[str, ...] = ("pair_count", "pair_first", "item", "shop", "shopcat", "calendar")
+#: Kaggle-grid membership by month: [n_months, n_shops] and [n_months, n_items] booleans.
+GRID_ARRAYS: tuple[str, ...] = ("grid_shops", "grid_items")
 NEVER = 1 << 20  # first-sale month of the pairs without sales
 LEVEL_SLICES: dict[str, tuple[int, int]] = {}
 for _level in LEVELS:
@@ -102,6 +110,7 @@ class WindowsSummary:
     holdout_month: int
     forecast_month: int
     sample_policy: str
+    validation_month: int | None = None
     sample_counts: dict[str, int] = field(default_factory=dict)
     bytes_on_disk: int = 0
     seconds: float = 0.0
@@ -115,22 +124,18 @@ class WindowsSummary:
 
 
 def _reference(paths: LakePaths, name: str) -> pd.DataFrame | None:
-    path = paths.reference / name
+    path = paths.reference_table(name)
     return pq.read_table(path).to_pandas() if path.exists() else None
 
 
 def _monthly_files(paths: LakePaths) -> list[Path]:
-    root = paths.monthly
-    if not root.exists():
-        return []
-    files = [p / PARTITION_FILE for p in root.iterdir() if p.name.startswith("date_block_num=")]
-    return sorted((f for f in files if f.exists()), key=lambda f: int(f.parent.name.split("=", 1)[1]))
+    return [f for f in map(paths.monthly_file, paths.monthly_months()) if f.exists()]
 
 
 def _input_hashes(paths: LakePaths) -> dict[str, str]:
     hashes = {f"monthly/{f.parent.name}": file_sha256(f) for f in _monthly_files(paths)}
     for name in ("items.parquet", "item_categories.parquet", "shops.parquet", "test.parquet"):
-        path = paths.reference / name
+        path = paths.reference_table(name)
         hashes[f"reference/{name}"] = file_sha256(path) if path.exists() else "absent"
     return hashes
 
@@ -241,7 +246,7 @@ def build_windows(
     ``lake/windows``) to keep the evaluation build beside it.
     """
     start = time.perf_counter()
-    paths = LakePaths(config.data_dir)
+    paths = LakePaths.of(config)
     hashes = _input_hashes(paths)
     if not any(k.startswith("monthly/") for k in hashes):
         raise DataValidationError(f"{paths.monthly}: no monthly partitions; run aggregate first")
@@ -252,13 +257,11 @@ def build_windows(
     if not force and meta is not None and meta.get("build_hash") == build_hash:
         return _summary(target, meta, skipped=True, seconds=time.perf_counter() - start)
 
+    build = _build(paths, config, holdout_month, provenance={"build_hash": build_hash, "input_hashes": hashes})
     with atomic_path(target) as tmp:
         tmp.mkdir(parents=True)
-        meta = _build_into(tmp, paths, config, holdout_month)
-        meta["build_hash"] = build_hash
-        meta["input_hashes"] = hashes
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    return _summary(target, meta, skipped=False, seconds=time.perf_counter() - start)
+        _write_build(build, tmp)
+    return _summary(target, build.meta, skipped=False, seconds=time.perf_counter() - start)
 
 
 def _summary(windows_dir: Path, meta: dict[str, Any], skipped: bool, seconds: float) -> WindowsSummary:
@@ -272,6 +275,7 @@ def _summary(windows_dir: Path, meta: dict[str, Any], skipped: bool, seconds: fl
         lookback=meta["lookback"],
         last_month=meta["last_month"],
         holdout_month=meta["holdout_month"],
+        validation_month=meta.get("validation_month"),
         forecast_month=meta["forecast_month"],
         sample_policy=meta["sample_policy"],
         sample_counts=meta["sample_counts"],
@@ -281,250 +285,535 @@ def _summary(windows_dir: Path, meta: dict[str, Any], skipped: bool, seconds: fl
     )
 
 
-def _write_table(table: pa.Table, path: Path) -> None:
-    # lz4: these files are re-read at every training run; speed matters more than size here.
-    pq.write_table(table, path, compression="lz4")
-
-
 def _vocab(*arrays: np.ndarray) -> np.ndarray:
     # pd.unique hashes; sorting only the distinct ids is much cheaper than np.unique on every row.
     parts = [pd.unique(np.asarray(a, dtype=np.int64).ravel()) for a in arrays if a is not None]
     return np.unique(np.concatenate(parts)) if parts else np.zeros(0, dtype=np.int64)
 
 
-def _build_into(out_dir: Path, paths: LakePaths, config: NestcastConfig, holdout_month: int | None) -> dict[str, Any]:
-    wcfg = config.windows
+def _name_family(name: str, words: int = 2) -> str:
+    """The first ``words`` words of an item name, lower-cased, letters and digits only ("FIFA 15 [PS4]": "fifa 15")."""
+    tokens = "".join(c if c.isalnum() else " " for c in str(name).lower()).split()
+    return " ".join(tokens[:words])
+
+
+def _item_families(items_ref: pd.DataFrame, item_ids: np.ndarray) -> np.ndarray:
+    """A family index per vocabulary item: items whose names start with the same two words (editions, formats,
+    sequels) share one, so a launch can be read from its family's past sales."""
+    if "item_name" not in items_ref.columns:
+        return np.arange(item_ids.size, dtype=np.int32)
+    names = pd.Series(items_ref["item_name"].to_numpy(), index=items_ref["item_id"].to_numpy()).reindex(item_ids)
+    families = names.fillna("").map(_name_family).to_numpy()
+    return pd.factorize(families)[0].astype(np.int32)
+
+
+def _grid_means(
+    clipped: np.ndarray,
+    shop: np.ndarray,
+    item: np.ndarray,
+    item_category: np.ndarray,
+    month: np.ndarray,
+    shop_active: np.ndarray,
+    item_active: np.ndarray,
+    n_categories: int,
+) -> dict[str, np.ndarray]:
+    """Monthly target encodings ``[group rows, months]``: clipped counts per grid cell of each group.
+
+    A month's grid is its active shops x its active items; a group's cells are the grid cells it covers
+    (an item: every active shop; a category: active shops x its active items; a shop: every active item;
+    a shop x category: the category's active items). Month ``t`` uses month ``t``'s rows only.
+    """
+    n_months, n_shops = shop_active.shape
+    n_items = item_active.shape[1]
+    shops_per_month = shop_active.sum(axis=1).astype(np.float64)  # [months]
+    items_per_month = item_active.sum(axis=1).astype(np.float64)
+    category_items = np.stack([np.bincount(item_category, weights=row, minlength=n_categories) for row in item_active])
+    weights = clipped.astype(np.float64)
+    category = item_category[item]
+
+    def total(keys: np.ndarray, size: int) -> np.ndarray:
+        return np.bincount(keys * n_months + month, weights=weights, minlength=size * n_months).reshape(size, n_months)
+
+    def per_cell(sums: np.ndarray, cells: np.ndarray) -> np.ndarray:
+        return np.divide(sums, cells, out=np.zeros_like(sums), where=cells > 0).astype(np.float32)
+
+    return {
+        "item": per_cell(total(item, n_items), shops_per_month[None, :]),
+        "category": per_cell(total(category, n_categories), (category_items * shops_per_month[:, None]).T),
+        "shop": per_cell(total(shop, n_shops), items_per_month[None, :]),
+        "shopcat": per_cell(total(shop * n_categories + category, n_shops * n_categories),
+                            np.tile(category_items.T, (n_shops, 1))),  # fmt: skip
+    }
+
+
+# --- build stages --------------------------------------------------------------------------------
+# Each stage is a function of the lake and of earlier stages' frozen results and writes nothing: the
+# whole build is computed (and can fail) before ``_write_build`` puts it, all at once, into the directory.
+
+
+@dataclass(frozen=True)
+class _References:
+    items: pd.DataFrame
+    shops: pd.DataFrame | None
+    categories: pd.DataFrame | None
+    test: pd.DataFrame | None  # in ID order
+
+
+def _read_monthly(paths: LakePaths) -> dict[str, np.ndarray]:
     table = read_monthly_table(paths)
     monthly = {name: table[name].to_numpy() for name in table.column_names}
-    del table
     if monthly["date_block_num"].size == 0:
         raise DataValidationError(f"{paths.monthly}: monthly partitions hold no rows")
-    month = monthly["date_block_num"].astype(np.int64)
-    last_month = int(month.max())
-    n_months = last_month + 1
-    holdout = _resolve_holdout(config, holdout_month, last_month)
-    forecast_month = last_month + 1
-    train_start = max(wcfg.min_train_month, 1)
-    train_months = list(range(train_start, holdout))
-    if not train_months:
-        raise ValueError(f"no training months before holdout {holdout} (min_train_month={wcfg.min_train_month})")
+    return monthly
 
-    # Vocabularies. Shops and categories come from the reference tables too, so the embedding sizes
-    # do not depend on which months happen to be in the lake.
-    items_ref = _reference(paths, "items.parquet")
-    shops_ref = _reference(paths, "shops.parquet")
-    cats_ref = _reference(paths, "item_categories.parquet")
+
+def _read_references(paths: LakePaths) -> _References:
+    items = _reference(paths, "items.parquet")
+    if items is None:
+        raise DataValidationError(f"{paths.reference_table('items')}: items reference is missing")
     test = _reference(paths, "test.parquet")
-    if items_ref is None:
-        raise DataValidationError(f"{paths.reference / 'items.parquet'}: items reference is missing")
     if test is not None:
         test = test.sort_values("ID", kind="stable").reset_index(drop=True)
-        test_shop = merge_shop_ids(test["shop_id"].to_numpy(np.int64), config)
-        test_item = test["item_id"].to_numpy(np.int64)
-    else:
-        test_shop = test_item = np.zeros(0, dtype=np.int64)
+    return _References(items, _reference(paths, "shops.parquet"), _reference(paths, "item_categories.parquet"), test)
 
-    ref_shops = merge_shop_ids(shops_ref["shop_id"].to_numpy(np.int64), config) if shops_ref is not None else None
+
+@dataclass(frozen=True)
+class _Timeline:
+    last_month: int
+    holdout: int
+    train_months: tuple[int, ...]  # target months of the training samples; never empty
+
+    @property
+    def n_months(self) -> int:
+        return self.last_month + 1
+
+    @property
+    def forecast_month(self) -> int:
+        return self.last_month + 1
+
+    @property
+    def validation(self) -> int:
+        # The month before the holdout picks epochs, boosting rounds, blend weights and the gate, and is
+        # trained on only by the refit (core.model.train_forecaster stages).
+        return self.holdout - 1
+
+    @property
+    def has_holdout(self) -> bool:
+        return self.holdout <= self.last_month
+
+
+def _timeline(config: NestcastConfig, holdout_month: int | None, month: np.ndarray) -> _Timeline:
+    last_month = int(month.max())
+    holdout = _resolve_holdout(config, holdout_month, last_month)
+    first_train = config.windows.min_train_month
+    train_months = tuple(range(max(first_train, 1), holdout))
+    if not train_months:
+        raise ValueError(f"no training months before holdout {holdout} (min_train_month={first_train})")
+    return _Timeline(last_month, holdout, train_months)
+
+
+@dataclass(frozen=True)
+class _Vocabularies:
+    """Sorted id vocabularies; everywhere else a shop, item or category is its position in these."""
+
+    shop_ids: np.ndarray
+    item_ids: np.ndarray
+    category_ids: np.ndarray
+    item_category: np.ndarray  # [items] category index
+    item_family: np.ndarray  # [items] name-family index
+    test_shop: np.ndarray  # [test rows] shop index, in ID order
+    test_item: np.ndarray
+
+
+def _vocabularies(monthly: dict[str, np.ndarray], refs: _References, config: NestcastConfig) -> _Vocabularies:
+    # Shops and categories come from the reference tables too, so the embedding sizes do not depend on
+    # which months happen to be in the lake.
+    no_test = np.zeros(0, dtype=np.int64)
+    test_shop = merge_shop_ids(refs.test["shop_id"].to_numpy(np.int64), config) if refs.test is not None else no_test
+    test_item = refs.test["item_id"].to_numpy(np.int64) if refs.test is not None else no_test
+    ref_shops = merge_shop_ids(refs.shops["shop_id"].to_numpy(np.int64), config) if refs.shops is not None else None
     shop_ids = _vocab(monthly["shop_id"], test_shop, ref_shops)
     item_ids = _vocab(monthly["item_id"], test_item)
-    category_of_item = pd.Series(
-        items_ref["item_category_id"].to_numpy(np.int64), index=items_ref["item_id"].to_numpy()
-    )
-    item_cats = category_of_item.reindex(item_ids).to_numpy()
-    if np.isnan(item_cats.astype(np.float64)).any():
-        missing = item_ids[np.isnan(item_cats.astype(np.float64))][:10].tolist()
-        raise DataValidationError(f"item ids missing from lake/reference/items.parquet: {missing}")
-    item_cats = item_cats.astype(np.int64)
-    ref_cats = cats_ref["item_category_id"].to_numpy() if cats_ref is not None else None
-    category_ids = _vocab(items_ref["item_category_id"].to_numpy(), ref_cats)
-    n_shops, n_items, n_cats = shop_ids.size, item_ids.size, category_ids.size
-    item_cat_index = np.searchsorted(category_ids, item_cats)
-
-    si = np.searchsorted(shop_ids, monthly["shop_id"].astype(np.int64))
-    ii = np.searchsorted(item_ids, monthly["item_id"].astype(np.int64))
-    cnt = monthly["item_cnt_month"].astype(np.float32)
-    cnt_pos = np.maximum(cnt, 0.0)
-    tshop = np.searchsorted(shop_ids, test_shop)
-    titem = np.searchsorted(item_ids, test_item)
-
-    # Kaggle-style grid of a month: shops with sales that month x items with sales that month.
-    shop_active = np.zeros((n_months, n_shops), dtype=bool)
-    shop_active[month, si] = True
-    has_item_t = np.zeros((n_months, n_items), dtype=bool)
-    has_item_t[month, ii] = True
-    month_shops = {m: np.flatnonzero(shop_active[m]) for m in range(n_months)}
-    month_items = {m: np.flatnonzero(has_item_t[m]) for m in range(n_months)}
-
-    grid_months = sorted(set(train_months) | ({holdout} if holdout <= last_month else set()))
-    if test is None:
-        grid_months = sorted(set(grid_months) | {last_month})
-    mask = np.zeros((n_shops, n_items), dtype=bool)
-    mask[si, ii] = True
-    mask[tshop, titem] = True
-    for m in grid_months:
-        mask[np.ix_(month_shops[m], month_items[m])] = True
-    series_shop, series_item = np.nonzero(mask)  # row-major: sorted by (shop_id, item_id)
-    n_series = series_shop.size
-    pair_table = np.full((n_shops, n_items), -1, dtype=np.int32)
-    pair_table[series_shop, series_item] = np.arange(n_series, dtype=np.int32)
-    del mask
-
-    # Pair level: only pairs with sales get a row; the extra last row is all zeros.
-    row_series = pair_table[si, ii]
-    sold_series, prow = np.unique(row_series, return_inverse=True)
-    n_pairs = sold_series.size
-    pair_row = np.full(n_series, n_pairs, dtype=np.int32)
-    pair_row[sold_series] = np.arange(n_pairs, dtype=np.int32)
-    counts = np.zeros((n_pairs, n_months), dtype=np.float32)
-    counts[prow, month] = cnt
-    has_pair = np.zeros((n_pairs, n_months), dtype=bool)
-    has_pair[prow, month] = True
-    pair_first = has_pair.argmax(axis=1)
-
-    scales: dict[str, float] = {}
-    levels: dict[str, np.ndarray] = {}
-    # Zero row last; its "first sale" lies beyond any month so its age stays 0.
-    levels["pair_count"] = np.concatenate([counts, np.zeros((1, n_months), dtype=np.float32)])
-    levels["pair_first"] = np.append(pair_first, NEVER).astype(np.int32)
-    positive = (cnt > 0) & (month < holdout)
-    scales["pair_log_count"] = _rms(_log1p(cnt[positive]))
-    scales["pair_age"] = _age_scale(pair_first, holdout, n_months)
-    clip = (wcfg.target_clip_min, wcfg.target_clip_max)
-
-    flat_item = ii * n_months + month
-    size = n_items * n_months
-    item_total = np.bincount(flat_item, weights=cnt_pos, minlength=size).reshape(n_items, n_months)
-    item_shops = np.bincount(flat_item, weights=(cnt > 0), minlength=size).reshape(n_items, n_months)
-    transactions = monthly["transactions"].astype(np.float64)
-    price_weight = np.bincount(flat_item, weights=transactions, minlength=size).reshape(n_items, n_months)
-    price_sum = np.bincount(
-        flat_item, weights=monthly["mean_price"].astype(np.float64) * transactions, minlength=size
-    ).reshape(n_items, n_months)
-    has_price = price_weight > 0
-    price = _ffill(np.divide(price_sum, price_weight, out=np.zeros_like(price_sum), where=has_price), has_price)
-    has_item = has_item_t.T
-    item_first = np.where(has_item.any(axis=1), has_item.argmax(axis=1), n_months)
-    item = np.empty((n_items, n_months, 4), dtype=np.float32)
-    item[..., 0], scales["item_total"] = _log_scale(item_total.astype(np.float32), holdout)
-    item[..., 1], scales["item_shops"] = _log_scale(item_shops.astype(np.float32), holdout)
-    item[..., 2], scales["item_price"] = _log_scale(price.astype(np.float32), holdout)
-    item[..., 3], scales["item_age"] = _log_scale(_age(item_first, n_months), holdout)
-    levels["item"] = item
-    del item_total, item_shops, price_weight, price_sum, price
-
-    shop_total = np.bincount(si * n_months + month, weights=cnt_pos, minlength=n_shops * n_months)
-    levels["shop"] = np.empty((n_shops, n_months, 1), dtype=np.float32)
-    levels["shop"][..., 0], scales["shop_total"] = _log_scale(
-        shop_total.reshape(n_shops, n_months).astype(np.float32), holdout
-    )
-    shopcat_flat = (si * n_cats + item_cat_index[ii]) * n_months + month
-    shopcat = np.bincount(shopcat_flat, weights=cnt_pos, minlength=n_shops * n_cats * n_months)
-    levels["shopcat"] = np.empty((n_shops * n_cats, n_months, 1), dtype=np.float32)
-    levels["shopcat"][..., 0], scales["shop_category_total"] = _log_scale(
-        shopcat.reshape(n_shops * n_cats, n_months).astype(np.float32), holdout
+    item_category_ids = _item_category_ids(refs.items, item_ids)
+    ref_categories = refs.categories["item_category_id"].to_numpy() if refs.categories is not None else None
+    category_ids = _vocab(refs.items["item_category_id"].to_numpy(), ref_categories)
+    return _Vocabularies(
+        shop_ids=shop_ids,
+        item_ids=item_ids,
+        category_ids=category_ids,
+        item_category=np.searchsorted(category_ids, item_category_ids),
+        item_family=_item_families(refs.items, item_ids),
+        test_shop=np.searchsorted(shop_ids, test_shop),
+        test_item=np.searchsorted(item_ids, test_item),
     )
 
-    moy_next = (_month_of_year_start(config.ingest.first_month) + np.arange(1, n_months + 1)) % 12
-    angle = 2.0 * np.pi * moy_next / 12.0
-    levels["calendar"] = np.stack([np.sin(angle), np.cos(angle)], axis=1).astype(np.float32)
 
-    for name, array in levels.items():
-        np.save(out_dir / f"{name}.npy", np.ascontiguousarray(array))
+def _item_category_ids(items_ref: pd.DataFrame, item_ids: np.ndarray) -> np.ndarray:
+    category_of = pd.Series(items_ref["item_category_id"].to_numpy(np.int64), index=items_ref["item_id"].to_numpy())
+    categories = category_of.reindex(item_ids).to_numpy()
+    missing = np.isnan(categories.astype(np.float64))
+    if missing.any():
+        unknown = item_ids[missing][:10].tolist()
+        raise DataValidationError(f"item ids missing from lake/reference/items.parquet: {unknown}")
+    return categories.astype(np.int64)
 
-    series_cat_index = item_cat_index[series_item]
-    series_shop_id = shop_ids[series_shop].astype(np.int16)
-    series_item_id = item_ids[series_item].astype(np.int32)
-    series_cat_id = category_ids[series_cat_index].astype(np.int16)
-    series = pa.table(
-        {
-            "series_idx": np.arange(n_series, dtype=np.int32),
-            "shop_id": series_shop_id,
-            "item_id": series_item_id,
-            "item_category_id": series_cat_id,
-            "shop_index": series_shop.astype(np.int32),
-            "category_index": series_cat_index.astype(np.int32),
-            "pair_row": pair_row,
-            "item_row": series_item.astype(np.int32),
-            "shopcat_row": (series_shop * n_cats + series_cat_index).astype(np.int32),
+
+@dataclass(frozen=True)
+class _Sales:
+    """The monthly rows with shops and items as vocabulary indexes."""
+
+    month: np.ndarray
+    shop: np.ndarray
+    item: np.ndarray
+    count: np.ndarray  # float32; negative where returns exceed sales
+    transactions: np.ndarray
+    mean_price: np.ndarray
+
+    @property
+    def sold(self) -> np.ndarray:
+        # Totals count units sold: a shop's returns must not cancel another shop's sales.
+        return np.maximum(self.count, 0.0)
+
+
+def _sales(monthly: dict[str, np.ndarray], vocab: _Vocabularies) -> _Sales:
+    return _Sales(
+        month=monthly["date_block_num"].astype(np.int64),
+        shop=np.searchsorted(vocab.shop_ids, monthly["shop_id"].astype(np.int64)),
+        item=np.searchsorted(vocab.item_ids, monthly["item_id"].astype(np.int64)),
+        count=monthly["item_cnt_month"].astype(np.float32),
+        transactions=monthly["transactions"].astype(np.float64),
+        mean_price=monthly["mean_price"].astype(np.float64),
+    )
+
+
+@dataclass(frozen=True)
+class _Grid:
+    """The Kaggle-style grid of each month: shops with sales that month x items with sales that month."""
+
+    shops: np.ndarray  # [months, shops] bool
+    items: np.ndarray  # [months, items] bool
+    item_first: np.ndarray  # [items] month of the item's first sale anywhere (n_months: never)
+
+    def cells(self, m: int) -> tuple[np.ndarray, np.ndarray]:
+        return np.flatnonzero(self.shops[m]), np.flatnonzero(self.items[m])
+
+
+def _monthly_grid(sales: _Sales, n_months: int, vocab: _Vocabularies) -> _Grid:
+    shops = np.zeros((n_months, vocab.shop_ids.size), dtype=bool)
+    shops[sales.month, sales.shop] = True
+    items = np.zeros((n_months, vocab.item_ids.size), dtype=bool)
+    items[sales.month, sales.item] = True
+    item_first = np.where(items.any(axis=0), items.argmax(axis=0), n_months)
+    return _Grid(shops, items, item_first)
+
+
+@dataclass(frozen=True)
+class _Series:
+    """Every (shop, item) pair the model is asked about, numbered row-major by (shop index, item index)."""
+
+    shop: np.ndarray  # [series] shop index
+    item: np.ndarray
+    category: np.ndarray
+    table: np.ndarray  # [shops, items] series index, -1 where the pair is no series
+    shop_id: np.ndarray  # [series] the lake's ids, in the dtypes the frames store
+    item_id: np.ndarray
+    category_id: np.ndarray
+
+    @property
+    def n(self) -> int:
+        return self.shop.size
+
+    def of_grid(self, grid: _Grid, m: int) -> np.ndarray:
+        """Series of month ``m``'s grid cells, ascending (the numbering is row-major, the cells are too)."""
+        return self.table[np.ix_(*grid.cells(m))].ravel()
+
+    def ids(self, series_idx: np.ndarray) -> dict[str, np.ndarray]:
+        return {
+            "shop_id": self.shop_id[series_idx],
+            "item_id": self.item_id[series_idx],
+            "item_category_id": self.category_id[series_idx],
         }
-    )
-    _write_table(series, out_dir / "series.parquet")
 
-    # Training samples.
-    policy = wcfg.sample_policy
-    if policy == "grid":
-        parts = [(pair_table[np.ix_(month_shops[m], month_items[m])].ravel(), m) for m in train_months]
-    elif policy == "active":
-        # Any sale in months T-lookback .. T, from a running count of months with sales.
-        running = np.zeros((n_pairs, n_months + 1), dtype=np.int32)
-        np.cumsum(has_pair, axis=1, out=running[:, 1:])
-        parts = []
-        for m in train_months:
-            active = running[:, m + 1] - running[:, max(m - wcfg.lookback, 0)] > 0
-            parts.append((sold_series[active].astype(np.int32), m))
-    else:
-        parts = [(np.arange(n_series, dtype=np.int32), m) for m in train_months]
-    train_index = np.concatenate(
-        [np.stack([s.astype(np.int32), np.full(s.size, m, dtype=np.int32)], axis=1) for s, m in parts]
-    )
-    np.save(out_dir / "train_index.npy", train_index)
 
-    def clipped(series_idx: np.ndarray, m: int) -> np.ndarray:
-        if not 0 <= m < n_months:
+def _series(sales: _Sales, vocab: _Vocabularies, grid: _Grid, timeline: _Timeline, has_test: bool) -> _Series:
+    """Pairs with sales, test.csv pairs, and the grids of the training months, the holdout and -- with no
+    test.csv, where the forecast is the last month's grid -- the last month."""
+    grid_months = set(timeline.train_months) | ({timeline.holdout} if timeline.has_holdout else set())
+    if not has_test:
+        grid_months.add(timeline.last_month)
+    mask = np.zeros((vocab.shop_ids.size, vocab.item_ids.size), dtype=bool)
+    mask[sales.shop, sales.item] = True
+    mask[vocab.test_shop, vocab.test_item] = True
+    for m in sorted(grid_months):
+        mask[np.ix_(*grid.cells(m))] = True
+    shop, item = np.nonzero(mask)
+    table = np.full(mask.shape, -1, dtype=np.int32)
+    table[shop, item] = np.arange(shop.size, dtype=np.int32)
+    category = vocab.item_category[item]
+    return _Series(
+        shop=shop,
+        item=item,
+        category=category,
+        table=table,
+        shop_id=vocab.shop_ids[shop].astype(np.int16),
+        item_id=vocab.item_ids[item].astype(np.int32),
+        category_id=vocab.category_ids[category].astype(np.int16),
+    )
+
+
+@dataclass(frozen=True)
+class _PairLevel:
+    """Raw counts of the pairs with sales; every series without sales reads the all-zero last row."""
+
+    count: np.ndarray  # [pairs + 1, months] float32
+    first: np.ndarray  # [pairs + 1] int32 month of the first sale; NEVER on the zero row, so its age stays 0
+    row: np.ndarray  # [series] int32
+    sold_series: np.ndarray  # [pairs] the series of each row
+    observed: np.ndarray  # [pairs, months] bool: the pair has a monthly row
+    clip: tuple[float, float]
+    scales: dict[str, float]
+
+    def clipped(self, series_idx: np.ndarray, m: int) -> np.ndarray:
+        if not 0 <= m < self.count.shape[1]:
             return np.zeros(series_idx.size, np.float32)
-        return np.clip(levels["pair_count"][pair_row[series_idx], m], *clip).astype(np.float32)
+        return np.clip(self.count[self.row[series_idx], m], *self.clip).astype(np.float32)
 
-    def mean3(series_idx: np.ndarray, m: int) -> np.ndarray:
+    def mean3(self, series_idx: np.ndarray, m: int) -> np.ndarray:
+        """Mean clipped count over the (up to) three months before ``m``: the baseline a model must beat."""
+        if not series_idx.size:
+            return np.zeros(0, np.float32)
         months = [k for k in (m - 3, m - 2, m - 1) if k >= 0]
-        return np.mean([clipped(series_idx, k) for k in months], axis=0).astype(np.float32)
+        return np.mean([self.clipped(series_idx, k) for k in months], axis=0).astype(np.float32)
 
-    # Holdout: the Kaggle-style grid of the holdout month.
-    if holdout <= last_month:
-        hs = pair_table[np.ix_(month_shops[holdout], month_items[holdout])].ravel()
-        hs.sort()
+
+def _pair_level(sales: _Sales, series: _Series, timeline: _Timeline, clip: tuple[float, float]) -> _PairLevel:
+    sold_series, row_of_sale = np.unique(series.table[sales.shop, sales.item], return_inverse=True)
+    n_pairs, n_months = sold_series.size, timeline.n_months
+    row = np.full(series.n, n_pairs, dtype=np.int32)
+    row[sold_series] = np.arange(n_pairs, dtype=np.int32)
+    count = np.zeros((n_pairs + 1, n_months), dtype=np.float32)
+    count[row_of_sale, sales.month] = sales.count
+    observed = np.zeros((n_pairs, n_months), dtype=bool)
+    observed[row_of_sale, sales.month] = True
+    first = observed.argmax(axis=1)
+    positive = (sales.count > 0) & (sales.month < timeline.holdout)
+    scales = {
+        "pair_log_count": _rms(_log1p(sales.count[positive])),
+        "pair_age": _age_scale(first, timeline.holdout, n_months),
+    }
+    return _PairLevel(count, np.append(first, NEVER).astype(np.int32), row, sold_series, observed, clip, scales)
+
+
+@dataclass(frozen=True)
+class _Level:
+    values: np.ndarray  # [rows, months, channels] float32, in CHANNEL_SPECS order
+    scales: dict[str, float]  # the factor each channel was divided by
+
+
+def _scaled_level(level: str, channels: dict[str, np.ndarray], train_months: int) -> _Level:
+    lo, hi = LEVEL_SLICES[level]
+    assert tuple(channels) == CHANNELS[lo:hi], f"{level}: channels out of CHANNEL_SPECS order"
+    values = np.empty(next(iter(channels.values())).shape + (hi - lo,), dtype=np.float32)
+    scales: dict[str, float] = {}
+    for k, (name, raw) in enumerate(channels.items()):
+        values[..., k], scales[name] = _log_scale(raw.astype(np.float32), train_months)
+    return _Level(values, scales)
+
+
+def _item_level(
+    sales: _Sales, grid: _Grid, vocab: _Vocabularies, means: dict[str, np.ndarray], timeline: _Timeline
+) -> _Level:
+    n_items, n_months = vocab.item_ids.size, timeline.n_months
+    cell = sales.item * n_months + sales.month
+
+    def per_item_month(weights: np.ndarray) -> np.ndarray:
+        return np.bincount(cell, weights=weights, minlength=n_items * n_months).reshape(n_items, n_months)
+
+    price_weight = per_item_month(sales.transactions)
+    price_sum = per_item_month(sales.mean_price * sales.transactions)
+    has_price = price_weight > 0
+    price = np.divide(price_sum, price_weight, out=np.zeros_like(price_sum), where=has_price)
+    channels = {
+        "item_total": per_item_month(sales.sold),
+        "item_shops": per_item_month(sales.count > 0),
+        "item_price": _ffill(price, has_price),
+        "item_age": _age(grid.item_first, n_months),
+        "item_mean": means["item"],
+        "category_mean": means["category"][vocab.item_category],
+    }
+    return _scaled_level("item", channels, timeline.holdout)
+
+
+def _shop_level(sales: _Sales, n_shops: int, means: dict[str, np.ndarray], timeline: _Timeline) -> _Level:
+    n_months = timeline.n_months
+    total = np.bincount(sales.shop * n_months + sales.month, weights=sales.sold, minlength=n_shops * n_months)
+    channels = {"shop_total": total.reshape(n_shops, n_months), "shop_mean": means["shop"]}
+    return _scaled_level("shop", channels, timeline.holdout)
+
+
+def _shopcat_level(sales: _Sales, vocab: _Vocabularies, means: dict[str, np.ndarray], timeline: _Timeline) -> _Level:
+    n_rows, n_months = vocab.shop_ids.size * vocab.category_ids.size, timeline.n_months
+    row = sales.shop * vocab.category_ids.size + vocab.item_category[sales.item]
+    total = np.bincount(row * n_months + sales.month, weights=sales.sold, minlength=n_rows * n_months)
+    channels = {"shop_category_total": total.reshape(n_rows, n_months), "shop_category_mean": means["shopcat"]}
+    return _scaled_level("shopcat", channels, timeline.holdout)
+
+
+def _calendar(first_month: str, n_months: int) -> np.ndarray:
+    moy_next = (_month_of_year_start(first_month) + np.arange(1, n_months + 1)) % 12
+    angle = 2.0 * np.pi * moy_next / 12.0
+    return np.stack([np.sin(angle), np.cos(angle)], axis=1).astype(np.float32)
+
+
+@dataclass(frozen=True)
+class _Levels:
+    pair: _PairLevel
+    item: _Level
+    shop: _Level
+    shopcat: _Level
+    calendar: np.ndarray  # [months, 2]
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """The stored level arrays, by STORED_LEVELS name."""
+        return {
+            "pair_count": self.pair.count,
+            "pair_first": self.pair.first,
+            "item": self.item.values,
+            "shop": self.shop.values,
+            "shopcat": self.shopcat.values,
+            "calendar": self.calendar,
+        }
+
+    def scales(self) -> dict[str, float]:
+        return self.pair.scales | self.item.scales | self.shop.scales | self.shopcat.scales
+
+
+def _levels(
+    sales: _Sales, vocab: _Vocabularies, grid: _Grid, series: _Series, timeline: _Timeline, config: NestcastConfig
+) -> _Levels:
+    clip = config.windows.clip
+    means = _grid_means(
+        np.clip(sales.count, *clip), sales.shop, sales.item, vocab.item_category, sales.month,
+        grid.shops, grid.items, vocab.category_ids.size,
+    )  # fmt: skip
+    return _Levels(
+        pair=_pair_level(sales, series, timeline, clip),
+        item=_item_level(sales, grid, vocab, means, timeline),
+        shop=_shop_level(sales, vocab.shop_ids.size, means, timeline),
+        shopcat=_shopcat_level(sales, vocab, means, timeline),
+        calendar=_calendar(config.ingest.first_month, timeline.n_months),
+    )
+
+
+def _samples(series_idx: np.ndarray, target_month: int) -> np.ndarray:
+    """``[n, 2]`` int32 ``(series_idx, target_month)`` rows."""
+    return np.stack([series_idx.astype(np.int32), np.full(series_idx.size, target_month, dtype=np.int32)], axis=1)
+
+
+def _train_index(
+    policy: str, lookback: int, timeline: _Timeline, grid: _Grid, series: _Series, pairs: _PairLevel
+) -> np.ndarray:
+    months = timeline.train_months
+    if policy == "grid":
+        parts = [series.of_grid(grid, m) for m in months]
+    elif policy == "active":
+        parts = _active_series(pairs, months, lookback)
     else:
-        hs = np.zeros(0, dtype=np.int32)
-    holdout_frame = pa.table(
+        parts = [np.arange(series.n, dtype=np.int32)] * len(months)
+    return np.concatenate([_samples(part, m) for part, m in zip(parts, months, strict=True)])
+
+
+def _active_series(pairs: _PairLevel, months: tuple[int, ...], lookback: int) -> list[np.ndarray]:
+    """Per target month ``T``, the series with a sale in months ``T - lookback .. T``."""
+    n_pairs, n_months = pairs.observed.shape
+    # A running count of months with sales makes each month's test one subtraction.
+    running = np.zeros((n_pairs, n_months + 1), dtype=np.int32)
+    np.cumsum(pairs.observed, axis=1, out=running[:, 1:])
+    return [
+        pairs.sold_series[running[:, m + 1] - running[:, max(m - lookback, 0)] > 0].astype(np.int32) for m in months
+    ]
+
+
+@dataclass(frozen=True)
+class _Split:
+    """The samples of one evaluation target month and their frame, row for row."""
+
+    frame: pa.Table
+    index: np.ndarray  # [n, 2] (series_idx, target_month)
+
+
+def _grid_split(m: int, timeline: _Timeline, grid: _Grid, series: _Series, pairs: _PairLevel) -> _Split:
+    """Month ``m``'s grid with actuals, baselines and new-item / new-pair segments (empty for a month without
+    training data, such as the holdout of a build without one)."""
+    has_data = timeline.train_months[0] <= m <= timeline.last_month
+    samples = series.of_grid(grid, m) if has_data else np.zeros(0, dtype=np.int32)
+    frame = pa.table(
         {
-            "series_idx": hs.astype(np.int32),
-            "shop_id": series_shop_id[hs],
-            "item_id": series_item_id[hs],
-            "item_category_id": series_cat_id[hs],
-            "actual": clipped(hs, holdout),
-            "prev": clipped(hs, holdout - 1),
-            "mean3": mean3(hs, holdout) if hs.size else np.zeros(0, np.float32),
-            "new_item": item_first[series_item[hs]] >= holdout,
-            "new_pair": np.where(pair_row[hs] < n_pairs, pair_first[np.minimum(pair_row[hs], n_pairs - 1)], n_months)
-            >= holdout,
+            "series_idx": samples.astype(np.int32),
+            **series.ids(samples),
+            "actual": pairs.clipped(samples, m),
+            "prev": pairs.clipped(samples, m - 1),
+            "mean3": pairs.mean3(samples, m),
+            "new_item": grid.item_first[series.item[samples]] >= m,
+            "new_pair": pairs.first[pairs.row[samples]] >= m,
         }
     )
-    _write_table(holdout_frame, out_dir / "holdout.parquet")
-    np.save(out_dir / "holdout_index.npy", np.stack([hs.astype(np.int32), np.full(hs.size, holdout, np.int32)], 1))
+    return _Split(frame, _samples(samples, m))
 
-    # Forecast: test.csv pairs (or, with no test.csv, the grid of the last month), target = last + 1.
+
+def _forecast_split(
+    test: pd.DataFrame | None,
+    vocab: _Vocabularies,
+    timeline: _Timeline,
+    grid: _Grid,
+    series: _Series,
+    pairs: _PairLevel,
+) -> _Split:
+    """test.csv's rows in ID order -- or, with no test.csv, the last month's grid as IDs 0..n-1."""
     if test is not None:
-        fs = pair_table[tshop, titem]
+        samples = series.table[vocab.test_shop, vocab.test_item]
         ids = test["ID"].to_numpy(np.int32)
     else:
-        fs = np.sort(pair_table[np.ix_(month_shops[last_month], month_items[last_month])].ravel())
-        ids = np.arange(fs.size, dtype=np.int32)
-    forecast_frame = pa.table(
+        samples = series.of_grid(grid, timeline.last_month)
+        ids = np.arange(samples.size, dtype=np.int32)
+    frame = pa.table(
         {
             "ID": ids,
-            "series_idx": fs.astype(np.int32),
-            "shop_id": series_shop_id[fs],
-            "item_id": series_item_id[fs],
-            "item_category_id": series_cat_id[fs],
-            "prev": clipped(fs, last_month),
-            "mean3": mean3(fs, forecast_month),
+            "series_idx": samples.astype(np.int32),
+            **series.ids(samples),
+            "prev": pairs.clipped(samples, timeline.last_month),
+            "mean3": pairs.mean3(samples, timeline.forecast_month),
         }
     )
-    _write_table(forecast_frame, out_dir / "forecast.parquet")
-    np.save(
-        out_dir / "forecast_index.npy",
-        np.stack([fs.astype(np.int32), np.full(fs.size, forecast_month, np.int32)], 1),
+    return _Split(frame, _samples(samples, timeline.forecast_month))
+
+
+def _series_table(series: _Series, pairs: _PairLevel, n_categories: int) -> pa.Table:
+    return pa.table(
+        {
+            "series_idx": np.arange(series.n, dtype=np.int32),
+            "shop_id": series.shop_id,
+            "item_id": series.item_id,
+            "item_category_id": series.category_id,
+            "shop_index": series.shop.astype(np.int32),
+            "category_index": series.category.astype(np.int32),
+            "pair_row": pairs.row,
+            "item_row": series.item.astype(np.int32),
+            "shopcat_row": (series.shop * n_categories + series.category).astype(np.int32),
+        }
     )
 
+
+def _meta(
+    config: NestcastConfig,
+    timeline: _Timeline,
+    vocab: _Vocabularies,
+    n_series: int,
+    levels: _Levels,
+    sample_counts: dict[str, int],
+    has_test: bool,
+) -> dict[str, Any]:
+    wcfg = config.windows
     return {
         "version": WINDOWS_VERSION,
         "channels": list(CHANNELS),
@@ -533,33 +822,107 @@ def _build_into(out_dir: Path, paths: LakePaths, config: NestcastConfig, holdout
         "lookback": wcfg.lookback,
         "first_month": 0,
         "first_calendar_month": config.ingest.first_month,
-        "last_month": last_month,
-        "n_months": n_months,
-        "holdout_month": holdout,
-        "has_holdout": holdout <= last_month,
-        "forecast_month": forecast_month,
-        "train_months": train_months,
-        "target_clip": [wcfg.target_clip_min, wcfg.target_clip_max],
-        "scaling": {
-            "method": "log1p(x) / rms of non-zero log1p values over months < holdout_month",
-            "stats_months": [0, holdout - 1],
-            "scale": scales,
-        },
+        "last_month": timeline.last_month,
+        "n_months": timeline.n_months,
+        "holdout_month": timeline.holdout,
+        "has_holdout": timeline.has_holdout,
+        "forecast_month": timeline.forecast_month,
+        "train_months": list(timeline.train_months),
+        "target_clip": list(wcfg.clip),
+        "scaling": _scaling_meta(timeline, levels),
         "n_series": int(n_series),
-        "n_pairs_with_sales": int(n_pairs),
-        "n_items": int(n_items),
-        "n_shops": int(n_shops),
-        "n_categories": int(n_cats),
-        "shop_ids": shop_ids.tolist(),
-        "category_ids": category_ids.tolist(),
-        "sample_policy": policy,
-        "sample_counts": {
-            "train": int(train_index.shape[0]),
-            "holdout": int(hs.size),
-            "forecast": int(fs.size),
-        },
-        "forecast_source": "test.parquet" if test is not None else f"grid of month {last_month}",
+        "n_pairs_with_sales": int(levels.pair.sold_series.size),
+        "n_items": int(vocab.item_ids.size),
+        "n_shops": int(vocab.shop_ids.size),
+        "n_categories": int(vocab.category_ids.size),
+        "shop_ids": vocab.shop_ids.tolist(),
+        "category_ids": vocab.category_ids.tolist(),
+        "sample_policy": wcfg.sample_policy,
+        "validation_month": timeline.validation if sample_counts["validation"] else None,
+        "sample_counts": sample_counts,
+        "forecast_source": "test.parquet" if has_test else f"grid of month {timeline.last_month}",
+        "static_features": wcfg.static_features,
     }
+
+
+def _scaling_meta(timeline: _Timeline, levels: _Levels) -> dict[str, Any]:
+    return {
+        "method": "log1p(x) / rms of non-zero log1p values over months < holdout_month",
+        "stats_months": [0, timeline.holdout - 1],
+        "scale": levels.scales(),
+    }
+
+
+# --- the build object and its writer -------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _WindowsBuild:
+    """Everything a windows directory holds, computed and not yet written."""
+
+    levels: _Levels
+    item_family: np.ndarray
+    grid: _Grid
+    series: pa.Table
+    train_index: np.ndarray
+    splits: dict[str, _Split]  # holdout, validation, forecast
+    meta: dict[str, Any]
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """``<name>.npy`` contents by name."""
+        return (
+            self.levels.arrays()
+            | {"item_family": self.item_family, "train_index": self.train_index}
+            | {f"{name}_index": split.index for name, split in self.splits.items()}
+            | {"grid_shops": self.grid.shops, "grid_items": self.grid.items}
+        )
+
+    def tables(self) -> dict[str, pa.Table]:
+        """``<name>.parquet`` contents by name."""
+        return {"series": self.series} | {name: split.frame for name, split in self.splits.items()}
+
+
+def _build(
+    paths: LakePaths, config: NestcastConfig, holdout_month: int | None, provenance: dict[str, Any]
+) -> _WindowsBuild:
+    """All stages, in dependency order; ``provenance`` (build hash, input hashes) goes into the meta as is."""
+    monthly = _read_monthly(paths)
+    timeline = _timeline(config, holdout_month, monthly["date_block_num"])
+    refs = _read_references(paths)
+    has_test = refs.test is not None
+    vocab = _vocabularies(monthly, refs, config)
+    sales = _sales(monthly, vocab)
+    del monthly  # the sales hold the same rows in the types the stages use
+    grid = _monthly_grid(sales, timeline.n_months, vocab)
+    series = _series(sales, vocab, grid, timeline, has_test)
+    levels = _levels(sales, vocab, grid, series, timeline, config)
+    wcfg = config.windows
+    train_index = _train_index(wcfg.sample_policy, wcfg.lookback, timeline, grid, series, levels.pair)
+    splits = {
+        "holdout": _grid_split(timeline.holdout, timeline, grid, series, levels.pair),
+        "validation": _grid_split(timeline.validation, timeline, grid, series, levels.pair),
+        "forecast": _forecast_split(refs.test, vocab, timeline, grid, series, levels.pair),
+    }
+    sample_counts = {"train": int(train_index.shape[0])} | {name: int(s.index.shape[0]) for name, s in splits.items()}
+    meta = _meta(config, timeline, vocab, series.n, levels, sample_counts, has_test) | provenance
+    return _WindowsBuild(
+        levels=levels,
+        item_family=vocab.item_family,
+        grid=grid,
+        series=_series_table(series, levels.pair, vocab.category_ids.size),
+        train_index=train_index,
+        splits=splits,
+        meta=meta,
+    )
+
+
+def _write_build(build: _WindowsBuild, out_dir: Path) -> None:
+    for name, array in build.arrays().items():
+        np.save(out_dir / f"{name}.npy", np.ascontiguousarray(array))
+    for name, table in build.tables().items():
+        # lz4: these files are re-read at every training run; speed matters more than size here.
+        pq.write_table(table, out_dir / f"{name}.parquet", compression="lz4")
+    (out_dir / "meta.json").write_text(json.dumps(build.meta, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
 # --- reading -------------------------------------------------------------------------------------
@@ -624,11 +987,26 @@ class WindowStore:
         self.category_index: np.ndarray = self.series["category_index"].to_numpy(np.int32)
         self.train_index: np.ndarray = np.load(self.dir / "train_index.npy")
         self.holdout_index: np.ndarray = np.load(self.dir / "holdout_index.npy")
+        self.validation_index: np.ndarray = np.load(self.dir / "validation_index.npy")
+        self.validation_month: int | None = self.meta.get("validation_month")
         self.forecast_index: np.ndarray = np.load(self.dir / "forecast_index.npy")
+        self.grid: dict[str, np.ndarray] = {name: np.load(self.dir / f"{name}.npy") for name in GRID_ARRAYS}
+        self.item_family: np.ndarray = np.load(self.dir / "item_family.npy")
         # Read now, not on demand: a rebuild swaps the directory, and a store must stay one snapshot.
         self._holdout_frame = pq.read_table(self.dir / "holdout.parquet").to_pandas()
+        self._validation_frame = pq.read_table(self.dir / "validation.parquet").to_pandas()
         self._forecast_frame = pq.read_table(self.dir / "forecast.parquet").to_pandas()
         self.cube = CubeView(self)
+        self.n_static = len(_static_names()) if self.meta.get("static_features") else 0
+        self._tables: Any = None
+
+    def feature_tables(self) -> Any:
+        """``core.reference.FeatureTables`` of this store, built on first use."""
+        if self._tables is None:
+            from core.reference import FeatureTables
+
+            self._tables = FeatureTables.of(self)
+        return self._tables
 
     @classmethod
     def open(cls, windows_dir: str | Path) -> WindowStore:
@@ -685,21 +1063,40 @@ class WindowStore:
     def inputs(self, series_idx: np.ndarray, target_month: np.ndarray) -> dict[str, np.ndarray]:
         """The model's input dict for a batch of samples."""
         series_idx = np.asarray(series_idx, dtype=np.int64).ravel()
-        return {
+        inputs = {
             "sequence": self.gather(series_idx, target_month),
             "shop": self.shop_index[series_idx],
             "category": self.category_index[series_idx],
         }
+        if self.n_static:
+            from core.reference import static_features
+
+            samples = np.stack([series_idx, np.asarray(target_month, dtype=np.int64).ravel()], axis=1)
+            inputs |= static_features(self.feature_tables(), samples)
+        return inputs
 
     # Datasets ------------------------------------------------------------------------------------
+    def training_samples(self, before_month: int | None = None) -> np.ndarray:
+        """``train_index`` rows whose target month is before ``before_month`` (None: every training month)."""
+        if before_month is None:
+            return self.train_index
+        return self.train_index[self.train_index[:, 1] < before_month]
+
     def train_dataset(
-        self, batch_size: int, seed: int = 0, shuffle: bool = True, max_samples: int | None = None, **kwargs: Any
+        self,
+        batch_size: int,
+        seed: int = 0,
+        shuffle: bool = True,
+        max_samples: int | None = None,
+        before_month: int | None = None,
+        **kwargs: Any,
     ) -> Any:
         """Training batches (``keras.utils.PyDataset``), reshuffled every epoch from ``seed``.
 
-        ``max_samples`` keeps a seeded random subset. ``kwargs`` go to ``PyDataset`` (workers...).
+        ``before_month`` keeps the targets before that month (the protocol's selection stage trains below the
+        validation month). ``max_samples`` keeps a seeded random subset. ``kwargs`` go to ``PyDataset``.
         """
-        index = self.train_index
+        index = self.training_samples(before_month)
         if max_samples is not None and max_samples < index.shape[0]:
             keep = np.sort(np.random.default_rng(seed).choice(index.shape[0], size=max_samples, replace=False))
             index = index[keep]
@@ -708,6 +1105,10 @@ class WindowStore:
     def holdout_dataset(self, batch_size: int, **kwargs: Any) -> Any:
         """Holdout batches with targets, in ``holdout_frame()`` order."""
         return _dataset_class()(self, self.holdout_index, batch_size, with_y=True, shuffle=False, **kwargs)
+
+    def validation_dataset(self, batch_size: int, **kwargs: Any) -> Any:
+        """Validation-month batches with targets, in ``validation_frame()`` order."""
+        return _dataset_class()(self, self.validation_index, batch_size, with_y=True, shuffle=False, **kwargs)
 
     def forecast_dataset(self, batch_size: int, **kwargs: Any) -> Any:
         """Forecast batches (inputs only), in ``forecast_frame()`` order."""
@@ -718,9 +1119,19 @@ class WindowStore:
         """One row per holdout-grid pair: ids, ``actual``, baselines ``prev`` and ``mean3``, segments."""
         return self._holdout_frame.copy()
 
+    def validation_frame(self) -> pd.DataFrame:
+        """The validation month's grid, with the same columns as :meth:`holdout_frame`."""
+        return self._validation_frame.copy()
+
     def forecast_frame(self) -> pd.DataFrame:
         """One row per test.csv row (ID order): ids, ``series_idx``, baselines ``prev`` and ``mean3``."""
         return self._forecast_frame.copy()
+
+
+def _static_names() -> tuple[str, ...]:
+    from core.reference import STATIC_FEATURES
+
+    return STATIC_FEATURES
 
 
 @functools.cache
@@ -728,7 +1139,7 @@ def _dataset_class() -> type:
     """Defined on first use so that building the cube does not import TensorFlow."""
     import keras
 
-    class WindowDataset(keras.utils.PyDataset):
+    class WindowDataset(EpochShuffled, keras.utils.PyDataset):
         """Batches of windows cut from a ``WindowStore`` at draw time (nothing is pre-materialised)."""
 
         def __init__(
@@ -741,38 +1152,16 @@ def _dataset_class() -> type:
             seed: int = 0,
             **kwargs: Any,
         ) -> None:
-            super().__init__(**kwargs)
-            if batch_size < 1:
-                raise ValueError("batch_size must be >= 1")
             self.store = store
             self.index = np.asarray(index, dtype=np.int32).reshape(-1, 2)
-            self.batch_size = int(batch_size)
             self.with_y = with_y
-            self.shuffle = shuffle
-            self.seed = seed
-            self.epoch = 0
-            self._order = self._permutation()
-
-        def _permutation(self) -> np.ndarray:
-            n = self.index.shape[0]
-            if not self.shuffle:
-                return np.arange(n)
-            return np.random.default_rng([self.seed, self.epoch]).permutation(n)
-
-        def __len__(self) -> int:
-            return math.ceil(self.index.shape[0] / self.batch_size)
+            super().__init__(self.index.shape[0], batch_size, shuffle=shuffle, seed=seed, **kwargs)
 
         def __getitem__(self, i: int) -> Any:
-            if not 0 <= i < len(self):
-                raise IndexError(i)
-            rows = self.index[self._order[i * self.batch_size : (i + 1) * self.batch_size]]
+            rows = self.index[self.batch_positions(i)]
             inputs = self.store.inputs(rows[:, 0], rows[:, 1])
             if not self.with_y:
                 return (inputs,)
             return inputs, self.store.targets(rows[:, 0], rows[:, 1])
-
-        def on_epoch_end(self) -> None:
-            self.epoch += 1
-            self._order = self._permutation()
 
     return WindowDataset

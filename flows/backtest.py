@@ -7,68 +7,56 @@ configuration and the origins, so a rerun of the same backtest finds its finishe
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import inspect
+from pathlib import Path
+from typing import Any
 
 from prefect import flow, get_run_logger
-from prefect.tasks import exponential_backoff
 
-from core.backtest import default_run_dir, parse_origins
-from core.config import NestcastConfig
-from core.lake import LakePaths
+from core import backtest as backtest_step
+from core.config import BACKTEST_KNOBS, NestcastConfig
 from flows.aggregate_months import aggregate_months
+from flows.parameters import OVERRIDES, OVERRIDES_HELP, with_knobs
 from flows.sales_forecast import build_config
 from tasks.backtest import backtest_origin, backtest_report
-from tasks.common import refresh_if_missing
+from tasks.common import step_options
 from tasks.ingest import ingest_raw_files
 
 DEFAULTS = NestcastConfig()
-
-
-def retry_options(config: NestcastConfig) -> dict[str, Any]:
-    return {
-        "retries": config.orchestration.retries,
-        "retry_delay_seconds": exponential_backoff(config.orchestration.retry_delay_seconds),
-    }
+ORIGINS = inspect.Parameter("origins", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=list[int] | None)
 
 
 @flow(name="backtest", log_prints=True, validate_parameters=True)
+@with_knobs(
+    BACKTEST_KNOBS, defaults=DEFAULTS, extra=[ORIGINS, OVERRIDES],
+    extra_help={"origins": "Origin months to score (default: the last three months in the lake).", **OVERRIDES_HELP},
+)  # fmt: skip
 def backtest(
-    data_dir: str = str(DEFAULTS.data_dir),
-    origins: list[int] | None = None,
-    lookback: int = DEFAULTS.windows.lookback,
-    sample_policy: Literal["grid", "active", "all"] = DEFAULTS.windows.sample_policy,
-    kind: Literal["nlstm", "lstm", "gru", "rnn"] = DEFAULTS.model.kind,
-    units: int = DEFAULTS.model.units,
-    depth: int = DEFAULTS.model.depth,
-    epochs: int = DEFAULTS.train.epochs,
-    batch_size: int = DEFAULTS.train.batch_size,
-    learning_rate: float = DEFAULTS.train.learning_rate,
-    seed: int = DEFAULTS.train.seed,
-    device: Literal["auto", "cpu", "gpu"] = DEFAULTS.train.device,
-    overrides: dict[str, Any] | None = None,
+    *, origins: list[int] | None = None, overrides: dict[str, Any] | None = None, **knobs: Any
 ) -> dict[str, Any]:
     """Rolling-origin backtest: for each origin month, train on the months before it and score that month.
 
-    ``origins`` default to the last three months in the lake.
+    The loop over origins is ``core.backtest.backtest``'s (the only one); here each origin and the report are
+    Prefect tasks.
     """
-    config = build_config(
-        data_dir=data_dir, lookback=lookback, sample_policy=sample_policy, kind=kind, units=units, depth=depth,
-        epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, seed=seed, device=device,
-        overrides=overrides,
-    )  # fmt: skip
-    retries = retry_options(config)
-    ingested = ingest_raw_files.with_options(**retries, **refresh_if_missing(LakePaths(config.data_dir).manifest))(
-        config
-    )
+    config = build_config(**knobs, overrides=overrides)
+    options = step_options(config)
+    ingested = ingest_raw_files.with_options(**options)(config)
     monthly = aggregate_months(config, ingested)
-    months = parse_origins(origins if origins else monthly["months"][-3:], last_month=max(monthly["months"]))
-    root = default_run_dir(config, months)
-    results = [
-        backtest_origin.with_options(**retries, timeout_seconds=config.orchestration.task_timeout_seconds)(
-            config, origin, str(root), monthly
-        )
-        for origin in months
-    ]
-    report = backtest_report.with_options(**retries)(config, results, str(root))
+    months = backtest_step.parse_origins(origins if origins else monthly["months"][-3:],
+                                         last_month=max(monthly["months"]))  # fmt: skip
+    root = backtest_step.default_run_dir(config, months)
+    reports: list[dict[str, Any]] = []
+
+    def run_origin(origin: int, root: Path) -> backtest_step.OriginResult:
+        outcome = backtest_origin.with_options(**options)(config, origin, str(root), monthly)
+        return backtest_step.OriginResult.from_dict(outcome)
+
+    def finish(result: backtest_step.BacktestResult, root: Path) -> None:
+        origins_done = [o.to_dict() for o in result.origins]
+        reports.append(backtest_report.with_options(**options)(config, origins_done, str(root)))
+
+    backtest_step.backtest(config, months, root, prepare=False, run_origin=run_origin, finish=finish)
+    (report,) = reports
     get_run_logger().info("backtest report: %s (mean model / previous %.4f)", report["report"], report["mean_ratio"])
     return {"run_dir": str(root), "origins": months, **report}

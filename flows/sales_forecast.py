@@ -6,22 +6,20 @@ environment variables); ``overrides`` takes any other config field by its flat n
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
-from prefect.tasks import exponential_backoff
 
-from core.config import NestcastConfig
-from core.evaluate import FORECAST_FILE
-from core.lake import LakePaths
-from core.model import MODEL_FILE
+from core.config import RUN_KNOBS, NestcastConfig
+from core.protocol import forecast_run_dir
 from flows.aggregate_months import aggregate_months
-from tasks.common import refresh_if_missing
+from flows.parameters import OVERRIDES, OVERRIDES_HELP, with_knobs
+from tasks.common import step_options
 from tasks.evaluate import evaluate_model
 from tasks.export import export_forecast
 from tasks.ingest import ingest_raw_files
-from tasks.train import forecast_run_dir, train_model
+from tasks.train import refit_models, select_models
 from tasks.windows import build_windows
 
 DEFAULTS = NestcastConfig()
@@ -33,49 +31,29 @@ def build_config(**parameters: Any) -> NestcastConfig:
 
 
 @flow(name="sales-forecast", log_prints=True, validate_parameters=True)
-def sales_forecast(
-    data_dir: str = str(DEFAULTS.data_dir),
-    lookback: int = DEFAULTS.windows.lookback,
-    sample_policy: Literal["grid", "active", "all"] = DEFAULTS.windows.sample_policy,
-    kind: Literal["nlstm", "lstm", "gru", "rnn"] = DEFAULTS.model.kind,
-    units: int = DEFAULTS.model.units,
-    depth: int = DEFAULTS.model.depth,
-    epochs: int = DEFAULTS.train.epochs,
-    batch_size: int = DEFAULTS.train.batch_size,
-    learning_rate: float = DEFAULTS.train.learning_rate,
-    seed: int = DEFAULTS.train.seed,
-    device: Literal["auto", "cpu", "gpu"] = DEFAULTS.train.device,
-    fallback: Literal["baseline", "model"] = DEFAULTS.export.fallback,
-    task_runner: Literal["thread", "dask"] = DEFAULTS.orchestration.task_runner,
-    dask_address: str | None = DEFAULTS.orchestration.dask_address,
-    submission_path: str | None = None,
-    overrides: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    """Forecast next month's sales for every test.csv pair and export a checked submission."""
-    config = build_config(
-        data_dir=data_dir, lookback=lookback, sample_policy=sample_policy, kind=kind, units=units,
-        depth=depth, epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, seed=seed,
-        device=device, fallback=fallback, task_runner=task_runner, dask_address=dask_address,
-        submission_path=submission_path, overrides=overrides,
-    )  # fmt: skip
-    step_options = {
-        "retries": config.orchestration.retries,
-        "retry_delay_seconds": exponential_backoff(config.orchestration.retry_delay_seconds),
-        "timeout_seconds": config.orchestration.task_timeout_seconds,
-    }
+@with_knobs(tuple(RUN_KNOBS), defaults=DEFAULTS, extra=[OVERRIDES], extra_help=OVERRIDES_HELP)
+def sales_forecast(*, overrides: dict[str, Any] | None = None, **knobs: Any) -> dict[str, Any]:
+    """Forecast next month's sales for every test.csv pair and export a checked submission.
 
-    lake = LakePaths(config.data_dir)
-    ingested = ingest_raw_files.with_options(**step_options, **refresh_if_missing(lake.manifest))(config)
+    Protocol (README "Training protocol"): the epoch count, the reference's rounds, the blend weight and the
+    gate are chosen on the validation month M-2; the reported score is the holdout month M-1, seen by none of
+    those choices; the exported forecast of M comes from the same models refitted on every month through M-1.
+    """
+    config = build_config(**knobs, overrides=overrides)
+    options = step_options(config)
+
+    ingested = ingest_raw_files.with_options(**options)(config)
     monthly = aggregate_months(config, ingested)
-    windows = build_windows.with_options(**step_options, **refresh_if_missing(lake.windows / "meta.json"))(
-        config, monthly
+    windows = build_windows.with_options(**options)(config, monthly, purpose="evaluation")
+    final_windows = build_windows.with_options(**options)(config, monthly, purpose="final")
+    run_dir = str(forecast_run_dir(config, windows, final_windows))
+    selection = select_models.with_options(**options)(config, windows, run_dir)
+    holdout_fit = refit_models.with_options(**options)(config, windows, selection, run_dir, stage="holdout")
+    final_fit = refit_models.with_options(**options)(config, final_windows, selection, run_dir, stage="final")
+    evaluation = evaluate_model.with_options(**options)(
+        config, windows, final_windows, selection, run_dir, [holdout_fit, final_fit]
     )
-    run_dir = forecast_run_dir(config, windows)
-    trained = train_model.with_options(**step_options, **refresh_if_missing(run_dir / MODEL_FILE))(config, windows)
-    evaluation = evaluate_model.with_options(**step_options, **refresh_if_missing(run_dir / FORECAST_FILE))(
-        config, windows, trained
-    )
-    exported = export_forecast.with_options(**step_options)(config, windows, trained, evaluation)
+    exported = export_forecast.with_options(**options)(config, final_windows, run_dir, evaluation)
 
     summary = {
         "data_dir": str(config.data_dir),
@@ -84,11 +62,17 @@ def sales_forecast(
         "rows_quarantined": ingested["rows_quarantined"],
         "months": monthly["months"],
         "train_samples": windows["sample_counts"]["train"],
-        "run_dir": trained["run_dir"],
+        "run_dir": run_dir,
+        "validation_month": selection["validation_month"],
+        "holdout_month": evaluation["holdout_month"],
+        "epochs": selection["epochs"],
         "model_rmse": evaluation["model_rmse"],
+        "ensemble_rmse": evaluation.get("ensemble_rmse"),
+        "reference_rmse": evaluation.get("reference_rmse"),
         "baseline_rmse": evaluation["baseline_rmse"],
         "beats_baseline": evaluation["beats_baseline"],
         "exported": exported["exported"],
+        "exported_rmse": evaluation["exported_rmse"],
         "submission": exported["submission"],
         "report": evaluation["report"],
     }

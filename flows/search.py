@@ -19,10 +19,9 @@ from core.backtest import parse_origins
 from core.config import NestcastConfig
 from core.lake import LakePaths, write_json_atomic
 from flows.aggregate_months import aggregate_months
-from flows.backtest import retry_options
 from flows.sales_forecast import build_config
 from tasks.backtest import search_report, search_trial
-from tasks.common import refresh_if_missing
+from tasks.common import step_options
 from tasks.ingest import ingest_raw_files
 
 DEFAULTS = NestcastConfig()
@@ -42,14 +41,12 @@ def search(
     """
     fixed = dict(overrides or {})
     config = build_config(data_dir=data_dir, overrides=fixed)
-    retries = retry_options(config)
-    ingested = ingest_raw_files.with_options(**retries, **refresh_if_missing(LakePaths(config.data_dir).manifest))(
-        config
-    )
+    options = step_options(config)
+    ingested = ingest_raw_files.with_options(**options)(config)
     monthly = aggregate_months(config, ingested)
     months = parse_origins(origins if origins else monthly["months"][-3:], last_month=max(monthly["months"]))
     key = json.dumps({"fixed": fixed, "origins": months, "seed": seed, "trials": trials}, sort_keys=True, default=str)
-    root = LakePaths(config.data_dir).run_dir(f"search-{hashlib.sha256(key.encode()).hexdigest()[:10]}")
+    root = LakePaths.of(config).run_dir(f"search-{hashlib.sha256(key.encode()).hexdigest()[:10]}")
     pinned = {k: v for k, v in fixed.items() if k in search_step.SPACE}
 
     study = search_step.make_study(seed)
@@ -58,7 +55,7 @@ def search(
     for _ in range(trials):
         trial = study.ask()
         params = search_step.suggest(trial, pinned)
-        state = search_trial.with_options(**retries, timeout_seconds=config.orchestration.task_timeout_seconds)(
+        state = search_trial.with_options(**options)(
             config.with_overrides(**params), trial.number, months, str(root), monthly, return_state=True
         )
         if state.is_completed():
@@ -72,6 +69,6 @@ def search(
 
     best = search_step.best_params(study, pinned)
     write_json_atomic(root / "best.json", {"best": best, "origins": months, "overrides": fixed})
-    report = search_report(rows, str(root), best)
+    report = search_report.with_options(**options)(rows, str(root), best)
     logger.info("search report: %s; best: %s", report["report"], best)
     return {"run_dir": str(root), "origins": months, "best": best, "rows": search_step.sorted_rows(rows), **report}

@@ -4,37 +4,34 @@ from __future__ import annotations
 
 from typing import Any
 
-from prefect import task
-
 from core import aggregate as aggregate_step
 from core.config import NestcastConfig
 from core.lake import LakePaths
-from tasks.common import RETRY_OPTIONS, content_cache_key, retry_transient_only
+from tasks.common import content_cache_key, nestcast_task
 
 
-@task(name="plan-months", tags=["nestcast"], retry_condition_fn=retry_transient_only, **RETRY_OPTIONS)
+@nestcast_task("plan-months")
 def plan_months(config: NestcastConfig, ingested: dict[str, Any]) -> dict[int, str]:
     """Every month partition in lake/sales with the content hash that keys its aggregation."""
-    paths = LakePaths(config.data_dir)
-    months = aggregate_step.sales_months(paths)
+    paths = LakePaths.of(config)
+    months = paths.sales_months()
     if not months:
         raise ValueError(f"no sales partitions under {paths.sales}: did ingest accept any row?")
     return {month: aggregate_step.month_input_hash(paths, month, config) for month in months}
 
 
-@task(
-    name="aggregate-month",
-    tags=["nestcast", "io"],
-    retry_condition_fn=retry_transient_only,
-    cache_key_fn=content_cache_key("aggregate"),
-    **RETRY_OPTIONS,
+@nestcast_task(
+    "aggregate-month",
+    tags=["io"],
+    cache_key=content_cache_key("aggregate"),
+    outputs=lambda p: [LakePaths.of(p["config"]).monthly_file(p["month"])],
 )
 def aggregate_month(config: NestcastConfig, month: int, input_hash: str) -> str:
     """Daily rows of one month -> one row per (shop, item) in lake/monthly/date_block_num=N/."""
-    return str(aggregate_step.aggregate_month(LakePaths(config.data_dir), month, config))
+    return str(aggregate_step.aggregate_month(LakePaths.of(config), month, config))
 
 
-@task(name="finish-aggregation", tags=["nestcast", "io"], retry_condition_fn=retry_transient_only, **RETRY_OPTIONS)
+@nestcast_task("finish-aggregation", tags=["io"])
 def finish_aggregation(config: NestcastConfig, input_hashes: dict[int, str]) -> dict[str, Any]:
     """Drop monthly partitions whose sales month is gone and record the lake's monthly state."""
     removed = aggregate_step.remove_stale_months(config)

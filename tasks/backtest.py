@@ -10,13 +10,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from prefect import get_run_logger, task
+from prefect import get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from core import backtest as backtest_step
 from core.config import NestcastConfig
-from core.lake import write_json_atomic
-from tasks.common import RETRY_OPTIONS, artifact_key, content_cache_key, retry_transient_only
+from tasks.common import artifact_key, content_cache_key, nestcast_task
 
 
 def _log_epochs(label: str, epochs: int) -> Any:
@@ -30,13 +29,7 @@ def _log_epochs(label: str, epochs: int) -> Any:
     return on_epoch
 
 
-@task(
-    name="backtest-origin",
-    tags=["nestcast", "gpu"],
-    retry_condition_fn=retry_transient_only,
-    cache_key_fn=content_cache_key("windows", "model", "train"),
-    **RETRY_OPTIONS,
-)
+@nestcast_task("backtest-origin", tags=["gpu"], cache_key=content_cache_key("windows", "model", "train"))
 def backtest_origin(config: NestcastConfig, origin: int, root: str, monthly: dict[str, Any]) -> dict[str, Any]:
     """Windows with ``origin`` held out, the model trained on the months before, the origin's grid scored.
 
@@ -52,14 +45,13 @@ def backtest_origin(config: NestcastConfig, origin: int, root: str, monthly: dic
     return result.to_dict()
 
 
-@task(name="backtest-report", tags=["nestcast", "io"], retry_condition_fn=retry_transient_only, **RETRY_OPTIONS)
+@nestcast_task("backtest-report", tags=["io"])
 def backtest_report(config: NestcastConfig, origins: list[dict[str, Any]], root: str) -> dict[str, Any]:
     """``backtest.md`` + ``backtest.json`` under ``root``, and the per-origin RMSE table artifact."""
     result = backtest_step.BacktestResult(
         config=config.flat(), origins=[backtest_step.OriginResult.from_dict(o) for o in origins]
     )
-    report = backtest_step.write_backtest_report(result, Path(root) / backtest_step.REPORT_FILE)
-    write_json_atomic(Path(root) / backtest_step.RESULT_FILE, result.to_dict())
+    report = backtest_step.write_backtest_files(result, root)
     create_table_artifact(
         key="backtest",
         table=result.rows(),
@@ -69,13 +61,7 @@ def backtest_report(config: NestcastConfig, origins: list[dict[str, Any]], root:
     return {"report": str(report), "mean_ratio": result.mean_ratio, "rows": result.rows()}
 
 
-@task(
-    name="search-trial",
-    tags=["nestcast", "gpu"],
-    retry_condition_fn=retry_transient_only,
-    cache_key_fn=content_cache_key("windows", "model", "train"),
-    **RETRY_OPTIONS,
-)
+@nestcast_task("search-trial", tags=["gpu"], cache_key=content_cache_key("windows", "model", "train"))
 def search_trial(
     config: NestcastConfig, number: int, origins: list[int], root: str, monthly: dict[str, Any]
 ) -> dict[str, Any]:
@@ -88,7 +74,7 @@ def search_trial(
     return result.to_dict() | {"train_seconds": result.train_seconds, "params": result.params}
 
 
-@task(name="search-report", tags=["nestcast", "io"], retry_condition_fn=retry_transient_only, **RETRY_OPTIONS)
+@nestcast_task("search-report", tags=["io"])
 def search_report(rows: list[dict[str, Any]], root: str, best: dict[str, Any]) -> dict[str, Any]:
     """``search.md`` under ``root`` and the trials table artifact (best first)."""
     from core import search as search_step

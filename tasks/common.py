@@ -1,17 +1,20 @@
-"""What every nestcast task shares: the retry policy, content-hash cache keys, artifact keys."""
+"""What every nestcast task shares: one decorator (``nestcast_task``) with the retry policy and content-hash
+cache keys that know the step's outputs, the task options built from the config, artifact keys."""
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import inspect
 import json
 import re
-from collections.abc import Callable, Iterable
+import uuid
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from prefect import Task
+from prefect import Task, task
 from prefect.client.schemas.objects import TaskRun
 from prefect.context import TaskRunContext
 from prefect.states import State
@@ -19,14 +22,33 @@ from prefect.tasks import exponential_backoff
 
 from core.config import NestcastConfig
 from core.errors import NON_RETRYABLE
-from core.lake import tree_sha256
+from core.lake import LakePaths, read_json, tree_sha256, write_json_atomic
 
-#: Defaults every step task is declared with; the flow may override retries from the config.
+F = TypeVar("F", bound=Callable[..., Any])
+CacheKeyFn = Callable[[TaskRunContext, dict[str, Any]], str]
+#: What a step writes, from its parameters (``config`` and the rest): the files its cached result points at.
+OutputsFn = Callable[[Mapping[str, Any]], Iterable[Path]]
+
+#: The retry policy every step task is declared with (`nestcast_task`); `step_options` sets it from the config.
 RETRY_OPTIONS: dict[str, Any] = {
     "retries": 2,
     "retry_delay_seconds": exponential_backoff(backoff_factor=2),
     "retry_jitter_factor": 0.5,
 }
+
+
+def step_options(config: NestcastConfig, *, timeout: bool = True) -> dict[str, Any]:
+    """The one place the config's orchestration settings become task options (``task.with_options(**...)``).
+
+    ``timeout=False`` for tasks mapped on a thread pool, where a timeout cannot interrupt the work.
+    """
+    options: dict[str, Any] = {
+        "retries": config.orchestration.retries,
+        "retry_delay_seconds": exponential_backoff(config.orchestration.retry_delay_seconds),
+    }
+    if timeout:
+        options["timeout_seconds"] = config.orchestration.task_timeout_seconds
+    return options
 
 
 def retry_transient_only(task: Task[..., Any], task_run: TaskRun, state: State) -> bool:
@@ -49,7 +71,7 @@ def _fingerprint(value: Any) -> str:
 def content_cache_key(
     *sections: str,
     input_trees: Callable[[NestcastConfig], Iterable[Path]] | None = None,
-) -> Callable[[TaskRunContext, dict[str, Any]], str]:
+) -> CacheKeyFn:
     """A cache key from what a step's result really depends on.
 
     The key combines the task's source, the data directory, the named config ``sections``, every
@@ -62,7 +84,7 @@ def content_cache_key(
         config: NestcastConfig = parameters["config"]
         digest = hashlib.sha256()
         digest.update(context.task.name.encode())
-        digest.update(inspect.getsource(context.task.fn).encode())
+        digest.update(_source_of(context.task.fn).encode())
         digest.update(str(Path(config.data_dir).resolve()).encode())
         for section in sections:
             digest.update(_fingerprint(getattr(config, section)).encode())
@@ -78,6 +100,105 @@ def content_cache_key(
     return key
 
 
+def _source_of(fn: Callable[..., Any]) -> str:
+    """The step's source, read once where it was declared (a Dask worker may not find the file)."""
+    source = getattr(fn, "__nestcast_source__", None)
+    return source if source is not None else inspect.getsource(fn)
+
+
+# --- cache keys that know a step's outputs --------------------------------------------------------
+def output_stamps(paths: Iterable[Path]) -> dict[str, str]:
+    """``path -> "size:mtime_ns"`` (or ``"missing"``) of each output: cheap, and any rewrite changes it."""
+    stamps = {}
+    for path in paths:
+        try:
+            stat = Path(path).stat()
+            stamps[str(path)] = f"{stat.st_size}:{stat.st_mtime_ns}"
+        except FileNotFoundError:
+            stamps[str(path)] = "missing"
+    return stamps
+
+
+def _stamp_file(config: NestcastConfig, key: str) -> Path:
+    return LakePaths.of(config).task_outputs / f"{key}.json"
+
+
+def output_aware(cache_key: CacheKeyFn, outputs: OutputsFn) -> CacheKeyFn:
+    """``cache_key``, made to miss when the step's outputs are gone or changed since it last succeeded.
+
+    Prefect computes a key before the task runs, so the outputs cannot be hashed into it directly (the key
+    would differ from the one the run stored its result under). Instead a step's success records its
+    outputs' stamps (``nestcast_task`` does, under ``.task-outputs/<key>.json``); while the current stamps
+    match that record, the key is the plain content key, and when they do not (a wiped lake or runs dir, a
+    file rewritten by hand) it is salted, so the step runs again. Its success then records the new stamps.
+    """
+
+    def key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
+        plain = cache_key(context, parameters)
+        recorded = read_json(_stamp_file(parameters["config"], plain))
+        current = output_stamps(outputs(parameters))
+        if recorded is None or recorded == current and "missing" not in current.values():
+            return plain  # never ran here (nothing to contradict), or its outputs are as it left them
+        return hashlib.sha256(f"{plain}:outputs-changed:{uuid.uuid4().hex}".encode()).hexdigest()
+
+    return key
+
+
+def record_outputs(cache_key: CacheKeyFn, outputs: OutputsFn, parameters: dict[str, Any]) -> None:
+    """After a step succeeded: the stamps of its outputs, under its plain content key (see ``output_aware``)."""
+    context = TaskRunContext.get()
+    if context is None:  # called outside a task run (a test calling .fn): nothing to cache
+        return
+    plain = cache_key(context, parameters)
+    write_json_atomic(_stamp_file(parameters["config"], plain), output_stamps(outputs(parameters)))
+
+
+# --- the one task decorator -------------------------------------------------------------------------
+def nestcast_task(
+    name: str,
+    *,
+    tags: Iterable[str] = (),
+    cache_key: CacheKeyFn | None = None,
+    outputs: OutputsFn | None = None,
+    task_run_name: str | None = None,
+) -> Callable[[F], Task[..., Any]]:
+    """Every nestcast step's ``@task``: the tag ``nestcast`` plus ``tags``, the shared retry policy (retries,
+    exponential backoff with jitter, transient errors only), and, with ``cache_key``, caching on content;
+    with ``outputs`` as well, a cached result is only served while the files it points at are as the step
+    left them."""
+    if outputs is not None and cache_key is None:
+        raise ValueError(f"{name}: outputs only matter to a cached task; give cache_key too")
+
+    def decorate(fn: F) -> Task[..., Any]:
+        key_fn = output_aware(cache_key, outputs) if cache_key is not None and outputs is not None else cache_key
+        fn.__nestcast_source__ = inspect.getsource(fn)  # type: ignore[attr-defined]
+        body: Callable[..., Any] = fn
+        if cache_key is not None and outputs is not None:
+            signature = inspect.signature(fn)
+
+            @functools.wraps(fn)
+            def body(*args: Any, **kwargs: Any) -> Any:
+                result = fn(*args, **kwargs)
+                bound = signature.bind(*args, **kwargs)
+                bound.apply_defaults()
+                record_outputs(cache_key, outputs, dict(bound.arguments))
+                return result
+
+            body.__nestcast_source__ = fn.__nestcast_source__  # type: ignore[attr-defined]
+
+        return task(
+            body,
+            name=name,
+            task_run_name=task_run_name,
+            tags=["nestcast", *tags],
+            cache_key_fn=key_fn,
+            retry_condition_fn=retry_transient_only,
+            **RETRY_OPTIONS,
+        )
+
+    return decorate
+
+
 def artifact_key(*parts: object) -> str:
     """Prefect artifact keys allow lowercase letters, digits and dashes only."""
     text = "-".join(str(part) for part in parts).lower()
@@ -91,11 +212,3 @@ def jsonable(result: Any) -> Any:
     if dataclasses.is_dataclass(result) and not isinstance(result, type):
         return json.loads(json.dumps(dataclasses.asdict(result), default=str))
     return json.loads(json.dumps(result, default=str))
-
-
-def refresh_if_missing(*outputs: Path) -> dict[str, Any]:
-    """Task options that bypass the cache when a step's outputs are gone (say, the lake was wiped).
-
-    Cache keys hash the inputs only, so a cached result could otherwise point at files that no longer exist.
-    """
-    return {"refresh_cache": True} if not all(Path(path).exists() for path in outputs) else {}

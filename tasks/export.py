@@ -5,20 +5,20 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from prefect import get_run_logger, task
+from prefect import get_run_logger
 from prefect.artifacts import create_link_artifact
 
 from core import export as export_step
 from core.config import NestcastConfig
-from tasks.common import RETRY_OPTIONS, retry_transient_only
+from tasks.common import nestcast_task
 
 
-@task(name="export", tags=["nestcast", "io"], retry_condition_fn=retry_transient_only, **RETRY_OPTIONS)
+@nestcast_task("export", tags=["io"])
 def export_forecast(
-    config: NestcastConfig, windows: dict[str, Any], trained: dict[str, Any], evaluation: dict[str, Any]
+    config: NestcastConfig, windows: dict[str, Any], run_dir: str, evaluation: dict[str, Any]
 ) -> dict[str, Any]:
-    """Write submissions/<month>.csv (model or baseline, by the gate) and its JSON sidecar."""
-    result = export_step.export_run(config, windows["windows_dir"], trained["run_dir"], evaluation)
+    """Write submissions/<month>.csv (the forecast the gate chose) and its JSON sidecar, after its checks."""
+    result = export_step.export_run(config, windows["windows_dir"], run_dir, evaluation)
     get_run_logger().info("exported the %s forecast to %s (%s)", evaluation["exported"], result.csv_path,
                           evaluation["reason"])
     create_link_artifact(

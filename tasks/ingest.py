@@ -4,21 +4,20 @@ from __future__ import annotations
 
 from typing import Any
 
-from prefect import get_run_logger, task
+from prefect import get_run_logger
 from prefect.artifacts import create_table_artifact
 
 from core import ingest as ingest_step
 from core.config import NestcastConfig
 from core.lake import LakePaths
-from tasks.common import RETRY_OPTIONS, artifact_key, content_cache_key, jsonable, retry_transient_only
+from tasks.common import artifact_key, content_cache_key, jsonable, nestcast_task
 
 
-@task(
-    name="ingest",
-    tags=["nestcast", "io"],
-    retry_condition_fn=retry_transient_only,
-    cache_key_fn=content_cache_key("ingest", input_trees=lambda config: [LakePaths(config.data_dir).raw]),
-    **RETRY_OPTIONS,
+@nestcast_task(
+    "ingest",
+    tags=["io"],
+    cache_key=content_cache_key("ingest", input_trees=lambda config: [LakePaths.of(config).raw]),
+    outputs=lambda p: [LakePaths.of(p["config"]).manifest],
 )
 def ingest_raw_files(config: NestcastConfig) -> dict[str, Any]:
     """Validate every raw CSV with Great Expectations; good rows to Parquet, bad rows to quarantine."""
@@ -30,6 +29,11 @@ def ingest_raw_files(config: NestcastConfig) -> dict[str, Any]:
             "%s %s: %s rows in, %s accepted, %s quarantined",
             verb, result["file"], result["rows_in"], result["rows_accepted"], result["rows_quarantined"],
         )  # fmt: skip
+        if result.get("rows_replaced") or result.get("months_replaced"):
+            logger.info(
+                "%s replaced %s rows of months %s that earlier files had written",
+                result["file"], result.get("rows_replaced", 0), result.get("months_replaced", []),
+            )  # fmt: skip
         failed = result.get("failed_rules") or {}
         create_table_artifact(
             key=artifact_key("validation", result["file"]),
@@ -39,7 +43,12 @@ def ingest_raw_files(config: NestcastConfig) -> dict[str, Any]:
                 {"measure": "rows quarantined", "value": result["rows_quarantined"]},
                 {"measure": "status", "value": "skipped: same content hash" if result.get("skipped") else "validated"},
             ]
-            + [{"measure": f"rule failed: {rule}", "value": count} for rule, count in sorted(failed.items())],
+            + [{"measure": f"rule failed: {rule}", "value": count} for rule, count in sorted(failed.items())]
+            + [{"measure": "warning", "value": warning} for warning in result.get("warnings") or []],
             description=f"Great Expectations validation of {result['file']}",
         )
+    for warning in summary.get("warnings") or []:
+        logger.warning("%s", warning)
+    if summary.get("rows_replaced"):
+        logger.info("this ingest replaced %s lake rows in all", summary["rows_replaced"])
     return summary

@@ -4,26 +4,35 @@ from __future__ import annotations
 
 from typing import Any
 
-from prefect import get_run_logger, task
+from prefect import get_run_logger
 
 from core import windows as windows_step
 from core.config import NestcastConfig
-from tasks.common import RETRY_OPTIONS, content_cache_key, jsonable, retry_transient_only
+from core.lake import LakePaths
+from tasks.common import content_cache_key, jsonable, nestcast_task
 
 
-@task(
-    name="build-windows",
-    tags=["nestcast"],
-    retry_condition_fn=retry_transient_only,
-    cache_key_fn=content_cache_key("aggregate", "windows"),
-    **RETRY_OPTIONS,
+@nestcast_task(
+    "build-windows",
+    task_run_name="build-windows-{purpose}",
+    cache_key=content_cache_key("aggregate", "windows"),
+    outputs=lambda p: [LakePaths.of(p["config"]).windows_meta(p["purpose"])],
 )
-def build_windows(config: NestcastConfig, monthly: dict[str, Any]) -> dict[str, Any]:
-    """Features [series, month, channel] + (series, target month) samples, split by time."""
-    summary = jsonable(windows_step.build_windows(config))
+def build_windows(config: NestcastConfig, monthly: dict[str, Any], purpose: str = "evaluation") -> dict[str, Any]:
+    """Features [series, month, channel] + (series, target month) samples, split by time.
+
+    ``purpose="evaluation"``: the last month is the holdout (``lake/windows``); ``"final"``: no holdout, every
+    month trains (``lake/windows-final``), for the models whose forecast is exported.
+    """
+    target = LakePaths.of(config).windows_dir(purpose)  # checks the purpose
+    if purpose == "final":
+        built = windows_step.build_windows(config, holdout_month=max(monthly["months"]) + 1, windows_dir=target)
+    else:
+        built = windows_step.build_windows(config, windows_dir=target)
+    summary = jsonable(built)
     get_run_logger().info(
-        "windows: %s series, samples %s, holdout month %s, forecast month %s%s",
-        summary["n_series"], summary["sample_counts"], summary["holdout_month"], summary["forecast_month"],
-        " (unchanged, reused)" if summary["skipped"] else "",
+        "windows (%s): %s series, samples %s, validation month %s, holdout month %s, forecast month %s%s",
+        purpose, summary["n_series"], summary["sample_counts"], summary.get("validation_month"),
+        summary["holdout_month"], summary["forecast_month"], " (unchanged, reused)" if summary["skipped"] else "",
     )  # fmt: skip
     return summary

@@ -8,14 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 from prefect.client.orchestration import get_client
-from prefect.testing.utilities import prefect_test_harness
 
 from core.aggregate import read_monthly
 from core.backtest import REPORT_FILE, RESULT_FILE, BacktestResult, backtest, parse_origins
 from core.config import NestcastConfig
 from core.evaluate import backtest_frame
 from core.lake import LakePaths
-from core.synthetic import write_competition_files
 from core.windows import WindowStore
 
 SMALL = {
@@ -25,10 +23,8 @@ SMALL = {
 
 
 @pytest.fixture(scope="module")
-def lake(tmp_path_factory) -> Path:
-    data_dir = tmp_path_factory.mktemp("backtest")
-    write_competition_files(data_dir / "raw", scale="tiny", seed=3)
-    return data_dir
+def lake(tmp_path_factory, tiny_data) -> Path:
+    return tiny_data(tmp_path_factory.mktemp("backtest"), seed=3)
 
 
 @pytest.fixture(scope="module")
@@ -51,9 +47,10 @@ def test_one_row_per_origin_with_model_baselines_and_cost(result):
     res, origins, _ = result
     assert [o.origin for o in res.origins] == origins
     for o in res.origins:
-        assert set(o.rmse) == {"model", "baseline", "mean3", "zeros"}
+        assert set(o.rmse) == {"model", "ensemble", "reference", "trees", "baseline", "mean3", "zeros"}
         assert all(np.isfinite(v) and v >= 0 for v in o.rmse.values())
-        assert o.params > 0 and o.train_seconds > 0 and o.epochs_run == 1
+        assert o.params > 0 and o.train_seconds > 0 and o.reference_seconds > 0
+        assert o.epochs_run == 2, "one selection epoch, then a refit of the selected one"
         assert o.train_samples <= SMALL["max_train_samples"]
     rows = res.rows()
     assert [r["origin"] for r in rows] == [str(m) for m in origins] + ["mean"]
@@ -81,7 +78,17 @@ def test_each_origin_trains_only_on_earlier_months_in_its_own_windows_dir(result
         store = WindowStore.open(o.windows_dir)
         assert store.holdout_month == o.origin
         assert int(store.train_index[:, 1].max()) < o.origin
-        assert (Path(o.run_dir) / "model.keras").exists()
+        # The protocol: select below the month before the origin, early-stopped on it; refit through it.
+        select = json.loads((Path(o.run_dir) / "select" / "metadata.json").read_text())
+        refit = json.loads((Path(o.run_dir) / "refit" / "metadata.json").read_text())
+        assert o.selection["validation_month"] == select["validation_month"] == o.origin - 1
+        assert select["trained_below_month"] == o.origin - 1 and select["stage"] == "select"
+        assert refit["trained_below_month"] == o.origin and refit["validation_month"] is None
+        assert refit["epochs_run"] == o.selection["epochs"]
+        assert 0.0 <= o.selection["blend_weight"] <= 1.0 and o.selection["rounds"] >= 1
+        for stage in ("select", "refit"):
+            for name in ("model.keras", "reference.txt", "trees.txt"):
+                assert (Path(o.run_dir) / stage / name).exists(), (stage, name)
 
 
 def test_report_and_json_are_written(result, lake):
@@ -89,7 +96,8 @@ def test_report_and_json_are_written(result, lake):
     report = (lake / "runs" / "bt" / REPORT_FILE).read_text()
     assert report.startswith("# Backtest")
     for o in res.origins:
-        assert f"| {o.origin} | {o.rows:,} | {o.rmse['model']:.4f} | {o.rmse['baseline']:.4f} |" in report
+        scores = " | ".join(f"{o.rmse[p]:.4f}" for p in ("model", "ensemble", "reference", "trees", "baseline"))
+        assert f"| {o.origin} | {o.rows:,} | {scores} |" in report
     saved = BacktestResult.from_dict(json.loads((lake / "runs" / "bt" / RESULT_FILE).read_text()))
     assert saved.mean_ratio == pytest.approx(res.mean_ratio)
 
@@ -105,12 +113,6 @@ def test_origins_are_parsed_and_checked():
 
 
 # --- the flows, under one temporary Prefect backend -------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def harness():
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
 
 
 def test_backtest_and_search_flows_write_reports_and_table_artifacts(harness, result, lake):
@@ -145,7 +147,7 @@ def test_backtest_and_search_flows_write_reports_and_table_artifacts(harness, re
 def test_cli_backtest_and_search_check_their_options_before_running(tmp_path):
     from typer.testing import CliRunner
 
-    from flows.cli import app
+    from deployments.cli import app
 
     runner = CliRunner()
     assert "--origins" in runner.invoke(app, ["backtest", "--help"]).output

@@ -264,7 +264,7 @@ def test_write_report_writes_tables_verdict_and_valid_pngs(tmp_path) -> None:
     assert ("✅ beats" in report) == ev.beats_baseline
     assert "**Exported: baseline forecast** — the model does not beat" in report
     assert "| predictor | RMSE | MAE | vs baseline (RMSE) | predicted total |" in report
-    assert f"| model | {ev.overall['model'].rmse:.4f} | {ev.overall['model'].mae:.4f} |" in report
+    assert f"| model (Nested LSTM) | {ev.overall['model'].rmse:.4f} | {ev.overall['model'].mae:.4f} |" in report
     assert f"| previous month (baseline) | {ev.baseline_rmse:.4f} |" in report
     assert "| zeros |" in report and "| mean of last 3 months |" in report
     assert "## By novelty" in report and "| new item (never sold before) |" in report
@@ -312,3 +312,28 @@ def test_write_report_is_idempotent_and_works_from_json(tmp_path, small_holdout:
     assert "pairs_plot" not in paths
     assert paths["totals_plot"].read_bytes()[:8] == PNG_MAGIC
     assert "✅ beats" in paths["report"].read_text(encoding="utf-8")
+
+
+def test_the_ensemble_and_the_reference_are_scored_like_the_model(small_holdout: pd.DataFrame, tmp_path) -> None:
+    # clipped actual [0, 3, 20, 1]; reference [0, 3, 18, 1] -> errors [0, 0, 2, 0]
+    reference = np.array([0.0, 3.0, 18.0, 1.0])
+    ensemble = np.array([0.0, 3.5, 30.0, 1.5])  # -> [0, 3.5, 20, 1.5]: errors [0, .5, 0, .5]
+    ev = evaluate(small_holdout, SMALL_MODEL, others={"reference": reference, "ensemble": ensemble})
+    assert ev.predictors == ["model", "ensemble", "reference", "baseline", "mean3", "zeros"]  # no "trees" given
+    assert ev.overall["reference"].rmse == pytest.approx(math.sqrt(4 / 4))
+    assert ev.overall["ensemble"].rmse == pytest.approx(math.sqrt(0.5 / 4))
+    assert ev.overall["ensemble"].mae == pytest.approx(1.0 / 4)
+    novelty = {row.key: row for row in ev.segments["novelty"]}
+    assert novelty["existing_pair"].metrics["reference"].rmse == pytest.approx(0.0)
+    with pytest.raises(ValueError, match="unknown predictor 'forest'"):
+        evaluate(small_holdout, SMALL_MODEL, others={"forest": reference})
+    with pytest.raises(ValueError, match="reference has 3 values"):
+        evaluate(small_holdout, SMALL_MODEL, others={"reference": reference[:3]})
+
+    decision = {"validation_month": 32, "validation_rmse": {"model": 1.2, "ensemble": 1.1, "baseline": 1.5},
+                "blend_weight": 0.6, "exported": "ensemble", "reason": "r"}  # fmt: skip
+    paths = write_report(ev, tmp_path, exported="ensemble", reason="the ensemble wins", decision=decision)
+    report = paths["report"].read_text()
+    assert "## The gate: validation month 32" in report and "0.6 × model + 0.4 × reference" in report
+    assert f"| LightGBM reference | {ev.overall['reference'].rmse:.4f} |" in report
+    assert json.loads(paths["metrics"].read_text())["decision"]["blend_weight"] == 0.6

@@ -1,4 +1,4 @@
-"""Step 6: the gate, the submission checks (nothing left on disk on failure) and the written format."""
+"""Step 6: the chosen forecast, the submission checks (nothing left on disk on failure) and the written format."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import pytest
 from core.errors import ExportCheckError
 from core.export import (
     check_submission,
-    choose_forecast,
+    chosen_forecast,
     export_submission,
     forecast_month_label,
 )
@@ -153,46 +153,31 @@ def test_round_trip_matches_kaggle_sample_format(test_frame: pd.DataFrame, tmp_p
     assert not [p for p in (tmp_path / "submissions").iterdir() if p.name.startswith(".")]
 
 
-def test_gate_exports_the_model_when_it_beats_the_baseline() -> None:
-    model = np.array([0.5, 25.0, -1.0])
-    baseline = np.array([1.0, 2.0, 3.0])
-    values, exported, reason = choose_forecast(model, baseline, True, "baseline", model_rmse=0.9, baseline_rmse=1.1)
-    assert exported == "model"
+def test_the_chosen_column_is_clipped_and_float32() -> None:
+    forecast = pd.DataFrame({"ID": [0, 1, 2], "model": [0.5, 25.0, -1.0], "baseline": [np.nan, 1.0, 2.0]})
+    values = chosen_forecast(forecast, "model")
     assert values.tolist() == [0.5, 20.0, 0.0]  # clipped to [0, 20]
     assert values.dtype == np.float32
-    assert "beats the previous-period baseline" in reason and "0.9000 vs 1.1000" in reason
+    # a broken forecast that is not chosen is irrelevant
+    assert chosen_forecast(forecast.assign(baseline=[1.0, 30.0, 0.0]), "baseline").tolist() == [1.0, 20.0, 0.0]
 
 
-def test_gate_falls_back_to_the_baseline_when_the_model_loses() -> None:
-    model = np.array([np.nan, 1.0, 2.0])  # a broken model forecast is irrelevant once it is not exported
-    baseline = pd.Series([1.0, 30.0, 0.0])
-    values, exported, reason = choose_forecast(model, baseline, False)
-    assert exported == "baseline"
-    assert values.tolist() == [1.0, 20.0, 0.0]
-    assert "does not beat" in reason and "fallback=baseline" in reason
-
-
-def test_gate_exports_the_losing_model_with_fallback_model() -> None:
-    values, exported, reason = choose_forecast(np.array([3.0, 4.0]), np.array([1.0, 1.0]), False, "model")
-    assert exported == "model"
-    assert values.tolist() == [3.0, 4.0]
-    assert "does not beat" in reason and "fallback=model" in reason
-
-
-def test_gate_rejects_bad_forecasts_and_policies() -> None:
+def test_a_chosen_forecast_with_nan_or_a_missing_column_is_refused() -> None:
+    forecast = pd.DataFrame({"ID": [0, 1], "model": [np.inf, 1.0], "baseline": [1.0, 1.0]})
     with pytest.raises(ExportCheckError, match="model forecast has 1 NaN/inf"):
-        choose_forecast(np.array([np.inf, 1.0]), np.array([1.0, 1.0]), True)
-    with pytest.raises(ValueError, match="fallback"):
-        choose_forecast(np.zeros(2), np.zeros(2), False, "zeros")  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="3 values"):
-        choose_forecast(np.zeros(3), np.zeros(2), True)
+        chosen_forecast(forecast, "model")
+    with pytest.raises(ExportCheckError, match="'ensemble'.*does not hold"):
+        chosen_forecast(forecast, "ensemble")
+    with pytest.raises(ExportCheckError, match="does not hold"):
+        chosen_forecast(forecast, "ID")
 
 
 def test_gate_output_passes_the_export(test_frame: pd.DataFrame, tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     model = rng.normal(2.0, 10.0, len(test_frame))  # unclipped network output
     baseline = rng.integers(0, 40, len(test_frame)).astype(np.float32)
-    values, exported, reason = choose_forecast(model, baseline, beats_baseline=False)
+    values = chosen_forecast(pd.DataFrame({"ID": test_frame["ID"], "model": model, "baseline": baseline}), "baseline")
+    exported, reason = "baseline", "the model lost on the validation month"
     forecast = pd.DataFrame({"ID": test_frame["ID"], "item_cnt_month": values})
     result = export_submission(forecast, test_frame, tmp_path, "2015-11", {"exported": exported, "reason": reason})
     written = pd.read_csv(result.csv_path)

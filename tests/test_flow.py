@@ -10,7 +10,6 @@ import pandas as pd
 import pytest
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-from prefect.testing.utilities import prefect_test_harness
 
 import core.export
 import core.ingest
@@ -18,7 +17,6 @@ import core.windows
 from core.aggregate import read_monthly
 from core.errors import DataValidationError, ExportCheckError
 from core.lake import LakePaths
-from core.synthetic import write_competition_files
 from flows.aggregate_months import aggregate_months
 from flows.sales_forecast import build_config, sales_forecast
 
@@ -28,21 +26,21 @@ TINY_RUN: dict[str, Any] = {
     "depth": 2,
     "lookback": 6,
     "batch_size": 256,
-    "overrides": {"head_units": 8, "max_train_samples": 3000, "retry_delay_seconds": 0, "retries": 2},
+    # XLA compiles cost more than they save on tiny data; 100 boosting rounds are plenty for it.
+    "overrides": {"head_units": 8, "max_train_samples": 3000, "retry_delay_seconds": 0, "retries": 2,
+                  "jit_compile": "off", "max_rounds": 100},  # fmt: skip
 }
-STEPS = ("ingest", "build-windows", "train", "evaluate", "export")
+STEPS = ("ingest", "build-windows-evaluation", "build-windows-final", "select", "refit-holdout", "refit-final",
+         "evaluate", "export")  # fmt: skip
+NAMED_RUNS = ("build-windows-", "refit-")  # task_run_name templates: the run name is the whole key
 
 
-@pytest.fixture(scope="module", autouse=True)
-def harness():
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
+pytestmark = pytest.mark.usefixtures("harness")
 
 
 @pytest.fixture
-def data_dir(tmp_path) -> Path:
-    write_competition_files(tmp_path / "raw", scale="tiny", seed=5)
-    return tmp_path
+def data_dir(tmp_path, tiny_data) -> Path:
+    return tiny_data(tmp_path, seed=5)
 
 
 def task_runs(flow_run_id) -> dict[str, Any]:
@@ -51,7 +49,7 @@ def task_runs(flow_run_id) -> dict[str, Any]:
         runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
     by_name: dict[str, Any] = {}
     for run in runs:
-        by_name[run.name.rsplit("-", 1)[0]] = run
+        by_name[run.name if run.name.startswith(NAMED_RUNS) else run.name.rsplit("-", 1)[0]] = run
     return by_name
 
 
@@ -79,16 +77,18 @@ def test_transient_errors_are_retried_data_errors_are_not_and_a_rerun_resumes_fr
     first = run_flow(data_dir)
     assert first.is_failed()
     runs = task_runs(first.state_details.flow_run_id)
-    assert runs["build-windows"].state.is_completed() and runs["build-windows"].run_count == 3
+    windows = runs["build-windows-evaluation"]
+    assert windows.state.is_completed() and windows.run_count == 3
+    assert runs["build-windows-final"].run_count == 1
     assert runs["export"].state.is_failed() and runs["export"].run_count == 1, "a data error must not be retried"
-    assert calls == {"windows": 3, "export": 1}
+    assert calls == {"windows": 4, "export": 1}
     assert not list((data_dir / "submissions").glob("*.csv")), "a failed export leaves no submission behind"
 
     monkeypatch.undo()
     second = run_flow(data_dir)
     assert second.is_completed(), second.message
     runs = task_runs(second.state_details.flow_run_id)
-    for step in ("ingest", "build-windows", "train", "evaluate"):
+    for step in STEPS[:-1]:
         assert runs[step].state.name == "Cached", f"{step} should resume from cache, was {runs[step].state.name}"
     assert runs["export"].state.name == "Completed"
 
@@ -100,8 +100,22 @@ def test_transient_errors_are_retried_data_errors_are_not_and_a_rerun_resumes_fr
     assert sorted(submission["ID"]) == sorted(test["ID"])
     assert submission["item_cnt_month"].between(0, 20).all()
     run_dir = Path(summary["run_dir"])
-    for name in ("model.keras", "metadata.json", "metrics.json", "report.md", "monthly_totals.png"):
+    for name in ("metrics.json", "report.md", "monthly_totals.png", "forecast.parquet", "select/selection.json",
+                 "select/validation.parquet", "holdout/holdout.parquet", "final/forecast.parquet"):  # fmt: skip
         assert (run_dir / name).exists(), name
+    for stage in ("select", "holdout", "final"):
+        for name in ("model.keras", "reference.txt", "trees.txt"):
+            assert (run_dir / stage / name).exists(), (stage, name)
+    # The protocol: selection below the validation month, the reported score on the holdout, the forecast from
+    # models trained through the last month.
+    months = summary["months"]
+    assert summary["validation_month"] == months[-2] and summary["holdout_month"] == months[-1]
+    stages = ("select", "holdout", "final")
+    meta = {stage: json.loads((run_dir / stage / "metadata.json").read_text()) for stage in stages}
+    assert meta["select"]["trained_below_month"] == months[-2]
+    assert meta["holdout"]["trained_below_month"] == months[-1]
+    assert meta["final"]["trained_below_month"] == months[-1] + 1
+    assert meta["holdout"]["epochs_run"] == meta["final"]["epochs_run"] == summary["epochs"]
     sidecar = json.loads(Path(summary["submission"]).with_suffix(".json").read_text())
     assert sidecar["exported"] == summary["exported"] and sidecar["run_id"] == run_dir.name
 
@@ -142,7 +156,7 @@ def test_a_wiped_lake_or_runs_dir_is_rebuilt_instead_of_served_from_cache(data_d
     second = run_flow(data_dir)
     assert second.is_completed(), second.message
     runs = task_runs(second.state_details.flow_run_id)
-    assert runs["ingest"].state.name == "Completed" and runs["build-windows"].state.name == "Completed"
+    assert runs["ingest"].state.name == "Completed" and runs["build-windows-evaluation"].state.name == "Completed"
     assert list((data_dir / "lake" / "sales").glob("date_block_num=*/data.parquet"))
 
     # runs/ alone wiped: the data steps stay cached, the model is retrained into the same, content-named directory.
@@ -151,20 +165,23 @@ def test_a_wiped_lake_or_runs_dir_is_rebuilt_instead_of_served_from_cache(data_d
     third = run_flow(data_dir)
     assert third.is_completed(), third.message
     runs = task_runs(third.state_details.flow_run_id)
-    assert runs["ingest"].state.name == "Cached" and runs["build-windows"].state.name == "Cached"
-    assert runs["train"].state.name == "Completed" and runs["evaluate"].state.name == "Completed"
+    assert runs["ingest"].state.name == "Cached" and runs["build-windows-final"].state.name == "Cached"
+    for step in ("select", "refit-holdout", "refit-final", "evaluate"):
+        assert runs[step].state.name == "Completed", step
     assert Path(third.result()["run_dir"]) == run_dir
-    assert (run_dir / "model.keras").exists() and (run_dir / "forecast.parquet").exists()
+    assert (run_dir / "final" / "model.keras").exists() and (run_dir / "forecast.parquet").exists()
 
 
 def test_the_forecast_run_directory_is_named_by_content(tmp_path):
-    from tasks.train import forecast_run_dir
+    from core.protocol import forecast_run_dir
 
     config = build_config(data_dir=str(tmp_path))
-    windows = {"build_hash": "abc", "seconds": 1.0}
-    same = forecast_run_dir(config, {**windows, "seconds": 9.0})
-    assert forecast_run_dir(config, windows) == same, "build time must not change the directory"
+    windows, final = {"build_hash": "abc", "seconds": 1.0}, {"build_hash": "fin", "seconds": 1.0}
+    same = forecast_run_dir(config, {**windows, "seconds": 9.0}, final)
+    assert forecast_run_dir(config, windows, final) == same, "build time must not change the directory"
     assert same.parent == tmp_path / "runs" and same.name.startswith("forecast-")
-    assert forecast_run_dir(config, {**windows, "build_hash": "abd"}) != same
-    assert forecast_run_dir(config.with_overrides(epochs=config.train.epochs + 1), windows) != same
-    assert forecast_run_dir(config.with_overrides(units=config.model.units + 1), windows) != same
+    assert forecast_run_dir(config, {**windows, "build_hash": "abd"}, final) != same
+    assert forecast_run_dir(config, windows, {**final, "build_hash": "fio"}) != same
+    assert forecast_run_dir(config.with_overrides(epochs=config.train.epochs + 1), windows, final) != same
+    assert forecast_run_dir(config.with_overrides(units=config.model.units + 1), windows, final) != same
+    assert forecast_run_dir(config.with_overrides(num_leaves=7), windows, final) != same

@@ -9,9 +9,11 @@ import keras
 import numpy as np
 import pytest
 
+from core.batches import EpochShuffled
 from core.config import ModelConfig, TrainConfig
 from core.errors import DeviceUnavailableError
 from core.model import (
+    ArrayBatches,
     DeviceInfo,
     build_model,
     load_model,
@@ -124,6 +126,23 @@ def test_checkpoint_resume_after_interruption_equals_uninterrupted(tmp_path):
     assert again.resumed_from == 4 and again.epochs_run == 4 and again.seconds_per_epoch is None
 
 
+def test_batch_order_depends_on_seed_and_epoch_only():
+    x, y = make_data(100, seed=0)
+    walked = ArrayBatches(x, y, batch_size=32, seed=4)
+    for _ in range(3):
+        walked.on_epoch_end()
+    resumed = ArrayBatches(x, y, batch_size=32, seed=4)
+    resumed.set_epoch(3)
+    assert isinstance(resumed, EpochShuffled) and len(resumed) == 4
+    for i in range(len(resumed)):
+        np.testing.assert_array_equal(resumed[i][1], walked[i][1])
+    assert not np.array_equal(resumed[0][1], ArrayBatches(x, y, batch_size=32, seed=4)[0][1])
+    ordered = ArrayBatches(x, y, batch_size=32, shuffle=False)
+    np.testing.assert_array_equal(np.concatenate([ordered[i][1] for i in range(len(ordered))]), y)
+    with pytest.raises(IndexError):
+        ordered[len(ordered)]
+
+
 def test_seeded_runs_are_identical(tmp_path):
     train, val = make_data(256, 0), make_data(64, 1)
     cfg = TrainConfig(epochs=2, batch_size=32, seed=3)
@@ -179,3 +198,24 @@ def test_predict_clips_to_the_callers_range():
     model.layers[-1].set_weights([np.zeros((8, 1), "float32"), np.array([50.0], "float32")])
     np.testing.assert_array_equal(predict(model, inputs), np.full(32, 20.0, "float32"))
     np.testing.assert_array_equal(predict(model, inputs, clip_max=7.5), np.full(32, 7.5, "float32"))
+
+
+def test_the_head_learns_from_static_features_and_the_month():
+    """A target the window cannot explain (the static feature and the month alone decide it) is learned."""
+    rng = np.random.default_rng(3)
+    n = 1024
+    inputs, _ = make_data(n, 4)
+    static = rng.uniform(0, 3, (n, 5)).astype("float32")
+    month = rng.integers(0, 12, n).astype("int32")
+    y = (2.0 * static[:, 0] + (month == 11) * 5.0).astype("float32")
+    model = build_model(
+        ModelConfig(kind="nlstm", units=8, depth=2, head_units=16),
+        lookback=LOOKBACK, n_channels=CHANNELS, n_shops=SHOPS, n_categories=CATEGORIES, seed=1,
+        train_cfg=TrainConfig(learning_rate=1e-2), device=CPU_NO_JIT, n_static=5,
+    )  # fmt: skip
+    assert {"static", "month"} <= set(model.input)
+    data = {**inputs, "static": static, "month": month}
+    before = float(np.mean((predict(model, data, clip_max=100.0) - y) ** 2))
+    model.fit(data, y, epochs=40, batch_size=128, verbose=0)
+    after = float(np.mean((predict(model, data, clip_max=100.0) - y) ** 2))
+    assert after < 0.1 * before and after < 0.5

@@ -20,7 +20,7 @@ from core.aggregate import aggregate, read_monthly
 from core.config import NestcastConfig
 from core.lake import LakePaths
 from core.synthetic import generate
-from core.windows import CHANNELS, WindowStore, build_windows
+from core.windows import CHANNEL_SPECS, CHANNELS, WindowStore, build_windows
 
 LOOKBACK = 6
 
@@ -66,6 +66,10 @@ def reference_cube(config: NestcastConfig, store: WindowStore) -> tuple[np.ndarr
     shopcat_total: dict[tuple[int, int, int], float] = defaultdict(float)
     pair_first: dict[tuple[int, int], int] = {}
     item_first: dict[int, int] = {}
+    item_cat: dict[int, int] = {}
+    clipped_sum: dict[tuple, float] = defaultdict(float)  # ("item", i, m), ("shop", s, m), ("cat", c, m), ...
+    grid_shops: dict[int, set[int]] = defaultdict(set)
+    grid_items: dict[int, set[int]] = defaultdict(set)
     for row in monthly.itertuples():
         m, s, i, c, n = (
             int(row.date_block_num),
@@ -83,6 +87,17 @@ def reference_cube(config: NestcastConfig, store: WindowStore) -> tuple[np.ndarr
         shopcat_total[(s, c, m)] += max(n, 0.0)
         pair_first[(s, i)] = min(pair_first.get((s, i), m), m)
         item_first[i] = min(item_first.get(i, m), m)
+        item_cat[i] = c
+        grid_shops[m].add(s)
+        grid_items[m].add(i)
+        for key in (("item", i, m), ("shop", s, m), ("cat", c, m), ("shopcat", s, c, m)):
+            clipped_sum[key] += min(max(n, lo), hi)
+
+    def cat_items(c: int, m: int) -> int:
+        return sum(1 for i in grid_items[m] if item_cat[i] == c)
+
+    def per_cell(total: float, cells: int) -> float:
+        return total / cells if cells else 0.0
 
     def price(i: int, m: int) -> float:
         for k in range(m, -1, -1):
@@ -103,31 +118,37 @@ def reference_cube(config: NestcastConfig, store: WindowStore) -> tuple[np.ndarr
             "item_shops": math.log1p(item_shops.get((i, m), 0.0)),
             "item_price": math.log1p(max(price(i, m), 0.0)),
             "item_age": math.log1p(age(item_first.get(i), m)),
+            "item_mean": math.log1p(per_cell(clipped_sum[("item", i, m)], len(grid_shops[m]))),
+            "category_mean": math.log1p(per_cell(clipped_sum[("cat", c, m)], len(grid_shops[m]) * cat_items(c, m))),
             "shop_total": math.log1p(shop_total.get((s, m), 0.0)),
+            "shop_mean": math.log1p(per_cell(clipped_sum[("shop", s, m)], len(grid_items[m]))),
             "shop_category_total": math.log1p(shopcat_total.get((s, c, m), 0.0)),
+            "shop_category_mean": math.log1p(per_cell(clipped_sum[("shopcat", s, c, m)], cat_items(c, m))),
             "next_month_sin": math.sin(2 * math.pi * ((m + 1) % 12) / 12),
             "next_month_cos": math.cos(2 * math.pi * ((m + 1) % 12) / 12),
         }[channel]
 
     # Scale of a channel: root-mean-square of its non-zero values over the distinct entities
     # (pair / item / shop / shop x category) and the months before the holdout.
+    # Items: the whole vocabulary (test.csv's items too), which share their category's mean.
+    item_cat.update(zip(store.series["item_id"].astype(int), store.series["item_category_id"].astype(int), strict=True))
     entity_keys = {
         "pair": sorted(pair_first),
-        "item": sorted({(0, i) for i in item_first}),
+        "item": sorted({(0, i) for i in item_cat}),
         "shop": sorted({(s, 0) for s, _ in shop_total}),
         "shopcat": sorted({(s, c) for s, c, _ in shopcat_total}),
     }
     level_of = store.meta["channel_levels"]
     assert set(level_of) == set(CHANNELS)
     scales = {}
-    for channel in CHANNELS[1:9]:
+    for channel in [name for name, _, scaled in CHANNEL_SPECS if scaled]:
         values = []
         for a, b in entity_keys[level_of[channel]]:
             for m in range(holdout):
                 if level_of[channel] == "shopcat":
                     v = raw(channel, a, -1, b, m)
                 else:
-                    v = raw(channel, a, b, -1, m)
+                    v = raw(channel, a, b, item_cat.get(b, -1), m)
                 if v != 0:
                     values.append(v * v)
         scales[channel] = math.sqrt(sum(values) / len(values)) if values else 1.0
@@ -430,7 +451,8 @@ def test_datasets_feed_keras(tmp_path: Path, tiny: dict[str, pd.DataFrame]) -> N
     train = store.train_dataset(batch_size=64, seed=1, max_samples=300)
     assert len(train) == 5
     x, y = train[0]
-    assert set(x) == {"sequence", "shop", "category"}
+    assert set(x) == {"sequence", "shop", "category", "static", "month"}
+    assert x["static"].shape == (64, store.n_static) and x["month"].dtype == np.int32
     assert x["sequence"].shape == (64, LOOKBACK, len(CHANNELS)) and x["sequence"].dtype == np.float32
     assert x["shop"].dtype == np.int32 and x["category"].dtype == np.int32 and y.shape == (64,)
     same = store.train_dataset(batch_size=64, seed=1, max_samples=300)
@@ -439,6 +461,12 @@ def test_datasets_feed_keras(tmp_path: Path, tiny: dict[str, pd.DataFrame]) -> N
     assert not np.array_equal(train[0][1], y) or not np.array_equal(train[0][0]["shop"], x["shop"])
     seen = np.concatenate([train[k][1] for k in range(len(train))])
     assert seen.size == 300
+
+    # Without the static features the batches are the window and the ids alone.
+    shutil.rmtree(tmp_path / "lake" / "windows")
+    store = WindowStore.open(build_windows(tiny_lake(tmp_path, tiny, static_features=False)).windows_dir)
+    train = store.train_dataset(batch_size=64, seed=1, max_samples=300)
+    assert set(train[0][0]) == {"sequence", "shop", "category"} and store.n_static == 0
 
     seq = keras.Input((LOOKBACK, len(CHANNELS)), name="sequence")
     shop = keras.Input((), dtype="int32", name="shop")

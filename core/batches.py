@@ -1,0 +1,51 @@
+"""Epoch-seeded batch order, shared by ``core.model.ArrayBatches`` and the window batches of ``core.windows``.
+
+Nothing here imports keras: ``core.windows`` builds the feature store without TensorFlow and defines its
+keras dataset only on first use, so the base is a plain mixin placed before ``keras.utils.PyDataset``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+
+class EpochShuffled:
+    """Batches in an order drawn from ``(seed, epoch)`` alone.
+
+    Because the order depends on nothing but the epoch number, a run resumed at epoch k (``set_epoch(k)``)
+    sees exactly the batches an uninterrupted run would have seen, however many times keras happened to
+    call ``on_epoch_end`` before.
+    """
+
+    def __init__(self, n_samples: int, batch_size: int, *, shuffle: bool, seed: int = 0, **kwargs: Any) -> None:
+        super().__init__(**kwargs)  # keras.utils.PyDataset's workers / queue settings
+        if batch_size < 1:
+            raise ValueError("batch_size must be >= 1")
+        self.n_samples = int(n_samples)
+        self.batch_size = int(batch_size)
+        self.shuffle = shuffle
+        self.seed = seed
+        self.set_epoch(0)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Use ``epoch``'s sample order from now on."""
+        self.epoch = epoch
+        if self.shuffle:
+            self._order = np.random.default_rng([self.seed, epoch]).permutation(self.n_samples)
+        else:
+            self._order = np.arange(self.n_samples)
+
+    def on_epoch_end(self) -> None:
+        self.set_epoch(self.epoch + 1)
+
+    def __len__(self) -> int:
+        return math.ceil(self.n_samples / self.batch_size)
+
+    def batch_positions(self, i: int) -> np.ndarray:
+        """Positions in the sample list of batch ``i`` of the current epoch."""
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        return self._order[i * self.batch_size : (i + 1) * self.batch_size]

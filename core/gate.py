@@ -1,0 +1,105 @@
+"""The gate: one decision, in one place, of which forecast is exported, and why.
+
+The candidates are the model (the Nested LSTM), the ensemble (the model blended with the gradient-boosted
+reference, ``w * model + (1 - w) * reference``) and the previous-period forecast. Everything the gate uses
+comes from the **validation month** (the month before the holdout): the blend weight is fitted there, and
+the candidates are ranked there. The holdout month, which reports the score, never takes part, so the
+reported score of the exported forecast stays honest.
+
+Rule: the candidate with the lowest validation RMSE among the model and the ensemble is exported when it
+beats the previous-period forecast on the validation month; otherwise ``fallback`` decides
+(``baseline``: the previous-period forecast, ``model``: the model anyway).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from typing import Any, Literal
+
+import numpy as np
+
+Exported = Literal["model", "ensemble", "baseline"]
+Fallback = Literal["baseline", "model"]
+CANDIDATES: tuple[str, ...] = ("model", "ensemble")
+
+
+def rmse(prediction: np.ndarray, actual: np.ndarray) -> float:
+    """Root-mean-square error of two equally long arrays."""
+    error = np.asarray(prediction, dtype=np.float64) - np.asarray(actual, dtype=np.float64)
+    return float(np.sqrt(np.mean(error * error))) if error.size else math.nan
+
+
+def blend_weight(actual: np.ndarray, model: np.ndarray, reference: np.ndarray, *, step: float = 0.05) -> float:
+    """The model's weight ``w`` in [0, 1] that minimises the RMSE of ``clip(w * model + (1 - w) * reference)``.
+
+    Searched on a grid of ``step`` (the clip makes the loss non-quadratic, and a coarse grid is a mild
+    regulariser on a single month); ties go to the larger model weight.
+    """
+    if not 0 < step <= 1:
+        raise ValueError(f"step must be in (0, 1], got {step}")
+    actual = np.asarray(actual, dtype=np.float64)
+    model = np.asarray(model, dtype=np.float64)
+    reference = np.asarray(reference, dtype=np.float64)
+    if not actual.shape == model.shape == reference.shape:
+        raise ValueError(f"shapes differ: actual {actual.shape}, model {model.shape}, reference {reference.shape}")
+    weights = np.round(np.arange(1.0, -step / 2, -step), 10)
+    low, high = 0.0, max(float(actual.max(initial=0.0)), 20.0)
+    scores = [rmse(np.clip(w * model + (1 - w) * reference, low, high), actual) for w in weights]
+    return float(weights[int(np.argmin(scores))]) + 0.0  # + 0.0: no "-0.0" in reports
+
+
+def blend(model: np.ndarray, reference: np.ndarray, weight: float, clip: tuple[float, float]) -> np.ndarray:
+    """``clip(weight * model + (1 - weight) * reference)`` as float32."""
+    mixed = weight * np.asarray(model, dtype=np.float64) + (1.0 - weight) * np.asarray(reference, dtype=np.float64)
+    return np.clip(mixed, *clip).astype(np.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class Decision:
+    """What the gate exports and why, with the validation-month scores it decided on."""
+
+    exported: Exported
+    reason: str
+    validation_month: int | None
+    validation_rmse: dict[str, float]  # candidate or "baseline" -> RMSE on the validation month
+    blend_weight: float | None  # the model's weight in the ensemble (None: no ensemble)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Decision:
+        return cls(**{field.name: data[field.name] for field in dataclasses.fields(cls)})
+
+
+def decide(
+    validation_rmse: Mapping[str, float],
+    *,
+    fallback: Fallback = "baseline",
+    validation_month: int | None = None,
+    blend_weight: float | None = None,
+) -> Decision:
+    """Pick the export from validation-month RMSEs of ``model``, optionally ``ensemble``, and ``baseline``."""
+    if fallback not in ("baseline", "model"):
+        raise ValueError(f"fallback must be 'baseline' or 'model', got {fallback!r}")
+    missing = [name for name in ("model", "baseline") if name not in validation_rmse]
+    if missing:
+        raise ValueError(f"the gate needs validation RMSEs of {missing}")
+    scores = {name: float(value) for name, value in validation_rmse.items()}
+    month = f"month {validation_month}" if validation_month is not None else "the validation month"
+    best = min((name for name in CANDIDATES if name in scores), key=lambda name: (scores[name], name != "model"))
+    baseline = scores["baseline"]
+    detail = ", ".join(f"{name} {scores[name]:.4f}" for name in (*CANDIDATES, "baseline") if name in scores)
+    exported: Exported
+    if scores[best] < baseline:
+        exported = best  # type: ignore[assignment]
+        reason = f"the {best} has the lowest RMSE on validation {month} and beats the previous period ({detail})"
+    elif fallback == "model":
+        exported = "model"
+        reason = f"nothing beats the previous period on validation {month} ({detail}); the model is exported anyway (fallback=model)"  # noqa: E501
+    else:
+        exported = "baseline"
+        reason = f"nothing beats the previous period on validation {month} ({detail}); the previous-period forecast is exported (fallback=baseline)"  # noqa: E501
+    return Decision(exported, reason, validation_month, scores, blend_weight if "ensemble" in scores else None)

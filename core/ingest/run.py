@@ -1,0 +1,230 @@
+"""The step: discover the raw files, plan, validate what the plan says, stage and commit the outputs."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from core.config import NestcastConfig
+from core.errors import DataValidationError
+from core.expectations import REFERENCE_FILES, RULES_VERSION, kind_of
+from core.ingest.columns import ID_COLUMN, check_structure
+from core.ingest.commit import Transaction, exclusive, recover, transaction
+from core.ingest.context import IngestContext
+from core.ingest.docs import index_html, stem, validation_doc
+from core.ingest.outcome import Outcome, quarantined_share_warnings
+from core.ingest.plan import IngestPlan, plan_ingest
+from core.ingest.read import read_records
+from core.ingest.readers import MANIFEST_VERSION, partition, read_manifest
+from core.ingest.reference import validate_reference, validate_test
+from core.ingest.report import FileReport, IngestSummary
+from core.ingest.sales import validate_sales
+from core.lake import LakePaths
+
+# Thresholds decide whether a run may go on, not what a row is: changing them revalidates nothing.
+_NOT_RULES = {"max_quarantined_share", "warn_quarantined_share"}
+
+
+def ingest(config: NestcastConfig) -> IngestSummary:
+    """Validate the raw files of ``config.data_dir`` and bring the lake up to date with them."""
+    ctx = IngestContext.of(config)
+    with exclusive(ctx.paths):
+        return _run(ctx)
+
+
+def _run(ctx: IngestContext) -> IngestSummary:
+    start = time.perf_counter()
+    recover(ctx.paths)
+    raw_files = discover(ctx.paths)
+    manifest = read_manifest(ctx.paths)
+    with ctx.clock.phase("read"):
+        shas = {name: file_sha(path) for name, path in raw_files.items()}
+    plan = plan_ingest(shas, manifest, rules_sha(ctx.config), missing_outputs(ctx.paths, manifest, shas))
+    reports, outcomes = _validate_planned(ctx, plan, raw_files, shas, manifest)
+    owners = plan.month_owners({n: o.report.months for n, o in outcomes.items() if o.report.kind == "sales"})
+    deleted = plan.deleted_months(owners)
+    _count_replaced(ctx.paths, plan, owners, outcomes)
+    with transaction(ctx.paths.lake) as tx:
+        if outcomes or deleted:
+            with ctx.clock.phase("write"):
+                _stage(ctx, tx, plan, outcomes, owners, deleted, manifest)
+                tx.commit()
+    ctx.clock.seconds["total"] = time.perf_counter() - start
+    return _summary(ctx, reports, tx, sorted(int(m) for m in manifest["months"]))
+
+
+def discover(paths: LakePaths) -> dict[str, Path]:
+    """The raw files this step knows by name; the step fails when a required one is missing."""
+    if not paths.raw.is_dir():
+        raise DataValidationError(f"raw directory {paths.raw} does not exist")
+    found = {p.name: p for p in sorted(paths.raw.iterdir()) if p.is_file() and kind_of(p.name)}
+    missing = [name for name in REFERENCE_FILES.values() if name not in found]
+    if not any(kind_of(name) == "sales" for name in found):
+        missing.append("sales_train.csv (or any sales_*.csv)")
+    if missing:
+        raise DataValidationError(f"{paths.raw}: required raw files missing: {', '.join(missing)}")
+    return found
+
+
+def file_sha(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def rules_sha(config: NestcastConfig) -> str:
+    rules = config.ingest.model_dump(mode="json", exclude=_NOT_RULES)
+    return hashlib.sha256(json.dumps({"rules": RULES_VERSION, "ingest": rules}, sort_keys=True).encode()).hexdigest()
+
+
+def missing_outputs(paths: LakePaths, manifest: Mapping[str, Any], present: Mapping[str, str]) -> frozenset[str]:
+    """Known files whose outputs are gone from the lake (they are validated again)."""
+    owned: dict[str, list[int]] = {}
+    for month, owner in manifest.get("months", {}).items():
+        owned.setdefault(owner, []).append(int(month))
+    missing = set()
+    for name in set(manifest.get("files", {})) & set(present):
+        kind = kind_of(name)
+        outputs = ([partition(paths, m) for m in owned.get(name, [])] if kind == "sales"
+                   else [paths.reference_table(kind)])
+        if not all(p.exists() for p in outputs):
+            missing.add(name)
+    return frozenset(missing)
+
+
+def _validate_planned(ctx: IngestContext, plan: IngestPlan, raw_files: Mapping[str, Path],
+                      shas: Mapping[str, str], manifest: Mapping[str, Any]
+                      ) -> tuple[list[FileReport], dict[str, Outcome]]:
+    """Files in order; each one's accepted ids are what the files after it are validated against."""
+    ids: dict[str, list[int]] = {}
+    reports, outcomes = [], {}
+    for name in plan.order:
+        kind = kind_of(name)
+        if plan.is_skipped(name):
+            report = _skipped_report(name, manifest["files"][name])
+            if kind != "sales" and kind != "test":
+                ids[kind] = _accepted_ids(ctx.paths, kind)
+        else:
+            outcome = _validate_file(ctx.for_file(), name, raw_files[name], shas[name], ids)
+            report, outcomes[name] = outcome.report, outcome
+            if kind != "sales" and kind != "test":
+                ids[kind] = outcome.accepted.column(ID_COLUMN[kind]).to_pylist()
+        report.warnings = quarantined_share_warnings(report, ctx.config.ingest)
+        reports.append(report)
+    return reports, outcomes
+
+
+def _skipped_report(name: str, entry: Mapping[str, Any]) -> FileReport:
+    return FileReport(
+        file=name, kind=entry["kind"], sha256=entry["sha256"], skipped=True, rows_in=entry["rows_in"],
+        rows_accepted=entry["rows_accepted"], rows_quarantined=entry["rows_quarantined"],
+        failed_rules=entry.get("failed_rules", {}), months=entry.get("months", []),
+    )
+
+
+def _accepted_ids(paths: LakePaths, kind: str) -> list[int]:
+    return pq.read_table(paths.reference_table(kind), columns=[ID_COLUMN[kind]]).column(0).to_pylist()
+
+
+def _validate_file(ctx: IngestContext, name: str, path: Path, sha: str, ids: Mapping[str, list[int]]) -> Outcome:
+    from core.expectations import item_categories_suites, items_suites, shops_suites, test_suites
+
+    kind = kind_of(name)
+    with ctx.phase("read"):
+        raw = path.read_bytes()
+    with ctx.phase("validate"):
+        structure = check_structure(ctx, name, raw, kind)
+    with ctx.phase("read"):
+        csv_file = read_records(name, raw, kind)
+    if kind == "sales":
+        outcome = validate_sales(ctx, csv_file, sha, ids["shops"], ids["items"])
+    elif kind == "test":
+        suites = test_suites(csv_file.table.num_rows, ids["shops"], ids["items"])
+        outcome = validate_test(ctx, csv_file, sha, suites, {"shop_id": ids["shops"], "item_id": ids["items"]})
+    elif kind == "items":
+        categories = ids["item_categories"]
+        outcome = validate_reference(ctx, csv_file, sha, items_suites(categories), {"item_category_id": categories})
+    else:
+        suites = item_categories_suites() if kind == "item_categories" else shops_suites()
+        outcome = validate_reference(ctx, csv_file, sha, suites, {})
+    outcome.validation.insert(0, structure)
+    return outcome
+
+
+def _count_replaced(paths: LakePaths, plan: IngestPlan, owners: Mapping[int, str],
+                    outcomes: Mapping[str, Outcome]) -> None:
+    """How many lake rows each sales file's months replace (rows another file had put there)."""
+    for name, months in plan.replaced_months(owners).items():
+        report = outcomes[name].report
+        report.months_replaced = sorted(months)
+        report.rows_replaced = sum(pq.read_metadata(partition(paths, m)).num_rows for m in months
+                                   if partition(paths, m).exists())
+
+
+def _stage(ctx: IngestContext, tx: Transaction, plan: IngestPlan, outcomes: Mapping[str, Outcome],
+           owners: Mapping[int, str], deleted: list[int], manifest: dict[str, Any]) -> None:
+    """Write every output of the run to staging, and the new manifest last."""
+    now = datetime.now(UTC).isoformat(timespec="seconds")
+    sales_jobs: list[tuple[Path, pa.Table]] = []
+    for name, outcome in outcomes.items():
+        if outcome.report.kind == "sales":
+            sales_jobs.extend(_owned_partitions(ctx.paths, name, outcome, owners))
+        else:
+            tx.parquet(ctx.paths.reference_table(outcome.report.kind), outcome.accepted)
+        tx.parquet(ctx.paths.quarantine / f"{stem(name)}.parquet", outcome.quarantine)
+        payload, page = validation_doc(name, outcome.validation, outcome.report)
+        tx.json(ctx.paths.validation / f"{stem(name)}.json", payload)
+        tx.text(ctx.paths.validation / f"{stem(name)}.html", page)
+        manifest["files"][name] = _manifest_entry(outcome.report, plan, rules_sha(ctx.config), now)
+    with ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1))) as pool:
+        list(pool.map(lambda job: tx.parquet(*job), sales_jobs))
+    for month in deleted:
+        tx.delete(partition(ctx.paths, month))
+    manifest["months"] = {str(m): f for m, f in sorted(owners.items())}
+    manifest["version"] = MANIFEST_VERSION
+    tx.text(ctx.paths.validation / "index.html", index_html(manifest))
+    tx.json(ctx.paths.manifest, manifest)
+
+
+def _owned_partitions(paths: LakePaths, name: str, outcome: Outcome, owners: Mapping[int, str]
+                      ) -> list[tuple[Path, pa.Table]]:
+    """The month slices of a sales file's accepted rows (sorted by month) that this file owns."""
+    table, months = outcome.accepted, outcome.report.months
+    bounds = np.append(np.searchsorted(table.column("date_block_num").to_numpy(), months), table.num_rows)
+    return [(partition(paths, month),
+             table.slice(bounds[i], bounds[i + 1] - bounds[i]).drop_columns(["date_block_num"]))
+            for i, month in enumerate(months) if owners.get(month) == name]
+
+
+def _manifest_entry(report: FileReport, plan: IngestPlan, rules: str, now: str) -> dict[str, Any]:
+    return {
+        "sha256": report.sha256, "kind": report.kind, "rows_in": report.rows_in,
+        "rows_accepted": report.rows_accepted, "rows_quarantined": report.rows_quarantined,
+        "months": report.months, "ingested_at": now, "failed_rules": report.failed_rules,
+        "depends_on": dict(plan.depends_on[report.file]), "rules_sha256": rules, "seq": plan.seq[report.file],
+    }
+
+
+def _summary(ctx: IngestContext, reports: list[FileReport], tx: Transaction, months: list[int]) -> IngestSummary:
+    return IngestSummary(
+        data_dir=str(ctx.config.data_dir), files=reports,
+        rows_in=sum(r.rows_in for r in reports), rows_accepted=sum(r.rows_accepted for r in reports),
+        rows_quarantined=sum(r.rows_quarantined for r in reports),
+        rows_replaced=sum(r.rows_replaced for r in reports), months=months,
+        changed=not tx.empty, written=list(tx.moves), deleted=list(tx.deletes), manifest=str(ctx.paths.manifest),
+        warnings=[w for r in reports for w in r.warnings],
+        timings={k: round(v, 4) for k, v in ctx.clock.seconds.items()},
+    )

@@ -1,0 +1,221 @@
+"""The honest training protocol, shared by the forecast flow and the backtest so their numbers agree.
+
+On a windows store whose holdout month is ``H`` (its validation month is ``V = H - 1``):
+
+1. **select** -- the Nested LSTM trains on the targets before ``V`` and early-stops on ``V``'s grid; the
+   LightGBM reference does the same. This fixes the epoch count, the boosting rounds and the ensemble's
+   blend weight, and gives the validation-month scores the gate decides on (``core.gate``).
+2. **refit** -- both models retrain from scratch on every training target (through ``V``) with the selected
+   epoch count / rounds, and predict the holdout month ``H`` (the reported score, which nothing above has
+   seen) and the store's forecast pairs.
+
+The forecast flow runs 1 and 2 on the store that holds out the lake's last month ``M - 1`` (so its reported
+score is the backtest at origin ``M - 1``), then 2 again on the store built without a holdout, so the
+exported forecast of ``M`` comes from models trained on every month through ``M - 1``. A backtest at origin
+``o`` is 1 and 2 on the store that holds out ``o``.
+
+Each stage writes into its own directory: ``model.keras`` and ``metadata.json`` (with checkpoints, so a
+crashed stage resumes), ``reference.txt`` (the reported booster) and ``trees.txt`` (the ensemble's booster,
+trained on the standard features plus the launch and family ones), and the predictions as Parquet.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+
+from core.gate import blend, blend_weight, rmse
+from core.lake import SELECTION_FILE, atomic_path, read_json, write_json_atomic
+
+if TYPE_CHECKING:
+    from core.config import NestcastConfig
+    from core.windows import WindowStore
+
+EpochCallback = Callable[[int, dict[str, float]], None]
+PREDICTION_SETS: tuple[str, ...] = ("validation", "holdout", "forecast")
+
+
+def _clip(store: WindowStore) -> tuple[float, float]:
+    low, high = store.meta["target_clip"]
+    return float(low), float(high)
+
+
+def _write_predictions(path: Path, columns: dict[str, np.ndarray]) -> None:
+    with atomic_path(path) as tmp:
+        pd.DataFrame(columns).to_parquet(tmp, index=False)
+
+
+def read_predictions(stage_dir: str | Path, name: str) -> pd.DataFrame:
+    """Predictions of one set (:data:`PREDICTION_SETS`) written by a stage: a column per forecaster."""
+    return pd.read_parquet(Path(stage_dir) / f"{name}.parquet")
+
+
+def _model_predictions(model_path: str, store: WindowStore, batch: int, sets: tuple[str, ...]) -> dict[str, Any]:
+    from core.model import load_model, predict
+
+    model = load_model(model_path)
+    clip = _clip(store)
+    datasets = {"validation": store.validation_dataset, "holdout": store.holdout_dataset,
+                "forecast": store.forecast_dataset}  # fmt: skip
+    return {name: predict(model, datasets[name](batch), clip_min=clip[0], clip_max=clip[1]) for name in sets}
+
+
+def _reference_fit(config: NestcastConfig, store: WindowStore, tables: Any, **kwargs: Any) -> Any:
+    from core.reference import fit_reference
+
+    return fit_reference(
+        store, tables, config.reference, seed=config.train.seed, max_samples=config.train.max_train_samples, **kwargs
+    )
+
+
+def _reference_predictions(fit: Any, tables: Any, store: WindowStore, sets: tuple[str, ...]) -> dict[str, Any]:
+    index = {"validation": store.validation_index, "holdout": store.holdout_index, "forecast": store.forecast_index}
+    return {name: fit.predict_samples(tables, index[name], _clip(store)) for name in sets}
+
+
+def _tree_members(config: NestcastConfig) -> dict[str, bool]:
+    """The boosters a stage trains: the reported ``reference`` (standard features), and the ensemble's
+    ``trees`` (also the launch and family features) unless the ensemble uses the reference itself."""
+    members = {"reference": False}
+    if config.reference.ensemble_trees == "extended":
+        members["trees"] = True
+    return members
+
+
+def select(
+    config: NestcastConfig, windows_dir: str | Path, stage_dir: str | Path, on_epoch: EpochCallback | None = None
+) -> dict[str, Any]:
+    """Stage 1: the epoch count, the boosting rounds, the blend weight and the validation-month scores.
+
+    Writes ``stage_dir/selection.json`` (returned) and ``stage_dir/validation.parquet``; a rerun with the
+    selection in place returns it without training.
+    """
+    from core.model import train_forecaster
+    from core.windows import WindowStore
+
+    stage_dir = Path(stage_dir)
+    done = read_json(stage_dir / SELECTION_FILE)
+    if done is not None and (stage_dir / "validation.parquet").exists():
+        return done
+    store = WindowStore.open(windows_dir)
+    trained = train_forecaster(config, windows_dir, stage_dir, on_epoch, stage="select")
+    batch = max(config.train.batch_size, 4096)
+    predictions = {"model": _model_predictions(trained.model_path, store, batch, ("validation",))["validation"]}
+    actual = store.validation_frame()["actual"].to_numpy(np.float64)
+    scores = {"model": rmse(predictions["model"], actual)}
+    selection: dict[str, Any] = {
+        "validation_month": store.validation_month,
+        "epochs": max(trained.best_epoch, 1),
+        "epochs_run": trained.epochs_run,
+        "model_seconds": trained.seconds_total,
+        "seconds_per_epoch": trained.seconds_per_epoch,
+        "params": trained.params,
+        "rounds": None,
+        "blend_weight": None,
+        "reference_seconds": None,
+    }
+    if config.reference.reference_enabled:
+        tables = store.feature_tables()
+        rounds, seconds = {}, 0.0
+        for member, extended in _tree_members(config).items():
+            fit = _reference_fit(
+                config, store, tables, before_month=store.validation_month, validate=True, extended=extended
+            )
+            fit.save(stage_dir / f"{member}.txt")
+            predictions[member] = _reference_predictions(fit, tables, store, ("validation",))["validation"]
+            rounds[member], seconds = fit.rounds, seconds + fit.seconds
+        partner = predictions.get("trees", predictions["reference"])
+        weight = blend_weight(actual, predictions["model"], partner)
+        predictions["ensemble"] = blend(predictions["model"], partner, weight, _clip(store))
+        scores |= {name: rmse(predictions[name], actual) for name in ("reference", "ensemble")}
+        selection |= {"rounds": rounds["reference"], "tree_rounds": rounds, "blend_weight": weight,
+                      "reference_seconds": seconds}  # fmt: skip
+    baseline = np.clip(store.validation_frame()["prev"].to_numpy(np.float64), *_clip(store))
+    selection["validation_rmse"] = scores | {"baseline": rmse(baseline, actual)}
+    _write_predictions(stage_dir / "validation.parquet", predictions)
+    write_json_atomic(stage_dir / SELECTION_FILE, selection)
+    return selection
+
+
+def refit(
+    config: NestcastConfig,
+    windows_dir: str | Path,
+    stage_dir: str | Path,
+    selection: dict[str, Any],
+    on_epoch: EpochCallback | None = None,
+) -> dict[str, Any]:
+    """Stage 2: retrain on every training target with the selection's epochs and rounds; predict.
+
+    Writes ``holdout.parquet`` (when the store holds a month out) and ``forecast.parquet`` into
+    ``stage_dir``: a column per forecaster (``model``, and with the reference ``reference`` and ``ensemble``
+    blended with the selected weight). Returns paths and timings.
+    """
+    from core.model import train_forecaster
+    from core.windows import WindowStore
+
+    started = time.perf_counter()
+    stage_dir = Path(stage_dir)
+    store = WindowStore.open(windows_dir)
+    sets = tuple(name for name in ("holdout", "forecast") if getattr(store, f"{name}_index").shape[0])
+    trained = train_forecaster(config, windows_dir, stage_dir, on_epoch, stage="refit", epochs=selection["epochs"])
+    batch = max(config.train.batch_size, 4096)
+    predictions = {name: {"model": values} for name, values in
+                   _model_predictions(trained.model_path, store, batch, sets).items()}  # fmt: skip
+    reference_seconds = None
+    if selection.get("rounds"):
+        tables = store.feature_tables()
+        reference_seconds = 0.0
+        rounds = selection.get("tree_rounds") or {"reference": selection["rounds"]}
+        extended = _tree_members(config)
+        for member, count in rounds.items():
+            fit = _reference_fit(config, store, tables, rounds=int(count), extended=extended.get(member, False))
+            fit.save(stage_dir / f"{member}.txt")
+            reference_seconds += fit.seconds
+            for name, values in _reference_predictions(fit, tables, store, sets).items():
+                predictions[name][member] = values
+        for columns in predictions.values():
+            partner = columns.get("trees", columns["reference"])
+            columns["ensemble"] = blend(columns["model"], partner, float(selection["blend_weight"]), _clip(store))
+    for name, columns in predictions.items():
+        _write_predictions(stage_dir / f"{name}.parquet", columns)
+    return {
+        "stage_dir": str(stage_dir),
+        "model_path": trained.model_path,
+        "epochs": trained.epochs_run,
+        "model_seconds": trained.seconds_total,
+        "seconds_per_epoch": trained.seconds_per_epoch,
+        "reference_seconds": reference_seconds,
+        "params": trained.params,
+        "sets": list(sets),
+        "seconds": time.perf_counter() - started,
+    }
+
+
+def forecast_run_dir(config: NestcastConfig, windows: dict[str, Any], final_windows: dict[str, Any]) -> Path:
+    """``runs/forecast-<hash>``, named by what the models are trained from: both windows builds' content, the
+    model, training and reference settings, and the code that builds and trains the models.
+
+    The same inputs always train into the same directory, so a rerun resumes or reuses it (idempotent), and
+    the flow can tell before it consults the cache whether the run's files still exist. Changed model code
+    gets a fresh directory rather than resuming checkpoints written by the old code. The code is read from
+    the modules' files, so naming a run imports no model code.
+    """
+    import hashlib
+    import importlib.util
+
+    from core.lake import LakePaths
+
+    digest = hashlib.sha256(windows["build_hash"].encode())
+    digest.update(final_windows["build_hash"].encode())
+    for section in (config.model, config.train, config.reference):
+        digest.update(section.model_dump_json().encode())
+    for module in ("core.model", "core.nlstm", "core.protocol", "core.reference"):
+        spec = importlib.util.find_spec(module)
+        assert spec is not None and spec.origin is not None, module
+        digest.update(Path(spec.origin).read_bytes())
+    return LakePaths.of(config).forecast_run(digest.hexdigest())

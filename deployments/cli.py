@@ -1,0 +1,523 @@
+"""The ``nestcast`` command: demo data, a local run of the forecast flow, serving the deployments.
+
+It sits at the top of the import graph (core <- tasks <- flows <- deployments <- this module, which nothing
+imports): it starts flows and serves deployments. The options of ``run`` and ``backtest`` are rendered from
+the run knobs (``core.config.RUN_KNOBS``), as the flows' parameters are.
+
+Everything the user can get wrong (options, ``--set`` values, ``NESTCAST_*`` variables, the data directory)
+is checked before a flow starts and reported as one line, ``error: ...``, with exit code 2.
+"""
+
+from __future__ import annotations
+
+import atexit
+import inspect
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Any, NoReturn, Union, get_args, get_origin
+
+import typer
+from pydantic import ValidationError
+
+from core.config import (
+    BACKTEST_KNOBS,
+    FLAT_FIELDS,
+    RUN_KNOBS,
+    ConfigEnvironmentError,
+    NestcastConfig,
+    config_from_environment,
+    environment_warnings,
+    knob_default,
+    knob_field,
+)
+from core.errors import NestcastError
+
+# Batch runs are often offline: the temporary server's telemetry would log an ERROR every 10 minutes.
+# An explicit PREFECT_SERVER_ANALYTICS_ENABLED still wins.
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+app = typer.Typer(
+    help="nestcast: next month's unit sales for every (shop, item) pair with a Nested LSTM, orchestrated by Prefect.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def _defaults() -> tuple[NestcastConfig, ConfigEnvironmentError | None]:
+    """The option defaults: the config with ``NESTCAST_*`` applied, or (if one is bad) the plain defaults and
+    the error, which ``main`` and every command report before doing anything else."""
+    try:
+        return config_from_environment(), None
+    except ConfigEnvironmentError as error:
+        return NestcastConfig.model_construct(), error
+
+
+DEFAULTS, _ENVIRONMENT_ERROR = _defaults()
+
+
+class Scale(StrEnum):
+    tiny = "tiny"
+    demo = "demo"
+    full = "full"
+
+
+# flow parameter -> CLI option, where the names differ
+_OPTION_OF = {"submission_path": "submission"}
+_KNOB_OF = {option: name for name, option in _OPTION_OF.items()}
+
+
+def _choices(name: str) -> type[StrEnum] | None:
+    """An enum of a config field's Literal values, so that ``--help`` lists them and typer checks them."""
+    values = get_args(knob_field(name).annotation)
+    if not values or not all(isinstance(v, str) for v in values):
+        return None
+    return StrEnum("".join(part.title() for part in name.split("_")), {v: v for v in values})  # type: ignore[return-value]
+
+
+def _knob_option(name: str) -> inspect.Parameter:
+    """``--<knob>``: the config field's type (Literal -> choices), bounds, default (``NESTCAST_*`` applied), help."""
+    field = knob_field(name)
+    annotation, default = field.annotation, knob_default(name, DEFAULTS)
+    choices = _choices(name)
+    optional = get_origin(annotation) in (Union, type(int | None)) and type(None) in get_args(annotation)
+    if choices is not None:
+        annotation, default = choices, choices(default)
+    elif optional:
+        (inner,) = [arg for arg in get_args(annotation) if arg is not type(None)]
+        annotation = inner | None
+    lower = [meta.ge for meta in field.metadata if hasattr(meta, "ge")]
+    bounds = {"min": lower[0]} if lower else {}
+    option = typer.Option(help=RUN_KNOBS[name], **bounds)
+    return inspect.Parameter(_OPTION_OF.get(name, name), inspect.Parameter.KEYWORD_ONLY,
+                             default=default, annotation=Annotated[annotation, option])  # fmt: skip
+
+
+def _with_knob_options(knobs: tuple[str, ...]) -> Any:
+    """Add one option per knob to a command written as ``command(ctx, <own options>, **knobs)``."""
+
+    def decorate(command: Any) -> Any:
+        own = [p for p in inspect.signature(command, eval_str=True).parameters.values() if p.kind is not p.VAR_KEYWORD]
+        ctx, rest = own[0], [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own[1:]]
+        parameters = [ctx, *(_knob_option(name) for name in knobs), *rest]
+        command.__signature__ = inspect.Signature(parameters, return_annotation=None)
+        command.__annotations__ = {p.name: p.annotation for p in parameters if p.annotation is not p.empty}
+        return command
+
+    return decorate
+
+
+def _knob_values(options: dict[str, Any]) -> dict[str, Any]:
+    """The commands' knob options under their config names (``submission`` -> ``submission_path``)."""
+    return {_KNOB_OF.get(option, option): value for option, value in options.items()}
+
+
+def _fail(message: str, code: int = 2) -> NoReturn:
+    typer.secho(f"error: {message}", err=True, fg=typer.colors.RED)
+    raise typer.Exit(code)
+
+
+def _check_environment() -> None:
+    """A bad ``NESTCAST_*`` value is an error (naming the variable); an unknown one a warning."""
+    if _ENVIRONMENT_ERROR is not None:
+        _fail(str(_ENVIRONMENT_ERROR))
+    for line in environment_warnings():
+        typer.secho(f"warning: {line}", err=True, fg=typer.colors.YELLOW)
+
+
+def _parse_sets(pairs: list[str]) -> dict[str, Any]:
+    """``--set name=value`` pairs; values are read as JSON when they parse, else as strings."""
+    overrides: dict[str, Any] = {}
+    for pair in pairs:
+        name, sep, raw = pair.partition("=")
+        if not sep:
+            _fail(f"--set expects NAME=VALUE, got {pair!r}")
+        if name not in FLAT_FIELDS:
+            _fail(f"--set: unknown field {name!r}; known: {', '.join(sorted(FLAT_FIELDS))}")
+        try:
+            overrides[name] = json.loads(raw)
+        except json.JSONDecodeError:
+            overrides[name] = raw
+    return overrides
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, StrEnum):
+        return value.value
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def _same_setting(name: str, first: Any, second: Any) -> bool:
+    """Whether two values mean the same for config field ``name`` (``2`` and ``"2"``, ``1e-3`` and ``0.001``)."""
+    try:
+        return (
+            DEFAULTS.with_overrides(**{name: first}).flat()[name]
+            == DEFAULTS.with_overrides(**{name: second}).flat()[name]
+        )
+    except (ValidationError, ValueError):
+        return bool(first == second)
+
+
+def _merge_sets(ctx: typer.Context, parameters: dict[str, Any], sets: dict[str, Any]) -> dict[str, Any]:
+    """Fold ``--set`` values for fields that also have their own option into ``parameters``.
+
+    ``--set`` wins over an option left at its default; an option given explicitly with a different value
+    is an error naming both. Returns the remaining ``--set`` values (fields without an option).
+    """
+    rest: dict[str, Any] = {}
+    for name, value in sets.items():
+        if name not in parameters:
+            rest[name] = value
+            continue
+        option = _OPTION_OF.get(name, name)
+        source = ctx.get_parameter_source(option)
+        given = source is not None and source.name in ("COMMANDLINE", "ENVIRONMENT", "PROMPT")
+        if given and not _same_setting(name, _plain(parameters[name]), value):
+            flag = "--" + option.replace("_", "-")
+            _fail(f"{flag} {_plain(parameters[name])} and --set {name}={json.dumps(value)} disagree; give only one")
+        parameters[name] = value
+    return rest
+
+
+def _build_config(**flat: Any) -> NestcastConfig:
+    """The run's whole configuration, every override applied; a bad value is a one-line error."""
+    try:
+        return DEFAULTS.with_overrides(**{name: _plain(value) for name, value in flat.items()})
+    except (ValidationError, ValueError) as error:
+        _fail(_one_line(error))
+
+
+# --- paths: checked before the flow, so a file in the way is one line, not a traceback after retries ---
+def _check_directory(path: Path, what: str) -> None:
+    """``path`` is a directory, or can be made one: nothing on its way is a file."""
+    for candidate in (path, *path.parents):
+        if candidate.is_dir():
+            if candidate != path and not os.access(candidate, os.W_OK | os.X_OK):
+                _fail(f"{what} {path} cannot be created: {candidate} is not writable")
+            return
+        if candidate.exists() or candidate.is_symlink():
+            if candidate == path:
+                _fail(f"{what} {path} is a file, not a directory")
+            _fail(f"{what} {path} cannot be created: {candidate} is a file, not a directory")
+
+
+def _check_data_dir(config: NestcastConfig) -> None:
+    from core.lake import LakePaths
+
+    data_dir = config.data_dir
+    _check_directory(data_dir, "data directory")
+    if not (data_dir / "raw").is_dir():
+        if (data_dir / "raw").exists():
+            _fail(f"{data_dir / 'raw'} is a file, not a directory: it must hold the competition CSVs")
+        _fail(
+            f"{data_dir / 'raw'} does not exist: put the competition CSVs there or run `nestcast demo-data {data_dir}`"
+        )
+    for name, path in LakePaths(data_dir).directories().items():  # lake/, runs/, submissions/, the lake's folders
+        _check_directory(path, f"{name} directory")
+
+
+def _check_submission(path: Path | None) -> None:
+    if path is None:
+        return
+    if path.is_dir():
+        _fail(f"--submission {path} is a directory; give a file path")
+    _check_directory(path.parent, f"--submission {path}: directory")
+
+
+# --- the Prefect API: a temporary server that dies with this process ---------------------------------
+_SERVER_MARK = "prefect.server.api.server:create_app"
+# Run in the server's own interpreter before uvicorn: ask Linux to SIGTERM it when its parent (this
+# process) dies, even by SIGKILL, and exit if the parent is already gone. prefect's own temporary server
+# has no such link, so `kill -9 nestcast` used to leave it running. (The signal follows the parent *thread*:
+# the CLI starts the server from its main thread, which lives as long as the process.)
+_DIE_WITH_PARENT = (
+    "import os, signal, sys\n"
+    "if sys.platform.startswith('linux'):\n"
+    "    import ctypes\n"
+    "    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG\n"
+    "    if os.getppid() != int(sys.argv[1]):\n"
+    "        sys.exit(0)\n"
+    "sys.argv = ['uvicorn', *sys.argv[2:]]\n"
+    "import runpy\n"
+    "runpy.run_module('uvicorn', run_name='__main__', alter_sys=True)\n"
+)
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _start_server() -> tuple[subprocess.Popen[bytes], str]:
+    """Start the API on 127.0.0.1 as our child, as prefect's temporary server does, and wait for it."""
+    import httpx
+    import prefect
+    from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, get_current_settings
+
+    env = {
+        **os.environ,
+        "PREFECT_UI_ENABLED": "0",
+        "PREFECT__SERVER_EPHEMERAL": "1",
+        "PREFECT__SERVER_FINAL": "1",
+        **get_current_settings().to_environment_variables(exclude_unset=True),
+    }
+    env.pop("PREFECT_API_URL", None)
+    timeout = max(float(PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value()), 60.0)
+    for _attempt in range(5):
+        port = _free_port()
+        process = subprocess.Popen(
+            [
+                sys.executable, "-c", _DIE_WITH_PARENT, str(os.getpid()),
+                "--app-dir", str(Path(prefect.__file__).parent.parent), "--factory", _SERVER_MARK,
+                "--host", "127.0.0.1", "--port", str(port), "--log-level", "error", "--lifespan", "on",
+            ],
+            env=env,
+        )  # fmt: skip
+        api_url = f"http://127.0.0.1:{port}/api"
+        deadline = time.monotonic() + timeout
+        with httpx.Client() as client:
+            while time.monotonic() < deadline and process.poll() is None:
+                try:
+                    if client.get(f"{api_url}/health", timeout=5).status_code == 200:
+                        return process, api_url
+                except httpx.HTTPError:
+                    pass
+                time.sleep(0.1)
+        if process.poll() is not None:  # exited early, e.g. the port was taken in between: try another
+            continue
+        _stop_server(process)
+        raise NestcastError(
+            f"the temporary Prefect server did not start within {timeout:.0f} s (exit code {process.poll()}); "
+            "set PREFECT_API_URL to a running server instead"
+        )
+    raise NestcastError(
+        f"the temporary Prefect server exited at start (exit code {process.returncode}); "
+        "set PREFECT_API_URL to a running server instead"
+    )
+
+
+def _stop_server(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+_SERVER: tuple[subprocess.Popen[bytes], str] | None = None  # one per process, reused by later commands
+
+
+@contextmanager
+def prefect_api() -> Iterator[str | None]:
+    """The API the flows report to: ``PREFECT_API_URL`` if set, else a temporary server on 127.0.0.1 that
+    is this process's child and dies with it (also on SIGKILL, through PR_SET_PDEATHSIG on Linux)."""
+    from prefect.settings import PREFECT_API_URL, PREFECT_UI_URL, temporary_settings
+
+    global _SERVER
+    if PREFECT_API_URL.value():
+        yield PREFECT_API_URL.value()
+        return
+    if _SERVER is None or _SERVER[0].poll() is not None:
+        _SERVER = _start_server()
+        # Stopped at exit, after Prefect's own exit hooks (registered later, so run earlier) flushed their logs.
+        atexit.register(_stop_server, _SERVER[0])
+    api_url = _SERVER[1]
+    previous = os.environ.get("PREFECT_API_URL")
+    os.environ["PREFECT_API_URL"] = api_url  # for processes the flow spawns (Dask workers)
+    try:
+        # The temporary server has no UI (as prefect's own): no "View at" links to it.
+        with temporary_settings(updates={PREFECT_API_URL: api_url, PREFECT_UI_URL: ""}):
+            yield api_url
+    finally:
+        if previous is None:
+            os.environ.pop("PREFECT_API_URL", None)
+        else:
+            os.environ["PREFECT_API_URL"] = previous
+
+
+# --- commands ---------------------------------------------------------------------------------------
+@app.command("demo-data")
+def demo_data(
+    data_dir: Annotated[Path, typer.Argument(help="Data directory; the five CSVs are written to DATA_DIR/raw/.")],
+    scale: Annotated[
+        Scale, typer.Option(help="tiny: tests (<1 s); demo: `make run` (~3 min flow); full: competition size.")
+    ] = Scale.demo,
+    seed: Annotated[int, typer.Option(help="Random seed; the same seed writes byte-identical files.")] = 0,
+) -> None:
+    """Write synthetic competition files (sales_train, test, items, item_categories, shops)."""
+    _check_environment()
+    _check_directory(data_dir, "data directory")
+    _check_directory(data_dir / "raw", "raw directory")
+    from core.synthetic import write_competition_files
+
+    summary = write_competition_files(data_dir / "raw", scale=scale.value, seed=seed)
+    typer.echo(f"wrote {scale.value} demo data to {data_dir / 'raw'}: {summary}")
+
+
+@app.command()
+@_with_knob_options(tuple(RUN_KNOBS))
+def run(
+    ctx: typer.Context,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="Any other config field by name, e.g. --set max_item_price=50000 (repeatable)."),
+    ] = None,
+    **knobs: Any,
+) -> None:
+    """Run the whole forecast flow locally (ingest -> aggregate -> windows -> train -> evaluate -> export)."""
+    _check_environment()
+    parameters = _knob_values(knobs)
+    overrides = _merge_sets(ctx, parameters, _parse_sets(set_ or []))
+    config = _build_config(**parameters, **overrides)
+    _check_data_dir(config)
+    _check_submission(config.export.submission_path)
+    parameters = {name: _plain(value) for name, value in parameters.items()}
+
+    from flows.sales_forecast import sales_forecast
+
+    try:
+        with prefect_api():
+            summary = sales_forecast(**parameters, overrides=overrides)
+    except NestcastError as error:
+        _fail(_one_line(error), code=1)
+    typer.echo("")
+    typer.echo(f"submission: {summary['submission']}  (exported: {summary['exported']})")
+    typer.echo(f"report:     {summary['report']}")
+    typer.echo(f"run:        {summary['run_dir']}")
+    scores = ", ".join(
+        f"{label} {summary[key]:.4f}"
+        for key, label in (("model_rmse", "model"), ("ensemble_rmse", "ensemble"),
+                           ("reference_rmse", "LightGBM reference"), ("baseline_rmse", "previous month"))
+        if summary.get(key) is not None
+    )  # fmt: skip
+    typer.echo(
+        f"holdout month {summary['holdout_month']} RMSE: {scores}; chosen on validation month "
+        f"{summary['validation_month']}, the exported {summary['exported']} forecast scored "
+        f"{summary['exported_rmse']:.4f} ({summary['exported_rmse'] / summary['baseline_rmse'] - 1:+.1%} vs the "
+        "previous month)"
+    )
+
+
+@app.command()
+def serve() -> None:
+    """Serve the 'monthly' (cron) and 'manual' deployments from this process, no worker needed."""
+    _check_environment()
+    from deployments.serve import serve_deployments
+
+    serve_deployments()
+
+
+# --- backtest and search (issue 8) -----------------------------------------------------------------
+def _origins(text: str | None) -> list[int] | None:
+    from core.backtest import parse_origins
+
+    try:
+        return parse_origins(text) if text else None
+    except ValueError as error:
+        _fail(f"--origins: {_one_line(error)}")
+        return None
+
+
+@app.command()
+@_with_knob_options(BACKTEST_KNOBS)
+def backtest(
+    ctx: typer.Context,
+    origins: Annotated[
+        str | None, typer.Option(help="Comma-separated origin months to score, e.g. 26,27,28 (default: last 3).")
+    ] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Any other config field, NAME=VALUE.")] = None,
+    **knobs: Any,
+) -> None:
+    """Rolling backtest: for each origin month, train on the months before it and score it vs the baselines."""
+    _check_environment()
+    parameters = _knob_values(knobs)
+    overrides = _merge_sets(ctx, parameters, _parse_sets(set_ or []))
+    months = _origins(origins)
+    config = _build_config(**parameters, **overrides)
+    _check_data_dir(config)
+    parameters = {name: _plain(value) for name, value in parameters.items()}
+
+    from flows.backtest import backtest as backtest_flow
+
+    try:
+        with prefect_api():
+            summary = backtest_flow(**parameters, origins=months, overrides=overrides)
+    except NestcastError as error:
+        _fail(_one_line(error), code=1)
+    typer.echo("")
+    typer.echo(Path(summary["report"]).read_text(encoding="utf-8"))
+    typer.echo(f"report: {summary['report']}")
+
+
+@app.command()
+def search(
+    ctx: typer.Context,
+    data_dir: Annotated[Path, typer.Option(help="Lake root holding raw/.")] = DEFAULTS.data_dir,
+    trials: Annotated[int, typer.Option(min=1, help="Number of Optuna trials (each one a backtest).")] = 10,
+    origins: Annotated[str | None, typer.Option(help="Comma-separated origin months (default: last 3).")] = None,
+    seed: Annotated[int, typer.Option(help="Sampler seed.")] = 0,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="Pin a config field, NAME=VALUE (pinned search parameters leave the space)."),
+    ] = None,
+) -> None:
+    """Hyperparameter search (units, depth, lookback, learning rate, batch size, epochs) by backtest."""
+    _check_environment()
+    parameters: dict[str, Any] = {"data_dir": data_dir}
+    overrides = _merge_sets(ctx, parameters, _parse_sets(set_ or []))  # --seed is the sampler's, not a field
+    months = _origins(origins)
+    config = _build_config(**parameters, **overrides)
+    _check_data_dir(config)
+
+    from flows.search import search as search_flow
+
+    try:
+        with prefect_api():
+            summary = search_flow(
+                data_dir=_plain(parameters["data_dir"]), trials=trials, origins=months, seed=seed, overrides=overrides
+            )
+    except NestcastError as error:
+        _fail(_one_line(error), code=1)
+    typer.echo("")
+    typer.echo(Path(summary["report"]).read_text(encoding="utf-8"))
+    typer.echo(f"report: {summary['report']}")
+
+
+def _one_line(error: BaseException) -> str:
+    if isinstance(error, ValidationError):
+        parts = []
+        for item in error.errors():
+            field = ".".join(map(str, item["loc"]))
+            given = item.get("input")
+            shown = "" if not field or isinstance(given, dict) else f" (got {given!r})"
+            parts.append(f"{field or 'config'}: {item['msg']}{shown}")
+        return "; ".join(parts)
+    return " ".join(str(error).split()) or type(error).__name__
+
+
+def main() -> None:
+    if _ENVIRONMENT_ERROR is not None:  # before typer: `NESTCAST_TRAIN__EPOCHS=abc nestcast --help` too
+        typer.secho(f"error: {_ENVIRONMENT_ERROR}", err=True, fg=typer.colors.RED)
+        sys.exit(2)
+    try:
+        app()
+    except (ValidationError, ValueError, NestcastError) as error:
+        typer.secho(f"error: {_one_line(error)}", err=True, fg=typer.colors.RED)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

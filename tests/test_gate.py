@@ -1,0 +1,62 @@
+"""The gate: the blend weight and the one decision of what is exported, all from validation-month scores."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from core.gate import Decision, blend, blend_weight, decide, rmse
+
+
+def test_the_blend_weight_is_the_grid_point_with_the_lowest_rmse() -> None:
+    rng = np.random.default_rng(0)
+    actual = rng.poisson(2.0, 5000).astype(float)
+    model = actual + rng.normal(0, 1.0, actual.size)
+    reference = actual + rng.normal(0, 2.0, actual.size)
+    weight = blend_weight(actual, model, reference)
+    # an independent brute force over the same grid
+    grid = np.linspace(1.0, 0.0, 21)
+    scores = [rmse(np.clip(w * model + (1 - w) * reference, 0, 20), actual) for w in grid]
+    assert weight == pytest.approx(grid[int(np.argmin(scores))])
+    # independent errors with variances 1 and 4: the optimum is near 4 / (1 + 4) = 0.8
+    assert 0.7 <= weight <= 0.9
+    assert rmse(blend(model, reference, weight, (0, 20)), actual) <= min(
+        rmse(np.clip(model, 0, 20), actual), rmse(np.clip(reference, 0, 20), actual)
+    )
+
+
+def test_a_useless_reference_gets_no_weight_and_a_perfect_one_all() -> None:
+    actual = np.array([0.0, 1.0, 5.0, 2.0])
+    assert blend_weight(actual, actual, actual[::-1] + 3) == 1.0
+    assert blend_weight(actual, actual[::-1] + 3, actual) == 0.0
+    with pytest.raises(ValueError, match="shapes differ"):
+        blend_weight(actual, actual[:2], actual)
+
+
+def test_the_gate_exports_the_best_candidate_that_beats_the_previous_period() -> None:
+    decision = decide({"model": 1.5, "ensemble": 1.4, "baseline": 2.0}, validation_month=27, blend_weight=0.6)
+    assert decision.exported == "ensemble" and decision.blend_weight == 0.6
+    assert "month 27" in decision.reason and "ensemble 1.4000" in decision.reason
+    assert decide({"model": 1.3, "ensemble": 1.4, "baseline": 2.0}).exported == "model"
+    # a tie goes to the plain model
+    assert decide({"model": 1.4, "ensemble": 1.4, "baseline": 2.0}).exported == "model"
+    # without a reference there is no ensemble and no weight
+    alone = decide({"model": 1.4, "baseline": 2.0}, blend_weight=0.5)
+    assert alone.exported == "model" and alone.blend_weight is None
+
+
+def test_the_gate_falls_back_when_nothing_beats_the_previous_period() -> None:
+    scores = {"model": 2.1, "ensemble": 2.0, "baseline": 2.0}
+    baseline = decide(scores)
+    assert baseline.exported == "baseline" and "fallback=baseline" in baseline.reason
+    anyway = decide(scores, fallback="model")
+    assert anyway.exported == "model" and "fallback=model" in anyway.reason
+    with pytest.raises(ValueError, match="fallback"):
+        decide(scores, fallback="zeros")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="baseline"):
+        decide({"model": 1.0})
+
+
+def test_a_decision_survives_json() -> None:
+    decision = decide({"model": 1.0, "ensemble": 0.9, "baseline": 2.0}, validation_month=3, blend_weight=0.25)
+    assert Decision.from_dict(decision.to_dict()) == decision
