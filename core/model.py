@@ -362,6 +362,116 @@ class _EpochCheckpoint(keras.callbacks.Callback):
             self.on_epoch(epoch, logs)
 
 
+def _new_state() -> dict[str, Any]:
+    return {
+        "epoch": 0,
+        "weights": None,
+        "history": {},
+        "best_val_loss": None,
+        "best_epoch": 0,
+        "wait": 0,
+        "stopped_early": False,
+    }
+
+
+def _resume_state(model: keras.Model, ckpt_dir: Path, train: Any) -> dict[str, Any]:
+    """The checkpoint state in ``ckpt_dir`` (a fresh one if none), with its weights loaded into ``model``."""
+    state: dict[str, Any] = read_json(ckpt_dir / CHECKPOINT_STATE) or _new_state()
+    resumed_from = int(state["epoch"])
+    if resumed_from and state.get("weights"):
+        # The checkpoint holds optimizer slots too; loading them needs the optimizer's variables to exist.
+        if model.optimizer is not None and not model.optimizer.built:
+            model.optimizer.build(model.trainable_variables)
+        model.load_weights(_weights_file(ckpt_dir, state["weights"]))
+        _set_epoch(train, resumed_from)
+    return state
+
+
+def _fit(
+    model: keras.Model,
+    train: Any,
+    val: Any,
+    train_cfg: TrainConfig,
+    device: DeviceInfo,
+    checkpoint: _EpochCheckpoint,
+    initial_epoch: int,
+) -> None:
+    with device.scope():
+        model.fit(
+            train,
+            validation_data=val,
+            epochs=train_cfg.epochs,
+            initial_epoch=initial_epoch,
+            # Datasets reshuffle themselves from (seed, epoch); keras' own batch shuffling draws
+            # from a global RNG that a resumed run cannot replay.
+            shuffle=False,
+            callbacks=[checkpoint],
+            verbose=0,
+        )
+
+
+def _train_result(
+    model: keras.Model,
+    state: dict[str, Any],
+    resumed_from: int,
+    epoch_seconds: list[float],
+    started: float,
+    device: DeviceInfo,
+    model_path: Path,
+    run_dir: Path,
+) -> TrainResult:
+    return TrainResult(
+        history=state["history"],
+        best_epoch=int(state["best_epoch"]),
+        best_val_loss=state["best_val_loss"],
+        epochs_run=int(state["epoch"]),
+        resumed_from=resumed_from,
+        stopped_early=bool(state["stopped_early"]),
+        seconds_per_epoch=float(np.mean(epoch_seconds)) if epoch_seconds else None,
+        seconds_total=time.perf_counter() - started,
+        params=int(model.count_params()),
+        device=device.to_dict(),
+        model_path=str(model_path),
+        metadata_path=str(run_dir / "metadata.json"),
+    )
+
+
+def _write_metadata(
+    path: Path,
+    model: keras.Model,
+    device: DeviceInfo,
+    train_cfg: TrainConfig,
+    result: TrainResult,
+    epoch_seconds: list[float],
+    extra_metadata: dict[str, Any] | None,
+) -> None:
+    metadata = {
+        "device": device.kind,
+        "devices": device.devices,
+        "precision": device.precision,
+        "strategy": device.strategy,
+        "jit_compile": device.jit_compile,
+        "backend": keras.backend.backend(),
+        "keras_version": keras.__version__,
+        "params": result.params,
+        "model": model.name,
+        "train_config": train_cfg.model_dump(mode="json") if hasattr(train_cfg, "model_dump") else dict(train_cfg),
+        "epochs_run": result.epochs_run,
+        "resumed_from": result.resumed_from,
+        "best_epoch": result.best_epoch,
+        "best_val_loss": result.best_val_loss,
+        "stopped_early": result.stopped_early,
+        "timings": {
+            "seconds_per_epoch": epoch_seconds,
+            "mean_seconds_per_epoch": result.seconds_per_epoch,
+            "seconds_total": result.seconds_total,
+        },
+        "history": result.history,
+        **(extra_metadata or {}),
+    }
+    write_json_atomic(path, metadata)
+
+
 def train_model(
     model: keras.Model,
     train_data: Any,
@@ -394,84 +504,21 @@ def train_model(
         else None
     )
 
-    state: dict[str, Any] = read_json(ckpt_dir / CHECKPOINT_STATE) or {
-        "epoch": 0,
-        "weights": None,
-        "history": {},
-        "best_val_loss": None,
-        "best_epoch": 0,
-        "wait": 0,
-        "stopped_early": False,
-    }
+    state = _resume_state(model, ckpt_dir, train)
     resumed_from = int(state["epoch"])
-    if resumed_from and state.get("weights"):
-        if model.optimizer is not None and not model.optimizer.built:
-            model.optimizer.build(model.trainable_variables)
-        model.load_weights(_weights_file(ckpt_dir, state["weights"]))
-        _set_epoch(train, resumed_from)
-
     monitor = "val_loss" if val is not None else None
     patience = train_cfg.patience if val is not None else 0
     checkpoint = _EpochCheckpoint(ckpt_dir, state, patience, monitor, on_epoch, train)
-    done = state["stopped_early"] or resumed_from >= train_cfg.epochs
-    if not done:
-        with device.scope():
-            model.fit(
-                train,
-                validation_data=val,
-                epochs=train_cfg.epochs,
-                initial_epoch=resumed_from,
-                # Datasets reshuffle themselves from (seed, epoch); keras' own batch shuffling draws
-                # from a global RNG that a resumed run cannot replay.
-                shuffle=False,
-                callbacks=[checkpoint],
-                verbose=0,
-            )
+    if not (state["stopped_early"] or resumed_from >= train_cfg.epochs):
+        _fit(model, train, val, train_cfg, device, checkpoint, resumed_from)
     best = _weights_file(ckpt_dir, "best")
     if best.exists():
         model.load_weights(best)
 
     model_path = save_model_atomic(model, run_dir / MODEL_FILE)
     seconds = checkpoint.epoch_seconds
-    result = TrainResult(
-        history=state["history"],
-        best_epoch=int(state["best_epoch"]),
-        best_val_loss=state["best_val_loss"],
-        epochs_run=int(state["epoch"]),
-        resumed_from=resumed_from,
-        stopped_early=bool(state["stopped_early"]),
-        seconds_per_epoch=float(np.mean(seconds)) if seconds else None,
-        seconds_total=time.perf_counter() - started,
-        params=int(model.count_params()),
-        device=device.to_dict(),
-        model_path=str(model_path),
-        metadata_path=str(run_dir / "metadata.json"),
-    )
-    metadata = {
-        "device": device.kind,
-        "devices": device.devices,
-        "precision": device.precision,
-        "strategy": device.strategy,
-        "jit_compile": device.jit_compile,
-        "backend": keras.backend.backend(),
-        "keras_version": keras.__version__,
-        "params": result.params,
-        "model": model.name,
-        "train_config": train_cfg.model_dump(mode="json") if hasattr(train_cfg, "model_dump") else dict(train_cfg),
-        "epochs_run": result.epochs_run,
-        "resumed_from": resumed_from,
-        "best_epoch": result.best_epoch,
-        "best_val_loss": result.best_val_loss,
-        "stopped_early": result.stopped_early,
-        "timings": {
-            "seconds_per_epoch": seconds,
-            "mean_seconds_per_epoch": result.seconds_per_epoch,
-            "seconds_total": result.seconds_total,
-        },
-        "history": result.history,
-        **(extra_metadata or {}),
-    }
-    write_json_atomic(run_dir / "metadata.json", metadata)
+    result = _train_result(model, state, resumed_from, seconds, started, device, model_path, run_dir)
+    _write_metadata(run_dir / "metadata.json", model, device, train_cfg, result, seconds, extra_metadata)
     return result
 
 

@@ -43,7 +43,9 @@ Measured numbers: ``benchmarks/train.py``.
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, NamedTuple
 
 import keras
 from keras import activations, constraints, initializers, ops, regularizers
@@ -311,6 +313,363 @@ def fused_supported(cell: NestedLSTMCell) -> bool:
     return all(_derivative(fn) is not None for fn in (cell.activation, cell.recurrent_activation, cell.cell_activation))
 
 
+@dataclass(frozen=True)
+class _FusedSpec:
+    """Trace-time facts of one ``fused_sequence`` call: sizes, activations and which loop to build."""
+
+    depth: int
+    units: int
+    steps: int
+    dtype: Any
+    sigma: Any
+    d_sigma: Any
+    psi: Any
+    d_psi: Any
+    candidates: tuple[Any, ...]
+    d_candidates: tuple[Any, ...]
+    use_bias: bool
+    with_masks: bool
+    return_sequences: bool
+    unrolled: bool
+    use_scan: bool
+
+    # Record of one step: gates (4u per level) | squashed memories psi_l (u per level) | c_{l,t-1} (u per level).
+    @property
+    def psi_base(self) -> int:
+        return 4 * self.units * self.depth
+
+    @property
+    def prev_base(self) -> int:
+        return 5 * self.units * self.depth
+
+    @property
+    def width(self) -> int:
+        return 6 * self.units * self.depth
+
+    @property
+    def operand_widths(self) -> list[int]:
+        # Weight-gradient operands: hm_0 | [x_l, hm_l].
+        return [self.units] + [2 * self.units] * (self.depth - 1)
+
+    def gate(self, record: Any, level: int, k: int) -> Any:
+        base = 4 * self.units * level + k * self.units
+        return record[..., base : base + self.units]
+
+    def psi_of(self, record: Any, level: int) -> Any:
+        start = self.psi_base + self.units * level
+        return record[..., start : start + self.units]
+
+    def prev_of(self, row: Any, level: int) -> Any:
+        start = self.prev_base + self.units * level
+        return row[:, start : start + self.units]
+
+
+class _FusedWeights(NamedTuple):
+    kernels: list[Any]
+    biases: list[Any]
+    masks: list[Any]
+
+
+class _ForwardSaved(NamedTuple):
+    """What the backward pass reuses from the forward pass."""
+
+    h0: Any
+    batch: Any
+    operands: list[Any]
+    record: Any
+    step_records: list[Any] | None  # per-step records of the Python-unrolled forward, else None
+
+
+def _fused_spec(
+    cell: NestedLSTMCell, x_proj: Any, with_masks: bool, return_sequences: bool, unrolled: bool
+) -> _FusedSpec:
+    depth = cell.depth
+    candidates = (cell.cell_activation,) + (cell.activation,) * (depth - 1)
+    return _FusedSpec(
+        depth=depth,
+        units=cell.units,
+        steps=x_proj.shape[0],
+        dtype=x_proj.dtype,
+        sigma=cell.recurrent_activation,
+        d_sigma=_derivative(cell.recurrent_activation),
+        psi=cell.activation,
+        d_psi=_derivative(cell.activation),
+        candidates=candidates,
+        d_candidates=tuple(_derivative(fn) for fn in candidates),
+        use_bias=cell.use_bias,
+        with_masks=with_masks,
+        return_sequences=return_sequences,
+        unrolled=unrolled,
+        # JAX: lax.scan stacks per-step records itself (and can unroll); TensorFlow's keras scan cannot
+        # emit outputs unlike its carry, so it writes into buffers inside fori_loop instead.
+        use_scan=keras.backend.backend() == "jax" and not unrolled,
+    )
+
+
+def _fused_weights(cell: NestedLSTMCell, spec: _FusedSpec, recurrent_masks: Any) -> _FusedWeights:
+    def cast(value: Any) -> Any:
+        return ops.cast(value, spec.dtype)
+
+    biases = [cast(cell.biases[level]) for level in range(spec.depth)] if spec.use_bias else []
+    # An inner level's input and hidden kernels are concatenated once per call so each step needs one matmul.
+    kernels = [cast(cell.recurrent_kernels[0])] + [
+        ops.concatenate([cast(cell.kernels[level]), cast(cell.recurrent_kernels[level])], axis=0)
+        for level in range(1, spec.depth)
+    ]
+    masks = [cast(m) for m in recurrent_masks] if spec.with_masks else []
+    return _FusedWeights(kernels, biases, masks)
+
+
+def _unpack(spec: _FusedSpec, args: Any) -> tuple[Any, Any, list[Any], _FusedWeights]:
+    depth = spec.depth
+    args = list(args)
+    zx, h0, c0 = args[0], args[1], args[2 : 2 + depth]
+    rest = args[2 + depth :]
+    ks, rest = rest[:depth], rest[depth:]
+    bs, rest = (rest[:depth], rest[depth:]) if spec.use_bias else ([], rest)
+    return zx, h0, c0, _FusedWeights(ks, bs, rest)
+
+
+def _forward_levels(spec: _FusedSpec, w: _FusedWeights, z_t: Any, h: Any, cells: Any) -> tuple[Any, ...]:
+    """Bottom-up half of one step: every level's gates and matmul operand, then the innermost memory."""
+    units = spec.units
+    gates: list[Any] = []
+    operands: list[Any] = []
+    output_gates: list[Any] = []
+    x_in: Any = None
+    h_in = h
+    for level in range(spec.depth):
+        if spec.with_masks:
+            h_in = h_in * w.masks[level]
+        if level == 0:
+            operands.append(h_in)
+            z = z_t + ops.matmul(h_in, w.kernels[0])
+        else:
+            operand = ops.concatenate([x_in, h_in], axis=-1)
+            operands.append(operand)
+            z = ops.matmul(operand, w.kernels[level])
+        if spec.use_bias:
+            z = z + w.biases[level]
+        i = spec.sigma(z[:, :units])
+        f = spec.sigma(z[:, units : 2 * units])
+        g = spec.candidates[level](z[:, 2 * units : 3 * units])
+        o = spec.sigma(z[:, 3 * units :])
+        gates += [i, f, g, o]
+        output_gates.append(o)
+        x_in = i * g
+        h_in = f * cells[level]
+    memory = h_in + x_in  # innermost level: the plain LSTM update
+    return gates, operands, output_gates, memory
+
+
+def _forward_memories(spec: _FusedSpec, output_gates: list[Any], memory: Any) -> tuple[Any, list[Any], list[Any]]:
+    """Top-down half of one step: level l's new memory is the output of level l+1."""
+    new_cells: list[Any] = [None] * spec.depth
+    squashed: list[Any] = [None] * spec.depth
+    for level in reversed(range(spec.depth)):
+        new_cells[level] = memory
+        squashed[level] = spec.psi(memory)
+        memory = output_gates[level] * squashed[level]
+    return memory, new_cells, squashed
+
+
+def _forward_cell(spec: _FusedSpec, w: _FusedWeights, z_t: Any, h: Any, cells: Any) -> tuple[Any, list[Any], list[Any]]:
+    """One forward step: ``(h_t, [c_1..c_D], [weight-gradient operands..., packed record])``."""
+    gates, operands, output_gates, memory = _forward_levels(spec, w, z_t, h, cells)
+    h_new, new_cells, squashed = _forward_memories(spec, output_gates, memory)
+    record = ops.concatenate([*gates, *squashed, *cells], axis=-1)
+    return h_new, new_cells, [*operands, record]
+
+
+# The three forward drivers share one signature so ``_fused_run`` can pick one; only fori_loop needs
+# ``batch`` (it preallocates its buffers). Each returns ``(final states, stacked rows, unrolled records)``.
+def _forward_unrolled(spec: _FusedSpec, step: Any, zx: Any, h0: Any, c0: list[Any], batch: Any) -> tuple[Any, ...]:
+    h, cells, per_step = h0, list(c0), []
+    for z_t in ops.unstack(zx, num=spec.steps, axis=0):
+        h, cells, rows = step(z_t, h, cells)
+        per_step.append(rows)
+    saved = [ops.stack([rows[k] for rows in per_step], axis=0) for k in range(spec.depth + 1)]
+    # The unrolled backward reads each step's record directly instead of slicing the stacked one.
+    return [h, *cells], saved, [rows[-1] for rows in per_step]
+
+
+def _forward_scan(spec: _FusedSpec, step: Any, zx: Any, h0: Any, c0: list[Any], batch: Any) -> tuple[Any, ...]:
+    def body(carry: Any, z_t: Any) -> Any:
+        h, cells, rows = step(z_t, carry[0], list(carry[1:]))
+        return [h, *cells], rows
+
+    final_states, saved = ops.scan(body, [h0, *c0], zx, length=spec.steps, unroll=SCAN_UNROLL)
+    return list(final_states), list(saved), None
+
+
+def _write_step(buffers: list[Any], t: Any, rows: list[Any]) -> list[Any]:
+    return [ops.slice_update(buf, (t, 0, 0), ops.expand_dims(row, 0)) for buf, row in zip(buffers, rows, strict=True)]
+
+
+def _forward_fori(spec: _FusedSpec, step: Any, zx: Any, h0: Any, c0: list[Any], batch: Any) -> tuple[Any, ...]:
+    depth = spec.depth
+
+    def body(t: Any, carry: Any) -> Any:
+        h, cells, buffers = carry[0], carry[1 : 1 + depth], carry[1 + depth :]
+        h, cells, rows = step(ops.take(zx, t, axis=0), h, cells)
+        return (h, *cells, *_write_step(buffers, t, rows))
+
+    buffers0 = [ops.zeros((spec.steps, batch, w), dtype=spec.dtype) for w in (*spec.operand_widths, spec.width)]
+    final = ops.fori_loop(0, spec.steps, body, (h0, *c0, *buffers0))
+    return list(final[: 1 + depth]), list(final[1 + depth :]), None
+
+
+def _output_gate_grads(spec: _FusedSpec, row: Any, dh: Any, dcs: Any) -> tuple[list[Any], Any]:
+    """Top-down: gradients of each level's output gate and memory m_l (m_l = output of l+1)."""
+    d_out_gate, g_out = [], dh
+    for level in range(spec.depth):
+        o = spec.gate(row, level, 3)
+        squashed = spec.psi_of(row, level)
+        d_out_gate.append(g_out * squashed * spec.d_sigma(o))
+        g_out = dcs[level] + g_out * o * spec.d_psi(squashed)
+    return d_out_gate, g_out
+
+
+def _gate_grads(
+    spec: _FusedSpec, kernels_t: list[Any], masks: list[Any], row: Any, d_out_gate: list[Any], g_out: Any
+) -> tuple[Any, list[Any], list[Any]]:
+    """Bottom-up: the innermost memory is inner hidden + inner input, so both start from ``g_out``."""
+    units = spec.units
+    g_x = g_h = g_out
+    d_z: list[Any] = [None] * spec.depth
+    d_prev: list[Any] = [None] * spec.depth
+    for level in reversed(range(spec.depth)):
+        i, f, g = spec.gate(row, level, 0), spec.gate(row, level, 1), spec.gate(row, level, 2)
+        c_prev = spec.prev_of(row, level)
+        d_z[level] = ops.concatenate(
+            [
+                g_x * g * spec.d_sigma(i),
+                g_h * c_prev * spec.d_sigma(f),
+                g_x * i * spec.d_candidates[level](g),
+                d_out_gate[level],
+            ],
+            axis=-1,
+        )
+        d_prev[level] = g_h * f
+        d_in = ops.matmul(d_z[level], kernels_t[level])
+        if level > 0:
+            g_x, g_h = d_in[:, :units], d_in[:, units:]
+        else:
+            g_h = d_in
+        if spec.with_masks:
+            g_h = g_h * masks[level]
+    return g_h, d_prev, d_z
+
+
+def _backward_cell(
+    spec: _FusedSpec, kernels_t: list[Any], masks: list[Any], row: Any, dh: Any, dcs: Any
+) -> tuple[Any, list[Any], list[Any]]:
+    """One backward step: ``(dL/dh_{t-1}, [dL/dc_{l,t-1}], [dL/dz_l])`` from the step's packed record."""
+    d_out_gate, g_out = _output_gate_grads(spec, row, dh, dcs)
+    return _gate_grads(spec, kernels_t, masks, row, d_out_gate, g_out)
+
+
+def _backward_unrolled(spec: _FusedSpec, step: Any, saved: _ForwardSaved, d_seq: Any, d_h: Any, d_cells: Any) -> Any:
+    dh, dcs = d_h, d_cells
+    seq_rows = ops.unstack(d_seq, num=spec.steps, axis=0) if d_seq is not None else None
+    dz_rows: list[Any] = [None] * spec.steps
+    for t in reversed(range(spec.steps)):
+        if seq_rows is not None:
+            dh = dh + seq_rows[t]
+        dh, dcs, dz_rows[t] = step(saved.step_records[t], dh, dcs)
+    dz_seqs = [ops.stack([rows[k] for rows in dz_rows], axis=0) for k in range(spec.depth)]
+    return [dh, *dcs], dz_seqs
+
+
+def _backward_scan(spec: _FusedSpec, step: Any, saved: _ForwardSaved, d_seq: Any, d_h: Any, d_cells: Any) -> Any:
+    def body(carry: Any, xs: Any) -> Any:
+        dh = carry[0] if d_seq is None else carry[0] + xs[1]
+        dh, dcs, d_z = step(xs[0], dh, list(carry[1:]))
+        return [dh, *dcs], d_z
+
+    xs = [saved.record] + ([d_seq] if d_seq is not None else [])
+    d_initial, dz_seqs = ops.scan(body, [d_h, *d_cells], xs, length=spec.steps, reverse=True, unroll=SCAN_UNROLL)
+    return list(d_initial), list(dz_seqs)
+
+
+def _backward_fori(spec: _FusedSpec, step: Any, saved: _ForwardSaved, d_seq: Any, d_h: Any, d_cells: Any) -> Any:
+    depth, steps = spec.depth, spec.steps
+
+    def body(k: Any, carry: Any) -> Any:
+        t = steps - 1 - k
+        dh, dcs, dz_bufs = carry[0], list(carry[1 : 1 + depth]), carry[1 + depth :]
+        if d_seq is not None:
+            dh = dh + ops.take(d_seq, t, axis=0)
+        dh, dcs, d_z = step(ops.take(saved.record, t, axis=0), dh, dcs)
+        return (dh, *dcs, *_write_step(dz_bufs, t, d_z))
+
+    dz0 = [ops.zeros((steps, saved.batch, 4 * spec.units), dtype=spec.dtype) for _ in range(depth)]
+    final = ops.fori_loop(0, steps, body, (d_h, *d_cells, *dz0))
+    return list(final[: 1 + depth]), list(final[1 + depth :])
+
+
+def _split_upstream(spec: _FusedSpec, h0: Any, upstream: Any) -> tuple[Any, Any, list[Any]]:
+    """``(d_seq or None, dL/dh_T, [dL/dc_l,T])``; outputs nobody used arrive as None."""
+    flat = list(keras.tree.flatten(upstream))
+    d_seq = None
+    if spec.return_sequences:
+        d_seq, flat = flat[0], flat[1:]
+    zeros = ops.zeros_like(h0)
+    d_h = zeros if flat[0] is None else flat[0]
+    d_cells = [zeros if d is None else d for d in flat[1 : 1 + spec.depth]]
+    return d_seq, d_h, d_cells
+
+
+def _flat_rows(seq: Any) -> Any:
+    return ops.reshape(seq, (-1, seq.shape[-1]))
+
+
+def _weight_grads(spec: _FusedSpec, operands: list[Any], dz_seqs: list[Any]) -> tuple[list[Any], list[Any]]:
+    """One ``[2u, T*b] x [T*b, 4u]`` matmul per level (biases: a ones-vector matmul) after the loop."""
+    dz_rows = [_flat_rows(dz) for dz in dz_seqs]
+    d_kernels = [ops.matmul(ops.transpose(_flat_rows(op)), dz) for op, dz in zip(operands, dz_rows, strict=True)]
+    d_biases = []
+    if spec.use_bias:
+        ones = ops.ones((1, dz_rows[0].shape[0] or ops.shape(dz_rows[0])[0]), dtype=spec.dtype)
+        d_biases = [ops.reshape(ops.matmul(ones, dz), (-1,)) for dz in dz_rows]
+    return d_kernels, d_biases
+
+
+def _fused_grad(spec: _FusedSpec, w: _FusedWeights, saved: _ForwardSaved, upstream: Any) -> list[Any]:
+    d_seq, d_h, d_cells = _split_upstream(spec, saved.h0, upstream)
+    kernels_t = [ops.transpose(k) for k in w.kernels]
+    step = partial(_backward_cell, spec, kernels_t, w.masks)
+    driver = _backward_unrolled if spec.unrolled else _backward_scan if spec.use_scan else _backward_fori
+    d_initial, dz_seqs = driver(spec, step, saved, d_seq, d_h, d_cells)
+    d_kernels, d_biases = _weight_grads(spec, saved.operands, dz_seqs)
+    d_masks = [ops.zeros_like(m) for m in w.masks]
+    # x_proj enters the outer level's pre-activation unchanged, so its gradient is that level's dL/dz.
+    return [dz_seqs[0], *d_initial, *d_kernels, *d_biases, *d_masks]
+
+
+def _fused_run(spec: _FusedSpec) -> Any:
+    """The custom-gradient function of ``fused_sequence``: flat tensors in, ``[H?, h, c_1..c_D]`` out."""
+
+    @ops.custom_gradient
+    def run(*args: Any) -> Any:
+        zx, h0, c0, w = _unpack(spec, args)
+        batch = ops.shape(h0)[0]
+        step = partial(_forward_cell, spec, w)
+        driver = _forward_unrolled if spec.unrolled else _forward_scan if spec.use_scan else _forward_fori
+        final_states, saved, step_records = driver(spec, step, zx, h0, c0, batch)
+        operands, record = saved[: spec.depth], saved[spec.depth]
+        outputs = spec.gate(record, 0, 3) * spec.psi_of(record, 0) if spec.return_sequences else None
+        result = ([outputs] if spec.return_sequences else []) + final_states
+        forward = _ForwardSaved(h0, batch, operands, record, step_records)
+
+        def grad(*upstream: Any, **kwargs: Any) -> Any:
+            return _fused_grad(spec, w, forward, kwargs.get("upstream", upstream))
+
+        return result, grad
+
+    return run
+
+
 def fused_sequence(
     cell: NestedLSTMCell,
     x_proj: Any,
@@ -318,7 +677,7 @@ def fused_sequence(
     recurrent_masks: Any = None,
     return_sequences: bool = False,
     unrolled: bool = False,
-) -> Any:
+) -> tuple[Any, list[Any]]:
     """Run the whole sequence with a hand-written backward pass (back-propagation through time).
 
     ``x_proj`` is the outer input term without bias, ``x_t W_1``, for every step, time-major
@@ -335,224 +694,13 @@ def fused_sequence(
     gates, squashed memories and previous memories the backward step needs in one packed record.
     Loops: ``fori_loop`` writing into buffers (TensorFlow), ``lax.scan`` stacking its outputs (JAX),
     or Python-unrolled (``unrolled=True``, for graph executors without XLA).
+
+    Structure: ``_forward_cell``/``_backward_cell`` are one step's math; ``_forward_*``/``_backward_*``
+    are the three loop drivers; ``_weight_grads`` is the after-loop weight-gradient matmuls.
     """
-    depth, units = cell.depth, cell.units
-    dtype = x_proj.dtype
-    steps = x_proj.shape[0]
-    sigma, d_sigma = cell.recurrent_activation, _derivative(cell.recurrent_activation)
-    psi, d_psi = cell.activation, _derivative(cell.activation)
-    candidates = [cell.cell_activation] + [cell.activation] * (depth - 1)
-    d_candidates = [_derivative(fn) for fn in candidates]
-    use_bias = cell.use_bias
-    with_masks = recurrent_masks is not None
-    n_inner = depth - 1
-    # JAX: lax.scan stacks per-step records itself (and can unroll); TensorFlow's keras scan cannot
-    # emit outputs unlike its carry, so it writes into buffers inside fori_loop instead.
-    use_scan = keras.backend.backend() == "jax" and not unrolled
-    # record of one step: gates (4u per level) | squashed memories psi_l (u per level) | c_{l,t-1} (u per level)
-    psi_base, prev_base = 4 * units * depth, 5 * units * depth
-    width = 6 * units * depth
-    operand_widths = [units] + [2 * units] * n_inner  # weight-gradient operands: hm_0 | [x_l, hm_l]
-
-    def cast(value: Any) -> Any:
-        return ops.cast(value, dtype)
-
-    biases = [cast(cell.biases[level]) for level in range(depth)] if use_bias else []
-    kernels = [cast(cell.recurrent_kernels[0])] + [
-        ops.concatenate([cast(cell.kernels[level]), cast(cell.recurrent_kernels[level])], axis=0)
-        for level in range(1, depth)
-    ]
-    masks = [cast(m) for m in recurrent_masks] if with_masks else []
-
-    def unpack(args: Any) -> tuple[Any, ...]:
-        args = list(args)
-        zx, h0, c0 = args[0], args[1], args[2 : 2 + depth]
-        rest = args[2 + depth :]
-        ks, rest = rest[:depth], rest[depth:]
-        bs, rest = (rest[:depth], rest[depth:]) if use_bias else ([], rest)
-        return zx, h0, c0, ks, bs, rest
-
-    def gate(record: Any, level: int, k: int) -> Any:
-        base = 4 * units * level + k * units
-        return record[..., base : base + units]
-
-    def psi_of(record: Any, level: int) -> Any:
-        return record[..., psi_base + units * level : psi_base + units * (level + 1)]
-
-    @ops.custom_gradient
-    def run(*args: Any) -> Any:
-        zx, h0, c0, ks, bs, rmasks = unpack(args)
-        batch = ops.shape(h0)[0]
-
-        def forward_core(z_t: Any, h: Any, cells: Any) -> tuple[Any, list[Any], list[Any]]:
-            gates: list[Any] = []
-            operands: list[Any] = []
-            x_in: Any = None
-            h_in = h
-            output_gates = []
-            for level in range(depth):
-                if with_masks:
-                    h_in = h_in * rmasks[level]
-                if level == 0:
-                    operands.append(h_in)
-                    z = z_t + ops.matmul(h_in, ks[0])
-                else:
-                    operand = ops.concatenate([x_in, h_in], axis=-1)
-                    operands.append(operand)
-                    z = ops.matmul(operand, ks[level])
-                if use_bias:
-                    z = z + bs[level]
-                i = sigma(z[:, :units])
-                f = sigma(z[:, units : 2 * units])
-                g = candidates[level](z[:, 2 * units : 3 * units])
-                o = sigma(z[:, 3 * units :])
-                gates += [i, f, g, o]
-                output_gates.append(o)
-                x_in = i * g
-                h_in = f * cells[level]
-            memory = h_in + x_in  # innermost level: the plain LSTM update
-            new_cells: list[Any] = [None] * depth
-            squashed: list[Any] = [None] * depth
-            for level in reversed(range(depth)):
-                new_cells[level] = memory
-                squashed[level] = psi(memory)
-                memory = output_gates[level] * squashed[level]
-            record = ops.concatenate([*gates, *squashed, *cells], axis=-1)
-            return memory, new_cells, [*operands, record]
-
-        if unrolled:
-            h, cells, per_step = h0, list(c0), []
-            for z_t in ops.unstack(zx, num=steps, axis=0):
-                h, cells, rows = forward_core(z_t, h, cells)
-                per_step.append(rows)
-            saved = [ops.stack([rows[k] for rows in per_step], axis=0) for k in range(depth + 1)]
-            final_states = [h, *cells]
-        elif use_scan:
-
-            def forward_scan(carry: Any, z_t: Any) -> Any:
-                h, cells, rows = forward_core(z_t, carry[0], list(carry[1:]))
-                return [h, *cells], rows
-
-            final_states, saved = ops.scan(forward_scan, [h0, *c0], zx, length=steps, unroll=SCAN_UNROLL)
-            final_states, saved = list(final_states), list(saved)
-        else:
-
-            def forward_step(t: Any, carry: Any) -> Any:
-                h, cells, buffers = carry[0], carry[1 : 1 + depth], carry[1 + depth :]
-                h, cells, rows = forward_core(ops.take(zx, t, axis=0), h, cells)
-                buffers = [
-                    ops.slice_update(buf, (t, 0, 0), ops.expand_dims(row, 0))
-                    for buf, row in zip(buffers, rows, strict=True)
-                ]
-                return (h, *cells, *buffers)
-
-            buffers0 = [ops.zeros((steps, batch, w), dtype=dtype) for w in (*operand_widths, width)]
-            final = ops.fori_loop(0, steps, forward_step, (h0, *c0, *buffers0))
-            final_states, saved = list(final[: 1 + depth]), list(final[1 + depth :])
-        operands, record = saved[:depth], saved[depth]
-        outputs = gate(record, 0, 3) * psi_of(record, 0) if return_sequences else None
-        result = ([outputs] if return_sequences else []) + final_states
-
-        def grad(*upstream: Any, **kwargs: Any) -> Any:
-            flat = list(keras.tree.flatten(kwargs.get("upstream", upstream)))
-            d_seq = None
-            if return_sequences:
-                d_seq, flat = flat[0], flat[1:]
-            zeros = ops.zeros_like(h0)
-            d_h = zeros if flat[0] is None else flat[0]
-            d_cells = [zeros if d is None else d for d in flat[1 : 1 + depth]]
-            kernels_t = [ops.transpose(k) for k in ks]
-
-            def backward_core(row: Any, dh: Any, dcs: Any) -> tuple[Any, list[Any], list[Any]]:
-                # Top-down: gradients of each level's output gate and memory m_l (m_l = output of l+1).
-                d_out_gate, g_out = [], dh
-                for level in range(depth):
-                    o = gate(row, level, 3)
-                    squashed = psi_of(row, level)
-                    d_out_gate.append(g_out * squashed * d_sigma(o))
-                    g_out = dcs[level] + g_out * o * d_psi(squashed)
-                # Bottom-up: the innermost memory is inner hidden + inner input.
-                g_x = g_h = g_out
-                d_z: list[Any] = [None] * depth
-                d_prev: list[Any] = [None] * depth
-                for level in reversed(range(depth)):
-                    i, f, g = gate(row, level, 0), gate(row, level, 1), gate(row, level, 2)
-                    c_prev = row[:, prev_base + level * units : prev_base + (level + 1) * units]
-                    d_z[level] = ops.concatenate(
-                        [
-                            g_x * g * d_sigma(i),
-                            g_h * c_prev * d_sigma(f),
-                            g_x * i * d_candidates[level](g),
-                            d_out_gate[level],
-                        ],
-                        axis=-1,
-                    )
-                    d_prev[level] = g_h * f
-                    d_in = ops.matmul(d_z[level], kernels_t[level])
-                    if level > 0:
-                        g_x, g_h = d_in[:, :units], d_in[:, units:]
-                    else:
-                        g_h = d_in
-                    if with_masks:
-                        g_h = g_h * rmasks[level]
-                return g_h, d_prev, d_z
-
-            if unrolled:
-                dh, dcs = d_h, d_cells
-                seq_rows = ops.unstack(d_seq, num=steps, axis=0) if d_seq is not None else None
-                dz_rows: list[Any] = [None] * steps
-                for t in reversed(range(steps)):
-                    if seq_rows is not None:
-                        dh = dh + seq_rows[t]
-                    dh, dcs, dz_rows[t] = backward_core(per_step[t][-1], dh, dcs)
-                dz_seqs = [ops.stack([rows[k] for rows in dz_rows], axis=0) for k in range(depth)]
-                d_initial = [dh, *dcs]
-            elif use_scan:
-
-                def backward_scan(carry: Any, xs: Any) -> Any:
-                    dh = carry[0] if d_seq is None else carry[0] + xs[1]
-                    dh, dcs, d_z = backward_core(xs[0], dh, list(carry[1:]))
-                    return [dh, *dcs], d_z
-
-                xs_b = [record] + ([d_seq] if d_seq is not None else [])
-                d_initial, dz_seqs = ops.scan(
-                    backward_scan, [d_h, *d_cells], xs_b, length=steps, reverse=True, unroll=SCAN_UNROLL
-                )
-                d_initial, dz_seqs = list(d_initial), list(dz_seqs)
-            else:
-
-                def backward_step(k: Any, carry: Any) -> Any:
-                    t = steps - 1 - k
-                    dh, dcs, dz_bufs = carry[0], list(carry[1 : 1 + depth]), carry[1 + depth :]
-                    if d_seq is not None:
-                        dh = dh + ops.take(d_seq, t, axis=0)
-                    dh, dcs, d_z = backward_core(ops.take(record, t, axis=0), dh, dcs)
-                    dz_bufs = [
-                        ops.slice_update(buf, (t, 0, 0), ops.expand_dims(dz, 0))
-                        for buf, dz in zip(dz_bufs, d_z, strict=True)
-                    ]
-                    return (dh, *dcs, *dz_bufs)
-
-                dz0 = [ops.zeros((steps, batch, 4 * units), dtype=dtype) for _ in range(depth)]
-                final_b = ops.fori_loop(0, steps, backward_step, (d_h, *d_cells, *dz0))
-                d_initial, dz_seqs = list(final_b[: 1 + depth]), list(final_b[1 + depth :])
-
-            def rows(seq: Any) -> Any:
-                return ops.reshape(seq, (-1, seq.shape[-1]))
-
-            dz_rows_all = [rows(dz) for dz in dz_seqs]
-            d_kernels = [ops.matmul(ops.transpose(rows(op)), dz) for op, dz in zip(operands, dz_rows_all, strict=True)]
-            d_biases = []
-            if use_bias:
-                ones = ops.ones((1, dz_rows_all[0].shape[0] or ops.shape(dz_rows_all[0])[0]), dtype=dtype)
-                d_biases = [ops.reshape(ops.matmul(ones, dz), (-1,)) for dz in dz_rows_all]
-            d_masks = [ops.zeros_like(m) for m in rmasks]
-            return [dz_seqs[0], *d_initial, *d_kernels, *d_biases, *d_masks]
-
-        return result, grad
-
-    args = [x_proj, *states, *kernels, *biases, *masks]
-    result = run(*args)
+    spec = _fused_spec(cell, x_proj, recurrent_masks is not None, return_sequences, unrolled)
+    weights = _fused_weights(cell, spec, recurrent_masks)
+    result = _fused_run(spec)(x_proj, *states, *weights.kernels, *weights.biases, *weights.masks)
     if return_sequences:
         return result[0], list(result[1:])
     return None, list(result)
