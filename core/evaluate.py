@@ -32,7 +32,7 @@ PREDICTORS: tuple[str, ...] = ("model", "ensemble", "reference", "trees", "basel
 OPTIONAL_PREDICTORS: tuple[str, ...] = ("ensemble", "reference", "trees")
 PREDICTOR_LABELS: dict[str, str] = {
     "model": "model (Nested LSTM)",
-    "ensemble": "ensemble (model + reference)",
+    "ensemble": "ensemble (model + LightGBM)",
     "reference": "LightGBM reference",
     "trees": "LightGBM, extended features (ensemble member)",
     "baseline": "previous month (baseline)",
@@ -514,7 +514,7 @@ def render_report(
             f"## The gate: validation month {decision.get('validation_month')}",
             "",
             "Chosen on this month, which the holdout month's score above never influenced"
-            + (f"; the ensemble is {weight:g} × model + {1 - weight:g} × reference." if weight is not None else "."),
+            + (f"; the ensemble is {weight:g} × model + {1 - weight:g} × LightGBM." if weight is not None else "."),
             "",
             _table(
                 ["candidate", "validation RMSE"], [[PREDICTOR_LABELS.get(k, k), f"{v:.4f}"] for k, v in scores.items()]

@@ -334,6 +334,6 @@ def test_the_ensemble_and_the_reference_are_scored_like_the_model(small_holdout:
                 "blend_weight": 0.6, "exported": "ensemble", "reason": "r"}  # fmt: skip
     paths = write_report(ev, tmp_path, exported="ensemble", reason="the ensemble wins", decision=decision)
     report = paths["report"].read_text()
-    assert "## The gate: validation month 32" in report and "0.6 × model + 0.4 × reference" in report
+    assert "## The gate: validation month 32" in report and "0.6 × model + 0.4 × LightGBM" in report
     assert f"| LightGBM reference | {ev.overall['reference'].rmse:.4f} |" in report
     assert json.loads(paths["metrics"].read_text())["decision"]["blend_weight"] == 0.6
