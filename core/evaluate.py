@@ -25,7 +25,15 @@ from matplotlib.figure import Figure
 from pydantic import BaseModel, ConfigDict, PrivateAttr
 
 from core.config import DEFAULT_CLIP
-from core.lake import FORECAST_FILE, forecast_month_label, write_bytes_atomic, write_json_atomic, write_text_atomic
+from core.lake import (
+    FORECAST_FILE,
+    METRICS_FILE,
+    REPORT_FILE,
+    forecast_month_label,
+    write_bytes_atomic,
+    write_json_atomic,
+    write_text_atomic,
+)
 
 #: Every predictor an evaluation may score, in report order; model, baseline, mean3 and zeros always are.
 PREDICTORS: tuple[str, ...] = ("model", "ensemble", "reference", "trees", "baseline", "mean3", "zeros")
@@ -723,11 +731,11 @@ def write_report(
         "extra": dict(extra or {}),
         "plots": plots,
     }
-    paths["metrics"] = write_json_atomic(run_dir / "metrics.json", metrics)
+    paths["metrics"] = write_json_atomic(run_dir / METRICS_FILE, metrics)
     report = render_report(
         evaluation, exported=exported, reason=reason, extra=extra, plots=plots, top=top, decision=decision
     )
-    paths["report"] = write_text_atomic(run_dir / "report.md", report)
+    paths["report"] = write_text_atomic(run_dir / REPORT_FILE, report)
     return paths
 
 

@@ -36,6 +36,8 @@ FORECAST_RUN_PREFIX = "forecast-"
 RUN_STAGES: tuple[str, ...] = ("select", "holdout", "final")
 SELECTION_FILE = "selection.json"  # select/: what the validation month chose
 FORECAST_FILE = "forecast.parquet"  # the run's export candidates (``core.evaluate``), and a stage's forecast set
+METRICS_FILE = "metrics.json"  # a run's scores, the gate's decision and the plots' names
+REPORT_FILE = "report.md"  # a run's evaluation report
 
 
 def partition_name(month: int) -> str:

@@ -59,7 +59,7 @@ from core.aggregate import merge_shop_ids, read_monthly_table
 from core.batches import EpochShuffled
 from core.config import NestcastConfig
 from core.errors import DataValidationError
-from core.lake import LakePaths, atomic_path, file_sha256, read_json
+from core.lake import WINDOWS_META_FILE, LakePaths, atomic_path, file_sha256, read_json
 
 WINDOWS_VERSION = "4"  # 2: grid masks, validation month; 3: target-encoded means; 4: item name families
 
@@ -252,7 +252,7 @@ def build_windows(
         raise DataValidationError(f"{paths.monthly}: no monthly partitions; run aggregate first")
     build_hash = _build_hash(config, holdout_month, hashes)
     target = Path(windows_dir) if windows_dir is not None else paths.windows
-    meta_path = target / "meta.json"
+    meta_path = target / WINDOWS_META_FILE
     meta = read_json(meta_path)
     if not force and meta is not None and meta.get("build_hash") == build_hash:
         return _summary(target, meta, skipped=True, seconds=time.perf_counter() - start)
@@ -922,7 +922,7 @@ def _write_build(build: _WindowsBuild, out_dir: Path) -> None:
     for name, table in build.tables().items():
         # lz4: these files are re-read at every training run; speed matters more than size here.
         pq.write_table(table, out_dir / f"{name}.parquet", compression="lz4")
-    (out_dir / "meta.json").write_text(json.dumps(build.meta, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    (out_dir / WINDOWS_META_FILE).write_text(json.dumps(build.meta, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
 # --- reading -------------------------------------------------------------------------------------
@@ -963,7 +963,7 @@ class WindowStore:
 
     def __init__(self, windows_dir: Path) -> None:
         self.dir = Path(windows_dir)
-        self.meta: dict[str, Any] = json.loads((self.dir / "meta.json").read_text(encoding="utf-8"))
+        self.meta: dict[str, Any] = json.loads((self.dir / WINDOWS_META_FILE).read_text(encoding="utf-8"))
         self.series: pd.DataFrame = pq.read_table(self.dir / "series.parquet").to_pandas()
         self.lookback: int = int(self.meta["lookback"])
         self.n_months: int = int(self.meta["n_months"])
