@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from core.config import NestcastConfig
-from core.evaluate import PREDICTORS, evaluate
+from core.evaluate import OPTIONAL_PREDICTORS, PREDICTORS, evaluate
 from core.lake import LakePaths, write_json_atomic, write_text_atomic
 from core.windows import WindowStore, build_windows
 
@@ -212,7 +212,7 @@ def backtest_origin(
     refitted = protocol.refit(config, built.windows_dir, run_dir / "refit", selection, on_epoch)
     predictions = protocol.read_predictions(run_dir / "refit", "holdout")
     clip = config.windows.clip
-    others = {name: predictions[name].to_numpy() for name in ("ensemble", "reference", "trees") if name in predictions}
+    others = {name: predictions[name].to_numpy() for name in OPTIONAL_PREDICTORS if name in predictions}
     scored = evaluate(store.holdout_frame(), predictions["model"].to_numpy(), clip, month=origin,
                       first_month=config.ingest.first_month, others=others)  # fmt: skip
     model_seconds = selection["model_seconds"] + refitted["model_seconds"]

@@ -754,7 +754,7 @@ def _forecast_frame(store: Any, predictions: pd.DataFrame, clip: tuple[float, fl
     """Every candidate forecast of the store's forecast pairs side by side, by ``ID``."""
     forecast = store.forecast_frame()
     frame = {"ID": forecast["ID"].to_numpy()}
-    frame |= {name: predictions[name].to_numpy(np.float32) for name in ("model", "ensemble", "reference", "trees")
+    frame |= {name: predictions[name].to_numpy(np.float32) for name in ("model", *OPTIONAL_PREDICTORS)
               if name in predictions}  # fmt: skip
     frame["baseline"] = np.clip(forecast["prev"].to_numpy(dtype=np.float32), *clip)
     return pd.DataFrame(frame)

@@ -106,7 +106,8 @@ def select(
     trained = train_forecaster(config, windows_dir, stage_dir, on_epoch, stage="select")
     batch = max(config.train.batch_size, 4096)
     predictions = {"model": _model_predictions(trained.model_path, store, batch, ("validation",))["validation"]}
-    actual = store.validation_frame()["actual"].to_numpy(np.float64)
+    validation = store.validation_frame()
+    actual = validation["actual"].to_numpy(np.float64)
     scores = {"model": rmse(predictions["model"], actual)}
     selection: dict[str, Any] = {
         "validation_month": store.validation_month,
@@ -135,7 +136,7 @@ def select(
         scores |= {name: rmse(predictions[name], actual) for name in ("reference", "ensemble")}
         selection |= {"rounds": rounds["reference"], "tree_rounds": rounds, "blend_weight": weight,
                       "reference_seconds": seconds}  # fmt: skip
-    baseline = np.clip(store.validation_frame()["prev"].to_numpy(np.float64), *_clip(store))
+    baseline = np.clip(validation["prev"].to_numpy(np.float64), *_clip(store))
     selection["validation_rmse"] = scores | {"baseline": rmse(baseline, actual)}
     _write_predictions(stage_dir / "validation.parquet", predictions)
     write_json_atomic(stage_dir / SELECTION_FILE, selection)

@@ -127,15 +127,16 @@ class FeatureTables:
             flat = (keys[:, None] * n_months + np.arange(n_months)[None, :]).ravel()
             return np.bincount(flat, weights=counts.ravel(), minlength=size * n_months).reshape(size, n_months)
 
+        item_sums = group_sum(pair_item, n_items)
         means = {
-            "item": _divide(group_sum(pair_item, n_items), grid_shops[None, :]),
+            "item": _divide(item_sums, grid_shops[None, :]),
             "shop": _divide(group_sum(pair_shop, n_shops), grid_items.sum(axis=1).astype(np.float32)[None, :]),
             "category": _divide(group_sum(pair_cat, n_cats), (grid_shops[:, None] * cat_items).T),
             "shopcat": _divide(
                 group_sum(pair_shop * n_cats + pair_cat, n_shops * n_cats), np.tile(cat_items.T, (n_shops, 1))
             ),
         }
-        item_sold = group_sum(pair_item, n_items) > 0
+        item_sold = item_sums > 0
         item_first = np.where(grid_items.any(axis=0), grid_items.argmax(axis=0), 1 << 20)
         launch = _launch_tables(counts, pair_item, pair_shop, pair_cat, item_first, item_cat, store, n_cats)
         family = store.item_family.astype(np.int64)
@@ -194,10 +195,11 @@ def _launch_tables(
 
     category_cells = (grid_shops.sum(axis=1)[:, None] * launch_items).T  # [cats, months]
     shop_cells = (grid_shops * launch_items.sum(axis=1)[:, None]).T  # [shops, months]
+    category_sums = by(pair_cat, n_cats)
     return {
-        "category_sum": np.cumsum(by(pair_cat, n_cats), axis=1),
+        "category_sum": np.cumsum(category_sums, axis=1),
         "category_cells": np.cumsum(category_cells, axis=1),
-        "category_month_sum": by(pair_cat, n_cats),
+        "category_month_sum": category_sums,
         "category_month_cells": category_cells,
         "shop_sum": np.cumsum(by(pair_shop, grid_shops.shape[1]), axis=1),
         "shop_cells": np.cumsum(shop_cells, axis=1),
@@ -364,10 +366,7 @@ def fit_reference(
 
     started = time.perf_counter()
     clip = tuple(float(v) for v in store.meta["target_clip"])
-    samples = store.training_samples(before_month)
-    if max_samples is not None and max_samples < samples.shape[0]:
-        keep = np.sort(np.random.default_rng(seed).choice(samples.shape[0], size=max_samples, replace=False))
-        samples = samples[keep]
+    samples = store.training_samples(before_month, max_samples, seed)
     if samples.shape[0] == 0:
         raise ValueError(f"no training samples before month {before_month}")
     y = store.targets(samples[:, 0], samples[:, 1])

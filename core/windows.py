@@ -1076,11 +1076,19 @@ class WindowStore:
         return inputs
 
     # Datasets ------------------------------------------------------------------------------------
-    def training_samples(self, before_month: int | None = None) -> np.ndarray:
-        """``train_index`` rows whose target month is before ``before_month`` (None: every training month)."""
-        if before_month is None:
-            return self.train_index
-        return self.train_index[self.train_index[:, 1] < before_month]
+    def training_samples(
+        self, before_month: int | None = None, max_samples: int | None = None, seed: int = 0
+    ) -> np.ndarray:
+        """``train_index`` rows whose target month is before ``before_month`` (None: every training month).
+
+        ``max_samples`` keeps a subset drawn from ``seed``: the network and the boosters of one run, given the
+        same seed, train on the same samples.
+        """
+        index = self.train_index if before_month is None else self.train_index[self.train_index[:, 1] < before_month]
+        if max_samples is not None and max_samples < index.shape[0]:
+            keep = np.sort(np.random.default_rng(seed).choice(index.shape[0], size=max_samples, replace=False))
+            index = index[keep]
+        return index
 
     def train_dataset(
         self,
@@ -1096,10 +1104,7 @@ class WindowStore:
         ``before_month`` keeps the targets before that month (the protocol's selection stage trains below the
         validation month). ``max_samples`` keeps a seeded random subset. ``kwargs`` go to ``PyDataset``.
         """
-        index = self.training_samples(before_month)
-        if max_samples is not None and max_samples < index.shape[0]:
-            keep = np.sort(np.random.default_rng(seed).choice(index.shape[0], size=max_samples, replace=False))
-            index = index[keep]
+        index = self.training_samples(before_month, max_samples, seed)
         return _dataset_class()(self, index, batch_size, with_y=True, shuffle=shuffle, seed=seed, **kwargs)
 
     def holdout_dataset(self, batch_size: int, **kwargs: Any) -> Any:
