@@ -120,6 +120,12 @@ class TrainConfig(_Section):
     seed: int = 42
     device: Device = "auto"
     jit_compile: Literal["auto", "on", "off"] = "auto"
+    replicas: int | None = Field(
+        None,
+        ge=1,
+        description="Data-parallel replicas: None = every visible GPU (one CPU device without a GPU); N = the "
+        "first N GPUs, or N logical CPU devices on a host without one (MirroredStrategy / keras DataParallel).",
+    )
     max_train_samples: int | None = Field(
         None, ge=1, description="Subsample training windows to at most this many (None: all)."
     )

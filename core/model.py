@@ -9,7 +9,9 @@ and resumes from the last one, and records what it ran on in ``metadata.json``.
 
 Device: ``select_device("auto")`` takes every visible GPU (one: the default strategy; several:
 ``tf.distribute.MirroredStrategy`` on TensorFlow, ``keras.distribution.DataParallel`` on JAX), with
-mixed precision and XLA; the CPU otherwise. TensorFlow is imported only when it is the Keras backend.
+mixed precision and XLA; the CPU otherwise. ``train.replicas`` limits the GPUs, or on a host without one
+splits the CPU into that many logical devices, so the multi-device path runs (and is tested) anywhere.
+TensorFlow is imported only when it is the Keras backend.
 """
 
 from __future__ import annotations
@@ -63,7 +65,7 @@ class DeviceInfo:
     @contextlib.contextmanager
     def scope(self) -> Iterator[None]:
         """Build, compile and fit inside this scope (strategy / device placement)."""
-        if self._strategy is not None:
+        if self._strategy is not None:  # a tf.distribute strategy or a keras.distribution.Distribution
             with self._strategy.scope():
                 yield
         elif self.backend == "tensorflow" and self.kind == "cpu":
@@ -110,14 +112,20 @@ def visible_gpus() -> list[str]:
     return []
 
 
-def select_device(device: str = "auto", jit_compile: str = "auto") -> DeviceInfo:
-    """Resolve ``device`` ("auto" | "cpu" | "gpu") and ``jit_compile`` ("auto" | "on" | "off").
+def select_device(device: str = "auto", jit_compile: str = "auto", replicas: int | None = None) -> DeviceInfo:
+    """Resolve ``device`` ("auto" | "cpu" | "gpu"), ``jit_compile`` ("auto" | "on" | "off") and ``replicas``.
 
     ``auto``: every visible GPU with mixed precision and XLA, else the CPU (XLA on: the NLSTM's fused
     loops need it to be fast under TensorFlow). ``gpu`` with no GPU raises ``DeviceUnavailableError``.
+    ``replicas`` (None: every visible GPU, or one CPU): train data-parallel on that many devices -- the first
+    ``replicas`` GPUs, or as many logical CPU devices on a host without one (the multi-device path run
+    without accelerators). Several devices use ``tf.distribute.MirroredStrategy`` on TensorFlow and
+    ``keras.distribution.DataParallel`` on JAX, scoped to :meth:`DeviceInfo.scope`.
     """
     if device not in ("auto", "cpu", "gpu"):
         raise ValueError(f"device must be 'auto', 'cpu' or 'gpu', got {device!r}")
+    if replicas is not None and replicas < 1:
+        raise ValueError(f"replicas must be at least 1 (or None for every visible GPU), got {replicas!r}")
     backend = keras.backend.backend()
     gpus = [] if device == "cpu" else visible_gpus()
     if device == "gpu" and not gpus:
@@ -126,17 +134,59 @@ def select_device(device: str = "auto", jit_compile: str = "auto") -> DeviceInfo
             "(check the driver and CUDA libraries, or set train.device to 'auto' or 'cpu')"
         )
     jit = jit_compile != "off"
-    if not gpus:
+    if gpus:
+        kind, names, precision = "gpu", _first(gpus, replicas, "GPU", backend), "mixed_float16"
+    elif replicas is not None and replicas > 1:
+        kind, names, precision = "cpu", _first(logical_cpus(replicas), replicas, "CPU", backend), "float32"
+    else:
         return DeviceInfo(device, "cpu", backend, ["cpu"], "default", "float32", jit)
-    strategy_name, strategy = "default", None
-    if len(gpus) > 1 and backend == "tensorflow":
+    if len(names) == 1:
+        return DeviceInfo(device, kind, backend, names, "default", precision, jit)
+    if backend == "tensorflow":
         import tensorflow as tf
 
-        strategy_name, strategy = "mirrored", tf.distribute.MirroredStrategy()
-    elif len(gpus) > 1 and backend == "jax":
-        strategy_name = "data_parallel"
-        keras.distribution.set_distribution(keras.distribution.DataParallel())
-    return DeviceInfo(device, "gpu", backend, gpus, strategy_name, "mixed_float16", jit, strategy)
+        # XLA over the whole train step cannot reach the other replicas' variables (TF's "tf.Variable on a
+        # different device" limitation); each replica's step then runs as a graph, the NLSTM's loops still fused.
+        strategy = tf.distribute.MirroredStrategy(names)
+        return DeviceInfo(device, kind, backend, names, "mirrored", precision, False, strategy)
+    if backend == "jax":
+        distribution = keras.distribution.DataParallel(devices=names)
+        return DeviceInfo(device, kind, backend, names, "data_parallel", precision, jit, distribution)
+    raise DeviceUnavailableError(f"data-parallel training on {len(names)} devices is not supported on {backend!r}")
+
+
+def _first(names: list[str], replicas: int | None, kind: str, backend: str) -> list[str]:
+    if replicas is None:
+        return names
+    if len(names) < replicas:
+        hint = (
+            "on TensorFlow nestcast creates logical CPU devices itself unless TensorFlow is already initialised"
+            if backend == "tensorflow"
+            else "on JAX start Python with XLA_FLAGS=--xla_force_host_platform_device_count=N"
+        )
+        raise DeviceUnavailableError(
+            f"replicas={replicas} was requested but the Keras backend {backend!r} has {len(names)} {kind} "
+            f"device(s): {names}" + (f" ({hint})" if kind == "CPU" else "")
+        )
+    return names[:replicas]
+
+
+def logical_cpus(n: int) -> list[str]:
+    """The current backend's CPU devices, split into ``n`` logical ones on TensorFlow when it can still be."""
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        physical = tf.config.list_physical_devices("CPU")
+        if len(physical) == 1 and tf.config.get_logical_device_configuration(physical[0]) is None:
+            with contextlib.suppress(RuntimeError):  # TensorFlow already initialised: use what exists
+                tf.config.set_logical_device_configuration(
+                    physical[0], [tf.config.LogicalDeviceConfiguration() for _ in range(n)]
+                )
+        return [d.name for d in tf.config.list_logical_devices("CPU")]
+    if backend == "jax":
+        return keras.distribution.list_devices("cpu")
+    return ["cpu"]
 
 
 # --- model -------------------------------------------------------------------------------------
@@ -564,7 +614,7 @@ def train_forecaster(
     from core.windows import WindowStore
 
     store = WindowStore.open(windows_dir)
-    device = select_device(config.train.device, config.train.jit_compile)
+    device = select_device(config.train.device, config.train.jit_compile, config.train.replicas)
     train_cfg = config.train
     if stage == "select":
         if store.validation_month is None:
