@@ -25,6 +25,7 @@ from matplotlib.figure import Figure
 from pydantic import BaseModel, ConfigDict, PrivateAttr
 
 from core.config import DEFAULT_CLIP
+from core.display import versus
 from core.lake import (
     FORECAST_FILE,
     METRICS_FILE,
@@ -47,6 +48,11 @@ PREDICTOR_LABELS: dict[str, str] = {
     "mean3": "mean of last 3 months",
     "zeros": "zeros",
 }
+#: The same, short enough for a segment table's column headers.
+SHORT_LABELS: dict[str, str] = {
+    "model": "model", "ensemble": "ensemble", "reference": "LightGBM reference", "trees": "LightGBM extended",
+    "baseline": "previous month", "mean3": "mean of last 3", "zeros": "zeros",
+}  # fmt: skip
 # The novelty segments partition the grid, so their rows add up to the whole.
 NOVELTY_SEGMENTS: tuple[tuple[str, str], ...] = (
     ("new_item", "new item (never sold before)"),
@@ -442,10 +448,10 @@ def _segment_table(rows: list[SegmentRow], title: str) -> str:
         title,
         "rows",
         "actual mean",
-        *(f"{p} RMSE" for p in predictors),
+        *(f"{SHORT_LABELS.get(p, p)} RMSE" for p in predictors),
         "model MAE",
-        "baseline MAE",
-        "vs baseline",
+        "previous month MAE",
+        "model vs previous month (RMSE)",
     ]
     body = [
         [
@@ -491,8 +497,8 @@ def render_report(
         f"# Evaluation — holdout month {month}",
         "",
         f"**Verdict: the model {verdict} the previous-period baseline** — RMSE {evaluation.model_rmse:.4f} vs "
-        f"{evaluation.baseline_rmse:.4f} ({_pct(evaluation.improvement_rmse)} relative improvement; "
-        f"MAE {_pct(evaluation.improvement_mae)}).",
+        f"{evaluation.baseline_rmse:.4f}, {versus(evaluation.model_rmse, evaluation.baseline_rmse)} "
+        f"(MAE {_pct(evaluation.improvement_mae)}).",
         "",
         f"**Exported: {exported} forecast** — {reason.rstrip('.')}.",
         "",
@@ -541,7 +547,8 @@ def render_report(
     if extra:
         lines += ["", "## Run", "", _table(["field", "value"], [[k, v] for k, v in extra.items()])]
     if plots:
-        lines += ["", "## Plots", ""] + [f"- `{name}`" for name in plots.values()]
+        # Relative image links: report.md renders with its plots beside it; the UI artifact inlines them.
+        lines += ["", "## Plots", ""] + [f"![{name}]({name})" for name in plots.values()]
     return "\n".join(lines) + "\n"
 
 

@@ -23,7 +23,7 @@ import os
 import platform
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -445,6 +445,7 @@ def _fit(
     device: DeviceInfo,
     checkpoint: _EpochCheckpoint,
     initial_epoch: int,
+    callbacks: Sequence[keras.callbacks.Callback] = (),
 ) -> None:
     with device.scope():
         model.fit(
@@ -455,7 +456,7 @@ def _fit(
             # Datasets reshuffle themselves from (seed, epoch); keras' own batch shuffling draws
             # from a global RNG that a resumed run cannot replay.
             shuffle=False,
-            callbacks=[checkpoint],
+            callbacks=[checkpoint, *callbacks],
             verbose=0,
         )
 
@@ -532,6 +533,7 @@ def train_model(
     *,
     device: DeviceInfo | None = None,
     extra_metadata: dict[str, Any] | None = None,
+    callbacks: Sequence[keras.callbacks.Callback] = (),
 ) -> TrainResult:
     """Fit ``model``; resume from ``run_dir/checkpoints`` if a previous call was interrupted.
 
@@ -540,6 +542,8 @@ def train_model(
     epoch from ``train_cfg.seed``). ``on_epoch(epoch, logs)`` is called after each epoch with the
     0-based epoch index and float logs (``loss``, ``rmse``, ``val_loss``, ``val_rmse``).
     Writes ``model.keras`` (best weights) and ``metadata.json`` atomically into ``run_dir``.
+    ``callbacks`` (e.g. ``core.progress.TrainingProgress``) run after the checkpoint; one with a
+    ``describe(data, device)`` method is first told the training data and the device.
     """
     started = time.perf_counter()
     run_dir = Path(run_dir)
@@ -559,8 +563,11 @@ def train_model(
     monitor = "val_loss" if val is not None else None
     patience = train_cfg.patience if val is not None else 0
     checkpoint = _EpochCheckpoint(ckpt_dir, state, patience, monitor, on_epoch, train)
+    for callback in callbacks:
+        if hasattr(callback, "describe"):
+            callback.describe(train, device.to_dict())
     if not (state["stopped_early"] or resumed_from >= train_cfg.epochs):
-        _fit(model, train, val, train_cfg, device, checkpoint, resumed_from)
+        _fit(model, train, val, train_cfg, device, checkpoint, resumed_from, callbacks)
     best = _weights_file(ckpt_dir, "best")
     if best.exists():
         model.load_weights(best)
@@ -602,6 +609,7 @@ def train_forecaster(
     stage: Stage = "select",
     epochs: int | None = None,
     extra_metadata: dict[str, Any] | None = None,
+    callbacks: Sequence[keras.callbacks.Callback] = (),
 ) -> TrainResult:
     """One stage of the training protocol on the windows in ``windows_dir``, into ``run_dir``.
 
@@ -649,4 +657,6 @@ def train_forecaster(
         "validation_month": store.validation_month if stage == "select" else None,
     }
     metadata.update(extra_metadata or {})
-    return train_model(model, train, val, train_cfg, run_dir, on_epoch, device=device, extra_metadata=metadata)
+    return train_model(
+        model, train, val, train_cfg, run_dir, on_epoch, device=device, extra_metadata=metadata, callbacks=callbacks
+    )

@@ -22,7 +22,7 @@ trained on the standard features plus the launch and family ones), and the predi
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -88,7 +88,11 @@ def _tree_members(config: NestcastConfig) -> dict[str, bool]:
 
 
 def select(
-    config: NestcastConfig, windows_dir: str | Path, stage_dir: str | Path, on_epoch: EpochCallback | None = None
+    config: NestcastConfig,
+    windows_dir: str | Path,
+    stage_dir: str | Path,
+    on_epoch: EpochCallback | None = None,
+    callbacks: Sequence[Any] = (),
 ) -> dict[str, Any]:
     """Stage 1: the epoch count, the boosting rounds, the blend weight and the validation-month scores.
 
@@ -103,7 +107,7 @@ def select(
     if done is not None and (stage_dir / "validation.parquet").exists():
         return done
     store = WindowStore.open(windows_dir)
-    trained = train_forecaster(config, windows_dir, stage_dir, on_epoch, stage="select")
+    trained = train_forecaster(config, windows_dir, stage_dir, on_epoch, stage="select", callbacks=callbacks)
     batch = max(config.train.batch_size, 4096)
     predictions = {"model": _model_predictions(trained.model_path, store, batch, ("validation",))["validation"]}
     validation = store.validation_frame()
@@ -149,6 +153,7 @@ def refit(
     stage_dir: str | Path,
     selection: dict[str, Any],
     on_epoch: EpochCallback | None = None,
+    callbacks: Sequence[Any] = (),
 ) -> dict[str, Any]:
     """Stage 2: retrain on every training target with the selection's epochs and rounds; predict.
 
@@ -163,7 +168,9 @@ def refit(
     stage_dir = Path(stage_dir)
     store = WindowStore.open(windows_dir)
     sets = tuple(name for name in ("holdout", "forecast") if getattr(store, f"{name}_index").shape[0])
-    trained = train_forecaster(config, windows_dir, stage_dir, on_epoch, stage="refit", epochs=selection["epochs"])
+    trained = train_forecaster(
+        config, windows_dir, stage_dir, on_epoch, stage="refit", epochs=selection["epochs"], callbacks=callbacks
+    )
     batch = max(config.train.batch_size, 4096)
     predictions = {name: {"model": values} for name, values in
                    _model_predictions(trained.model_path, store, batch, sets).items()}  # fmt: skip

@@ -10,6 +10,12 @@ is checked before a flow starts and reported as one line, ``error: ...``, with e
 
 from __future__ import annotations
 
+# Before anything can import TensorFlow: its C++ loggers read their levels once, at import.
+from deployments import console
+
+if not console.wants_verbose():
+    console.quiet_native_logs()
+
 import atexit
 import inspect
 import json
@@ -39,6 +45,11 @@ from core.config import (
     knob_field,
 )
 from core.errors import NestcastError
+
+#: Every run the CLI starts carries these tags (deployment runs carry the deployments' ``nestcast``).
+CLI_TAGS = ("nestcast", "cli")
+VERBOSE_HELP = "Show every library's console output (TensorFlow, each task run's state), as before."
+Verbose = Annotated[bool, typer.Option("--verbose", help=VERBOSE_HELP)]
 
 # Batch runs are often offline: the temporary server's telemetry would log an ERROR every 10 minutes.
 # An explicit PREFECT_SERVER_ANALYTICS_ENABLED still wins.
@@ -321,6 +332,18 @@ _SERVER: tuple[subprocess.Popen[bytes], str] | None = None  # one per process, r
 
 
 @contextmanager
+def cli_run(verbose: bool) -> Iterator[str | None]:
+    """What every flow the CLI starts runs inside: the Prefect API, the CLI's tags, and (unless ``verbose``)
+    the console filters, added again here because importing the flows may set Prefect's logging up anew."""
+    from prefect import tags
+
+    if not verbose:
+        console.quiet_prefect_console()
+    with prefect_api() as api_url, tags(*CLI_TAGS):
+        yield api_url
+
+
+@contextmanager
 def prefect_api() -> Iterator[str | None]:
     """The API the flows report to: ``PREFECT_API_URL`` if set, else a temporary server on 127.0.0.1 that
     is this process's child and dies with it (also on SIGKILL, through PR_SET_PDEATHSIG on Linux)."""
@@ -375,6 +398,7 @@ def run(
         list[str] | None,
         typer.Option("--set", help="Any other config field by name, e.g. --set max_item_price=50000 (repeatable)."),
     ] = None,
+    verbose: Verbose = False,
     **knobs: Any,
 ) -> None:
     """Run the whole forecast flow locally (ingest -> aggregate -> windows -> train -> evaluate -> export)."""
@@ -385,36 +409,27 @@ def run(
     _check_data_dir(config)
     _check_submission(config.export.submission_path)
     parameters = {name: _plain(value) for name, value in parameters.items()}
+    parameters["data_dir"] = str(config.data_dir.resolve())  # the flow, its log and the UI say where
 
+    from core.display import forecast_summary_lines
+    console.quiet_console(verbose)  # before the flow's imports pull in TensorFlow
     from flows.sales_forecast import sales_forecast
 
     try:
-        with prefect_api():
+        with cli_run(verbose):
             summary = sales_forecast(**parameters, overrides=overrides)
     except NestcastError as error:
         _fail(_one_line(error), code=1)
     typer.echo("")
-    typer.echo(f"submission: {summary['submission']}  (exported: {summary['exported']})")
-    typer.echo(f"report:     {summary['report']}")
-    typer.echo(f"run:        {summary['run_dir']}")
-    scores = ", ".join(
-        f"{label} {summary[key]:.4f}"
-        for key, label in (("model_rmse", "model"), ("ensemble_rmse", "ensemble"),
-                           ("reference_rmse", "LightGBM reference"), ("baseline_rmse", "previous month"))
-        if summary.get(key) is not None
-    )  # fmt: skip
-    typer.echo(
-        f"holdout month {summary['holdout_month']} RMSE: {scores}; chosen on validation month "
-        f"{summary['validation_month']}, the exported {summary['exported']} forecast scored "
-        f"{summary['exported_rmse']:.4f} ({summary['exported_rmse'] / summary['baseline_rmse'] - 1:+.1%} vs the "
-        "previous month)"
-    )
+    for line in forecast_summary_lines(summary, config.ingest.first_month):
+        typer.echo(line)
 
 
 @app.command()
-def serve() -> None:
+def serve(verbose: Verbose = False) -> None:
     """Serve the 'monthly' (cron) and 'manual' deployments from this process, no worker needed."""
     _check_environment()
+    console.quiet_console(verbose)
     from deployments.serve import serve_deployments
 
     serve_deployments()
@@ -439,6 +454,7 @@ def backtest(
         str | None, typer.Option(help="Comma-separated origin months to score, e.g. 26,27,28 (default: last 3).")
     ] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="Any other config field, NAME=VALUE.")] = None,
+    verbose: Verbose = False,
     **knobs: Any,
 ) -> None:
     """Rolling backtest: for each origin month, train on the months before it and score it vs the baselines."""
@@ -450,10 +466,11 @@ def backtest(
     _check_data_dir(config)
     parameters = {name: _plain(value) for name, value in parameters.items()}
 
+    console.quiet_console(verbose)  # before the flow's imports pull in TensorFlow
     from flows.backtest import backtest as backtest_flow
 
     try:
-        with prefect_api():
+        with cli_run(verbose):
             summary = backtest_flow(**parameters, origins=months, overrides=overrides)
     except NestcastError as error:
         _fail(_one_line(error), code=1)
@@ -473,6 +490,7 @@ def search(
         list[str] | None,
         typer.Option("--set", help="Pin a config field, NAME=VALUE (pinned search parameters leave the space)."),
     ] = None,
+    verbose: Verbose = False,
 ) -> None:
     """Hyperparameter search (units, depth, lookback, learning rate, batch size, epochs) by backtest."""
     _check_environment()
@@ -482,10 +500,11 @@ def search(
     config = _build_config(**parameters, **overrides)
     _check_data_dir(config)
 
+    console.quiet_console(verbose)  # before the flow's imports pull in TensorFlow
     from flows.search import search as search_flow
 
     try:
-        with prefect_api():
+        with cli_run(verbose):
             summary = search_flow(
                 data_dir=_plain(parameters["data_dir"]), trials=trials, origins=months, seed=seed, overrides=overrides
             )

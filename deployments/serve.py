@@ -11,13 +11,20 @@ Both allow one run at a time: SQLite behind a local server does not take concurr
 
 from __future__ import annotations
 
+from deployments import console
+
+if __name__ == "__main__" and not console.wants_verbose():  # before the flow's imports load TensorFlow
+    console.quiet_native_logs()
+
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from prefect import serve
 from prefect.client.schemas.schedules import CronSchedule
 from prefect.deployments.runner import RunnerDeployment
 
+from core.config import NestcastConfig
 from flows.sales_forecast import sales_forecast
 
 ENTRYPOINT = "flows/sales_forecast.py:sales_forecast"
@@ -57,7 +64,11 @@ DEPLOYMENTS: tuple[Deployment, ...] = (
 
 
 def build_deployments(parameters: dict[str, Any] | None = None) -> list[RunnerDeployment]:
-    shared = {"parameters": parameters or {}, "concurrency_limit": CONCURRENCY_LIMIT, "tags": list(TAGS)}
+    """The served deployments; their ``data_dir`` default is made absolute here, where ``serve`` starts, so the
+    form shows (and every run uses) one directory whatever the runs' working directory."""
+    defaults = {"data_dir": str(Path(NestcastConfig().data_dir).expanduser().resolve())}
+    shared = {"parameters": defaults | (parameters or {}), "concurrency_limit": CONCURRENCY_LIMIT,
+              "tags": list(TAGS)}  # fmt: skip
     return [
         sales_forecast.to_deployment(
             name=spec.name,
@@ -74,4 +85,5 @@ def serve_deployments(parameters: dict[str, Any] | None = None) -> None:
 
 
 if __name__ == "__main__":
+    console.quiet_console(console.wants_verbose())
     serve_deployments()

@@ -36,7 +36,7 @@ def make_task_runner(config: NestcastConfig) -> TaskRunner:
     return ThreadPoolTaskRunner(max_workers=2)
 
 
-@flow(name="aggregate-months")
+@flow(name="aggregate-months", flow_run_name="aggregate-months")
 def _aggregate_months(config: NestcastConfig, ingested: dict[str, Any]) -> dict[str, Any]:
     options = step_options(config, timeout=False)  # mapped on the runner's threads or workers
     input_hashes = plan_months.with_options(**options)(config, ingested)

@@ -6,16 +6,18 @@ environment variables); ``overrides`` takes any other config field by its flat n
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
+from core import display
 from core.config import RUN_KNOBS, NestcastConfig
 from core.protocol import forecast_run_dir
 from flows.aggregate_months import aggregate_months
 from flows.parameters import OVERRIDES, OVERRIDES_HELP, with_knobs
-from tasks.common import step_options
+from tasks.common import flow_run_url, name_flow_run, step_options
 from tasks.evaluate import evaluate_model
 from tasks.export import export_forecast
 from tasks.ingest import ingest_raw_files
@@ -26,11 +28,15 @@ DEFAULTS = NestcastConfig()
 
 
 def build_config(**parameters: Any) -> NestcastConfig:
+    """The run's config; ``data_dir`` made absolute here, once, so every path the run logs and records says
+    where it is (a served deployment's relative default would otherwise depend on where ``serve`` started)."""
     overrides = dict(parameters.pop("overrides", None) or {})
-    return NestcastConfig().with_overrides(**overrides, **parameters)
+    config = NestcastConfig().with_overrides(**overrides, **parameters)
+    return config.with_overrides(data_dir=str(Path(config.data_dir).expanduser().resolve()))
 
 
-@flow(name="sales-forecast", log_prints=True, validate_parameters=True)
+# Renamed to forecast-<month>-<kind> once the lake says which month is forecast (see name_flow_run).
+@flow(name="sales-forecast", flow_run_name="forecast-{kind}", log_prints=True, validate_parameters=True)
 @with_knobs(tuple(RUN_KNOBS), defaults=DEFAULTS, extra=[OVERRIDES], extra_help=OVERRIDES_HELP)
 def sales_forecast(*, overrides: dict[str, Any] | None = None, **knobs: Any) -> dict[str, Any]:
     """Forecast next month's sales for every test.csv pair and export a checked submission.
@@ -41,9 +47,13 @@ def sales_forecast(*, overrides: dict[str, Any] | None = None, **knobs: Any) -> 
     """
     config = build_config(**knobs, overrides=overrides)
     options = step_options(config)
+    first_month = config.ingest.first_month
+    get_run_logger().info("data directory: %s", config.data_dir)
 
     ingested = ingest_raw_files.with_options(**options)(config)
     monthly = aggregate_months(config, ingested)
+    forecast_month = max(monthly["months"]) + 1
+    name_flow_run(f"forecast-{display.month_label(forecast_month, first_month)}-{config.model.kind}")
     windows = build_windows.with_options(**options)(config, monthly, purpose="evaluation")
     final_windows = build_windows.with_options(**options)(config, monthly, purpose="final")
     run_dir = str(forecast_run_dir(config, windows, final_windows))
@@ -61,6 +71,7 @@ def sales_forecast(*, overrides: dict[str, Any] | None = None, **knobs: Any) -> 
         "rows_accepted": ingested["rows_accepted"],
         "rows_quarantined": ingested["rows_quarantined"],
         "months": monthly["months"],
+        "forecast_month": forecast_month,
         "train_samples": windows["sample_counts"]["train"],
         "run_dir": run_dir,
         "validation_month": selection["validation_month"],
@@ -75,12 +86,13 @@ def sales_forecast(*, overrides: dict[str, Any] | None = None, **knobs: Any) -> 
         "exported_rmse": evaluation["exported_rmse"],
         "submission": exported["submission"],
         "report": evaluation["report"],
+        "flow_run_url": flow_run_url(),
     }
-    get_run_logger().info("Forecast finished: %s", summary)
+    get_run_logger().info(display.forecast_summary_lines(summary, first_month)[0])
     create_markdown_artifact(
         key="sales-forecast-summary",
         markdown="## Sales forecast\n\n| | |\n|---|---|\n"
-        + "\n".join(f"| {name} | {value} |" for name, value in summary.items()),
+        + "\n".join(f"| {name} | {value} |" for name, value in display.summary_rows(summary, first_month)),
         description="What this run read, trained, scored and exported",
     )
     return summary

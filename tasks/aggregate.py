@@ -4,8 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from prefect import get_run_logger
+
 from core import aggregate as aggregate_step
 from core.config import NestcastConfig
+from core.display import month_range
 from core.lake import LakePaths
 from tasks.common import content_cache_key, nestcast_task
 
@@ -36,4 +39,9 @@ def finish_aggregation(config: NestcastConfig, input_hashes: dict[int, str]) -> 
     """Drop monthly partitions whose sales month is gone and record the lake's monthly state."""
     removed = aggregate_step.remove_stale_months(config)
     state = aggregate_step.write_state(config)
+    # One line for the whole fan-out: the console drops each aggregate-month's own completion line.
+    get_run_logger().info(
+        "aggregated %s into lake/monthly%s", month_range(input_hashes, config.ingest.first_month),
+        f", removed {len(removed)} stale partition(s)" if removed else "",
+    )  # fmt: skip
     return {"months": sorted(input_hashes), "input_hashes": input_hashes, "removed": removed, "state": str(state)}

@@ -28,6 +28,8 @@ F = TypeVar("F", bound=Callable[..., Any])
 CacheKeyFn = Callable[[TaskRunContext, dict[str, Any]], str]
 #: What a step writes, from its parameters (``config`` and the rest): the files its cached result points at.
 OutputsFn = Callable[[Mapping[str, Any]], Iterable[Path]]
+#: What a step shows in the UI, from its result and parameters (``nestcast_task(publish=...)``).
+PublishFn = Callable[[Any, Mapping[str, Any]], None]
 
 #: The retry policy every step task is declared with (`nestcast_task`); `step_options` sets it from the config.
 RETRY_OPTIONS: dict[str, Any] = {
@@ -161,11 +163,13 @@ def nestcast_task(
     cache_key: CacheKeyFn | None = None,
     outputs: OutputsFn | None = None,
     task_run_name: str | None = None,
+    publish: PublishFn | None = None,
 ) -> Callable[[F], Task[..., Any]]:
     """Every nestcast step's ``@task``: the tag ``nestcast`` plus ``tags``, the shared retry policy (retries,
     exponential backoff with jitter, transient errors only), and, with ``cache_key``, caching on content;
     with ``outputs`` as well, a cached result is only served while the files it points at are as the step
-    left them."""
+    left them. ``publish(result, parameters)`` creates the step's artifacts; it runs as an on-completion hook,
+    which Prefect calls for a cached run too, so the newest run's page is complete even when nothing ran."""
     if outputs is not None and cache_key is None:
         raise ValueError(f"{name}: outputs only matter to a cached task; give cache_key too")
 
@@ -193,10 +197,42 @@ def nestcast_task(
             tags=["nestcast", *tags],
             cache_key_fn=key_fn,
             retry_condition_fn=retry_transient_only,
+            on_completion=[_publish_hook(publish)] if publish is not None else None,
             **RETRY_OPTIONS,
         )
 
     return decorate
+
+
+def _publish_hook(publish: PublishFn) -> Callable[[Task[..., Any], TaskRun, State], None]:
+    def publish_artifacts(task: Task[..., Any], task_run: TaskRun, state: State) -> None:
+        context = TaskRunContext.get()  # the hook runs inside the task run: artifacts attach to it
+        publish(state.result(), dict(context.parameters) if context is not None else {})
+
+    return publish_artifacts
+
+
+def name_flow_run(name: str) -> None:
+    """Rename the current flow run (its name is only known once the data is read: the forecast month)."""
+    from prefect.client.orchestration import get_client
+    from prefect.context import FlowRunContext
+
+    context = FlowRunContext.get()
+    if context is None or context.flow_run is None:
+        return
+    with get_client(sync_client=True) as client:
+        client.update_flow_run(context.flow_run.id, name=name)
+    context.flow_run.name = name  # the log lines from here on carry the new name too
+
+
+def flow_run_url() -> str | None:
+    """The current flow run's page in the UI, when there is a UI (a temporary server has none)."""
+    from prefect.runtime import flow_run
+    from prefect.settings import PREFECT_UI_URL
+
+    run_id = flow_run.get_id()
+    ui = PREFECT_UI_URL.value()
+    return f"{ui.rstrip('/')}/runs/flow-run/{run_id}" if ui and run_id else None
 
 
 def artifact_key(*parts: object) -> str:

@@ -1,19 +1,43 @@
-"""Step 6 as a Prefect task: the gated, checked submission, linked from the UI."""
+"""Step 6 as a Prefect task: the gated, checked submission, shown in the UI."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 from prefect import get_run_logger
-from prefect.artifacts import create_link_artifact
+from prefect.artifacts import create_markdown_artifact
 
 from core import export as export_step
 from core.config import NestcastConfig
 from tasks.common import nestcast_task
 
+HEAD_ROWS = 10
 
-@nestcast_task("export", tags=["io"])
+
+def _markdown_table(frame: pd.DataFrame) -> str:
+    rows = [" | ".join(map(str, frame.columns)), " | ".join("---:" for _ in frame.columns)]
+    rows += [" | ".join(f"{v:.4f}" if isinstance(v, float) else str(v) for v in row)
+             for row in frame.itertuples(index=False)]  # fmt: skip
+    return "\n".join(f"| {row} |" for row in rows)
+
+
+def _publish(result: Mapping[str, Any], parameters: Mapping[str, Any]) -> None:
+    """The submission's first rows inline and its absolute path to copy (a ``file://`` link does not open from
+    the UI's page)."""
+    path = Path(result["submission"]).resolve()
+    head = pd.read_csv(path, nrows=HEAD_ROWS)
+    create_markdown_artifact(
+        key="submission",
+        markdown=f"## Submission {result['forecast_month']}: {result['rows']:,} rows, the {result['exported']} "
+        f"forecast\n\n`{path}`\n\nFirst {len(head)} rows:\n\n{_markdown_table(head)}\n",
+        description=f"submission {result['forecast_month']} ({result['exported']} forecast)",
+    )
+
+
+@nestcast_task("export", tags=["io"], publish=_publish)
 def export_forecast(
     config: NestcastConfig, windows: dict[str, Any], run_dir: str, evaluation: dict[str, Any]
 ) -> dict[str, Any]:
@@ -21,10 +45,4 @@ def export_forecast(
     result = export_step.export_run(config, windows["windows_dir"], run_dir, evaluation)
     get_run_logger().info("exported the %s forecast to %s (%s)", evaluation["exported"], result.csv_path,
                           evaluation["reason"])
-    create_link_artifact(
-        key="submission",
-        link=Path(result.csv_path).resolve().as_uri(),
-        link_text=f"submission {result.forecast_month} ({result.rows} rows, {evaluation['exported']} forecast)",
-        description=evaluation["reason"],
-    )
     return {**result.to_dict(), "submission": str(result.csv_path), "exported": evaluation["exported"]}

@@ -9,16 +9,17 @@ calls them directly (not ``.submit``) so their timeout can interrupt them.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 from prefect import get_run_logger
-from prefect.artifacts import create_progress_artifact, update_progress_artifact
+from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact
 
 from core import protocol
 from core.config import NestcastConfig
-from core.lake import FORECAST_FILE, SELECTION_FILE, LakePaths
+from core.lake import FORECAST_FILE, SELECTION_FILE, LakePaths, read_json
+from core.progress import TrainingProgress, describe_device, epoch_table
 from tasks.common import artifact_key, content_cache_key, nestcast_task
 
 #: What each refit stage predicts, the file that says it finished.
@@ -40,17 +41,50 @@ def _progress(label: str, epochs: int) -> Callable[[int, dict[str, float]], None
     return on_epoch
 
 
+def _terminal_progress(label: str) -> TrainingProgress:
+    """The start line (device, samples, batches, compile time) in the run's log; the bar on a TTY only."""
+    return TrainingProgress(label, get_run_logger().info)
+
+
+def _publish_epochs(stage: str, stage_dir: Path) -> None:
+    """The stage's per-epoch table (epoch, loss, validation RMSE, seconds), read back from its metadata.json,
+    so that a cached stage shows it as well."""
+    metadata = read_json(stage_dir / "metadata.json")
+    if not metadata:
+        return
+    device = describe_device({"kind": metadata.get("device"), "devices": metadata.get("devices"),
+                              "precision": metadata.get("precision"), "jit_compile": metadata.get("jit_compile"),
+                              "requested": (metadata.get("train_config") or {}).get("device")})  # fmt: skip
+    create_table_artifact(
+        key=artifact_key("training-epochs", stage),
+        table=epoch_table(metadata),
+        description=f"{stage}: {metadata.get('epochs_run')} epochs on {device}, best epoch {metadata.get('best_epoch')}"
+        f"{' (stopped early)' if metadata.get('stopped_early') else ''}",
+    )
+
+
+def _publish_selection(selection: Mapping[str, Any], parameters: Mapping[str, Any]) -> None:
+    if "run_dir" in parameters:
+        _publish_epochs("select", LakePaths.stage_dir(parameters["run_dir"], "select"))
+
+
+def _publish_refit(result: Mapping[str, Any], parameters: Mapping[str, Any]) -> None:
+    _publish_epochs(f"refit-{parameters.get('stage', '')}", Path(result["stage_dir"]))
+
+
 @nestcast_task(
     "select",
     tags=["gpu"],
     cache_key=content_cache_key("windows", "model", "train", "reference"),
     outputs=lambda p: [LakePaths.stage_dir(p["run_dir"], "select") / SELECTION_FILE],
+    publish=_publish_selection,
 )
 def select_models(config: NestcastConfig, windows: dict[str, Any], run_dir: str) -> dict[str, Any]:
     """Epochs, boosting rounds and blend weight, early-stopped on the validation month (the month before the
     holdout); the validation-month RMSEs the gate decides on."""
     on_epoch = _progress("select", config.train.epochs)
-    selection = protocol.select(config, windows["windows_dir"], LakePaths.stage_dir(run_dir, "select"), on_epoch)
+    selection = protocol.select(config, windows["windows_dir"], LakePaths.stage_dir(run_dir, "select"), on_epoch,
+                                callbacks=[_terminal_progress("select")])  # fmt: skip
     get_run_logger().info(
         "selected on month %s: %s epochs, %s boosting rounds, model weight %s in the ensemble; validation RMSE %s",
         selection["validation_month"], selection["epochs"], selection["rounds"], selection["blend_weight"],
@@ -65,13 +99,15 @@ def select_models(config: NestcastConfig, windows: dict[str, Any], run_dir: str)
     tags=["gpu"],
     cache_key=content_cache_key("windows", "model", "train", "reference"),
     outputs=lambda p: [LakePaths.stage_predictions(p["run_dir"], p["stage"], REFIT_OUTPUT[p["stage"]])],
+    publish=_publish_refit,
 )
 def refit_models(
     config: NestcastConfig, windows: dict[str, Any], selection: dict[str, Any], run_dir: str, stage: str
 ) -> dict[str, Any]:
     """Retrain on every training month of ``windows`` with the selected epochs and rounds; predict."""
     on_epoch = _progress(f"refit-{stage}", int(selection["epochs"]))
-    result = protocol.refit(config, windows["windows_dir"], LakePaths.stage_dir(run_dir, stage), selection, on_epoch)
+    result = protocol.refit(config, windows["windows_dir"], LakePaths.stage_dir(run_dir, stage), selection, on_epoch,
+                            callbacks=[_terminal_progress(f"refit-{stage}")])  # fmt: skip
     get_run_logger().info(
         "refit (%s): %d epochs in %.0f s, reference %s s; predicted %s",
         stage, result["epochs"], result["model_seconds"],

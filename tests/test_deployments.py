@@ -29,3 +29,12 @@ def test_served_deployments_follow_the_spec():
         assert deployment.entrypoint.endswith(ENTRYPOINT.replace("/", ".").replace(".py:", ".")) or (
             deployment.entrypoint.endswith(ENTRYPOINT)
         ), deployment.entrypoint
+
+
+def test_the_deployment_form_describes_every_parameter_and_defaults_data_dir_to_an_absolute_path():
+    for deployment in build_deployments():
+        properties = deployment._parameter_openapi_schema.properties
+        assert set(properties) >= {"data_dir", "epochs", "kind", "device", "overrides"}
+        undescribed = [name for name, schema in properties.items() if not schema.get("description")]
+        assert undescribed == [], undescribed
+        assert Path(deployment.parameters["data_dir"]).is_absolute()

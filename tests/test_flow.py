@@ -53,6 +53,26 @@ def task_runs(flow_run_id) -> dict[str, Any]:
     return by_name
 
 
+def artifacts_of(flow_run_id) -> dict[str, Any]:
+    """The flow run's artifacts by key (task runs' included: they carry the flow run's id)."""
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(
+            any_=[flow_run_id])))  # fmt: skip
+    return {artifact.key: artifact for artifact in found if artifact.key}
+
+
+def table(artifact: Any) -> list[dict[str, Any]]:
+    """A table artifact's rows (the API stores them as a JSON string)."""
+    return json.loads(artifact.data) if isinstance(artifact.data, str) else artifact.data
+
+
+def flow_run_name(flow_run_id) -> str:
+    with get_client(sync_client=True) as client:
+        return client.read_flow_run(flow_run_id).name
+
+
 def run_flow(data_dir: Path, **extra: Any):
     return sales_forecast(data_dir=str(data_dir), **{**TINY_RUN, **extra}, return_state=True)
 
@@ -91,8 +111,23 @@ def test_transient_errors_are_retried_data_errors_are_not_and_a_rerun_resumes_fr
     for step in STEPS[:-1]:
         assert runs[step].state.name == "Cached", f"{step} should resume from cache, was {runs[step].state.name}"
     assert runs["export"].state.name == "Completed"
+    # Cached steps republish their artifacts, so the newest run's page is complete.
+    artifacts = artifacts_of(second.state_details.flow_run_id)
+    for key in ("evaluation", "evaluation-report", "training-epochs-select", "training-epochs-refit-holdout",
+                "training-epochs-refit-final", "submission", "sales-forecast-summary"):  # fmt: skip
+        assert key in artifacts, f"{key} missing from the cached rerun; has {sorted(artifacts)}"
+    report = artifacts["evaluation-report"].data
+    assert "](data:image/png;base64,iVBORw0KGgo" in report and "file://" not in report
+    assert [row["predictor"] for row in table(artifacts["evaluation"])][:1] == ["model (Nested LSTM)"]
+    shown = {row["predictor"] for row in table(artifacts["evaluation"])}
+    assert {"previous month (baseline)", "mean of last 3 months"} <= shown
+    assert all("vs previous month" in row for row in table(artifacts["evaluation"]))
+    epochs = [row["epoch"] for row in table(artifacts["training-epochs-select"])]
+    assert epochs and epochs == list(range(1, len(epochs) + 1))
 
     summary = second.result()
+    assert flow_run_name(second.state_details.flow_run_id) == f"forecast-{summary['submission'][-11:-4]}-nlstm"
+    assert "| months in the lake | 2013-01 – " in artifacts["sales-forecast-summary"].data
     assert summary["rows_in"] == summary["rows_accepted"] + summary["rows_quarantined"]
     submission = pd.read_csv(summary["submission"])
     test = pd.read_csv(data_dir / "raw" / "test.csv")

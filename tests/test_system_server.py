@@ -138,7 +138,8 @@ def test_manual_deployment_runs_to_completion_with_artifacts_and_a_ui_page(serve
     ).json()
     keys = {artifact["key"] for artifact in artifacts}
     expected = {"validation-sales-train-csv", "training-progress-select", "training-progress-refit-holdout",
-                "training-progress-refit-final", "evaluation", "report", "totals-plot", "submission"}  # fmt: skip
+                "training-progress-refit-final", "training-epochs-select", "evaluation", "evaluation-report",
+                "submission"}  # fmt: skip
     assert expected <= keys
     assert list((data_dir / "submissions").glob("*.csv"))
 
@@ -156,7 +157,14 @@ def test_manual_deployment_runs_to_completion_with_artifacts_and_a_ui_page(serve
     dom = subprocess.run([chromium, *flags, "--dump-dom", page], capture_output=True, text=True, timeout=120).stdout
     assert screenshot.exists() and screenshot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert flow_run["name"] in dom, "the flow-run page does not show the run's name"
+    assert flow_run["name"].startswith("forecast-") and flow_run["name"].endswith("-nlstm"), flow_run["name"]
     assert "Completed" in dom
+    # The report artifact's plots are inline (data URIs), so the UI's page shows them as images.
+    (report,) = [artifact for artifact in artifacts if artifact["key"] == "evaluation-report"]
+    artifact_page = f"{server['ui']}/artifacts/artifact/{report['id']}"
+    artifact_dom = subprocess.run([chromium, *flags, "--dump-dom", artifact_page], capture_output=True, text=True,
+                                  timeout=120).stdout  # fmt: skip
+    assert re.search(r'<img[^>]+src="data:image/png;base64,', artifact_dom), artifact_dom[-2000:]
     artifacts_dir = REPO / "build" / "screenshots"
     artifacts_dir.mkdir(parents=True, exist_ok=True)
     shutil.copy(screenshot, artifacts_dir / "flow-run.png")

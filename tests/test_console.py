@@ -1,0 +1,89 @@
+"""What a user sees in the terminal: a quiet `nestcast run`, readable numbers, a verbose switch."""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from core.display import forecast_summary_lines, four, month_range, ratio, versus
+from deployments.console import ConsoleNoise, wants_verbose
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_OPTIONS = ["--epochs", "1", "--units", "8", "--lookback", "6", "--batch-size", "256",
+                "--set", "head_units=8", "--set", "max_train_samples=3000", "--set", "jit_compile=off",
+                "--set", "max_rounds=100", "--set", "retry_delay_seconds=0"]  # fmt: skip
+
+
+def nestcast(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    """The real command in a fresh process (TensorFlow's C++ logging is decided at its import)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("NESTCAST_", "TF_CPP", "PREFECT_LOGGING"))}
+    env.pop("PREFECT_API_URL", None)
+    env["PYTHONPATH"] = str(REPO)
+    return subprocess.run([sys.executable, "-m", "deployments.cli", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=600)  # fmt: skip
+
+
+def test_a_tiny_cli_run_prints_no_native_logs_one_aggregation_line_and_the_verdict_first(tmp_path, tiny_data):
+    tiny_data(tmp_path / "D", seed=1)
+    result = nestcast("run", "--data-dir", "D", *TINY_OPTIONS, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = [line for line in (result.stdout + result.stderr).splitlines() if line.strip()]
+    for noise in ("cuda", "absl", "I0000", "E0000", "XLA", "cpu_feature_guard", "great_expectations"):
+        assert not [line for line in lines if noise in line], noise
+    assert not [line for line in lines if "aggregate-month-" in line], "one line per month is back"
+    assert len([line for line in lines if "aggregated 2013-01 – " in line]) == 1
+    assert not [line for line in lines if "{'" in line and "data_dir" in line], "a raw dict was printed"
+    assert len([line for line in lines if "training on CPU, no GPU found" in line]) == 3  # select, 2 refits
+    summary = result.stdout.strip().splitlines()
+    assert summary[0].startswith("Exported the ") and " than the previous month (" in summary[0]
+    assert any(line.startswith("lake:       2013-01 – ") for line in summary)
+    assert f"Flow run 'forecast-{summary[0].split(' for ')[1][:7]}-nlstm'" in result.stderr, "run not renamed"
+    data_dir = str((tmp_path / "D").resolve())
+    assert f"data directory: {data_dir}" in result.stderr and f"submission: {data_dir}/submissions/" in result.stdout
+    assert len(lines) <= 45, "\n".join(lines)
+
+
+def test_the_console_filter_drops_fan_out_completions_and_hook_lines_but_never_failures():
+    def record(message: str, task: str | None, level: int = logging.INFO) -> logging.LogRecord:
+        made = logging.LogRecord("prefect.task_runs", level, __file__, 1, message, None, None)
+        if task is not None:
+            made.task_name = task
+        return made
+
+    noise = ConsoleNoise()
+    assert not noise.filter(record("Finished in state Completed()", "aggregate-month"))
+    assert noise.filter(record("Finished in state Failed('boom')", "aggregate-month", logging.ERROR))
+    assert noise.filter(record("Finished in state Completed()", "select"))
+    assert not noise.filter(record("Running hook 'publish_artifacts' in response to entering state 'Cached'", "x"))
+    assert not noise.filter(record("Hook 'publish_artifacts' finished running successfully", "x"))
+    assert noise.filter(record("An error was encountered while running hook 'x'", "x", logging.ERROR))
+    assert wants_verbose(["run", "--verbose"]) and not wants_verbose(["run", "--data-dir", "verbose"])
+
+
+def test_numbers_read_as_four_decimals_calendar_months_and_better_or_worse():
+    assert four(3.469188236036312) == "3.4692" and four(None) == "—"
+    assert month_range(range(16)) == "2013-01 – 2014-04 (16 months)"
+    assert month_range([0, 1, 5]) == "2013-01 – 2013-06 (3 months, 3 missing)"
+    assert month_range([34], "2013-01") == "2015-11 (1 month)"
+    assert versus(3.0205, 3.4147) == "11.5 % better than the previous month"
+    assert versus(3.4692, 3.4147) == "1.6 % worse than the previous month"
+    assert ratio(3.0205, 3.4147) == pytest.approx(0.8846)
+
+
+def test_the_summary_puts_the_verdict_first_and_the_flow_run_url_last():
+    summary = {"exported": "ensemble", "exported_rmse": 1.41262, "baseline_rmse": 1.85791, "model_rmse": 1.4127,
+               "ensemble_rmse": 1.41262, "holdout_month": 33, "validation_month": 32, "forecast_month": 34,
+               "epochs": 2, "months": list(range(34)), "train_samples": 12000, "submission": "/d/s.csv",
+               "report": "/d/r.md", "run_dir": "/d/run",
+               "flow_run_url": "http://127.0.0.1:4200/runs/flow-run/x"}  # fmt: skip
+    lines = forecast_summary_lines(summary)
+    assert lines[0] == ("Exported the ensemble forecast for 2015-11: on the holdout month 2015-10 it scored RMSE "
+                        "1.4126, 24.0 % better than the previous month (1.8579).")  # fmt: skip
+    assert "holdout 2015-10 RMSE: model 1.4127, ensemble 1.4126, previous month 1.8579" in lines
+    assert lines[-1] == "flow run:   http://127.0.0.1:4200/runs/flow-run/x"
+    assert not forecast_summary_lines({**summary, "flow_run_url": None})[-1].startswith("flow run")
