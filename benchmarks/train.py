@@ -4,19 +4,25 @@ The seed trains ``NestedLSTM(40, depth=2) -> Dense(1)`` on 214 200 windows x 33 
 batch 128. This script times one epoch (after a warm-up that compiles every batch shape) of:
 
 - ``nlstm``        this layer (``implementation="auto"``: fused loops + hand-written backward, XLA on);
-- ``nlstm-nojit``  the same without XLA (TensorFlow only);
+- ``nlstm-nojit``  the same compiled with ``jit_compile=False`` (TensorFlow only);
+- ``nlstm-dropin`` the same compiled with no ``jit_compile`` argument, as a user dropping the layer into
+                   ``keras.Sequential`` would (keras then turns XLA off on a CPU-only TensorFlow; the
+                   layer's fused loops compile themselves);
 - ``nlstm-unroll`` the layer's autodiff path (step Python-unrolled), XLA off on TensorFlow;
 - ``naive``        ``keras.layers.RNN(NestedLSTMCell)``: keras' generic per-step loop;
 - ``lstm``         ``keras.layers.LSTM(40)``;
 
-and prints s/epoch, samples/s, analytic FLOPs per epoch (matmuls; backward = 2x forward) and the
-achieved GFLOP/s beside a 2048x2048 float32 matmul ceiling measured in the same process. Under each
+and prints s/epoch, samples/s, analytic FLOPs per epoch (matmuls; backward = 2x forward), the
+achieved GFLOP/s beside a 2048x2048 float32 matmul ceiling measured in the same process, the traces of
+the layer's XLA functions during the timed epoch (a trace there is a compile inside the epoch) and, at
+the end, each row's s/epoch as a multiple of the ``lstm`` row's at the same batch size. Under each
 ``nlstm`` row, the "matmul-only floor" runs the layer's matmuls alone (same compiled loops and shapes,
 no gate arithmetic): the time no elementwise optimisation can go below at that batch size.
 
     .venv/bin/python benchmarks/train.py                      # full epoch, every variant, batch 128
     .venv/bin/python benchmarks/train.py --samples 40000      # scaled down, extrapolated to 214 200
     .venv/bin/python benchmarks/train.py --variants nlstm --batch-sizes 128 256 512 1024
+    .venv/bin/python benchmarks/train.py --samples 50000 --variants nlstm nlstm-dropin lstm   # issue 17's rows
     KERAS_BACKEND=jax python benchmarks/train.py --variants nlstm lstm   # no TensorFlow needed
 """
 
@@ -41,7 +47,7 @@ from core.model import select_device  # noqa: E402
 from core.nlstm import NestedLSTM, NestedLSTMCell  # noqa: E402
 
 SEED_SAMPLES, STEPS, CHANNELS, UNITS, DEPTH = 214_200, 33, 1, 40, 2
-VARIANTS = ("nlstm", "nlstm-nojit", "nlstm-unroll", "naive", "lstm")
+VARIANTS = ("nlstm", "nlstm-nojit", "nlstm-dropin", "nlstm-unroll", "naive", "lstm")
 
 
 def make_data(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -151,7 +157,15 @@ def matmul_floor(batch: int, repeats: int = 20) -> float:
     return best * -(-SEED_SAMPLES // batch)
 
 
-def build(variant: str, precision: str, jit: bool, steps_per_execution: int, impl: str = "auto") -> keras.Model:
+def xla_traces() -> int:
+    """Traces of the layer's own XLA functions so far (0 where the layer has none, e.g. before issue 17)."""
+    return getattr(nlstm_module, "fused_xla_trace_count", lambda: 0)()
+
+
+def build(
+    variant: str, precision: str, jit: bool | None, steps_per_execution: int, impl: str = "auto"
+) -> keras.Model:
+    """``jit=None`` leaves ``jit_compile`` out of ``compile``: keras' own default ("auto")."""
     keras.utils.set_random_seed(0)
     if variant.startswith("nlstm"):
         impl = "unroll" if variant == "nlstm-unroll" else impl
@@ -164,19 +178,31 @@ def build(variant: str, precision: str, jit: bool, steps_per_execution: int, imp
     optimizer: Any = keras.optimizers.Adam(1e-3)
     if precision == "mixed_float16":
         optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
-    model.compile(optimizer=optimizer, loss="mse", jit_compile=jit, steps_per_execution=steps_per_execution)
+    jit_arg = {} if jit is None else {"jit_compile": jit}
+    model.compile(optimizer=optimizer, loss="mse", steps_per_execution=steps_per_execution, **jit_arg)
     return model
 
 
-def time_epoch(model: keras.Model, x: np.ndarray, y: np.ndarray, batch: int) -> tuple[float, float]:
-    """(warm-up seconds, seconds for one epoch over x). The warm-up compiles full and partial batches."""
+def time_epoch(model: keras.Model, x: np.ndarray, y: np.ndarray, batch: int) -> tuple[float, float, int]:
+    """(warm-up s, s for one epoch over x, XLA traces in it). The warm-up compiles full and partial batches."""
     warm_n = min(len(x), 4 * batch + len(x) % batch)
     start = time.perf_counter()
     model.fit(x[:warm_n], y[:warm_n], batch_size=batch, epochs=1, verbose=0, shuffle=False)
     warm = time.perf_counter() - start
+    traces = xla_traces()
     start = time.perf_counter()
     model.fit(x, y, batch_size=batch, epochs=1, verbose=0, shuffle=True)
-    return warm, time.perf_counter() - start
+    return warm, time.perf_counter() - start, xla_traces() - traces
+
+
+def print_ratios(rows: list[dict[str, Any]]) -> None:
+    """Each row's s/epoch over the ``lstm`` row's at the same batch size (when that row ran)."""
+    lstm = {row["batch"]: row["s_per_epoch"] for row in rows if row["variant"] == "lstm"}
+    for row in rows:
+        if row["batch"] in lstm:
+            row["ratio_to_lstm"] = row["s_per_epoch"] / lstm[row["batch"]]
+            ratio = row["ratio_to_lstm"]
+            print(f"{row['variant']:22s} jit={str(row['jit']):7s} b{row['batch']:<5d} {ratio:5.2f}x lstm")
 
 
 def holdout_mse(model: keras.Model, x: np.ndarray, y: np.ndarray) -> float:
@@ -218,27 +244,29 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"(extrapolated x{scale:.2f} to {SEED_SAMPLES}) load={os.getloadavg()[0]:.1f}"
     )
     print(f"matmul ceiling 2048x2048 float32: {ceiling:.1f} GFLOP/s")
-    header = f"{'variant':22s} {'precision':>13s} {'jit':>5s} {'batch':>6s} {'warm s':>7s} {'s/epoch':>8s}"
+    header = f"{'variant':22s} {'precision':>13s} {'jit':>7s} {'batch':>6s} {'warm s':>7s} {'s/epoch':>8s}"
     header += f" {'samples/s':>10s}"
-    header += f" {'GFLOP/ep':>9s} {'GFLOP/s':>8s} {'% ceil':>7s}"
+    header += f" {'GFLOP/ep':>9s} {'GFLOP/s':>8s} {'% ceil':>7s} {'traces':>7s}"
     if args.accuracy_epochs:
         header += f" {'holdout MSE':>12s}"
     print(header)
     rows = []
     for variant in args.variants:
-        if variant == "nlstm-nojit" and backend != "tensorflow":
+        if variant in ("nlstm-nojit", "nlstm-dropin") and backend != "tensorflow":
             continue
         # XLA where it helps: the fused NLSTM needs it on TF; the autodiff loops are slower under XLA on CPU.
         jit = device.jit_compile if variant == "nlstm" or backend != "tensorflow" or device.kind == "gpu" else False
         if variant == "nlstm-nojit":
             jit = False
+        if variant == "nlstm-dropin":
+            jit = None
         run_precision = precision
         if variant == "lstm" and backend == "jax" and device.kind == "gpu":
             run_precision = "float32"  # JAX's cuDNN LSTM rejects float16
-        for batch in args.batch_sizes if variant in ("nlstm", "lstm") else args.batch_sizes[:1]:
+        for batch in args.batch_sizes if variant in ("nlstm", "nlstm-dropin", "lstm") else args.batch_sizes[:1]:
             with device.scope():
                 model = build(variant, run_precision, jit, spe, args.nlstm_impl)
-                warm, seconds = time_epoch(model, x, y, batch)
+                warm, seconds, traces = time_epoch(model, x, y, batch)
                 mse = None
                 if args.accuracy_epochs:
                     model = build(variant, run_precision, jit, spe, args.nlstm_impl)
@@ -248,7 +276,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             flops = flops_per_sample(variant) * SEED_SAMPLES
             row = {
                 "variant": variant if variant != "nlstm" else f"nlstm[{args.nlstm_impl}]",
-                "jit": jit,
+                "jit": "default" if jit is None else jit,
+                "resolved_jit": bool(model.jit_compile),
                 "precision": run_precision,
                 "scan_unroll": nlstm_module.SCAN_UNROLL,
                 "batch": batch,
@@ -258,12 +287,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 "gflop_per_epoch": flops / 1e9,
                 "gflop_per_s": flops / epoch / 1e9,
                 "holdout_mse": mse,
+                "xla_traces_in_epoch": traces,
             }
             rows.append(row)
             line = (
-                f"{row['variant']:22s} {run_precision:>13s} {str(jit):>5s} {batch:6d} {warm:7.1f} {epoch:8.2f}"
-                f" {row['samples_per_s']:10.0f}"
+                f"{row['variant']:22s} {run_precision:>13s} {str(row['jit'])[:7]:>7s} {batch:6d} {warm:7.1f}"
+                f" {epoch:8.2f} {row['samples_per_s']:10.0f}"
                 f" {row['gflop_per_epoch']:9.1f} {row['gflop_per_s']:8.1f} {100 * row['gflop_per_s'] / ceiling:6.1f}%"
+                f" {traces:7d}"
             )
             if mse is not None:
                 line += f" {mse:12.4f}"
@@ -271,8 +302,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             if variant == "nlstm":
                 with device.scope():
                     row["matmul_floor_s_per_epoch"] = matmul_floor(batch)
-                print(f"{'  matmul-only floor':22s} {'':>13s} {'True':>5s} {batch:6d} {'':>7s}"
+                print(f"{'  matmul-only floor':22s} {'':>13s} {'True':>7s} {batch:6d} {'':>7s}"
                       f" {row['matmul_floor_s_per_epoch']:8.2f}", flush=True)  # fmt: skip
+    print_ratios(rows)
     result = {
         "backend": backend,
         "device": device.to_dict(),

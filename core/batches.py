@@ -18,9 +18,22 @@ class EpochShuffled:
     Because the order depends on nothing but the epoch number, a run resumed at epoch k (``set_epoch(k)``)
     sees exactly the batches an uninterrupted run would have seen, however many times keras happened to
     call ``on_epoch_end`` before.
+
+    ``pad_last``: the last batch is filled up to ``batch_size`` with repeats of its own rows, weighted 0
+    (``batch_weights``), so that a compiled train step sees one batch shape only: a short last batch would
+    otherwise cost a fresh XLA compile inside the first epoch (and again in validation).
     """
 
-    def __init__(self, n_samples: int, batch_size: int, *, shuffle: bool, seed: int = 0, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        n_samples: int,
+        batch_size: int,
+        *,
+        shuffle: bool,
+        seed: int = 0,
+        pad_last: bool = False,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(**kwargs)  # keras.utils.PyDataset's workers / queue settings
         if batch_size < 1:
             raise ValueError("batch_size must be >= 1")
@@ -28,6 +41,7 @@ class EpochShuffled:
         self.batch_size = int(batch_size)
         self.shuffle = shuffle
         self.seed = seed
+        self.pad_last = pad_last
         self.set_epoch(0)
 
     def set_epoch(self, epoch: int) -> None:
@@ -45,7 +59,17 @@ class EpochShuffled:
         return math.ceil(self.n_samples / self.batch_size)
 
     def batch_positions(self, i: int) -> np.ndarray:
-        """Positions in the sample list of batch ``i`` of the current epoch."""
+        """Positions in the sample list of batch ``i`` of the current epoch (padded when ``pad_last``)."""
         if not 0 <= i < len(self):
             raise IndexError(i)
-        return self._order[i * self.batch_size : (i + 1) * self.batch_size]
+        positions = self._order[i * self.batch_size : (i + 1) * self.batch_size]
+        if self.pad_last and len(positions) < self.batch_size:
+            positions = np.resize(positions, self.batch_size)  # repeats the batch's own rows
+        return positions
+
+    def batch_weights(self, i: int) -> np.ndarray:
+        """Sample weights of batch ``i``: 1 for its real rows, 0 for the padding ``pad_last`` added."""
+        real = min(self.batch_size, self.n_samples - i * self.batch_size)
+        weights = np.zeros(self.batch_size if self.pad_last else real, dtype=np.float32)
+        weights[:real] = 1.0
+        return weights

@@ -42,6 +42,8 @@ INPUT_NAMES = ("sequence", "shop", "category")
 CHECKPOINT_STATE = "state.json"
 MODEL_FILE = "model.keras"
 EpochCallback = Callable[[int, dict[str, float]], None]
+#: The loss as a sample-weighted metric; its epoch mean replaces keras' ``loss`` log (see ``_loss_and_objective``).
+OBJECTIVE = "objective"
 
 
 # --- device ------------------------------------------------------------------------------------
@@ -256,14 +258,34 @@ def build_model(
         optimizer: Any = keras.optimizers.Adam(learning_rate)
         if dtype == "mixed_float16":
             optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
-        loss_fn = keras.losses.Huber() if loss == "huber" else keras.losses.MeanSquaredError()
         jit: Any = device.jit_compile
         if jit and model_cfg.kind != "nlstm":
             jit = "auto"  # keras turns XLA off by itself where a layer (cuDNN LSTM/GRU) cannot use it
+        loss_fn, objective = _loss_and_objective(loss)
         model.compile(
-            optimizer=optimizer, loss=loss_fn, metrics=[keras.metrics.RootMeanSquaredError("rmse")], jit_compile=jit
+            optimizer=optimizer,
+            loss=loss_fn,
+            weighted_metrics=[keras.metrics.RootMeanSquaredError("rmse"), objective],
+            jit_compile=jit,
         )
     return model
+
+
+def _loss_and_objective(loss: str) -> tuple[keras.losses.Loss, keras.metrics.Metric]:
+    """The training loss and the same loss as a sample-weighted metric (``OBJECTIVE``).
+
+    Both divide by the weight of the real rows, so a last batch padded with zero weights
+    (``EpochShuffled(pad_last=True)``) trains and scores exactly as the short batch would. keras' own
+    ``loss`` log weighs every batch by its row count, padding included; ``train_model`` reports
+    ``OBJECTIVE`` under that name instead.
+    """
+    reduction = "mean_with_sample_weight"
+    if loss == "huber":
+        return keras.losses.Huber(reduction=reduction), keras.metrics.MeanMetricWrapper(keras.losses.huber, OBJECTIVE)
+    return (
+        keras.losses.MeanSquaredError(reduction=reduction),
+        keras.metrics.MeanMetricWrapper(keras.losses.mean_squared_error, OBJECTIVE),
+    )
 
 
 # --- data --------------------------------------------------------------------------------------
@@ -288,13 +310,16 @@ class ArrayBatches(EpochShuffled, keras.utils.PyDataset):
     def __getitem__(self, i: int) -> Any:
         rows = self.batch_positions(i)
         batch = {name: value[rows] for name, value in self.inputs.items()}
-        return (batch,) if self.y is None else (batch, self.y[rows])
+        if self.y is None:
+            return (batch,)
+        return (batch, self.y[rows], self.batch_weights(i)) if self.pad_last else (batch, self.y[rows])
 
 
 def _as_dataset(data: Any, batch_size: int, *, shuffle: bool, seed: int) -> Any:
-    """Tuples of arrays become ``ArrayBatches``; datasets (PyDataset, tf.data) pass through."""
+    """Tuples of arrays become ``ArrayBatches`` (last batch padded); datasets (PyDataset, tf.data) pass through."""
     if isinstance(data, tuple) and len(data) in (1, 2) and isinstance(data[0], dict):
-        return ArrayBatches(data[0], data[1] if len(data) == 2 else None, batch_size, shuffle=shuffle, seed=seed)
+        y = data[1] if len(data) == 2 else None
+        return ArrayBatches(data[0], y, batch_size, shuffle=shuffle, seed=seed, pad_last=y is not None)
     return data
 
 
@@ -385,7 +410,7 @@ class _EpochCheckpoint(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
         self.epoch_seconds.append(time.perf_counter() - self._started)
-        logs = {name: float(value) for name, value in (logs or {}).items()}
+        logs = _exact_loss_logs({name: float(value) for name, value in (logs or {}).items()})
         state = self.state
         for name, value in logs.items():
             state["history"].setdefault(name, []).append(value)
@@ -410,6 +435,14 @@ class _EpochCheckpoint(keras.callbacks.Callback):
             _weights_file(self.directory, previous).unlink(missing_ok=True)
         if self.on_epoch is not None:
             self.on_epoch(epoch, logs)
+
+
+def _exact_loss_logs(logs: dict[str, float]) -> dict[str, float]:
+    """``loss``/``val_loss`` from the sample-weighted ``OBJECTIVE`` metric where the model has it."""
+    for prefix in ("", "val_"):
+        if prefix + OBJECTIVE in logs:
+            logs[prefix + "loss"] = logs.pop(prefix + OBJECTIVE)
+    return logs
 
 
 def _new_state() -> dict[str, Any]:
@@ -627,7 +660,7 @@ def train_forecaster(
     if stage == "select":
         if store.validation_month is None:
             raise ValueError(f"{windows_dir}: no validation month to select the epoch count on")
-        before, val = store.validation_month, store.validation_dataset(train_cfg.batch_size)
+        before, val = store.validation_month, store.validation_dataset(train_cfg.batch_size, pad_last=True)
     elif stage == "refit":
         if epochs is None or epochs < 1:
             raise ValueError(f"a refit needs the selected epoch count (>= 1), got {epochs!r}")
@@ -647,7 +680,11 @@ def train_forecaster(
         n_static=store.n_static,
     )
     train = store.train_dataset(
-        train_cfg.batch_size, seed=train_cfg.seed, max_samples=train_cfg.max_train_samples, before_month=before
+        train_cfg.batch_size,
+        seed=train_cfg.seed,
+        max_samples=train_cfg.max_train_samples,
+        before_month=before,
+        pad_last=True,
     )
     metadata = {
         "model_config": config.model.model_dump(mode="json"),

@@ -1102,7 +1102,8 @@ class WindowStore:
         """Training batches (``keras.utils.PyDataset``), reshuffled every epoch from ``seed``.
 
         ``before_month`` keeps the targets before that month (the protocol's selection stage trains below the
-        validation month). ``max_samples`` keeps a seeded random subset. ``kwargs`` go to ``PyDataset``.
+        validation month). ``max_samples`` keeps a seeded random subset. ``kwargs`` go to ``EpochShuffled``
+        (``pad_last``) and ``PyDataset``.
         """
         index = self.training_samples(before_month, max_samples, seed)
         return _dataset_class()(self, index, batch_size, with_y=True, shuffle=shuffle, seed=seed, **kwargs)
@@ -1167,6 +1168,7 @@ def _dataset_class() -> type:
             inputs = self.store.inputs(rows[:, 0], rows[:, 1])
             if not self.with_y:
                 return (inputs,)
-            return inputs, self.store.targets(rows[:, 0], rows[:, 1])
+            targets = self.store.targets(rows[:, 0], rows[:, 1])
+            return (inputs, targets, self.batch_weights(i)) if self.pad_last else (inputs, targets)
 
     return WindowDataset

@@ -219,3 +219,32 @@ def test_the_head_learns_from_static_features_and_the_month():
     model.fit(data, y, epochs=40, batch_size=128, verbose=0)
     after = float(np.mean((predict(model, data, clip_max=100.0) - y) ** 2))
     assert after < 0.1 * before and after < 0.5
+
+
+def test_a_padded_last_batch_has_the_full_size_and_its_padding_weighs_nothing():
+    inputs, y = make_data(10, seed=0)
+    batches = ArrayBatches(inputs, y, 4, seed=3, pad_last=True)
+    shapes = [batches[i][0]["sequence"].shape[0] for i in range(len(batches))]
+    weights = np.concatenate([batches[i][2] for i in range(len(batches))])
+    assert shapes == [4, 4, 4]
+    assert weights.sum() == 10
+    real_rows = np.concatenate([batches.batch_positions(i)[batches.batch_weights(i) > 0] for i in range(3)])
+    np.testing.assert_array_equal(np.sort(real_rows), np.arange(10))
+
+
+def test_training_on_padded_batches_equals_training_on_the_short_last_batch(tmp_path):
+    train, val = make_data(203, seed=0), make_data(45, seed=1)
+    cfg = TrainConfig(epochs=2, batch_size=32, patience=0, seed=5)
+    results, weights = {}, {}
+    for pad in (True, False):
+        model = build()
+        batches = [
+            ArrayBatches(*data, 32, shuffle=shuffle, seed=5, pad_last=pad)
+            for data, shuffle in ((train, True), (val, False))
+        ]
+        results[pad] = train_model(model, batches[0], batches[1], cfg, tmp_path / str(pad), device=CPU_NO_JIT)
+        weights[pad] = weights_of(model)
+    for name in ("loss", "rmse", "val_loss", "val_rmse"):
+        np.testing.assert_allclose(results[True].history[name], results[False].history[name], rtol=1e-5, err_msg=name)
+    for padded, short in zip(weights[True], weights[False], strict=True):
+        np.testing.assert_allclose(padded, short, atol=1e-5, rtol=1e-5)

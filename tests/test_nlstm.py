@@ -307,3 +307,37 @@ def test_invalid_arguments_are_rejected():
     layer = NestedLSTM(4, implementation="fused", recurrent_activation="hard_sigmoid")
     with pytest.raises(ValueError, match="fused"):
         layer(np.zeros((2, 3, 1), "float32"))
+
+
+def _train_two_steps(implementation, compile_kw, x, y, weights):
+    from core.nlstm import fused_xla_trace_count
+
+    model = keras.Sequential([keras.Input(x.shape[1:]), NestedLSTM(5, depth=2, implementation=implementation)])
+    model.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse", **compile_kw)
+    model.set_weights(weights)
+    before = fused_xla_trace_count()
+    for _ in range(2):
+        model.train_on_batch(x, y)
+    return [_np(w) for w in model.get_weights()], fused_xla_trace_count() - before
+
+
+@pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="the layer compiles itself on TensorFlow only")
+@pytest.mark.parametrize(
+    ("compile_kw", "batch"),
+    [({}, 6), ({"jit_compile": False}, 7), ({"jit_compile": True}, 8), ({"run_eagerly": True}, 9)],
+    ids=str,
+)
+def test_the_fused_loops_run_xla_compiled_and_train_as_autodiff_whatever_the_models_jit_setting(
+    compile_kw, batch, rng
+):
+    # A shape no other test uses, so the layer's XLA functions must be traced afresh for it.
+    x = rng.normal(size=(batch, 11, 3)).astype("float32")
+    y = rng.normal(size=(batch, 5)).astype("float32")
+    reference = NestedLSTM(5, depth=2)
+    reference(x)
+    weights = reference.get_weights()
+    expected, _ = _train_two_steps("unroll", {"jit_compile": False}, x, y, weights)
+    got, traces = _train_two_steps("auto", compile_kw, x, y, weights)
+    assert traces > 0
+    for g, e in zip(got, expected, strict=True):
+        np.testing.assert_allclose(g, e, atol=1e-5, rtol=1e-5)
