@@ -93,6 +93,7 @@ class TrainingProgress(keras.callbacks.Callback):
 
     def _close(self) -> None:
         if self._bar is not None:
+            self._bar.refresh()  # tqdm redraws at most every 0.1 s: show the finished epoch before it is cleared
             self._bar.close()
             self._bar = None
 
