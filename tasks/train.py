@@ -44,7 +44,8 @@ def _progress(label: str, epochs: int) -> Callable[[int, dict[str, float]], None
     "select",
     tags=["gpu"],
     cache_key=content_cache_key("windows", "model", "train", "reference"),
-    outputs=lambda p: [LakePaths.stage_dir(p["run_dir"], "select") / SELECTION_FILE],
+    outputs=lambda p: [LakePaths.stage_dir(p["run_dir"], "select") / SELECTION_FILE,
+                       *protocol.artifact_paths(LakePaths.stage_dir(p["run_dir"], "select"))],
 )
 def select_models(config: NestcastConfig, windows: dict[str, Any], run_dir: str) -> dict[str, Any]:
     """Epochs, boosting rounds and blend weight, early-stopped on the validation month (the month before the
@@ -64,7 +65,8 @@ def select_models(config: NestcastConfig, windows: dict[str, Any], run_dir: str)
     task_run_name="refit-{stage}",
     tags=["gpu"],
     cache_key=content_cache_key("windows", "model", "train", "reference"),
-    outputs=lambda p: [LakePaths.stage_predictions(p["run_dir"], p["stage"], REFIT_OUTPUT[p["stage"]])],
+    outputs=lambda p: [LakePaths.stage_predictions(p["run_dir"], p["stage"], REFIT_OUTPUT[p["stage"]]),
+                       *protocol.artifact_paths(LakePaths.stage_dir(p["run_dir"], p["stage"]))],
 )
 def refit_models(
     config: NestcastConfig, windows: dict[str, Any], selection: dict[str, Any], run_dir: str, stage: str
