@@ -30,7 +30,8 @@ import pyarrow.parquet as pq
 
 from core.config import NestcastConfig
 from core.errors import DataValidationError
-from core.lake import LakePaths, file_sha256, tree_sha256, write_json_atomic, write_parquet_atomic
+from core.ingest.commit import recover_lake
+from core.lake import LakePaths, file_sha256, read_json, tree_sha256, write_json_atomic, write_parquet_atomic
 
 # Bump when the aggregation logic changes, so every month is recomputed once.
 AGGREGATE_VERSION = "1"
@@ -130,11 +131,20 @@ def _stored_hash(path: Path) -> str | None:
 
 
 def months_to_aggregate(config: NestcastConfig) -> list[int]:
-    """Sales months whose monthly partition is missing or was built from different inputs."""
+    """Sales months whose monthly partition is missing, was built from different inputs, or is no longer the
+    file this step wrote (its sha256 differs from ``_state.json``'s: damaged or overwritten in place)."""
     paths = LakePaths.of(config)
+    recorded = (read_json(paths.monthly / STATE_FILE) or {}).get("months", {})
     return [
-        m for m in sales_months(paths) if _stored_hash(monthly_path(paths, m)) != month_input_hash(paths, m, config)
+        m for m in sales_months(paths)
+        if _stored_hash(monthly_path(paths, m)) != month_input_hash(paths, m, config)
+        or not _as_written(monthly_path(paths, m), recorded.get(str(m), {}).get("sha256"))
     ]
+
+
+def _as_written(path: Path, sha256: str | None) -> bool:
+    """Whether a monthly file still holds the bytes aggregation recorded for it (unrecorded: trusted)."""
+    return sha256 is None or (path.exists() and file_sha256(path) == sha256)
 
 
 # --- the work ------------------------------------------------------------------------------------
@@ -303,6 +313,7 @@ def aggregate(config: NestcastConfig, months: Iterable[int] | None = None, worke
     """
     start = time.perf_counter()
     paths = LakePaths.of(config)
+    recover_lake(paths)  # never read a half-applied ingest commit
     available = sales_months(paths)
     if not available:
         raise DataValidationError(f"{paths.sales}: no sales partitions; run ingest first")

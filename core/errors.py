@@ -19,6 +19,13 @@ class ExportCheckError(NestcastError):
     """A submission frame failed a check before it was written."""
 
 
+class ModelIntegrityError(NestcastError):
+    """A stage's model file is not the one it wrote (its sha256 differs from ``metadata.json``) or unreadable.
+
+    The flow's cache check treats such a model as a missing output, so a rerun retrains the stage.
+    """
+
+
 class DeviceUnavailableError(NestcastError):
     """The configured device (``device=gpu``) is not visible."""
 

@@ -237,6 +237,19 @@ def export_submission(
     )
 
 
+def _forecast_universe(paths: Any, store: Any, windows_dir: str | Path) -> pd.DataFrame:
+    """The rows the submission must cover: test.csv's, or -- when the store forecast the last month's grid
+    because there is no test.csv -- that grid's (IDs 0..n-1, as the store numbered them)."""
+    source = store.meta.get("forecast_source", "test.parquet")
+    target = paths.reference_table("test")
+    if source != "test.parquet":
+        return store.forecast_frame()[["ID", "shop_id", "item_id"]]
+    if not target.exists():
+        raise ExportCheckError(f"{target} is missing, but the forecast in {windows_dir} was made for test.csv's "
+                               f"pairs; rerun the flow so the windows are rebuilt for the lake as it is now")
+    return pd.read_parquet(target, columns=["ID", "shop_id", "item_id"])
+
+
 def export_run(
     config: Any, windows_dir: str | Path, run_dir: str | Path, evaluation: Mapping[str, Any]
 ) -> ExportResult:
@@ -250,11 +263,12 @@ def export_run(
     paths = LakePaths.of(config)
     run_dir = Path(run_dir)
     clip = config.windows.clip
-    meta = WindowStore.open(windows_dir).meta
+    store = WindowStore.open(windows_dir)
+    meta = store.meta
     forecast = pd.read_parquet(run_dir / "forecast.parquet")
     exported = str(evaluation["exported"])
     values = chosen_forecast(forecast, exported, clip)
-    test = pd.read_parquet(paths.reference_table("test"), columns=["ID", "shop_id", "item_id"])
+    test = _forecast_universe(paths, store, windows_dir)
     metrics = ("model_rmse", "ensemble_rmse", "reference_rmse", "baseline_rmse", "exported_rmse", "holdout_month")
     sidecar = {
         "run_id": run_dir.name,

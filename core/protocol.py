@@ -17,6 +17,8 @@ exported forecast of ``M`` comes from models trained on every month through ``M 
 Each stage writes into its own directory: ``model.keras`` and ``metadata.json`` (with checkpoints, so a
 crashed stage resumes), ``reference.txt`` (the reported booster) and ``trees.txt`` (the ensemble's booster,
 trained on the standard features plus the launch and family ones), and the predictions as Parquet.
+``metadata.json`` records the sha256 of the model and boosters (``artifacts``); a model is checked against it
+before it is loaded, and a stage whose files no longer match is trained again rather than served.
 """
 
 from __future__ import annotations
@@ -29,8 +31,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
+from core.errors import ModelIntegrityError
 from core.gate import blend, blend_weight, rmse
-from core.lake import SELECTION_FILE, atomic_path, read_json, write_json_atomic
+from core.lake import SELECTION_FILE, atomic_path, file_sha256, read_json, write_json_atomic
 
 if TYPE_CHECKING:
     from core.config import NestcastConfig
@@ -55,10 +58,73 @@ def read_predictions(stage_dir: str | Path, name: str) -> pd.DataFrame:
     return pd.read_parquet(Path(stage_dir) / f"{name}.parquet")
 
 
-def _model_predictions(model_path: str, store: WindowStore, batch: int, sets: tuple[str, ...]) -> dict[str, Any]:
-    from core.model import load_model, predict
+METADATA_FILE = "metadata.json"
+ARTIFACTS_KEY = "artifacts"  # in metadata.json: file name -> sha256 of the stage's model and boosters
+MODEL_ARTIFACTS: tuple[str, ...] = ("model.keras", "reference.txt", "trees.txt")
 
-    model = load_model(model_path)
+
+def record_artifacts(stage_dir: str | Path) -> dict[str, str]:
+    """Record the sha256 of the stage's model and boosters in its ``metadata.json`` (after they are written)."""
+    stage_dir = Path(stage_dir)
+    metadata = read_json(stage_dir / METADATA_FILE) or {}
+    metadata[ARTIFACTS_KEY] = {name: file_sha256(stage_dir / name) for name in MODEL_ARTIFACTS
+                               if (stage_dir / name).exists()}  # fmt: skip
+    write_json_atomic(stage_dir / METADATA_FILE, metadata)
+    return metadata[ARTIFACTS_KEY]
+
+
+def artifact_paths(stage_dir: str | Path) -> list[Path]:
+    """The model files ``metadata.json`` records (``metadata.json`` itself when it records none): a cached
+    stage's outputs, so a model replaced or damaged since makes the stage run again."""
+    stage_dir = Path(stage_dir)
+    recorded = (read_json(stage_dir / METADATA_FILE) or {}).get(ARTIFACTS_KEY) or {}
+    return [stage_dir / name for name in sorted(recorded)] or [stage_dir / METADATA_FILE]
+
+
+def artifact_problems(stage_dir: str | Path) -> list[str]:
+    """Every recorded model file that is missing or whose sha256 differs from ``metadata.json``'s."""
+    stage_dir = Path(stage_dir)
+    recorded = (read_json(stage_dir / METADATA_FILE) or {}).get(ARTIFACTS_KEY) or {}
+    problems = []
+    for name, sha in sorted(recorded.items()):
+        path = stage_dir / name
+        if not path.exists():
+            problems.append(f"{path}: missing")
+        elif (actual := file_sha256(path)) != sha:
+            problems.append(f"{path}: hash mismatch (metadata.json records sha256 {sha[:12]}…, the file has "
+                            f"{actual[:12]}…)")
+    return problems
+
+
+def verify_artifact(path: str | Path) -> None:
+    """Raise :class:`ModelIntegrityError` naming ``path`` when it differs from what its stage recorded."""
+    path = Path(path)
+    problems = [p for p in artifact_problems(path.parent) if p.startswith(f"{path}:")]
+    if problems:
+        raise ModelIntegrityError(f"{problems[0]}; it is not the file this stage wrote -- rerun the flow to "
+                                  f"retrain the stage")
+
+
+def load_verified_model(model_path: str | Path) -> Any:
+    """The stage's Keras model, after checking it is the file the stage wrote; a clear error otherwise."""
+    from core.model import load_model
+
+    path = Path(model_path)
+    if not path.exists():
+        raise ModelIntegrityError(f"{path}: model file missing -- rerun the flow to retrain the stage")
+    verify_artifact(path)
+    try:
+        return load_model(path)
+    except ValueError as exc:  # keras says "File not found" for any file that is not a .keras zip
+        raise ModelIntegrityError(f"{path}: not a readable .keras model ({path.stat().st_size} bytes): "
+                                  f"{str(exc).split('.')[0].replace('File not found', 'not a .keras zip file')}"
+                                  ) from exc
+
+
+def _model_predictions(model_path: str, store: WindowStore, batch: int, sets: tuple[str, ...]) -> dict[str, Any]:
+    from core.model import predict
+
+    model = load_verified_model(model_path)
     clip = _clip(store)
     datasets = {"validation": store.validation_dataset, "holdout": store.holdout_dataset,
                 "forecast": store.forecast_dataset}  # fmt: skip
@@ -104,10 +170,11 @@ def select(
 
     stage_dir = Path(stage_dir)
     done = read_json(stage_dir / SELECTION_FILE)
-    if done is not None and (stage_dir / "validation.parquet").exists():
+    if done is not None and (stage_dir / "validation.parquet").exists() and not artifact_problems(stage_dir):
         return done
     store = WindowStore.open(windows_dir)
     trained = train_forecaster(config, windows_dir, stage_dir, on_epoch, stage="select", callbacks=callbacks)
+    record_artifacts(stage_dir)
     batch = max(config.train.batch_size, 4096)
     predictions = {"model": _model_predictions(trained.model_path, store, batch, ("validation",))["validation"]}
     validation = store.validation_frame()
@@ -143,6 +210,7 @@ def select(
     baseline = np.clip(validation["prev"].to_numpy(np.float64), *_clip(store))
     selection["validation_rmse"] = scores | {"baseline": rmse(baseline, actual)}
     _write_predictions(stage_dir / "validation.parquet", predictions)
+    record_artifacts(stage_dir)
     write_json_atomic(stage_dir / SELECTION_FILE, selection)
     return selection
 
@@ -171,6 +239,7 @@ def refit(
     trained = train_forecaster(
         config, windows_dir, stage_dir, on_epoch, stage="refit", epochs=selection["epochs"], callbacks=callbacks
     )
+    record_artifacts(stage_dir)
     batch = max(config.train.batch_size, 4096)
     predictions = {name: {"model": values} for name, values in
                    _model_predictions(trained.model_path, store, batch, sets).items()}  # fmt: skip
@@ -189,6 +258,7 @@ def refit(
         for columns in predictions.values():
             partner = columns.get("trees", columns["reference"])
             columns["ensemble"] = blend(columns["model"], partner, float(selection["blend_weight"]), _clip(store))
+    record_artifacts(stage_dir)
     for name, columns in predictions.items():
         _write_predictions(stage_dir / f"{name}.parquet", columns)
     return {

@@ -9,6 +9,7 @@ from prefect import get_run_logger
 from core import aggregate as aggregate_step
 from core.config import NestcastConfig
 from core.display import month_range
+from core.ingest import recover_lake
 from core.lake import LakePaths
 from tasks.common import content_cache_key, nestcast_task
 
@@ -17,6 +18,7 @@ from tasks.common import content_cache_key, nestcast_task
 def plan_months(config: NestcastConfig, ingested: dict[str, Any]) -> dict[int, str]:
     """Every month partition in lake/sales with the content hash that keys its aggregation."""
     paths = LakePaths.of(config)
+    recover_lake(paths)  # never read a half-applied ingest commit
     months = paths.sales_months()
     if not months:
         raise ValueError(f"no sales partitions under {paths.sales}: did ingest accept any row?")

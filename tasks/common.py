@@ -22,7 +22,7 @@ from prefect.tasks import exponential_backoff
 
 from core.config import NestcastConfig
 from core.errors import NON_RETRYABLE
-from core.lake import LakePaths, read_json, tree_sha256, write_json_atomic
+from core.lake import LakePaths, file_sha256, read_json, tree_sha256, write_json_atomic
 
 F = TypeVar("F", bound=Callable[..., Any])
 CacheKeyFn = Callable[[TaskRunContext, dict[str, Any]], str]
@@ -110,12 +110,17 @@ def _source_of(fn: Callable[..., Any]) -> str:
 
 # --- cache keys that know a step's outputs --------------------------------------------------------
 def output_stamps(paths: Iterable[Path]) -> dict[str, str]:
-    """``path -> "size:mtime_ns"`` (or ``"missing"``) of each output: cheap, and any rewrite changes it."""
+    """``path -> "size:mtime_ns:sha256"`` (or ``"missing"``) of each output.
+
+    The content hash catches what size and mtime cannot: a file damaged or overwritten in place with its
+    size kept and its mtime put back (``os.utime``). Outputs are small (a manifest, a month's Parquet, a
+    store's meta, a model, predictions), so hashing them at each cache check is cheap.
+    """
     stamps = {}
     for path in paths:
         try:
             stat = Path(path).stat()
-            stamps[str(path)] = f"{stat.st_size}:{stat.st_mtime_ns}"
+            stamps[str(path)] = f"{stat.st_size}:{stat.st_mtime_ns}:{file_sha256(path)}"
         except FileNotFoundError:
             stamps[str(path)] = "missing"
     return stamps
@@ -132,7 +137,8 @@ def output_aware(cache_key: CacheKeyFn, outputs: OutputsFn) -> CacheKeyFn:
     would differ from the one the run stored its result under). Instead a step's success records its
     outputs' stamps (``nestcast_task`` does, under ``.task-outputs/<key>.json``); while the current stamps
     match that record, the key is the plain content key, and when they do not (a wiped lake or runs dir, a
-    file rewritten by hand) it is salted, so the step runs again. Its success then records the new stamps.
+    file rewritten or damaged in place, even with its size and mtime kept) it is salted, so the step runs
+    again. Its success then records the new stamps.
     """
 
     def key(context: TaskRunContext, parameters: dict[str, Any]) -> str:

@@ -13,10 +13,18 @@ from core.lake import LakePaths
 from tasks.common import artifact_key, content_cache_key, jsonable, nestcast_task
 
 
+def _recovered_first(config: NestcastConfig) -> list[Any]:
+    """The raw tree the key hashes -- after finishing any interrupted commit, so that even a cached ingest
+    never leaves a half-applied lake behind it (a rolled-forward manifest then misses the cache)."""
+    paths = LakePaths.of(config)
+    ingest_step.recover_lake(paths)
+    return [paths.raw]
+
+
 @nestcast_task(
     "ingest",
     tags=["io"],
-    cache_key=content_cache_key("ingest", input_trees=lambda config: [LakePaths.of(config).raw]),
+    cache_key=content_cache_key("ingest", input_trees=_recovered_first),
     outputs=lambda p: [LakePaths.of(p["config"]).manifest],
 )
 def ingest_raw_files(config: NestcastConfig) -> dict[str, Any]:
@@ -47,6 +55,8 @@ def ingest_raw_files(config: NestcastConfig) -> dict[str, Any]:
             + [{"measure": "warning", "value": warning} for warning in result.get("warnings") or []],
             description=f"Great Expectations validation of {result['file']}",
         )
+    for removed in summary.get("removed") or []:
+        logger.info("%s", ingest_step.RemovedFile(**removed).message())
     for warning in summary.get("warnings") or []:
         logger.warning("%s", warning)
     if summary.get("rows_replaced"):

@@ -76,7 +76,8 @@ def _publish_refit(result: Mapping[str, Any], parameters: Mapping[str, Any]) -> 
     "select",
     tags=["gpu"],
     cache_key=content_cache_key("windows", "model", "train", "reference"),
-    outputs=lambda p: [LakePaths.stage_dir(p["run_dir"], "select") / SELECTION_FILE],
+    outputs=lambda p: [LakePaths.stage_dir(p["run_dir"], "select") / SELECTION_FILE,
+                       *protocol.artifact_paths(LakePaths.stage_dir(p["run_dir"], "select"))],
     publish=_publish_selection,
 )
 def select_models(config: NestcastConfig, windows: dict[str, Any], run_dir: str) -> dict[str, Any]:
@@ -98,7 +99,8 @@ def select_models(config: NestcastConfig, windows: dict[str, Any], run_dir: str)
     task_run_name="refit-{stage}",
     tags=["gpu"],
     cache_key=content_cache_key("windows", "model", "train", "reference"),
-    outputs=lambda p: [LakePaths.stage_predictions(p["run_dir"], p["stage"], REFIT_OUTPUT[p["stage"]])],
+    outputs=lambda p: [LakePaths.stage_predictions(p["run_dir"], p["stage"], REFIT_OUTPUT[p["stage"]]),
+                       *protocol.artifact_paths(LakePaths.stage_dir(p["run_dir"], p["stage"]))],
     publish=_publish_refit,
 )
 def refit_models(

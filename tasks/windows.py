@@ -8,6 +8,7 @@ from prefect import get_run_logger
 
 from core import windows as windows_step
 from core.config import NestcastConfig
+from core.ingest import recover_lake
 from core.lake import LakePaths
 from tasks.common import content_cache_key, jsonable, nestcast_task
 
@@ -15,7 +16,8 @@ from tasks.common import content_cache_key, jsonable, nestcast_task
 @nestcast_task(
     "build-windows",
     task_run_name="build-windows-{purpose}",
-    cache_key=content_cache_key("aggregate", "windows"),
+    # The reference tables are read too: a removed test.csv (test.parquet gone) changes the forecast pairs.
+    cache_key=content_cache_key("aggregate", "windows", input_trees=lambda config: [LakePaths.of(config).reference]),
     outputs=lambda p: [LakePaths.of(p["config"]).windows_meta(p["purpose"])],
 )
 def build_windows(config: NestcastConfig, monthly: dict[str, Any], purpose: str = "evaluation") -> dict[str, Any]:
@@ -24,6 +26,7 @@ def build_windows(config: NestcastConfig, monthly: dict[str, Any], purpose: str 
     ``purpose="evaluation"``: the last month is the holdout (``lake/windows``); ``"final"``: no holdout, every
     month trains (``lake/windows-final``), for the models whose forecast is exported.
     """
+    recover_lake(LakePaths.of(config))  # never read a half-applied ingest commit
     target = LakePaths.of(config).windows_dir(purpose)  # checks the purpose
     if purpose == "final":
         built = windows_step.build_windows(config, holdout_month=max(monthly["months"]) + 1, windows_dir=target)

@@ -122,3 +122,25 @@ def test_the_plan_does_not_touch_its_inputs() -> None:
     plan = plan_ingest(files, manifest, RULES)
     plan.month_owners({"sales_train.csv": [5]})
     assert repr(manifest) == before
+
+
+def test_a_removed_drop_file_is_planned_out_its_covered_months_restored_and_the_rest_deleted() -> None:
+    files = _files(**{"sales_2013-04__csv": "d1"})
+    manifest = _first_run(files, {"sales_train.csv": [0, 1, 2], "sales_2013-04.csv": [2, 3]})
+    del files["sales_2013-04.csv"]
+    plan = plan_ingest(files, manifest, RULES)
+    assert plan.removed == ("sales_2013-04.csv",)
+    assert plan.rebuild_sales and plan.kept_months == {} and plan.validate == ("sales_train.csv",)
+    owners = plan.month_owners({"sales_train.csv": [0, 1, 2]})
+    assert owners == {0: "sales_train.csv", 1: "sales_train.csv", 2: "sales_train.csv"}
+    assert plan.deleted_months(owners) == [3]
+    assert plan.removed_months(owners) == {"sales_2013-04.csv": {"deleted": [3], "restored": [2]}}
+
+
+def test_a_removed_test_csv_is_planned_out_without_touching_the_sales() -> None:
+    files = _files()
+    manifest = _first_run(files, {"sales_train.csv": [0, 1]})
+    del files["test.csv"]
+    plan = plan_ingest(files, manifest, RULES)
+    assert plan.removed == ("test.csv",) and plan.validate == () and not plan.rebuild_sales
+    assert plan.removed_months(plan.month_owners({})) == {}

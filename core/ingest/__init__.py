@@ -46,10 +46,11 @@ Atomicity: see :mod:`core.ingest.commit`.
 from __future__ import annotations
 
 from core.ingest.columns import REFERENCE_SCHEMAS, SALES_SCHEMA
+from core.ingest.commit import recover_lake
 from core.ingest.lines import FIELD_COUNT_RULE, UNBALANCED_QUOTE_RULE
 from core.ingest.plan import IngestPlan, plan_ingest
 from core.ingest.readers import read_manifest, read_quarantine, read_reference, read_sales
-from core.ingest.report import FileReport, IngestSummary
+from core.ingest.report import FileReport, IngestSummary, RemovedFile
 from core.ingest.run import ingest
 
 __all__ = [
@@ -58,6 +59,8 @@ __all__ = [
     "SALES_SCHEMA",
     "UNBALANCED_QUOTE_RULE",
     "FileReport",
+    "RemovedFile",
+    "recover_lake",
     "IngestPlan",
     "IngestSummary",
     "ingest",

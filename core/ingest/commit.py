@@ -126,6 +126,23 @@ def recover(paths: LakePaths) -> None:
                         shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink()
 
 
+def recover_lake(paths: LakePaths) -> bool:
+    """Complete (or clear) an interrupted ingest commit before anything reads the lake; True if there was one.
+
+    Every reader of the lake calls it first (the ingest task before its cache key, aggregation, windows), so
+    a crash between a commit's journal and its last rename is never read half-applied, even when ingest
+    itself is served from cache. Cheap when there is nothing to do; otherwise it waits for the ingest lock.
+    """
+    if not paths.lake.is_dir():
+        return False
+    if not (paths.lake / JOURNAL).exists() and not any(paths.lake.glob(".staging-*")):
+        return False
+    with exclusive(paths):
+        pending = (paths.lake / JOURNAL).exists()
+        recover(paths)
+    return pending
+
+
 @contextlib.contextmanager
 def exclusive(paths: LakePaths) -> Iterator[None]:
     """One ingest per data dir at a time (a cron and a manual run may overlap): the second waits.

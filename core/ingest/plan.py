@@ -4,6 +4,10 @@ Inputs: the raw files present with their sha256, the previous manifest, the hash
 names of files whose recorded outputs are missing from the lake. Output: an :class:`IngestPlan` that
 says which files to validate (and in which order), which to skip, which sales file owns each month
 once the validated files are applied, what that replaces and what it deletes. No I/O, no GE.
+
+The lake mirrors raw/: a file ingested before and gone from raw/ now is ``removed`` -- its outputs are
+deleted; a removed sales file's months go too, unless a sales file still present covers them (then every
+sales file is re-applied, so the months are restored from it).
 """
 
 from __future__ import annotations
@@ -36,6 +40,17 @@ class IngestPlan:
     previous_months: Mapping[int, str]
     depends_on: Mapping[str, Mapping[str, str | None]]  # the dependency hashes to record per file
     seq: Mapping[str, int]  # arrival sequence to record per validated file
+    removed: tuple[str, ...] = ()  # ingested before, gone from raw/ now: their outputs are deleted
+
+    def removed_months(self, owners: Mapping[int, str]) -> dict[str, dict[str, list[int]]]:
+        """Per removed sales file: the months it owned that are ``deleted`` (no present file has them) and
+        those ``restored`` (a present sales file owns them now)."""
+        result: dict[str, dict[str, list[int]]] = {}
+        for month, before in sorted(self.previous_months.items()):
+            if before in self.removed:
+                entry = result.setdefault(before, {"deleted": [], "restored": []})
+                entry["restored" if month in owners else "deleted"].append(month)
+        return result
 
     def is_skipped(self, name: str) -> bool:
         return name in self.skip
@@ -75,11 +90,13 @@ def plan_ingest(files: Mapping[str, str], manifest: Mapping[str, Any], rules_sha
                     and entry.get("rules_sha256") == rules_sha and name not in missing_outputs)
 
     previous = {int(m): f for m, f in manifest.get("months", {}).items()}
+    removed = tuple(sorted(n for n in known if n not in files))
     sales = sales_order([n for n in files if kind_of(n) == "sales"], known)
     stale = [n for n in sales if not unchanged(n)]
-    rebuild = any(n in known for n in stale)
-    # On a rebuild ownership is recomputed from the files present; months of files no longer present stay.
-    kept = {m: f for m, f in previous.items() if f not in files} if rebuild else dict(previous)
+    # A changed known sales file, or a removed one that owned months: every present sales file is re-applied
+    # and ownership recomputed from them, so a removed file's months are restored or (uncovered) deleted.
+    rebuild = any(n in known for n in stale) or any(f in removed for f in previous.values())
+    kept = {} if rebuild else dict(previous)
     sales_todo = sales if rebuild else stale
     ordered = [n for n in REFERENCE_FILES.values() if n in files] + sales + ([TEST_FILE] if TEST_FILE in files else [])
     validate = tuple(n for n in ordered if (n in sales_todo if kind_of(n) == "sales" else not unchanged(n)))
@@ -87,7 +104,7 @@ def plan_ingest(files: Mapping[str, str], manifest: Mapping[str, Any], rules_sha
         order=tuple(ordered), validate=validate, skip=tuple(n for n in ordered if n not in validate),
         sales_order=tuple(sales), rebuild_sales=rebuild, kept_months=kept, previous_months=previous,
         depends_on=depends_on,
-        seq=_sequence_numbers(validate, known),
+        seq=_sequence_numbers(validate, known), removed=removed,
     )
 
 

@@ -26,6 +26,28 @@ class FileReport(BaseModel):
     timings: dict[str, float] = Field(default_factory=dict)
 
 
+class RemovedFile(BaseModel):
+    """A raw file ingested before and gone from raw/ now: what of it left the lake."""
+
+    file: str
+    outputs: list[str] = Field(default_factory=list, description="Lake files deleted, relative to lake/.")
+    months_deleted: list[int] = Field(default_factory=list, description="Its months no present file covers.")
+    rows_deleted: int = Field(0, description="Lake rows of those months.")
+    months_restored: list[int] = Field(default_factory=list, description="Its months a present file covers.")
+    restored_from: list[str] = Field(default_factory=list)
+
+    def message(self) -> str:
+        """The one log line that says what the removal did to the lake."""
+        parts = [f"raw/{self.file} is gone"]
+        if self.outputs:
+            parts.append(f"removed {', '.join('lake/' + o for o in self.outputs)}")
+        if self.months_deleted:
+            parts.append(f"removed months {self.months_deleted} ({self.rows_deleted} rows) from lake/sales")
+        if self.months_restored:
+            parts.append(f"restored months {self.months_restored} from {', '.join(self.restored_from)}")
+        return "; ".join(parts)
+
+
 class IngestSummary(BaseModel):
     """The result of one ingest run; ``model_dump()`` is JSON-serialisable."""
 
@@ -39,6 +61,7 @@ class IngestSummary(BaseModel):
     changed: bool = Field(description="Whether the run wrote anything.")
     written: list[str] = Field(default_factory=list, description="Lake paths written, relative to lake/.")
     deleted: list[str] = Field(default_factory=list)
+    removed: list[RemovedFile] = Field(default_factory=list, description="Raw files gone since last ingested.")
     manifest: str
     warnings: list[str] = Field(default_factory=list, description="Every file's warnings, for the task to log.")
     timings: dict[str, float] = Field(

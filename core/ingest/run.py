@@ -28,7 +28,7 @@ from core.ingest.plan import IngestPlan, plan_ingest
 from core.ingest.read import read_records
 from core.ingest.readers import MANIFEST_VERSION, partition, read_manifest
 from core.ingest.reference import validate_reference, validate_test
-from core.ingest.report import FileReport, IngestSummary
+from core.ingest.report import FileReport, IngestSummary, RemovedFile
 from core.ingest.sales import validate_sales
 from core.lake import LakePaths
 
@@ -55,13 +55,16 @@ def _run(ctx: IngestContext) -> IngestSummary:
     owners = plan.month_owners({n: o.report.months for n, o in outcomes.items() if o.report.kind == "sales"})
     deleted = plan.deleted_months(owners)
     _count_replaced(ctx.paths, plan, owners, outcomes)
+    removed = _removed_files(ctx.paths, plan, owners)
     with transaction(ctx.paths.lake) as tx:
-        if outcomes or deleted:
+        if outcomes or deleted or removed:
             with ctx.clock.phase("write"):
                 _stage(ctx, tx, plan, outcomes, owners, deleted, manifest)
                 tx.commit()
     ctx.clock.seconds["total"] = time.perf_counter() - start
-    return _summary(ctx, reports, tx, sorted(int(m) for m in manifest["months"]))
+    summary = _summary(ctx, reports, tx, sorted(int(m) for m in manifest["months"]))
+    summary.removed = removed
+    return summary
 
 
 def discover(paths: LakePaths) -> dict[str, Path]:
@@ -174,6 +177,31 @@ def _count_replaced(paths: LakePaths, plan: IngestPlan, owners: Mapping[int, str
                                    if partition(paths, m).exists())
 
 
+def _file_outputs(paths: LakePaths, name: str) -> list[Path]:
+    """What ingest wrote for one raw file besides its sales partitions (its reference table, if any)."""
+    kind = kind_of(name)
+    docs = [paths.quarantine / f"{stem(name)}.parquet", paths.validation / f"{stem(name)}.json",
+            paths.validation / f"{stem(name)}.html"]
+    return ([] if kind == "sales" else [paths.reference_table(kind)]) + docs
+
+
+def _removed_files(paths: LakePaths, plan: IngestPlan, owners: Mapping[int, str]) -> list[RemovedFile]:
+    """The files gone from raw/ since they were ingested: what of theirs leaves the lake."""
+    months = plan.removed_months(owners)
+    removed = []
+    for name in plan.removed:
+        entry = months.get(name, {"deleted": [], "restored": []})
+        rows = sum(pq.read_metadata(partition(paths, m)).num_rows for m in entry["deleted"]
+                   if partition(paths, m).exists())
+        restored_from = sorted({owners[m] for m in entry["restored"]})
+        removed.append(RemovedFile(
+            file=name, outputs=[p.relative_to(paths.lake).as_posix() for p in _file_outputs(paths, name)
+                                if p.exists()],
+            months_deleted=entry["deleted"], rows_deleted=rows, months_restored=entry["restored"],
+            restored_from=restored_from))
+    return removed
+
+
 def _stage(ctx: IngestContext, tx: Transaction, plan: IngestPlan, outcomes: Mapping[str, Outcome],
            owners: Mapping[int, str], deleted: list[int], manifest: dict[str, Any]) -> None:
     """Write every output of the run to staging, and the new manifest last."""
@@ -193,6 +221,11 @@ def _stage(ctx: IngestContext, tx: Transaction, plan: IngestPlan, outcomes: Mapp
         list(pool.map(lambda job: tx.parquet(*job), sales_jobs))
     for month in deleted:
         tx.delete(partition(ctx.paths, month))
+    for name in plan.removed:  # the lake mirrors raw/: a file gone from it takes its outputs along
+        manifest["files"].pop(name, None)
+        for path in _file_outputs(ctx.paths, name):
+            if path.exists():
+                tx.delete(path)
     manifest["months"] = {str(m): f for m, f in sorted(owners.items())}
     manifest["version"] = MANIFEST_VERSION
     tx.text(ctx.paths.validation / "index.html", index_html(manifest))
