@@ -20,10 +20,13 @@ Log = Callable[[str], None]
 
 
 def describe_device(device: Mapping[str, Any]) -> str:
-    """``CPU, no GPU found`` / ``CPU, as requested`` / ``1 GPU (…), mixed_float16, XLA``."""
+    """``CPU, no GPU found`` / ``CPU, as requested`` / ``2 logical CPU devices (mirrored)`` /
+    ``1 GPU (…), mixed_float16, XLA``."""
+    devices = list(device.get("devices") or [])
+    if device.get("kind") != "gpu" and len(devices) > 1:  # train.replicas on a host without a GPU
+        return f"{len(devices)} logical CPU devices ({device.get('strategy')})"
     if device.get("kind") != "gpu":
         return "CPU, as requested" if device.get("requested") == "cpu" else "CPU, no GPU found"
-    devices = list(device.get("devices") or [])
     xla = ", XLA" if device.get("jit_compile") else ""
     plural = "s" if len(devices) != 1 else ""
     return f"{len(devices)} GPU{plural} ({', '.join(devices)}), {device.get('precision')}{xla}"

@@ -53,5 +53,8 @@ def test_the_epoch_table_has_one_row_per_epoch_with_loss_validation_rmse_and_sec
 def test_the_device_reads_as_a_person_would_say_it():
     assert describe_device({"kind": "cpu", "requested": "auto"}) == "CPU, no GPU found"
     assert describe_device({"kind": "cpu", "requested": "cpu"}) == "CPU, as requested"
+    replicas = {"kind": "cpu", "requested": "cpu", "devices": ["/device:CPU:0", "/device:CPU:1"],
+                "strategy": "mirrored"}
+    assert describe_device(replicas) == "2 logical CPU devices (mirrored)"
     gpu = {"kind": "gpu", "devices": ["/physical_device:GPU:0"], "precision": "mixed_float16", "jit_compile": True}
     assert describe_device(gpu) == "1 GPU (/physical_device:GPU:0), mixed_float16, XLA"
