@@ -153,6 +153,11 @@ class ReferenceConfig(_Section):
         description="The ensemble's booster: 'extended' trains a second one on the reference's features plus the "
         "launch and name-family features the model's head gets; 'reference' blends with the reported reference.",
     )
+    ensemble_segments: Literal["launch", "none"] = Field(
+        "launch",
+        description="'launch': the ensemble's model weight is chosen on the validation month separately for items "
+        "in their launch month (no sale before the target month) and for the rest; 'none': one weight for all rows.",
+    )
 
 
 FallbackPolicy = Literal["baseline", "model"]

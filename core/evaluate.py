@@ -26,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, PrivateAttr
 
 from core.config import DEFAULT_CLIP
 from core.display import versus
+from core.gate import BlendWeights
 from core.lake import (
     FORECAST_FILE,
     METRICS_FILE,
@@ -523,12 +524,13 @@ def render_report(
     if decision and decision.get("validation_rmse"):
         scores = decision["validation_rmse"]
         weight = decision.get("blend_weight")
+        weights = None if weight is None else BlendWeights.of(decision)
         lines += [
             "",
             f"## The gate: validation month {decision.get('validation_month')}",
             "",
             "Chosen on this month, which the holdout month's score above never influenced"
-            + (f"; the ensemble is {weight:g} × model + {1 - weight:g} × LightGBM." if weight is not None else "."),
+            + (f"; the ensemble is {weights.describe()}." if weights is not None else "."),
             "",
             _table(
                 ["candidate", "validation RMSE"], [[PREDICTOR_LABELS.get(k, k), f"{v:.4f}"] for k, v in scores.items()]
@@ -808,6 +810,7 @@ def evaluate_run(
         fallback=config.export.fallback,
         validation_month=selection["validation_month"],
         blend_weight=selection["blend_weight"],
+        launch_blend_weight=selection.get("launch_blend_weight"),
     )
 
     final = WindowStore.open(final_windows_dir)
@@ -826,7 +829,8 @@ def evaluate_run(
                "holdout_month": holdout_month, "forecast_month": int(final.meta["forecast_month"]),
                "epochs (selected on the validation month)": selection["epochs"],
                "reference boosting rounds": selection["rounds"],
-               "model weight in the ensemble": selection["blend_weight"]},
+               "model weight in the ensemble": selection["blend_weight"],
+               "model weight in the ensemble, launch-month items": selection.get("launch_blend_weight")},
     )  # fmt: skip
     return {
         "model_rmse": evaluation.model_rmse,

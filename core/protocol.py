@@ -32,7 +32,7 @@ import numpy as np
 import pandas as pd
 
 from core.errors import ModelIntegrityError
-from core.gate import blend, blend_weight, rmse
+from core.gate import BlendWeights, blend, rmse
 from core.lake import SELECTION_FILE, atomic_path, file_sha256, read_json, write_json_atomic
 
 if TYPE_CHECKING:
@@ -144,6 +144,14 @@ def _reference_predictions(fit: Any, tables: Any, store: WindowStore, sets: tupl
     return {name: fit.predict_samples(tables, index[name], _clip(store)) for name in sets}
 
 
+def _launch_rows(config: NestcastConfig, tables: Any, index: np.ndarray) -> np.ndarray | None:
+    """True where the sample's item has no sale before its target month (None: one blend weight for all)."""
+    if config.reference.ensemble_segments == "none":
+        return None
+    item = tables.rows["item"][np.asarray(index[:, 0], dtype=np.int64)]
+    return tables.item_first[item] >= index[:, 1]
+
+
 def _tree_members(config: NestcastConfig) -> dict[str, bool]:
     """The boosters a stage trains: the reported ``reference`` (standard features), and the ensemble's
     ``trees`` (also the launch and family features) unless the ensemble uses the reference itself."""
@@ -189,6 +197,7 @@ def select(
         "params": trained.params,
         "rounds": None,
         "blend_weight": None,
+        "launch_blend_weight": None,
         "reference_seconds": None,
     }
     if config.reference.reference_enabled:
@@ -202,11 +211,13 @@ def select(
             predictions[member] = _reference_predictions(fit, tables, store, ("validation",))["validation"]
             rounds[member], seconds = fit.rounds, seconds + fit.seconds
         partner = predictions.get("trees", predictions["reference"])
-        weight = blend_weight(actual, predictions["model"], partner)
-        predictions["ensemble"] = blend(predictions["model"], partner, weight, _clip(store))
+        launch = _launch_rows(config, tables, store.validation_index)
+        weights = BlendWeights.fit(actual, predictions["model"], partner, launch)
+        predictions["ensemble"] = blend(predictions["model"], partner, weights.per_row(launch, actual.size),
+                                        _clip(store))  # fmt: skip
         scores |= {name: rmse(predictions[name], actual) for name in ("reference", "ensemble")}
-        selection |= {"rounds": rounds["reference"], "tree_rounds": rounds, "blend_weight": weight,
-                      "reference_seconds": seconds}  # fmt: skip
+        selection |= {"rounds": rounds["reference"], "tree_rounds": rounds, "blend_weight": weights.known,
+                      "launch_blend_weight": weights.launch, "reference_seconds": seconds}  # fmt: skip
     baseline = np.clip(validation["prev"].to_numpy(np.float64), *_clip(store))
     selection["validation_rmse"] = scores | {"baseline": rmse(baseline, actual)}
     _write_predictions(stage_dir / "validation.parquet", predictions)
@@ -255,9 +266,11 @@ def refit(
             reference_seconds += fit.seconds
             for name, values in _reference_predictions(fit, tables, store, sets).items():
                 predictions[name][member] = values
-        for columns in predictions.values():
+        weights = BlendWeights.of(selection)
+        for name, columns in predictions.items():
             partner = columns.get("trees", columns["reference"])
-            columns["ensemble"] = blend(columns["model"], partner, float(selection["blend_weight"]), _clip(store))
+            launch = _launch_rows(config, tables, getattr(store, f"{name}_index"))
+            columns["ensemble"] = blend(columns["model"], partner, weights.per_row(launch, partner.size), _clip(store))
     record_artifacts(stage_dir)
     for name, columns in predictions.items():
         _write_predictions(stage_dir / f"{name}.parquet", columns)

@@ -86,6 +86,7 @@ def test_each_origin_trains_only_on_earlier_months_in_its_own_windows_dir(result
         assert refit["trained_below_month"] == o.origin and refit["validation_month"] is None
         assert refit["epochs_run"] == o.selection["epochs"]
         assert 0.0 <= o.selection["blend_weight"] <= 1.0 and o.selection["rounds"] >= 1
+        assert 0.0 <= o.selection["launch_blend_weight"] <= 1.0
         for stage in ("select", "refit"):
             for name in ("model.keras", "reference.txt", "trees.txt"):
                 assert (Path(o.run_dir) / stage / name).exists(), (stage, name)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from core.gate import Decision, blend, blend_weight, decide, rmse
+from core.gate import BlendWeights, Decision, blend, blend_weight, decide, rmse
 
 
 def test_the_blend_weight_is_the_grid_point_with_the_lowest_rmse() -> None:
@@ -33,6 +33,39 @@ def test_a_useless_reference_gets_no_weight_and_a_perfect_one_all() -> None:
         blend_weight(actual, actual[:2], actual)
 
 
+def test_launch_rows_get_their_own_blend_weight_when_the_trees_are_better_there() -> None:
+    rng = np.random.default_rng(1)
+    actual = rng.poisson(2.0, 4000).astype(float)
+    launch = np.zeros(actual.size, dtype=bool)
+    launch[::40] = True
+    noise = rng.normal(0, 1.5, actual.size)
+    # the model is exact on known pairs and noisy on launches; the trees the other way round
+    model = np.where(launch, actual + noise, actual)
+    trees = np.where(launch, actual, actual + noise)
+    weights = BlendWeights.fit(actual, model, trees, launch)
+    assert (weights.known, weights.launch) == (1.0, 0.0)
+    blended = blend(model, trees, weights.per_row(launch, actual.size), (0, 20))
+    np.testing.assert_allclose(blended, np.clip(actual, 0, 20), atol=1e-5)
+    # one weight for all rows cannot do this well
+    single = blend_weight(actual, model, trees)
+    assert rmse(blended, actual) < rmse(blend(model, trees, single, (0, 20)), actual)
+    assert "launch month" in weights.describe()
+
+
+def test_without_launch_rows_both_segments_share_the_single_blend_weight() -> None:
+    rng = np.random.default_rng(2)
+    actual = rng.poisson(2.0, 1000).astype(float)
+    model, trees = actual + rng.normal(0, 1, actual.size), actual + rng.normal(0, 2, actual.size)
+    single = blend_weight(actual, model, trees)
+    for launch in (None, np.zeros(actual.size, dtype=bool), np.ones(actual.size, dtype=bool)):
+        weights = BlendWeights.fit(actual, model, trees, launch)
+        assert weights.known == weights.launch == single
+    assert "launch" not in BlendWeights(0.5, 0.5).describe()
+    # a record written before the launch weight existed reads as one weight for both segments
+    assert BlendWeights.of({"blend_weight": 0.7}) == BlendWeights(0.7, 0.7)
+    assert BlendWeights.of({"blend_weight": 0.7, "launch_blend_weight": 0.1}) == BlendWeights(0.7, 0.1)
+
+
 def test_the_gate_exports_the_best_candidate_that_beats_the_previous_period() -> None:
     decision = decide({"model": 1.5, "ensemble": 1.4, "baseline": 2.0}, validation_month=27, blend_weight=0.6)
     assert decision.exported == "ensemble" and decision.blend_weight == 0.6
@@ -58,5 +91,6 @@ def test_the_gate_falls_back_when_nothing_beats_the_previous_period() -> None:
 
 
 def test_a_decision_survives_json() -> None:
-    decision = decide({"model": 1.0, "ensemble": 0.9, "baseline": 2.0}, validation_month=3, blend_weight=0.25)
-    assert Decision.from_dict(decision.to_dict()) == decision
+    decision = decide({"model": 1.0, "ensemble": 0.9, "baseline": 2.0}, validation_month=3, blend_weight=0.25,
+                      launch_blend_weight=0.0)  # fmt: skip
+    assert Decision.from_dict(decision.to_dict()) == decision and decision.launch_blend_weight == 0.0
