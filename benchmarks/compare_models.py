@@ -10,11 +10,12 @@ repository -- ingested and aggregated, then every model is backtested with ``cor
 under the default configuration with only ``kind`` and ``depth`` changed (same units, head,
 embeddings, windows, epochs, learning rate), so the rows differ by the encoder alone. ``--set`` changes
 any other field for all models, ``--seeds`` averages over training seeds. Every backtest follows the forecast
-flow's protocol (``core.protocol``): epochs, boosting rounds and the blend weight are chosen on the month before
-each origin, then the models are refitted through that month and score the origin. The LightGBM reference and
-the ensemble rows come from the default model's runs (``nlstm2``, else the first model). Prints a markdown table:
-RMSE averaged over the origins and over seeds, per origin, the mean ratio to the previous-month baseline,
-parameters and training seconds per origin (``--out`` also writes it to a file).
+flow's protocol (``core.protocol``): epochs, boosting rounds, the blend weights and the launch scales are chosen
+on the month before each origin, then the models are refitted through that month and score the origin. The
+LightGBM reference (plain and launch-calibrated) and the ensemble rows come from the default model's runs
+(``nlstm2``, else the first model). Prints a markdown table: RMSE averaged over the origins and over seeds, per
+origin, the mean ratio to the previous-month baseline, parameters and training seconds per origin (``--out``
+also writes it to a file).
 """
 
 from __future__ import annotations
@@ -102,6 +103,12 @@ def rows_for(results: dict[str, list[BacktestResult]], origins: list[int]) -> li
     if "reference" in default[0].predictors:
         rows.append(row("LightGBM reference", mean_over_seeds(default, "reference"), None, None,
                         seconds(default, "reference_seconds")))  # fmt: skip
+    if "reference_calibrated" in default[0].predictors:  # the like-for-like yardstick of a calibrated model
+        rows.append(row("LightGBM reference, launch-calibrated", mean_over_seeds(default, "reference_calibrated"),
+                        None, None, None))  # fmt: skip
+    if "model_uncalibrated" in default[0].predictors:
+        rows.append(row("default model without launch calibration", mean_over_seeds(default, "model_uncalibrated"),
+                        None, None, None))  # fmt: skip
     for name, runs in results.items():
         per_epoch = [o.seconds_per_epoch for r in runs for o in r.origins if o.seconds_per_epoch]
         rows.append(
@@ -169,7 +176,8 @@ def main(argv: list[str] | None = None) -> int:
         f"Shared settings: units {cfg['units']}, head {cfg['head_units']}, embeddings {cfg['embeddings']}, "
         f"lookback {cfg['lookback']}, {cfg['sample_policy']} samples (max {cfg['max_train_samples']}), "
         f"epochs {cfg['epochs']}, batch {cfg['batch_size']}, lr {cfg['learning_rate']}, loss {cfg['loss']}.",
-        "Protocol: at origin m, epochs / boosting rounds / blend weight chosen on month m-1 (trained on months < m-1), "
+        "Protocol: at origin m, epochs / boosting rounds / blend weights / launch scales chosen on month m-1 (trained "
+        "on months < m-1), "
         "then refitted on every month < m; month m is scored and chooses nothing.",
         "RMSE: mean over origins (and seeds) on each origin's Kaggle-style grid; vs_previous: mean over origins "
         "of RMSE / previous-month RMSE; train_s: training seconds per origin (select + refit).",

@@ -28,7 +28,8 @@ from core.windows import WindowStore, build_windows
 REPORT_FILE = "backtest.md"
 RESULT_FILE = "backtest.json"
 PREDICTOR_COLUMNS: dict[str, str] = {"model": "model", "ensemble": "ensemble", "reference": "reference",
-                                     "trees": "trees",
+                                     "trees": "trees", "reference_calibrated": "reference_calibrated",
+                                     "model_uncalibrated": "model_uncalibrated",
                                      "baseline": "previous", "mean3": "mean3", "zeros": "zeros"}  # fmt: skip
 
 EpochCallback = Callable[[int, dict[str, float]], None]

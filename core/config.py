@@ -129,6 +129,11 @@ class TrainConfig(_Section):
     max_train_samples: int | None = Field(
         None, ge=1, description="Subsample training windows to at most this many (None: all)."
     )
+    launch_calibration: bool = Field(
+        True,
+        description="Scale the model's and the ensemble trees' forecasts of items in their launch month by a factor "
+        "chosen on the validation month (core.calibration); the reference gets a calibrated copy beside it.",
+    )
 
 
 class ReferenceConfig(_Section):

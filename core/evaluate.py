@@ -38,20 +38,25 @@ from core.lake import (
 )
 
 #: Every predictor an evaluation may score, in report order; model, baseline, mean3 and zeros always are.
-PREDICTORS: tuple[str, ...] = ("model", "ensemble", "reference", "trees", "baseline", "mean3", "zeros")
-OPTIONAL_PREDICTORS: tuple[str, ...] = ("ensemble", "reference", "trees")
+PREDICTORS: tuple[str, ...] = ("model", "ensemble", "reference", "reference_calibrated", "trees",
+                                "model_uncalibrated", "baseline", "mean3", "zeros")  # fmt: skip
+OPTIONAL_PREDICTORS: tuple[str, ...] = ("ensemble", "reference", "reference_calibrated", "trees",
+                                         "model_uncalibrated")  # fmt: skip
 PREDICTOR_LABELS: dict[str, str] = {
     "model": "model (Nested LSTM)",
     "ensemble": "ensemble (model + LightGBM)",
     "reference": "LightGBM reference",
+    "reference_calibrated": "LightGBM reference, launch-calibrated",
     "trees": "LightGBM, extended features (ensemble member)",
+    "model_uncalibrated": "model without launch calibration",
     "baseline": "previous month (baseline)",
     "mean3": "mean of last 3 months",
     "zeros": "zeros",
 }
 #: The same, short enough for a segment table's column headers.
 SHORT_LABELS: dict[str, str] = {
-    "model": "model", "ensemble": "ensemble", "reference": "LightGBM reference", "trees": "LightGBM extended",
+    "model": "model", "ensemble": "ensemble", "reference": "LightGBM reference",
+    "reference_calibrated": "reference, calibrated", "trees": "LightGBM extended", "model_uncalibrated": "model, raw",
     "baseline": "previous month", "mean3": "mean of last 3", "zeros": "zeros",
 }  # fmt: skip
 # The novelty segments partition the grid, so their rows add up to the whole.
@@ -830,7 +835,9 @@ def evaluate_run(
                "epochs (selected on the validation month)": selection["epochs"],
                "reference boosting rounds": selection["rounds"],
                "model weight in the ensemble": selection["blend_weight"],
-               "model weight in the ensemble, launch-month items": selection.get("launch_blend_weight")},
+               "model weight in the ensemble, launch-month items": selection.get("launch_blend_weight"),
+               "launch scales (validation month; core.calibration)": ", ".join(
+                   f"{name} {scale:g}" for name, scale in (selection.get("launch_scales") or {}).items()) or None},
     )  # fmt: skip
     return {
         "model_rmse": evaluation.model_rmse,

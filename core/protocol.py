@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
+from core.calibration import apply_launch_scale, launch_scale
 from core.errors import ModelIntegrityError
 from core.gate import BlendWeights, blend, rmse
 from core.lake import SELECTION_FILE, atomic_path, file_sha256, read_json, write_json_atomic
@@ -144,12 +145,48 @@ def _reference_predictions(fit: Any, tables: Any, store: WindowStore, sets: tupl
     return {name: fit.predict_samples(tables, index[name], _clip(store)) for name in sets}
 
 
-def _launch_rows(config: NestcastConfig, tables: Any, index: np.ndarray) -> np.ndarray | None:
-    """True where the sample's item has no sale before its target month (None: one blend weight for all)."""
-    if config.reference.ensemble_segments == "none":
-        return None
+def _launch_rows(store: WindowStore, index: np.ndarray) -> np.ndarray:
+    """True where the sample's item has no sale before its target month (its launch month, or later)."""
+    tables = store.feature_tables()
     item = tables.rows["item"][np.asarray(index[:, 0], dtype=np.int64)]
     return tables.item_first[item] >= index[:, 1]
+
+
+#: Forecaster -> (the column its launch scale applies to, the column that keeps it unscaled). The model and the
+#: ensemble's trees are the project's own forecasters and are calibrated; the reference stays the standard recipe,
+#: and its calibrated copy is reported beside it so the comparison stays like for like.
+LAUNCH_CALIBRATED: dict[str, tuple[str, str]] = {
+    "model": ("model", "model_uncalibrated"),
+    "trees": ("trees", "trees_uncalibrated"),
+    "reference": ("reference_calibrated", "reference"),
+}
+
+
+def _fit_launch_scales(
+    config: NestcastConfig, predictions: dict[str, np.ndarray], actual: np.ndarray, launch: np.ndarray,
+    clip: tuple[float, float],
+) -> dict[str, float]:
+    """Each forecaster's launch scale on the validation month (``core.calibration``); none when switched off."""
+    if not config.train.launch_calibration:
+        return {}
+    return {name: launch_scale(actual, predictions[name], launch, clip) for name in LAUNCH_CALIBRATED
+            if name in predictions}  # fmt: skip
+
+
+def _apply_launch_scales(
+    columns: dict[str, np.ndarray], scales: dict[str, float], launch: np.ndarray, clip: tuple[float, float]
+) -> None:
+    """Scale each calibrated forecaster's launch rows in place, keeping the unscaled column beside it."""
+    for name, scale in scales.items():
+        scaled, unscaled = LAUNCH_CALIBRATED[name]
+        raw = columns[name]
+        columns[unscaled] = raw
+        columns[scaled] = apply_launch_scale(raw, launch, scale, clip)
+
+
+def _ensemble_partner(columns: dict[str, np.ndarray]) -> np.ndarray:
+    """The booster the model is blended with: the extended trees, else the (calibrated) reference."""
+    return columns.get("trees", columns.get("reference_calibrated", columns["reference"]))
 
 
 def _tree_members(config: NestcastConfig) -> dict[str, bool]:
@@ -187,6 +224,9 @@ def select(
     predictions = {"model": _model_predictions(trained.model_path, store, batch, ("validation",))["validation"]}
     validation = store.validation_frame()
     actual = validation["actual"].to_numpy(np.float64)
+    launch = _launch_rows(store, store.validation_index)
+    scales = _fit_launch_scales(config, predictions, actual, launch, _clip(store))
+    _apply_launch_scales(predictions, scales, launch, _clip(store))
     scores = {"model": rmse(predictions["model"], actual)}
     selection: dict[str, Any] = {
         "validation_month": store.validation_month,
@@ -210,14 +250,19 @@ def select(
             fit.save(stage_dir / f"{member}.txt")
             predictions[member] = _reference_predictions(fit, tables, store, ("validation",))["validation"]
             rounds[member], seconds = fit.rounds, seconds + fit.seconds
-        partner = predictions.get("trees", predictions["reference"])
-        launch = _launch_rows(config, tables, store.validation_index)
-        weights = BlendWeights.fit(actual, predictions["model"], partner, launch)
-        predictions["ensemble"] = blend(predictions["model"], partner, weights.per_row(launch, actual.size),
+        tree_scales = _fit_launch_scales(config, {k: predictions[k] for k in _tree_members(config)}, actual, launch,
+                                         _clip(store))  # fmt: skip
+        _apply_launch_scales(predictions, tree_scales, launch, _clip(store))
+        scales |= tree_scales
+        partner = _ensemble_partner(predictions)
+        segments = launch if config.reference.ensemble_segments == "launch" else None
+        weights = BlendWeights.fit(actual, predictions["model"], partner, segments)
+        predictions["ensemble"] = blend(predictions["model"], partner, weights.per_row(segments, actual.size),
                                         _clip(store))  # fmt: skip
         scores |= {name: rmse(predictions[name], actual) for name in ("reference", "ensemble")}
         selection |= {"rounds": rounds["reference"], "tree_rounds": rounds, "blend_weight": weights.known,
                       "launch_blend_weight": weights.launch, "reference_seconds": seconds}  # fmt: skip
+    selection["launch_scales"] = scales
     baseline = np.clip(validation["prev"].to_numpy(np.float64), *_clip(store))
     selection["validation_rmse"] = scores | {"baseline": rmse(baseline, actual)}
     _write_predictions(stage_dir / "validation.parquet", predictions)
@@ -266,11 +311,14 @@ def refit(
             reference_seconds += fit.seconds
             for name, values in _reference_predictions(fit, tables, store, sets).items():
                 predictions[name][member] = values
-        weights = BlendWeights.of(selection)
-        for name, columns in predictions.items():
-            partner = columns.get("trees", columns["reference"])
-            launch = _launch_rows(config, tables, getattr(store, f"{name}_index"))
-            columns["ensemble"] = blend(columns["model"], partner, weights.per_row(launch, partner.size), _clip(store))
+    for name, columns in predictions.items():
+        launch = _launch_rows(store, getattr(store, f"{name}_index"))
+        _apply_launch_scales(columns, selection.get("launch_scales") or {}, launch, _clip(store))
+        if selection.get("rounds"):
+            segments = launch if config.reference.ensemble_segments == "launch" else None
+            partner = _ensemble_partner(columns)
+            weights = BlendWeights.of(selection).per_row(segments, partner.size)
+            columns["ensemble"] = blend(columns["model"], partner, weights, _clip(store))
     record_artifacts(stage_dir)
     for name, columns in predictions.items():
         _write_predictions(stage_dir / f"{name}.parquet", columns)

@@ -87,8 +87,10 @@ def select_models(config: NestcastConfig, windows: dict[str, Any], run_dir: str)
     selection = protocol.select(config, windows["windows_dir"], LakePaths.stage_dir(run_dir, "select"), on_epoch,
                                 callbacks=[_terminal_progress("select")])  # fmt: skip
     get_run_logger().info(
-        "selected on month %s: %s epochs, %s boosting rounds, model weight %s in the ensemble; validation RMSE %s",
+        "selected on month %s: %s epochs, %s boosting rounds, model weight %s in the ensemble (%s for launch items), "
+        "launch scales %s; validation RMSE %s",
         selection["validation_month"], selection["epochs"], selection["rounds"], selection["blend_weight"],
+        selection.get("launch_blend_weight"), selection.get("launch_scales"),
         ", ".join(f"{k} {v:.4f}" for k, v in selection["validation_rmse"].items()),
     )  # fmt: skip
     return selection

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 from prefect.client.orchestration import get_client
 
@@ -47,7 +48,8 @@ def test_one_row_per_origin_with_model_baselines_and_cost(result):
     res, origins, _ = result
     assert [o.origin for o in res.origins] == origins
     for o in res.origins:
-        assert set(o.rmse) == {"model", "ensemble", "reference", "trees", "baseline", "mean3", "zeros"}
+        assert set(o.rmse) == {"model", "ensemble", "reference", "trees", "baseline", "mean3", "zeros",
+                               "reference_calibrated", "model_uncalibrated"}  # fmt: skip
         assert all(np.isfinite(v) and v >= 0 for v in o.rmse.values())
         assert o.params > 0 and o.train_seconds > 0 and o.reference_seconds > 0
         assert o.epochs_run == 2, "one selection epoch, then a refit of the selected one"
@@ -87,6 +89,14 @@ def test_each_origin_trains_only_on_earlier_months_in_its_own_windows_dir(result
         assert refit["epochs_run"] == o.selection["epochs"]
         assert 0.0 <= o.selection["blend_weight"] <= 1.0 and o.selection["rounds"] >= 1
         assert 0.0 <= o.selection["launch_blend_weight"] <= 1.0
+        assert set(o.selection["launch_scales"]) == {"model", "trees", "reference"}
+        # the holdout's model column is its unscaled twin with the selected scale on the launch rows only
+        holdout = pd.read_parquet(Path(o.run_dir) / "refit" / "holdout.parquet")
+        launch = store.holdout_frame()["new_item"].to_numpy()
+        scale = o.selection["launch_scales"]["model"]
+        raw = holdout["model_uncalibrated"].to_numpy()
+        expected = np.where(launch, np.clip(raw * scale, 0, 20), raw)
+        np.testing.assert_allclose(holdout["model"], expected, rtol=1e-6)
         for stage in ("select", "refit"):
             for name in ("model.keras", "reference.txt", "trees.txt"):
                 assert (Path(o.run_dir) / stage / name).exists(), (stage, name)

@@ -182,14 +182,10 @@ def test_launch_rows_are_the_samples_whose_item_never_sold_before_the_target_mon
     config, store = lake(tmp_path, tiny, holdout=14)
     monthly = read_monthly(LakePaths.of(config))
     first_sale = monthly.groupby("item_id")["date_block_num"].min().to_dict()
-    tables = FeatureTables.of(store)
     for name in ("validation", "holdout", "forecast"):
         index = getattr(store, f"{name}_index")
         items = store.series["item_id"].to_numpy()[index[:, 0]]
         expected = [first_sale.get(int(i), 1 << 30) >= int(t) for i, t in zip(items, index[:, 1], strict=True)]
-        launch = _launch_rows(config, tables, index)
-        np.testing.assert_array_equal(launch, expected, err_msg=name)
-    assert _launch_rows(config, tables, store.holdout_index).any(), "the tiny data must launch items in month 14"
-    np.testing.assert_array_equal(_launch_rows(config, tables, store.holdout_index), store.holdout_frame()["new_item"])
-    single = config.with_overrides(ensemble_segments="none")
-    assert _launch_rows(single, tables, store.holdout_index) is None
+        np.testing.assert_array_equal(_launch_rows(store, index), expected, err_msg=name)
+    assert _launch_rows(store, store.holdout_index).any(), "the tiny data must launch items in month 14"
+    np.testing.assert_array_equal(_launch_rows(store, store.holdout_index), store.holdout_frame()["new_item"])
