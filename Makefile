@@ -25,8 +25,11 @@ run: $(STAMP)
 	fi
 	$(BIN)/nestcast run --data-dir $(DATA_DIR) $(RUN_ARGS)
 
+# Two workers by default (the suite is mostly Prefect, pandas and small Keras models, one core each); one file per
+# worker keeps each module's Prefect backend and fixtures in one process. TEST_WORKERS=0 runs it in one process.
+TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile --durations=25
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

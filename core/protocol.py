@@ -145,8 +145,12 @@ def _reference_predictions(fit: Any, tables: Any, store: WindowStore, sets: tupl
     return {name: fit.predict_samples(tables, index[name], _clip(store)) for name in sets}
 
 
-def _launch_rows(store: WindowStore, index: np.ndarray) -> np.ndarray:
-    """True where the sample's item has no sale before its target month (its launch month, or later)."""
+def _launch_rows(store: WindowStore, index: np.ndarray, config: NestcastConfig | None = None) -> np.ndarray | None:
+    """True where the sample's item has no sale before its target month (its launch month, or later); None when
+    ``config`` neither calibrates launches nor blends them apart (the feature tables are then not built)."""
+    if config is not None and not (config.train.launch_calibration or (
+            config.reference.reference_enabled and config.reference.ensemble_segments == "launch")):
+        return None
     tables = store.feature_tables()
     item = tables.rows["item"][np.asarray(index[:, 0], dtype=np.int64)]
     return tables.item_first[item] >= index[:, 1]
@@ -163,18 +167,18 @@ LAUNCH_CALIBRATED: dict[str, tuple[str, str]] = {
 
 
 def _fit_launch_scales(
-    config: NestcastConfig, predictions: dict[str, np.ndarray], actual: np.ndarray, launch: np.ndarray,
+    config: NestcastConfig, predictions: dict[str, np.ndarray], actual: np.ndarray, launch: np.ndarray | None,
     clip: tuple[float, float],
 ) -> dict[str, float]:
     """Each forecaster's launch scale on the validation month (``core.calibration``); none when switched off."""
-    if not config.train.launch_calibration:
+    if not config.train.launch_calibration or launch is None:
         return {}
     return {name: launch_scale(actual, predictions[name], launch, clip) for name in LAUNCH_CALIBRATED
             if name in predictions}  # fmt: skip
 
 
 def _apply_launch_scales(
-    columns: dict[str, np.ndarray], scales: dict[str, float], launch: np.ndarray, clip: tuple[float, float]
+    columns: dict[str, np.ndarray], scales: dict[str, float], launch: np.ndarray | None, clip: tuple[float, float]
 ) -> None:
     """Scale each calibrated forecaster's launch rows in place, keeping the unscaled column beside it."""
     for name, scale in scales.items():
@@ -224,7 +228,7 @@ def select(
     predictions = {"model": _model_predictions(trained.model_path, store, batch, ("validation",))["validation"]}
     validation = store.validation_frame()
     actual = validation["actual"].to_numpy(np.float64)
-    launch = _launch_rows(store, store.validation_index)
+    launch = _launch_rows(store, store.validation_index, config)
     scales = _fit_launch_scales(config, predictions, actual, launch, _clip(store))
     _apply_launch_scales(predictions, scales, launch, _clip(store))
     scores = {"model": rmse(predictions["model"], actual)}
@@ -312,7 +316,7 @@ def refit(
             for name, values in _reference_predictions(fit, tables, store, sets).items():
                 predictions[name][member] = values
     for name, columns in predictions.items():
-        launch = _launch_rows(store, getattr(store, f"{name}_index"))
+        launch = _launch_rows(store, getattr(store, f"{name}_index"), config)
         _apply_launch_scales(columns, selection.get("launch_scales") or {}, launch, _clip(store))
         if selection.get("rounds"):
             segments = launch if config.reference.ensemble_segments == "launch" else None
