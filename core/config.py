@@ -73,6 +73,13 @@ class WindowsConfig(_Section):
     )
     holdout_month: int | None = Field(None, description="Evaluation month (default: last month in the lake).")
     min_train_month: int = Field(1, ge=1, description="Earliest target month used for training.")
+    universe_months: int = Field(
+        3, ge=0, le=60,
+        description="Without test.csv the forecast covers every pair that sold in the last N months (0: none) ...",
+    )
+    universe_grid: bool = Field(
+        True, description="... plus every pair of the last month's grid (its shops with sales x its items with sales)."
+    )
     static_features: bool = Field(
         True,
         description="Also give the model's head the target month's lag features (core.reference.STATIC_FEATURES) "
