@@ -88,3 +88,9 @@ def stage_month(replay: ReplayPlan, month: int, first_month: str = "2013-01") ->
     for stale in set(path.name for path in raw.glob("sales_*.csv")) - set(drops) - {"sales_train.csv"}:
         (raw / stale).unlink()
     return replay.workspace
+
+
+def stage(history: str | Path, from_month: int, to_month: int, workspace: str | Path, month: int,
+          first_month: str = "2013-01") -> Path:  # fmt: skip
+    """:func:`stage_month` of the replay :func:`plan` names (what one Prefect task does, from plain values)."""
+    return stage_month(plan(history, from_month, to_month, workspace), month, first_month)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from core import replay as replay_step
 from tasks.common import nestcast_task
 
@@ -12,5 +10,4 @@ from tasks.common import nestcast_task
 def stage_replay_month(history: str, from_month: int, to_month: int, workspace: str, month: int,
                        first_month: str) -> str:  # fmt: skip
     """The replay's raw/ as it was before ``month`` (sales_train before ``from_month``, then one drop a month)."""
-    plan: Any = replay_step.plan(history, from_month, to_month, workspace)
-    return str(replay_step.stage_month(plan, month, first_month))
+    return str(replay_step.stage(history, from_month, to_month, workspace, month, first_month))
