@@ -36,7 +36,6 @@ from core.lake import (
     read_json,
     write_bytes_atomic,
     write_parquet_atomic,
-    write_text_atomic,
 )
 
 #: The record's columns, in order; ``status`` is ``scored`` or ``unresolved`` (then ``note`` says why).
@@ -57,9 +56,9 @@ RECORD_SCHEMA = pa.schema([
     ("note", pa.string()),
 ])
 HISTORY_PLOT = "accountability.png"
-#: report.md's history section sits between these markers, so rewriting it replaces the old one in place.
-SECTION_BEGIN = "<!-- accountability:begin -->"
-SECTION_END = "<!-- accountability:end -->"
+#: report.md's history section sits between ``<!-- accountability:begin/end -->``, replaced in place on a rerun.
+SECTION_KEY = "accountability"
+SECTION_BEGIN = f"<!-- {SECTION_KEY}:begin -->"
 
 
 @dataclass(frozen=True)
@@ -253,7 +252,7 @@ def history_rows(records: pd.DataFrame) -> list[dict[str, Any]]:
 
 def plot_history(records: pd.DataFrame, first_month: str) -> bytes:
     """RMSE per forecast month: the exported forecast against the previous period (and the raw model)."""
-    from core.evaluate import _COLOURS, _figure, _month_ticks, _png
+    from core.evaluate import _COLOURS, _figure, _month_ticks, _png  # the report's plot style
 
     fig = _figure(figsize=(9, 4))
     ax = fig.add_subplot()
@@ -289,16 +288,14 @@ def history_markdown(records: pd.DataFrame, plot_name: str) -> str:
 
 def write_history(config: NestcastConfig, run_dir: str | Path) -> dict[str, Any]:
     """The history plot into ``run_dir`` and its section into ``run_dir/report.md`` (replacing an older one)."""
+    from core.evaluate import replace_report_section
+
     paths = LakePaths.of(config)
     records = read_records(paths)
     run_dir = Path(run_dir)
     plot = write_bytes_atomic(run_dir / HISTORY_PLOT, plot_history(records, config.ingest.first_month))
     section = history_markdown(records, HISTORY_PLOT)
-    report = run_dir / REPORT_FILE
-    text = report.read_text(encoding="utf-8") if report.exists() else ""
-    before, _, rest = text.partition(SECTION_BEGIN)
-    after = rest.partition(SECTION_END)[2] if rest else ""
-    write_text_atomic(report, f"{before.rstrip()}\n\n{SECTION_BEGIN}\n{section}{SECTION_END}\n{after.lstrip()}")
+    report = replace_report_section(run_dir / REPORT_FILE, SECTION_KEY, section)
     return {"records": str(paths.accountability_records), "rows": history_rows(records), "plot": str(plot),
             "report": str(report), "markdown": section,
             "months": [forecast_month_label(int(m), config.ingest.first_month) for m in records["forecast_month"]]}

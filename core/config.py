@@ -174,6 +174,13 @@ class ExportConfig(_Section):
         "'baseline' forecast or the 'model' forecast anyway.",
     )
     submission_path: Path | None = Field(None, description="Also copy the submission here.")
+    champion_gate: bool = Field(
+        True, description="Compare each run (the challenger) with the champion in runs/index.json on the holdout "
+        "month and export the champion's forecast when the challenger is worse.",
+    )
+    champion_tolerance: float = Field(
+        0.0, ge=0, description="The challenger wins if its holdout RMSE is at most (1 + tolerance) x the champion's.",
+    )
 
 
 class OrchestrationConfig(_Section):

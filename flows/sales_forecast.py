@@ -18,6 +18,7 @@ from core.protocol import forecast_run_dir
 from flows.aggregate_months import aggregate_months
 from flows.parameters import OVERRIDES, OVERRIDES_HELP, with_knobs
 from tasks.accountability import publish_history, score_forecasts
+from tasks.champion import challenge_champion
 from tasks.common import flow_run_url, name_flow_run, step_options
 from tasks.evaluate import evaluate_model
 from tasks.export import export_forecast
@@ -66,6 +67,7 @@ def sales_forecast(*, overrides: dict[str, Any] | None = None, **knobs: Any) -> 
     evaluation = evaluate_model.with_options(**options)(
         config, windows, final_windows, selection, run_dir, [holdout_fit, final_fit]
     )
+    evaluation = challenge_champion.with_options(**options)(config, windows, final_windows, run_dir, evaluation)
     exported = export_forecast.with_options(**options)(config, final_windows, run_dir, evaluation)
     history = publish_history.with_options(**options)(config, run_dir, scored, exported)
 

@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from core import accountability
+from core import accountability, champion
 from core.config import DEFAULT_SHOP_MERGE_MAP, NestcastConfig
 from core.lake import LakePaths
 from flows.sales_forecast import sales_forecast
@@ -62,9 +62,13 @@ def cycle(tmp_path_factory) -> dict[str, Any]:
     second = sales_forecast(data_dir=str(root), **CHEAP_RUN, return_state=True)
     records_path = LakePaths(root).accountability_records
     after_second = (records_path.read_bytes(), records_path.stat().st_mtime_ns)
-    third = sales_forecast(data_dir=str(root), **CHEAP_RUN)
-    return {"root": root, "drop_rows": drop_rows, "first": first, "second": second, "third": third,
-            "before_drop": before_drop, "after_second": after_second}  # fmt: skip
+    index_after_second = champion.read_index(LakePaths(root))
+    # A third run on the same lake: a challenger that cannot learn (learning rate near zero, exported anyway).
+    third = sales_forecast(data_dir=str(root), **{**CHEAP_RUN, "learning_rate": 1e-9, "fallback": "model"},
+                           return_state=True)  # fmt: skip
+    return {"root": root, "drop_rows": drop_rows, "first": first, "second": second, "third": third.result(),
+            "third_state": third, "before_drop": before_drop, "after_second": after_second,
+            "index_after_second": index_after_second}  # fmt: skip
 
 
 def test_a_forecast_is_scored_once_the_drop_of_its_month_arrives_exactly_as_the_competition_would(cycle):
@@ -93,7 +97,7 @@ def test_a_forecast_is_scored_once_the_drop_of_its_month_arrives_exactly_as_the_
         reference_rmse(cycle["drop_rows"], submission, test, model.astype(np.float64)), abs=1e-5)
 
 
-def test_a_rerun_on_the_same_lake_adds_no_record_and_rewrites_nothing(cycle):
+def test_a_run_on_the_same_lake_adds_no_record_and_rewrites_nothing(cycle):
     path = LakePaths(cycle["root"]).accountability_records
     assert (path.read_bytes(), path.stat().st_mtime_ns) == cycle["after_second"]
     assert cycle["third"]["accountability_months"] == [DROP_MONTH]
@@ -126,3 +130,21 @@ def test_a_forecast_whose_pairs_no_longer_resolve_is_reported_not_skipped(cycle,
     assert summary.unresolved == [DROP_MONTH] and summary.months == [DROP_MONTH]
     record = accountability.read_records(paths).iloc[0]
     assert record["status"] == "unresolved" and "test.csv" in record["note"] and np.isnan(record["rmse_exported"])
+
+
+def test_the_champion_is_kept_and_its_forecast_exported_when_the_challenger_is_worse(cycle):
+    third, index = cycle["third"], cycle["index_after_second"]
+    assert index["champion"]["run_dir"] in (cycle["first"]["run_dir"], cycle["second"].result()["run_dir"])
+    assert third["run_dir"] != index["champion"]["run_dir"], "the near-zero learning rate trains another run"
+    assert third["exported"] == "champion"
+    assert champion.read_index(LakePaths(cycle["root"]))["champion"] == index["champion"], "the champion stays"
+    sidecar = json.loads(Path(third["submission"]).with_suffix(".json").read_text())
+    assert sidecar["exported"] == "champion" and "worse than the champion" in sidecar["reason"]
+    forecast = pd.read_parquet(Path(third["run_dir"]) / "forecast.parquet")
+    submission = pd.read_csv(third["submission"])
+    expected = forecast.set_index("ID")["champion"].clip(0, 20).reindex(submission["ID"]).to_numpy()
+    assert np.allclose(submission["item_cnt_month"], expected, atol=1e-6)
+    assert not np.allclose(submission["item_cnt_month"], forecast.set_index("ID")["model"].reindex(submission["ID"]))
+    assert "## Champion and challenger" in Path(third["report"]).read_text()
+    artifacts = artifacts_of(cycle["third_state"].state_details.flow_run_id)
+    assert "worse than the champion" in artifacts["champion"].data
