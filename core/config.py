@@ -73,6 +73,13 @@ class WindowsConfig(_Section):
     )
     holdout_month: int | None = Field(None, description="Evaluation month (default: last month in the lake).")
     min_train_month: int = Field(1, ge=1, description="Earliest target month used for training.")
+    universe_months: int = Field(
+        3, ge=0, le=60,
+        description="Without test.csv the forecast covers every pair that sold in the last N months (0: none) ...",
+    )
+    universe_grid: bool = Field(
+        True, description="... plus every pair of the last month's grid (its shops with sales x its items with sales)."
+    )
     static_features: bool = Field(
         True,
         description="Also give the model's head the target month's lag features (core.reference.STATIC_FEATURES) "
@@ -177,6 +184,13 @@ class ExportConfig(_Section):
         "'baseline' forecast or the 'model' forecast anyway.",
     )
     submission_path: Path | None = Field(None, description="Also copy the submission here.")
+    champion_gate: bool = Field(
+        True, description="Compare each run (the challenger) with the champion in runs/index.json on the holdout "
+        "month and export the champion's forecast when the challenger is worse.",
+    )
+    champion_tolerance: float = Field(
+        0.0, ge=0, description="The challenger wins if its holdout RMSE is at most (1 + tolerance) x the champion's.",
+    )
 
 
 class OrchestrationConfig(_Section):

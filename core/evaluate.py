@@ -559,6 +559,17 @@ def render_report(
     return "\n".join(lines) + "\n"
 
 
+def replace_report_section(report: str | Path, key: str, markdown: str) -> Path:
+    """Put ``markdown`` into ``report`` between ``<!-- key:begin -->`` and ``<!-- key:end -->``, replacing the
+    section an earlier call wrote (so a rerun does not stack copies); appended at the end the first time."""
+    begin, end = f"<!-- {key}:begin -->", f"<!-- {key}:end -->"
+    report = Path(report)
+    text = report.read_text(encoding="utf-8") if report.exists() else ""
+    before, _, rest = text.partition(begin)
+    after = rest.partition(end)[2] if rest else ""
+    return write_text_atomic(report, f"{before.rstrip()}\n\n{begin}\n{markdown.rstrip()}\n{end}\n{after.lstrip()}")
+
+
 # --- plots ----------------------------------------------------------------------------------------
 
 _COLOURS = {"actual": "#222222", "model": "#d62728", "ensemble": "#ff7f0e", "reference": "#8c564b", "trees": "#e377c2",

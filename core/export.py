@@ -18,10 +18,15 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 
 from core.config import DEFAULT_CLIP
 from core.errors import ExportCheckError
-from core.lake import forecast_month_label, write_bytes_atomic  # the label is also importable from here, as before
+from core.lake import (  # the label is also importable from here, as before
+    forecast_month_label,
+    write_bytes_atomic,
+    write_parquet_atomic,
+)
 
 SUBMISSION_COLUMNS: tuple[str, str] = ("ID", "item_cnt_month")
 # Six decimals keep float32 predictions exact to their own precision while every value still reads as a float.
@@ -283,12 +288,19 @@ def export_run(
         "forecast_month": int(meta["forecast_month"]),
         "data": meta.get("input_hashes", {}),
     }
-    return export_submission(
+    label = forecast_month_label(int(meta["forecast_month"]), config.ingest.first_month)
+    result = export_submission(
         pd.DataFrame({"ID": forecast["ID"].to_numpy(), "item_cnt_month": values}),
         test,
         paths.submissions,
-        forecast_month_label(int(meta["forecast_month"]), config.ingest.first_month),
+        label,
         sidecar,
         copy_to=config.export.submission_path,
         clip=clip,
     )
+    # The pairs behind the IDs, kept beside the submission: accountability scores it on these when its month
+    # arrives, even if test.csv has changed or gone by then. Written after the checked CSV, so a failed check
+    # still leaves nothing.
+    write_parquet_atomic(paths.submission_pairs(label), pa.Table.from_pandas(
+        test[["ID", "shop_id", "item_id"]].sort_values("ID").reset_index(drop=True), preserve_index=False))
+    return result

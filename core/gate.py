@@ -156,3 +156,39 @@ def decide(
     ensemble = "ensemble" in scores
     return Decision(exported, reason, validation_month, scores, blend_weight if ensemble else None,
                     launch_blend_weight if ensemble else None)  # fmt: skip
+
+
+@dataclasses.dataclass(frozen=True)
+class ChampionDecision:
+    """Whether the challenger (this run's gated forecast) replaces the champion, and why."""
+
+    keep_champion: bool
+    reason: str
+    challenger_rmse: float
+    champion_rmse: float | None
+    month: int | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def challenge(
+    challenger_rmse: float,
+    champion_rmse: float | None,
+    *,
+    tolerance: float = 0.0,
+    month: int | None = None,
+    why_no_champion: str = "there is no champion yet",
+) -> ChampionDecision:
+    """The champion stays only when the challenger is worse than ``(1 + tolerance) x`` the champion on ``month``
+    (the newest month with actuals: both were trained without it). No comparable champion: the challenger wins."""
+    where = f"holdout month {month}" if month is not None else "the holdout month"
+    if champion_rmse is None or not math.isfinite(champion_rmse):
+        return ChampionDecision(False, f"the challenger becomes the champion: {why_no_champion}",
+                                challenger_rmse, None, month)  # fmt: skip
+    detail = f"challenger {challenger_rmse:.4f}, champion {champion_rmse:.4f} on {where}, tolerance {tolerance:g}"
+    if challenger_rmse <= champion_rmse * (1.0 + tolerance):
+        return ChampionDecision(False, f"the challenger is no worse than the champion ({detail})",
+                                challenger_rmse, champion_rmse, month)  # fmt: skip
+    return ChampionDecision(True, f"the challenger is worse than the champion ({detail}): the champion's model, "
+                            "re-applied to this month's windows, is exported", challenger_rmse, champion_rmse, month)

@@ -38,6 +38,8 @@ SELECTION_FILE = "selection.json"  # select/: what the validation month chose
 FORECAST_FILE = "forecast.parquet"  # the run's export candidates (``core.evaluate``), and a stage's forecast set
 METRICS_FILE = "metrics.json"  # a run's scores, the gate's decision and the plots' names
 REPORT_FILE = "report.md"  # a run's evaluation report
+ACCOUNTABILITY_FILE = "records.parquet"  # lake/accountability/: one row per scored forecast month
+PAIRS_SUFFIX = ".pairs.parquet"  # submissions/<month>.pairs.parquet: the (shop, item) pair of each exported ID
 
 
 def partition_name(month: int) -> str:
@@ -104,6 +106,7 @@ class LakePaths:
         self.windows_final = self.lake / "windows-final"  # no holdout: the exported forecast's models
         self.backtest = self.lake / BACKTEST_DIR
         self.manifest = self.lake / MANIFEST_FILE
+        self.accountability = self.lake / "accountability"  # exported forecasts scored once their month arrived
         self.runs = self.root / "runs"
         self.submissions = self.root / "submissions"
         self.task_outputs = self.root / ".task-outputs"  # what each cached Prefect step last wrote (tasks.common)
@@ -181,6 +184,16 @@ class LakePaths:
     def submission(self, month_label: str) -> Path:
         """``submissions/<YYYY-MM>.csv`` (its JSON sidecar: the same name with ``.json``)."""
         return self.submissions / f"{month_label}.csv"
+
+    def submission_pairs(self, month_label: str) -> Path:
+        """``submissions/<YYYY-MM>.pairs.parquet``: ``ID, shop_id, item_id`` of that submission's rows, kept so
+        the forecast can be scored when its month arrives even after ``test.csv`` changed or went away."""
+        return self.submissions / f"{month_label}{PAIRS_SUFFIX}"
+
+    @property
+    def accountability_records(self) -> Path:
+        """``lake/accountability/records.parquet``."""
+        return self.accountability / ACCOUNTABILITY_FILE
 
 
 def file_sha256(path: str | os.PathLike[str]) -> str:

@@ -29,7 +29,7 @@ come from months before the holdout month only.
 Samples are ``(series_idx, target_month)`` int32 pairs. Training targets run from
 ``windows.min_train_month`` to ``holdout - 1``; the holdout is the Kaggle-style grid of the holdout
 month (default: the last month in the lake); the forecast is ``test.csv``'s pairs with target
-``last_month + 1`` -- or, with no ``test.csv``, the grid of the last month (IDs 0..n-1).
+``last_month + 1`` -- or, with no ``test.csv``, the universe of pairs (``universe_pairs``, stable ``pair_id`` IDs).
 
 Training sample policy (``windows.sample_policy``): ``grid`` (each training month's grid, zeros for
 pairs without sales), ``active`` (pairs with a sale in the window or the target month), ``all``
@@ -57,11 +57,11 @@ import pyarrow.parquet as pq
 
 from core.aggregate import merge_shop_ids, read_monthly_table
 from core.batches import EpochShuffled
-from core.config import NestcastConfig
+from core.config import NestcastConfig, WindowsConfig
 from core.errors import DataValidationError
 from core.lake import WINDOWS_META_FILE, LakePaths, atomic_path, file_sha256, read_json
 
-WINDOWS_VERSION = "4"  # 2: grid masks, validation month; 3: target-encoded means; 4: item name families
+WINDOWS_VERSION = "5"  # 2: grid masks, validation month; 3: target-encoded means; 4: item name families; 5: universe
 
 # (name, level, scaled). Order is the channel order of every window.
 CHANNEL_SPECS: tuple[tuple[str, str, bool], ...] = (
@@ -537,7 +537,7 @@ class _Series:
 
 def _series(sales: _Sales, vocab: _Vocabularies, grid: _Grid, timeline: _Timeline, has_test: bool) -> _Series:
     """Pairs with sales, test.csv pairs, and the grids of the training months, the holdout and -- with no
-    test.csv, where the forecast is the last month's grid -- the last month."""
+    test.csv, where the forecast covers the universe -- the last month (recent sellers are pairs with sales)."""
     grid_months = set(timeline.train_months) | ({timeline.holdout} if timeline.has_holdout else set())
     if not has_test:
         grid_months.add(timeline.last_month)
@@ -761,6 +761,36 @@ def _grid_split(m: int, timeline: _Timeline, grid: _Grid, series: _Series, pairs
     return _Split(frame, _samples(samples, m))
 
 
+#: Without test.csv a forecast row's ID is its pair's: ``shop_id * UNIVERSE_ID_STRIDE + item_id``. Derived from the
+#: pair alone, it is the same in every run and every month, with no registry to keep (and it fits int32).
+UNIVERSE_ID_STRIDE = 1_000_000
+
+
+def pair_id(shop_id: np.ndarray, item_id: np.ndarray) -> np.ndarray:
+    """The stable ID of each (shop, item) pair in a forecast without test.csv."""
+    shop, item = np.asarray(shop_id, np.int64), np.asarray(item_id, np.int64)
+    max_shop = np.iinfo(np.int32).max // UNIVERSE_ID_STRIDE  # the IDs stay int32, as test.csv's
+    if item.size and (item.max() >= UNIVERSE_ID_STRIDE or shop.max() > max_shop):
+        raise DataValidationError(f"item ids must be below {UNIVERSE_ID_STRIDE:,} and shop ids at most {max_shop} "
+                                  "for the stable pair IDs of a forecast without test.csv")  # fmt: skip
+    return (shop * UNIVERSE_ID_STRIDE + item).astype(np.int32)
+
+
+def universe_pairs(
+    wcfg: WindowsConfig, timeline: _Timeline, grid: _Grid, series: _Series, pairs: _PairLevel
+) -> np.ndarray:
+    """Series of the forecast universe without test.csv, sorted by their stable ID: every pair that sold in the
+    last ``universe_months`` months, plus (``universe_grid``) every cell of the last month's grid."""
+    first = max(0, timeline.last_month - wcfg.universe_months + 1)
+    sold = pairs.count[: pairs.sold_series.size, first : timeline.last_month + 1] > 0
+    chosen = [pairs.sold_series[sold.any(axis=1)]] if wcfg.universe_months else []
+    if wcfg.universe_grid:
+        chosen.append(series.of_grid(grid, timeline.last_month))
+    samples = np.unique(np.concatenate(chosen)) if chosen else np.zeros(0, np.int64)
+    ids = pair_id(series.shop_id[samples], series.item_id[samples])
+    return samples[np.argsort(ids, kind="stable")]
+
+
 def _forecast_split(
     test: pd.DataFrame | None,
     vocab: _Vocabularies,
@@ -768,14 +798,18 @@ def _forecast_split(
     grid: _Grid,
     series: _Series,
     pairs: _PairLevel,
+    wcfg: WindowsConfig,
 ) -> _Split:
-    """test.csv's rows in ID order -- or, with no test.csv, the last month's grid as IDs 0..n-1."""
+    """test.csv's rows in ID order -- or, with no test.csv, the universe of pairs by their stable IDs."""
     if test is not None:
         samples = series.table[vocab.test_shop, vocab.test_item]
         ids = test["ID"].to_numpy(np.int32)
     else:
-        samples = series.of_grid(grid, timeline.last_month)
-        ids = np.arange(samples.size, dtype=np.int32)
+        samples = universe_pairs(wcfg, timeline, grid, series, pairs)
+        ids = pair_id(series.shop_id[samples], series.item_id[samples])
+        if not samples.size:
+            raise DataValidationError("no test.csv and an empty universe of pairs: nothing to forecast "
+                                      "(raise windows.universe_months or set windows.universe_grid)")  # fmt: skip
     frame = pa.table(
         {
             "ID": ids,
@@ -840,9 +874,15 @@ def _meta(
         "sample_policy": wcfg.sample_policy,
         "validation_month": timeline.validation if sample_counts["validation"] else None,
         "sample_counts": sample_counts,
-        "forecast_source": "test.parquet" if has_test else f"grid of month {timeline.last_month}",
+        "forecast_source": "test.parquet" if has_test else _universe_label(wcfg, timeline),
         "static_features": wcfg.static_features,
     }
+
+
+def _universe_label(wcfg: WindowsConfig, timeline: _Timeline) -> str:
+    parts = [f"pairs sold in the last {wcfg.universe_months} month(s)"] if wcfg.universe_months else []
+    parts += [f"grid of month {timeline.last_month}"] if wcfg.universe_grid else []
+    return "universe: " + " + ".join(parts)
 
 
 def _scaling_meta(timeline: _Timeline, levels: _Levels) -> dict[str, Any]:
@@ -901,7 +941,7 @@ def _build(
     splits = {
         "holdout": _grid_split(timeline.holdout, timeline, grid, series, levels.pair),
         "validation": _grid_split(timeline.validation, timeline, grid, series, levels.pair),
-        "forecast": _forecast_split(refs.test, vocab, timeline, grid, series, levels.pair),
+        "forecast": _forecast_split(refs.test, vocab, timeline, grid, series, levels.pair, config.windows),
     }
     sample_counts = {"train": int(train_index.shape[0])} | {name: int(s.index.shape[0]) for name, s in splits.items()}
     meta = _meta(config, timeline, vocab, series.n, levels, sample_counts, has_test) | provenance

@@ -515,6 +515,54 @@ def search(
     typer.echo(f"report: {summary['report']}")
 
 
+# --- replay (issue 13) --------------------------------------------------------------------------------
+@app.command()
+@_with_knob_options(tuple(RUN_KNOBS))
+def replay(
+    ctx: typer.Context,
+    from_month: Annotated[int, typer.Option("--from-month", help="First forecast month to replay (date_block_num).")],
+    to_month: Annotated[
+        int | None, typer.Option("--to-month", help="Last forecast month (default: the history's last month).")
+    ] = None,
+    work_dir: Annotated[
+        Path | None, typer.Option("--work-dir", help="The replay's data directory (default: DATA_DIR/replay-K-E).")
+    ] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Any other config field, NAME=VALUE.")] = None,
+    verbose: Verbose = False,
+    **knobs: Any,
+) -> None:
+    """Replay months K..E of the history in --data-dir as the monthly schedule would have run them, one forecast
+    flow run per month under one parent flow run; ends with the accountability table (one record per month)."""
+    _check_environment()
+    parameters = _knob_values(knobs)
+    overrides = _merge_sets(ctx, parameters, _parse_sets(set_ or []))
+    config = _build_config(**parameters, **overrides)
+    from core.replay import plan
+
+    try:  # the history (DATA_DIR/raw/ or DATA_DIR itself) and the months, checked before a flow starts
+        replay_plan = plan(config.data_dir, from_month, to_month, work_dir)
+    except (ValueError, NestcastError) as error:
+        _fail(_one_line(error))
+    _check_directory(replay_plan.workspace, "replay data directory")
+    parameters = {name: _plain(value) for name, value in parameters.items()}
+    parameters["data_dir"] = str(config.data_dir.resolve())
+
+    console.quiet_console(verbose)  # before the flow's imports pull in TensorFlow
+    from flows.replay import replay as replay_flow
+
+    try:
+        with cli_run(verbose):
+            summary = replay_flow(**parameters, from_month=from_month, to_month=to_month,
+                                  workspace=None if work_dir is None else str(work_dir.resolve()),
+                                  overrides=overrides)  # fmt: skip
+    except NestcastError as error:
+        _fail(_one_line(error), code=1)
+    typer.echo("")
+    typer.echo(summary["markdown"])
+    typer.echo(f"replay data directory: {summary['workspace']}")
+    typer.echo(f"accountability records: {summary['records']}")
+
+
 def _one_line(error: BaseException) -> str:
     if isinstance(error, ValidationError):
         parts = []

@@ -17,6 +17,8 @@ from core.config import RUN_KNOBS, NestcastConfig
 from core.protocol import forecast_run_dir
 from flows.aggregate_months import aggregate_months
 from flows.parameters import OVERRIDES, OVERRIDES_HELP, with_knobs
+from tasks.accountability import publish_history, score_forecasts
+from tasks.champion import challenge_champion
 from tasks.common import flow_run_url, name_flow_run, step_options
 from tasks.evaluate import evaluate_model
 from tasks.export import export_forecast
@@ -39,7 +41,8 @@ def build_config(**parameters: Any) -> NestcastConfig:
 @flow(name="sales-forecast", flow_run_name="forecast-{kind}", log_prints=True, validate_parameters=True)
 @with_knobs(tuple(RUN_KNOBS), defaults=DEFAULTS, extra=[OVERRIDES], extra_help=OVERRIDES_HELP)
 def sales_forecast(*, overrides: dict[str, Any] | None = None, **knobs: Any) -> dict[str, Any]:
-    """Forecast next month's sales for every test.csv pair and export a checked submission.
+    """Forecast next month's sales for every test.csv pair and export a checked submission; score the earlier
+    forecasts whose month this run's data brought (accountability) and show their history.
 
     Protocol (README "Training protocol"): the epoch count, the reference's rounds, the blend weight and the
     gate are chosen on the validation month M-2; the reported score is the holdout month M-1, seen by none of
@@ -52,6 +55,7 @@ def sales_forecast(*, overrides: dict[str, Any] | None = None, **knobs: Any) -> 
 
     ingested = ingest_raw_files.with_options(**options)(config)
     monthly = aggregate_months(config, ingested)
+    scored = score_forecasts.with_options(**options)(config, monthly)
     forecast_month = max(monthly["months"]) + 1
     name_flow_run(f"forecast-{display.month_label(forecast_month, first_month)}-{config.model.kind}")
     windows = build_windows.with_options(**options)(config, monthly, purpose="evaluation")
@@ -63,7 +67,9 @@ def sales_forecast(*, overrides: dict[str, Any] | None = None, **knobs: Any) -> 
     evaluation = evaluate_model.with_options(**options)(
         config, windows, final_windows, selection, run_dir, [holdout_fit, final_fit]
     )
+    evaluation = challenge_champion.with_options(**options)(config, windows, final_windows, run_dir, evaluation)
     exported = export_forecast.with_options(**options)(config, final_windows, run_dir, evaluation)
+    history = publish_history.with_options(**options)(config, run_dir, scored, exported)
 
     summary = {
         "data_dir": str(config.data_dir),
@@ -86,6 +92,8 @@ def sales_forecast(*, overrides: dict[str, Any] | None = None, **knobs: Any) -> 
         "exported_rmse": evaluation["exported_rmse"],
         "submission": exported["submission"],
         "report": evaluation["report"],
+        "accountability": history["records"],
+        "accountability_months": scored["months"],
         "flow_run_url": flow_run_url(),
     }
     get_run_logger().info(display.forecast_summary_lines(summary, first_month)[0])

@@ -68,3 +68,14 @@ def test_run_rejects_bad_options_before_running(tmp_path):
     assert bad_set.exit_code == 2 and "unknown field 'no_such_field'" in bad_set.output
     zero_epochs = runner.invoke(app, ["run", "--data-dir", str(tmp_path), "--epochs", "0"])
     assert zero_epochs.exit_code == 2
+
+
+def test_replay_checks_its_months_against_the_history_before_any_flow_starts(tmp_path):
+    from core.synthetic import write_competition_files
+
+    write_competition_files(tmp_path / "raw", scale="tiny", seed=0)  # months 0..15
+    result = runner.invoke(app, ["replay", "--data-dir", str(tmp_path), "--from-month", "12", "--to-month", "16"])
+    assert result.exit_code == 2 and "to_month=16" in result.output and "<= 15" in result.output
+    assert not (tmp_path / "replay-12-16").exists()
+    help_text = runner.invoke(app, ["replay", "--help"]).output
+    assert "--from-month" in help_text and "--to-month" in help_text and "--epochs" in help_text

@@ -22,6 +22,7 @@ from core.errors import ModelIntegrityError
 from core.ingest import RemovedFile, ingest, read_manifest, read_sales
 from core.ingest.commit import JOURNAL
 from core.lake import LakePaths, file_sha256, read_json, write_json_atomic
+from core.windows import UNIVERSE_ID_STRIDE
 from flows.aggregate_months import aggregate_months
 from tasks.ingest import ingest_raw_files
 
@@ -267,7 +268,8 @@ def test_a_replaced_model_is_retrained_and_a_removed_test_csv_exports_the_last_m
     assert runs["select"].state.name == runs["refit-final"].state.name == runs["ingest"].state.name == "Cached"
     assert artifact_problems(run_dir / "holdout") == [] and model.stat().st_size > 1000
 
-    # test.csv removed: lake/reference/test.parquet goes with it; the forecast is the last month's grid.
+    # test.csv removed: lake/reference/test.parquet goes with it; the forecast is the universe (the last month's
+    # grid and the last three months' sellers), each row's ID its pair's stable ID.
     paths = LakePaths(data_dir)
     (paths.raw / "test.csv").unlink()
     third = run_flow(data_dir)
@@ -276,9 +278,12 @@ def test_a_replaced_model_is_retrained_and_a_removed_test_csv_exports_the_last_m
     summary = third.result()
     submission = pd.read_csv(summary["submission"])
     last = read_monthly(paths, [summary["months"][-1]])
-    assert list(submission["ID"]) == list(range(len(submission)))
-    # The grid: every shop with sales in the last month x every item sold that month.
-    assert len(submission) == last["shop_id"].nunique() * last["item_id"].nunique()
+    pairs = pd.read_parquet(paths.submission_pairs(Path(summary["submission"]).stem))
+    stable = pairs["shop_id"].astype("int64") * UNIVERSE_ID_STRIDE + pairs["item_id"]
+    assert list(submission["ID"]) == list(pairs["ID"]) == list(stable)
+    # The grid within it: every shop with sales in the last month x every item sold that month.
+    grid = pd.MultiIndex.from_product([last["shop_id"].unique(), last["item_id"].unique()])
+    assert grid.isin(pd.MultiIndex.from_frame(pairs[["shop_id", "item_id"]])).all()
     sidecar = json.loads(Path(summary["submission"]).with_suffix(".json").read_text())
     assert sidecar["submission"]["rows"] == len(submission)
 

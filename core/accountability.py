@@ -1,0 +1,301 @@
+"""Step 7: forecast accountability -- each exported forecast scored once its month's actuals are in the lake.
+
+A run that ingests the sales of a month an earlier run forecast (a new ``raw/sales_*.csv`` drop or a replaced
+``sales_train.csv``) scores that month's submission exactly as the competition would: on the submission's own
+(shop, item) pairs, against the month's sales summed per pair and clipped to [0, 20], zero where nothing sold.
+Beside it: the previous-period forecast that was available then (each pair's clipped sales of the month before)
+and the run's raw model forecast. One record per forecast month in ``lake/accountability/records.parquet``.
+
+Idempotent: a record is only recomputed when what it was scored from changed (the submission, its pairs, the
+month's or the previous month's monthly partition), so a rerun on the same lake rewrites nothing and keeps
+``scored_at``. A forecast whose pairs cannot be resolved any more is kept as an ``unresolved`` record with the
+reason, never dropped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+
+from core.config import NestcastConfig
+from core.lake import (
+    FORECAST_FILE,
+    REPORT_FILE,
+    LakePaths,
+    file_sha256,
+    forecast_month_label,
+    read_json,
+    write_bytes_atomic,
+    write_parquet_atomic,
+)
+
+#: The record's columns, in order; ``status`` is ``scored`` or ``unresolved`` (then ``note`` says why).
+RECORD_SCHEMA = pa.schema([
+    ("forecast_month", pa.int16()),
+    ("month_label", pa.string()),
+    ("exported", pa.string()),
+    ("status", pa.string()),
+    ("rmse_exported", pa.float64()),
+    ("rmse_previous_period", pa.float64()),
+    ("rmse_model", pa.float64()),
+    ("n_pairs", pa.int64()),
+    ("n_pairs_sold", pa.int64()),
+    ("run_dir", pa.string()),
+    ("submission", pa.string()),
+    ("scored_at", pa.string()),
+    ("inputs_sha256", pa.string()),
+    ("note", pa.string()),
+])
+HISTORY_PLOT = "accountability.png"
+#: report.md's history section sits between ``<!-- accountability:begin/end -->``, replaced in place on a rerun.
+SECTION_KEY = "accountability"
+SECTION_BEGIN = f"<!-- {SECTION_KEY}:begin -->"
+
+
+@dataclass(frozen=True)
+class Forecast:
+    """One exported submission, as its JSON sidecar describes it."""
+
+    month: int
+    label: str
+    csv: Path
+    sidecar: dict[str, Any]
+
+
+# --- reading the lake --------------------------------------------------------------------------------
+def read_records(paths: LakePaths) -> pd.DataFrame:
+    """Every accountability record, by forecast month (an empty frame with the columns when there is none)."""
+    if not paths.accountability_records.exists():
+        return RECORD_SCHEMA.empty_table().to_pandas()
+    return pd.read_parquet(paths.accountability_records).sort_values("forecast_month").reset_index(drop=True)
+
+
+def exported_forecasts(paths: LakePaths) -> list[Forecast]:
+    """Every submission with its sidecar, by forecast month (a CSV without one was not written by export)."""
+    found = []
+    for csv in sorted(paths.submissions.glob("*.csv")):
+        sidecar = read_json(csv.with_suffix(".json"))
+        if isinstance(sidecar, dict) and "forecast_month" in sidecar:
+            found.append(Forecast(int(sidecar["forecast_month"]), csv.stem, csv, sidecar))
+    return sorted(found, key=lambda forecast: forecast.month)
+
+
+def _clipped_month(paths: LakePaths, month: int, clip: tuple[float, float]) -> pd.DataFrame:
+    """``shop_id, item_id, value``: month's monthly counts clipped to ``clip`` (empty if the month is missing)."""
+    path = paths.monthly_file(month)
+    if not path.exists():
+        return pd.DataFrame({"shop_id": [], "item_id": [], "value": []})
+    frame = pd.read_parquet(path, columns=["shop_id", "item_id", "item_cnt_month"])
+    return pd.DataFrame({"shop_id": frame["shop_id"], "item_id": frame["item_id"],
+                         "value": np.clip(frame["item_cnt_month"].to_numpy(np.float64), *clip)})  # fmt: skip
+
+
+def _on_pairs(pairs: pd.DataFrame, values: pd.DataFrame) -> np.ndarray:
+    """``values`` looked up for each of ``pairs``' rows; 0 where the pair has no row (nothing sold)."""
+    joined = pairs[["shop_id", "item_id"]].merge(values, on=["shop_id", "item_id"], how="left", validate="m:1")
+    return joined["value"].fillna(0.0).to_numpy(np.float64)
+
+
+def _rmse(predicted: np.ndarray, actual: np.ndarray) -> float:
+    return float(np.sqrt(np.mean((predicted - actual) ** 2))) if actual.size else math.nan
+
+
+# --- resolving a forecast's pairs --------------------------------------------------------------------
+def resolve_pairs(paths: LakePaths, forecast: Forecast, ids: pd.Series) -> tuple[pd.DataFrame | None, str]:
+    """``ID, shop_id, item_id`` of each submission row, and where they came from (or why they cannot be had).
+
+    The pairs file export keeps beside the submission says it; an older submission without one falls back on
+    ``test.csv`` as it is now, only if that holds exactly the submission's IDs.
+    """
+    kept = paths.submission_pairs(forecast.label)
+    if kept.exists():
+        source, pairs = kept, pd.read_parquet(kept, columns=["ID", "shop_id", "item_id"])
+    elif paths.reference_table("test").exists():
+        source = paths.reference_table("test")
+        pairs = pd.read_parquet(source, columns=["ID", "shop_id", "item_id"])
+    else:
+        return None, f"no {kept.name} beside the submission and no test.csv to resolve its IDs"
+    missing = pd.Index(ids).difference(pd.Index(pairs["ID"]))
+    if len(missing) or len(pairs) != len(ids):
+        return None, (f"{source.name} does not hold the submission's {len(ids):,} IDs "
+                      f"({len(missing):,} missing, {len(pairs):,} rows)")  # fmt: skip
+    return pairs, str(source)
+
+
+def _inputs_sha256(paths: LakePaths, forecast: Forecast, pairs_source: str) -> str:
+    """What a record is scored from: the submission, its pairs, the month's and the previous month's actuals."""
+    digest = hashlib.sha256(file_sha256(forecast.csv).encode())
+    for path in (Path(pairs_source), paths.monthly_file(forecast.month), paths.monthly_file(forecast.month - 1)):
+        digest.update(file_sha256(path).encode() if path.is_file() else b"missing")
+    return digest.hexdigest()
+
+
+# --- scoring -----------------------------------------------------------------------------------------
+def _model_forecast(run_dir: str, ids: np.ndarray) -> np.ndarray | None:
+    """The run's model column on the submission's IDs, clipped -- or None when the run directory is gone."""
+    path = Path(run_dir) / FORECAST_FILE
+    if not path.exists():
+        return None
+    frame = pd.read_parquet(path)
+    if "model" not in frame.columns:
+        return None
+    by_id = frame.set_index("ID")["model"].reindex(ids)
+    return None if by_id.isna().any() else by_id.to_numpy(np.float64)
+
+
+def score_forecast(
+    paths: LakePaths, forecast: Forecast, pairs: pd.DataFrame, clip: tuple[float, float]
+) -> dict[str, Any]:
+    """RMSEs of the exported, previous-period and model forecasts of one month on the submission's pairs."""
+    submission = pd.read_csv(forecast.csv)
+    frame = pairs.merge(submission, on="ID", how="inner", validate="1:1").sort_values("ID")
+    actual = _on_pairs(frame, _clipped_month(paths, forecast.month, clip))
+    previous = _on_pairs(frame, _clipped_month(paths, forecast.month - 1, clip))
+    model = _model_forecast(str(forecast.sidecar.get("run_dir", "")), frame["ID"].to_numpy())
+    return {
+        "rmse_exported": _rmse(frame["item_cnt_month"].to_numpy(np.float64), actual),
+        "rmse_previous_period": _rmse(previous, actual),
+        "rmse_model": math.nan if model is None else _rmse(np.clip(model, *clip), actual),
+        "n_pairs": len(frame),
+        "n_pairs_sold": int((actual > 0).sum()),
+        "note": "" if model is not None else "run directory gone: no model forecast to score",
+    }
+
+
+def _record(paths: LakePaths, forecast: Forecast, clip: tuple[float, float], known: Mapping[str, Any] | None
+            ) -> dict[str, Any]:  # fmt: skip
+    """The month's record: the one already kept if its inputs are unchanged, else scored (or unresolved) now."""
+    ids = pd.read_csv(forecast.csv, usecols=["ID"])["ID"]
+    pairs, source = resolve_pairs(paths, forecast, ids)
+    inputs = _inputs_sha256(paths, forecast, source if pairs is not None else "")
+    if known is not None and known["inputs_sha256"] == inputs:
+        return dict(known)
+    base = {
+        "forecast_month": forecast.month, "month_label": forecast.label,
+        "exported": str(forecast.sidecar.get("exported", "")), "run_dir": str(forecast.sidecar.get("run_dir", "")),
+        "submission": str(forecast.csv), "scored_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "inputs_sha256": inputs,
+    }  # fmt: skip
+    if pairs is None:
+        return base | {"status": "unresolved", "rmse_exported": math.nan, "rmse_previous_period": math.nan,
+                       "rmse_model": math.nan, "n_pairs": len(ids), "n_pairs_sold": 0, "note": source}  # fmt: skip
+    return base | {"status": "scored"} | score_forecast(paths, forecast, pairs, clip)
+
+
+@dataclass(frozen=True)
+class AccountabilitySummary:
+    """What the step found: every record, the months it (re)scored now, and those it could not resolve."""
+
+    records: str
+    months: list[int]
+    scored_now: list[int]
+    unresolved: list[int]
+    written: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(vars(self))
+
+
+def update_accountability(config: NestcastConfig) -> AccountabilitySummary:
+    """Score every exported forecast whose month is now in the lake, and keep one record per month.
+
+    A forecast's month is "in the lake" once ``lake/monthly`` has its partition (the forecast months of the
+    submissions after the lake's last month are still open). The file is only rewritten when a record changed.
+    """
+    paths = LakePaths.of(config)
+    in_lake = set(paths.monthly_months())
+    existing = read_records(paths)
+    known = {int(row["forecast_month"]): row for row in existing.to_dict("records")}
+    due = [forecast for forecast in exported_forecasts(paths) if forecast.month in in_lake]
+    records = [_record(paths, forecast, config.windows.clip, known.get(forecast.month)) for forecast in due]
+    # Records of months whose submission is gone stay: the history is not rewritten by a cleanup.
+    kept = [row for month, row in known.items() if month not in {forecast.month for forecast in due}]
+    fresh = [int(r["forecast_month"]) for r in records
+             if (known.get(int(r["forecast_month"])) or {}).get("inputs_sha256") != r["inputs_sha256"]]  # fmt: skip
+    frame = pd.DataFrame(kept + records, columns=RECORD_SCHEMA.names).sort_values("forecast_month")
+    frame = frame.reset_index(drop=True)
+    changed = bool(fresh) or len(frame) != len(existing)
+    if changed:
+        write_parquet_atomic(paths.accountability_records,
+                             pa.Table.from_pandas(frame, schema=RECORD_SCHEMA, preserve_index=False))  # fmt: skip
+    return AccountabilitySummary(
+        records=str(paths.accountability_records),
+        months=[int(m) for m in frame["forecast_month"]],
+        scored_now=fresh,
+        unresolved=[int(m) for m in frame.loc[frame["status"] == "unresolved", "forecast_month"]],
+        written=changed,
+    )
+
+
+# --- the history: table, plot, report section --------------------------------------------------------
+def history_rows(records: pd.DataFrame) -> list[dict[str, Any]]:
+    """The history as display rows: month, what was exported, the three RMSEs and exported / previous period."""
+    ratio = records["rmse_exported"] / records["rmse_previous_period"]
+    table = pd.DataFrame({
+        "month": records["month_label"], "exported": records["exported"], "status": records["status"],
+        "RMSE exported": records["rmse_exported"].round(4), "RMSE previous period":
+        records["rmse_previous_period"].round(4), "RMSE model": records["rmse_model"].round(4),
+        "exported / previous": ratio.round(3), "pairs": records["n_pairs"], "note": records["note"],
+    })  # fmt: skip
+    # None, not NaN, where nothing was scored: the UI's table and JSON show an empty cell.
+    return table.astype(object).where(table.notna(), None).to_dict("records")
+
+
+def plot_history(records: pd.DataFrame, first_month: str) -> bytes:
+    """RMSE per forecast month: the exported forecast against the previous period (and the raw model)."""
+    from core.evaluate import _COLOURS, _figure, _month_ticks, _png  # the report's plot style
+
+    fig = _figure(figsize=(9, 4))
+    ax = fig.add_subplot()
+    scored = records[records["status"] == "scored"]
+    months = scored["forecast_month"].to_numpy(np.int64)
+    for column, label, colour in (("rmse_exported", "exported", _COLOURS["ensemble"]),
+                                  ("rmse_previous_period", "previous period", _COLOURS["baseline"]),
+                                  ("rmse_model", "model", _COLOURS["model"])):  # fmt: skip
+        ax.plot(months, scored[column].to_numpy(np.float64), marker="o", label=label, color=colour)
+    if len(months):
+        _month_ticks(ax, months, first_month)
+        ax.legend(loc="best")
+    else:
+        ax.text(0.5, 0.5, "no forecast month has actuals yet", ha="center", va="center", transform=ax.transAxes)
+    ax.set_ylabel("RMSE (clipped to [0, 20])")
+    ax.set_title("Exported forecasts, scored once their month arrived")
+    fig.tight_layout()
+    return _png(fig)
+
+
+def history_markdown(records: pd.DataFrame, plot_name: str) -> str:
+    """The history section (a markdown table and the plot, linked relatively as report.md's other plots)."""
+    rows = history_rows(records)
+    lines = ["## Accountability: exported forecasts against their months' actuals", ""]
+    if not rows:
+        lines.append("No exported forecast has its month's actuals in the lake yet.")
+    else:
+        header = list(rows[0])
+        lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        lines += ["| " + " | ".join("" if row[k] is None else str(row[k]) for k in header) + " |" for row in rows]
+    return "\n".join([*lines, "", f"![accountability history]({plot_name})", ""])
+
+
+def write_history(config: NestcastConfig, run_dir: str | Path) -> dict[str, Any]:
+    """The history plot into ``run_dir`` and its section into ``run_dir/report.md`` (replacing an older one)."""
+    from core.evaluate import replace_report_section
+
+    paths = LakePaths.of(config)
+    records = read_records(paths)
+    run_dir = Path(run_dir)
+    plot = write_bytes_atomic(run_dir / HISTORY_PLOT, plot_history(records, config.ingest.first_month))
+    section = history_markdown(records, HISTORY_PLOT)
+    report = replace_report_section(run_dir / REPORT_FILE, SECTION_KEY, section)
+    return {"records": str(paths.accountability_records), "rows": history_rows(records), "plot": str(plot),
+            "report": str(report), "markdown": section,
+            "months": [forecast_month_label(int(m), config.ingest.first_month) for m in records["forecast_month"]]}

@@ -1,0 +1,59 @@
+"""Step 7 as Prefect tasks: score the exported forecasts whose month arrived, and show the history in the UI."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from prefect import get_run_logger
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+from core import accountability as accountability_step
+from core.config import NestcastConfig
+from tasks.common import nestcast_task
+from tasks.evaluate import inline_images
+
+
+# Not cached: the step is cheap (a few Parquet reads per forecast month) and idempotent on its own -- it only
+# rewrites a record whose inputs changed -- and a cache key would have to hash every submission and partition.
+@nestcast_task("score-forecasts", tags=["io"])
+def score_forecasts(config: NestcastConfig, monthly: dict[str, Any]) -> dict[str, Any]:
+    """Score every exported forecast whose month's actuals the lake now holds (``lake/accountability/``).
+
+    ``monthly`` (the aggregation's result) only ties this step to it: the actuals must be aggregated first.
+    """
+    summary = accountability_step.update_accountability(config)
+    logger = get_run_logger()
+    if summary.scored_now:
+        logger.info("accountability: scored the forecasts of month(s) %s", summary.scored_now)
+    if summary.unresolved:
+        logger.warning("accountability: the forecasts of month(s) %s cannot be scored: their pairs no longer "
+                       "resolve (lake/accountability/records.parquet, column note)", summary.unresolved)  # fmt: skip
+    return summary.to_dict()
+
+
+def _publish(result: Mapping[str, Any], parameters: Mapping[str, Any]) -> None:
+    """The history as a table artifact and as a markdown artifact with its plot inline (a data: URI)."""
+    create_table_artifact(
+        key="accountability",
+        table=list(result["rows"]) or [{"month": None, "note": "no forecast month has actuals yet"}],
+        description="Every exported forecast, scored once its month's actuals arrived: RMSE of the exported "
+        "forecast, of the previous period (each pair's sales the month before) and of the raw model",
+    )
+    plot = Path(result["plot"])
+    create_markdown_artifact(
+        key="accountability-history",
+        markdown=inline_images(result["markdown"], plot.parent) + f"\n`{Path(result['records']).resolve()}`\n",
+        description="Accuracy over the months: exported vs previous period",
+    )
+
+
+@nestcast_task("publish-history", tags=["io"], publish=_publish)
+def publish_history(config: NestcastConfig, run_dir: str, scored: dict[str, Any], exported: dict[str, Any]
+                    ) -> dict[str, Any]:  # fmt: skip
+    """The accountability plot and its section in the run's report.md; the artifacts come from ``_publish``.
+
+    ``scored`` and ``exported`` tie the step to the scoring and to the export (report.md must exist).
+    """
+    return accountability_step.write_history(config, run_dir)

@@ -1,0 +1,150 @@
+"""Accountability on tiny data under a real Prefect backend: a run forecasts month 15, the drop of month 15
+arrives, the next run scores that forecast; a rerun adds nothing. One module-scoped scenario, several checks."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from core import accountability, champion
+from core.config import DEFAULT_SHOP_MERGE_MAP, NestcastConfig
+from core.lake import LakePaths
+from flows.sales_forecast import sales_forecast
+from tests.conftest import write_tiny_data
+from tests.test_flow import artifacts_of, table
+
+pytestmark = pytest.mark.usefixtures("harness")
+
+#: The smallest run that still trains every stage: one epoch of a 4-unit NLSTM, no LightGBM.
+CHEAP_RUN: dict[str, Any] = {
+    "epochs": 1, "units": 4, "depth": 1, "lookback": 3, "batch_size": 512,
+    "overrides": {"head_units": 0, "max_train_samples": 1000, "retry_delay_seconds": 0, "jit_compile": "off",
+                  "max_rounds": 10, "reference_enabled": False},
+}  # fmt: skip
+DROP_MONTH = 15
+DROP = "sales_2014-04.csv"  # date_block_num 15
+
+
+def split_off_month(raw: Path, month: int) -> pd.DataFrame:
+    """Move ``month``'s rows out of sales_train.csv (kept aside, returned) as the history before its drop."""
+    sales = pd.read_csv(raw / "sales_train.csv")
+    sales[sales["date_block_num"] < month].to_csv(raw / "sales_train.csv", index=False)
+    return sales[sales["date_block_num"] == month]
+
+
+def reference_rmse(drop_rows: pd.DataFrame, submission: pd.DataFrame, test: pd.DataFrame,
+                   predicted: pd.Series | None = None) -> float:  # fmt: skip
+    """The competition's score, from the raw CSV rows alone: the ingest's price rule (rows priced at or above
+    ``max_item_price`` are quarantined) and shop merges applied, summed per pair, clipped to [0, 20], zero for
+    every test pair without a sale."""
+    rows = drop_rows[drop_rows["item_price"] < NestcastConfig().ingest.max_item_price]
+    rows = rows.assign(shop_id=rows["shop_id"].replace(DEFAULT_SHOP_MERGE_MAP))
+    actual = rows.groupby(["shop_id", "item_id"])["item_cnt_day"].sum().clip(0, 20).rename("actual")
+    scored = test.merge(submission, on="ID").join(actual, on=["shop_id", "item_id"])
+    values = scored["item_cnt_month"] if predicted is None else predicted.reindex(scored["ID"]).to_numpy()
+    return float(np.sqrt(np.mean((values - scored["actual"].fillna(0.0)) ** 2)))
+
+
+@pytest.fixture(scope="module")
+def cycle(tmp_path_factory) -> dict[str, Any]:
+    root = write_tiny_data(tmp_path_factory.mktemp("cycle"), seed=5)
+    raw = root / "raw"
+    drop_rows = split_off_month(raw, DROP_MONTH)
+    first = sales_forecast(data_dir=str(root), **CHEAP_RUN)
+    before_drop = LakePaths(root).accountability_records.exists()
+    drop_rows.to_csv(raw / DROP, index=False)
+    second = sales_forecast(data_dir=str(root), **CHEAP_RUN, return_state=True)
+    records_path = LakePaths(root).accountability_records
+    after_second = (records_path.read_bytes(), records_path.stat().st_mtime_ns)
+    index_after_second = champion.read_index(LakePaths(root))
+    # A third run on the same lake: a challenger that cannot learn (learning rate near zero, exported anyway).
+    third = sales_forecast(data_dir=str(root), **{**CHEAP_RUN, "learning_rate": 1e-9, "fallback": "model"},
+                           return_state=True)  # fmt: skip
+    return {"root": root, "drop_rows": drop_rows, "first": first, "second": second, "third": third.result(),
+            "third_state": third, "before_drop": before_drop, "after_second": after_second,
+            "index_after_second": index_after_second}  # fmt: skip
+
+
+def test_a_forecast_is_scored_once_the_drop_of_its_month_arrives_exactly_as_the_competition_would(cycle):
+    root, first = cycle["root"], cycle["first"]
+    assert first["forecast_month"] == DROP_MONTH and not cycle["before_drop"], "nothing to score before the drop"
+    records = accountability.read_records(LakePaths(root))
+    assert len(records) == 1
+    record = records.iloc[0]
+    submission = pd.read_csv(first["submission"])
+    test = pd.read_csv(root / "raw" / "test.csv")
+    assert record["forecast_month"] == DROP_MONTH and record["status"] == "scored"
+    assert record["exported"] == first["exported"] and record["run_dir"] == first["run_dir"]
+    assert record["n_pairs"] == len(test)
+    assert record["rmse_exported"] == pytest.approx(reference_rmse(cycle["drop_rows"], submission, test), abs=1e-6)
+    # The previous-period forecast available then: each pair's month-14 sales, from sales_train.csv's rows.
+    sales = pd.read_csv(root / "raw" / "sales_train.csv")
+    previous = sales[sales["date_block_num"] == DROP_MONTH - 1]
+    prev_rows = previous[previous["item_price"] < NestcastConfig().ingest.max_item_price]
+    prev_rows = prev_rows.assign(shop_id=prev_rows["shop_id"].replace(DEFAULT_SHOP_MERGE_MAP))
+    prev = prev_rows.groupby(["shop_id", "item_id"])["item_cnt_day"].sum().clip(0, 20)
+    prev_forecast = test.join(prev.rename("p"), on=["shop_id", "item_id"]).set_index("ID")["p"].fillna(0.0)
+    assert record["rmse_previous_period"] == pytest.approx(
+        reference_rmse(cycle["drop_rows"], submission, test, prev_forecast), abs=1e-6)
+    model = pd.read_parquet(Path(first["run_dir"]) / "forecast.parquet").set_index("ID")["model"].clip(0, 20)
+    assert record["rmse_model"] == pytest.approx(
+        reference_rmse(cycle["drop_rows"], submission, test, model.astype(np.float64)), abs=1e-5)
+
+
+def test_a_run_on_the_same_lake_adds_no_record_and_rewrites_nothing(cycle):
+    path = LakePaths(cycle["root"]).accountability_records
+    assert (path.read_bytes(), path.stat().st_mtime_ns) == cycle["after_second"]
+    assert cycle["third"]["accountability_months"] == [DROP_MONTH]
+
+
+def test_every_run_shows_the_history_as_a_table_a_plot_inline_and_a_report_section(cycle):
+    state = cycle["second"]
+    artifacts = artifacts_of(state.state_details.flow_run_id)
+    rows = table(artifacts["accountability"])
+    assert [row["month"] for row in rows] == ["2014-04"]
+    record = accountability.read_records(LakePaths(cycle["root"])).iloc[0]
+    assert rows[0]["RMSE exported"] == round(record["rmse_exported"], 4)
+    history = artifacts["accountability-history"].data
+    assert "](data:image/png;base64,iVBORw0KGgo" in history and "file://" not in history
+    report = Path(state.result()["report"]).read_text()
+    assert report.count(accountability.SECTION_BEGIN) == 1 and "| 2014-04 |" in report
+    assert (Path(state.result()["run_dir"]) / accountability.HISTORY_PLOT).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_forecast_whose_pairs_no_longer_resolve_is_reported_not_skipped(cycle, tmp_path):
+    copy = tmp_path / "lake-copy"
+    shutil.copytree(cycle["root"], copy, ignore=shutil.ignore_patterns("runs"))
+    paths = LakePaths(copy)
+    for sidecar in paths.submissions.glob("*.json"):  # the copy's submissions point at the copy
+        meta = json.loads(sidecar.read_text())
+        sidecar.write_text(json.dumps(meta | {"run_dir": str(copy / "runs" / "gone")}))
+    paths.submission_pairs("2014-04").unlink()
+    paths.reference_table("test").unlink()
+    summary = accountability.update_accountability(NestcastConfig(data_dir=copy))
+    assert summary.unresolved == [DROP_MONTH] and summary.months == [DROP_MONTH]
+    record = accountability.read_records(paths).iloc[0]
+    assert record["status"] == "unresolved" and "test.csv" in record["note"] and np.isnan(record["rmse_exported"])
+
+
+def test_the_champion_is_kept_and_its_forecast_exported_when_the_challenger_is_worse(cycle):
+    third, index = cycle["third"], cycle["index_after_second"]
+    assert index["champion"]["run_dir"] in (cycle["first"]["run_dir"], cycle["second"].result()["run_dir"])
+    assert third["run_dir"] != index["champion"]["run_dir"], "the near-zero learning rate trains another run"
+    assert third["exported"] == "champion"
+    assert champion.read_index(LakePaths(cycle["root"]))["champion"] == index["champion"], "the champion stays"
+    sidecar = json.loads(Path(third["submission"]).with_suffix(".json").read_text())
+    assert sidecar["exported"] == "champion" and "worse than the champion" in sidecar["reason"]
+    forecast = pd.read_parquet(Path(third["run_dir"]) / "forecast.parquet")
+    submission = pd.read_csv(third["submission"])
+    expected = forecast.set_index("ID")["champion"].clip(0, 20).reindex(submission["ID"]).to_numpy()
+    assert np.allclose(submission["item_cnt_month"], expected, atol=1e-6)
+    assert not np.allclose(submission["item_cnt_month"], forecast.set_index("ID")["model"].reindex(submission["ID"]))
+    assert "## Champion and challenger" in Path(third["report"]).read_text()
+    artifacts = artifacts_of(cycle["third_state"].state_details.flow_run_id)
+    assert "worse than the champion" in artifacts["champion"].data
