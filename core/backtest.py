@@ -12,6 +12,7 @@ holdout score is this backtest at origin ``M - 1``.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -20,7 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from core.config import NestcastConfig
+from core.config import FLAT_FIELDS, NestcastConfig
 from core.evaluate import OPTIONAL_PREDICTORS, PREDICTORS, evaluate
 from core.lake import LakePaths, write_json_atomic, write_text_atomic
 from core.windows import WindowStore, build_windows
@@ -33,6 +34,14 @@ PREDICTOR_COLUMNS: dict[str, str] = {"model": "model", "ensemble": "ensemble", "
                                      "baseline": "previous", "mean3": "mean3", "zeros": "zeros"}  # fmt: skip
 
 EpochCallback = Callable[[int, dict[str, float]], None]
+#: ``start_origin(origin, root)`` starts one origin's work and returns what waits for its result: a submitted
+#: task's future's result, or (the default) the work itself, run when asked for.
+StartOrigin = Callable[[int, Path], Callable[[], "OriginResult"]]
+#: Flat config fields that say where and how the work runs, not what it computes: left out of run ids, so the
+#: same backtest on threads or on a Dask cluster finds (and resumes) the same run directory.
+PLACEMENT_FIELDS: frozenset[str] = frozenset(
+    {"data_dir"} | {name for name, path in FLAT_FIELDS.items() if path[0] == "orchestration"}
+)
 
 
 @dataclass
@@ -242,13 +251,16 @@ def backtest(
     *,
     prepare: bool = True,
     on_origin: Callable[[OriginResult], None] | None = None,
-    run_origin: Callable[[int, Path], OriginResult] | None = None,
+    start_origin: StartOrigin | None = None,
     finish: Callable[[BacktestResult, Path], Any] | None = None,
 ) -> BacktestResult:
     """Backtest the configured pipeline at each origin month; writes ``backtest.md`` and ``backtest.json``.
 
-    The one backtest loop: the Prefect flow runs it too, handing in ``run_origin`` (default
-    :func:`backtest_origin`) and ``finish`` (default :func:`write_backtest_files`) as its tasks.
+    The one backtest loop: the Prefect flow runs it too, handing in ``start_origin`` (default: run
+    :func:`backtest_origin` when its result is asked for) and ``finish`` (default :func:`write_backtest_files`)
+    as its tasks. Every origin is started before any result is awaited, so a ``start_origin`` that submits
+    to a task runner runs the origins concurrently; results are collected in origin order, so the result
+    and the report do not depend on which origin finished first.
     ``run_dir`` defaults to ``runs/backtest-<hash of config and origins>`` (so a rerun of the same
     backtest resumes its checkpoints); each origin trains in ``run_dir/origin-<m>-<hash>``. With ``prepare``
     the raw files are ingested and aggregated first (a no-op when the lake is current).
@@ -257,10 +269,11 @@ def backtest(
         prepare_lake(config)
     months = parse_origins(list(origins))
     root = Path(run_dir) if run_dir is not None else default_run_dir(config, months)
-    run_origin = run_origin or (lambda origin, root: backtest_origin(config, origin, root))
+    start = start_origin or (lambda origin, root: functools.partial(backtest_origin, config, origin, root))
+    pending = [start(origin, root) for origin in months]
     result = BacktestResult(config=config.flat())
-    for origin in months:
-        outcome = run_origin(origin, root)
+    for wait in pending:
+        outcome = wait()
         result.origins.append(outcome)
         if on_origin is not None:
             on_origin(outcome)
@@ -276,8 +289,8 @@ def write_backtest_files(result: BacktestResult, root: str | Path) -> Path:
 
 
 def backtest_id(config: NestcastConfig, origins: Sequence[int]) -> str:
-    """A short id that changes with the configuration (less the data dir) and the origins."""
-    flat = {k: v for k, v in config.flat().items() if k != "data_dir"}
+    """A short id that changes with the configuration (less :data:`PLACEMENT_FIELDS`) and the origins."""
+    flat = {k: v for k, v in config.flat().items() if k not in PLACEMENT_FIELDS}
     text = json.dumps({"config": flat, "origins": list(origins)}, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:10]
 

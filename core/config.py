@@ -300,13 +300,13 @@ RUN_KNOBS: dict[str, str] = {
     "seed": "Seed for weights, shuffling and dropout.",
     "device": "auto (every visible GPU, else CPU), cpu or gpu.",
     "fallback": "If the model loses to last month's sales: export 'baseline' or 'model'.",
-    "task_runner": "Per-month fan-out on threads or on Dask.",
+    "task_runner": "Parallel work (months, backtest origins, search trials) on threads or on Dask worker processes.",
     "dask_address": "Existing Dask scheduler (default: local cluster).",
     "submission_path": "Also write the submission CSV to this path.",
 }
-#: The knobs of a backtest (and of ``nestcast backtest``): the model and data ones, no export or fan-out.
+#: The knobs of a backtest (and of ``nestcast backtest``): the model, data and task-runner ones, no export.
 BACKTEST_KNOBS: tuple[str, ...] = tuple(name for name in RUN_KNOBS if name not in (
-    "fallback", "task_runner", "dask_address", "submission_path"))  # fmt: skip
+    "fallback", "submission_path"))  # fmt: skip
 
 
 def knob_field(name: str) -> Any:

@@ -2,13 +2,14 @@
 
 The objective of a trial is the backtest's mean ratio of model RMSE to previous-month RMSE over the
 origins (:attr:`core.backtest.BacktestResult.mean_ratio`), lower is better. The orchestration asks the
-study for a trial, runs the backtest as a task and tells the study the result (ask-and-tell), so each
-trial is one task (``flows/search.py``).
+study for a batch of trials, runs their backtests as concurrent tasks and tells the study the results
+(ask-and-tell), so each trial is one task (``flows/search.py``).
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -32,9 +33,17 @@ SPACE: dict[str, tuple[Any, ...]] = {
 
 
 def make_study(seed: int = 0) -> optuna.Study:
-    """An in-memory study minimising the ratio, with a seeded TPE sampler (same seed, same trials)."""
+    """An in-memory study minimising the ratio, with a seeded TPE sampler (same seed, same trials).
+
+    Trials are asked in batches (``flows/search.py``); the constant liar makes TPE treat the batch's trials
+    still running as bad results, so one batch does not ask the same point twice. With nothing running (a
+    batch of one) it changes nothing.
+    """
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    return optuna.create_study(direction="minimize", sampler=optuna.samplers.TPESampler(seed=seed))
+    with warnings.catch_warnings():  # constant_liar is marked experimental
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        sampler = optuna.samplers.TPESampler(seed=seed, constant_liar=True)
+    return optuna.create_study(direction="minimize", sampler=sampler)
 
 
 def suggest(trial: optuna.Trial, fixed: dict[str, Any] | None = None) -> dict[str, Any]:

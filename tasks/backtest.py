@@ -1,8 +1,8 @@
 """Backtest and search steps as Prefect tasks: one origin's train-and-score, the report, one search trial.
 
 The origin and trial tasks train, so they carry the ``gpu`` tag like the forecast's training task
-(a tag concurrency limit keeps one training per GPU); flows call them one after another, not
-``.submit``, because each already uses every core.
+(a tag concurrency limit keeps one training per GPU). Flows submit them to their task runner
+(``flows.backtest.training_task_runner``): one at a time on threads, side by side on Dask workers.
 """
 
 from __future__ import annotations

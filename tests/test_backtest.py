@@ -3,20 +3,28 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+from distributed import Client
 from prefect.client.orchestration import get_client
+from process_helpers import free_port, stop
 
 from core.aggregate import read_monthly
-from core.backtest import REPORT_FILE, RESULT_FILE, BacktestResult, backtest, parse_origins
+from core.backtest import REPORT_FILE, RESULT_FILE, BacktestResult, backtest, backtest_id, parse_origins
 from core.config import NestcastConfig
 from core.evaluate import backtest_frame
 from core.lake import LakePaths
 from core.windows import WindowStore
 
+REPO = Path(__file__).resolve().parents[1]
 SMALL = {
     "units": 4, "depth": 2, "lookback": 4, "epochs": 1, "batch_size": 256, "head_units": 4,
     "embedding_dim": 2, "max_train_samples": 2000, "retries": 0, "jit_compile": "off",
@@ -126,23 +134,39 @@ def test_origins_are_parsed_and_checked():
 # --- the flows, under one temporary Prefect backend -------------------------------------------------
 
 
-def test_backtest_and_search_flows_write_reports_and_table_artifacts(harness, result, lake):
-    from flows.backtest import backtest as backtest_flow
+FLOW_KNOBS = ("units", "depth", "lookback", "epochs", "batch_size")
+SEARCH_OVERRIDES = {**SMALL, "epochs": 1, "batch_size": 512}
+
+
+def search_flow_on(lake: Path, **placement):
     from flows.search import search as search_flow
 
+    last = int(read_monthly(LakePaths(lake))["date_block_num"].max())
+    return search_flow(data_dir=str(lake), trials=2, origins=[last], overrides={**SEARCH_OVERRIDES, **placement})
+
+
+@pytest.fixture(scope="module")
+def thread_flows(harness, result, lake) -> dict:
+    """The backtest and search flows on the default task runner (threads), once for the tests below."""
+    from flows.backtest import backtest as backtest_flow
+
     _, origins, _ = result
-    overrides = {k: v for k, v in SMALL.items() if k not in ("units", "depth", "lookback", "epochs", "batch_size")}
+    overrides = {k: v for k, v in SMALL.items() if k not in FLOW_KNOBS}
     summary = backtest_flow(
         data_dir=str(lake), origins=[origins[-1]], units=4, depth=1, lookback=4, epochs=1, batch_size=256,
         overrides=overrides,
     )  # fmt: skip
+    return {"backtest": summary, "search": search_flow_on(lake)}
+
+
+def test_backtest_and_search_flows_write_reports_and_table_artifacts(thread_flows, result):
+    _, origins, _ = result
+    summary = thread_flows["backtest"]
     assert [r["origin"] for r in summary["rows"]] == [str(origins[-1]), "mean"]
     assert (Path(summary["run_dir"]) / REPORT_FILE).exists()
     assert Path(summary["run_dir"]).name.startswith("backtest-")
 
-    found = search_flow(
-        data_dir=str(lake), trials=2, origins=[origins[-1]], overrides={**SMALL, "epochs": 1, "batch_size": 512}
-    )
+    found = thread_flows["search"]
     rows = found["rows"]
     assert sorted(r["trial"] for r in rows) == [0, 1]
     assert all(r["state"] == "complete" and r["model_vs_previous"] > 0 for r in rows)
@@ -153,6 +177,81 @@ def test_backtest_and_search_flows_write_reports_and_table_artifacts(harness, re
     with get_client(sync_client=True) as client:
         keys = {a.key for a in client.read_artifacts()}
     assert {"backtest", "search-trials"} <= keys
+
+
+# --- the same flows on a real Dask cluster: scheduler and workers in their own processes -------------
+
+
+@pytest.fixture(scope="module")
+def dask_cluster(tmp_path_factory) -> Iterator[str]:
+    """``dask scheduler`` and ``dask worker`` (two single-threaded worker processes) on 127.0.0.1, no dashboard."""
+    logs = tmp_path_factory.mktemp("dask-logs")
+    address = f"tcp://127.0.0.1:{free_port()}"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    dask = str(Path(sys.executable).parent / "dask")
+    commands = {
+        "scheduler": [dask, "scheduler", "--host", "127.0.0.1", "--port", address.rsplit(":", 1)[1],
+                      "--no-dashboard"],
+        "worker": [dask, "worker", address, "--nworkers", "2", "--nthreads", "1", "--host", "127.0.0.1",
+                   "--no-dashboard"],
+    }  # fmt: skip
+    processes = []
+    try:
+        for name, command in commands.items():
+            log = open(logs / f"{name}.log", "w")  # noqa: SIM115 - closed with the process below
+            processes.append((subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                               start_new_session=True), log))  # fmt: skip
+        with Client(address, timeout=60) as client:
+            client.wait_for_workers(2, timeout=120)
+        yield address
+    finally:
+        for process, log in reversed(processes):
+            stop(process)
+            log.close()
+
+
+def trained_here() -> bool:
+    return "core.protocol" in sys.modules  # imported by an origin's training, by nothing else a worker runs
+
+
+def copy_without_runs(lake: Path, target: Path) -> Path:
+    """The lake's data (raw, ingested, aggregated, windows built), none of its trainings or cache records.
+
+    A new data directory is a new cache key for every task, so the copy's origins and trials train afresh;
+    the ingest, aggregation and windows steps find their work done (content hashes) and skip it.
+    """
+    shutil.copytree(lake, target, ignore=lambda folder, names: {"runs", ".task-outputs"} & set(names))
+    return target
+
+
+#: Scored by the NLSTM, whose training is not reproducible while another training runs beside it (README).
+NLSTM_PREDICTORS = ("model", "ensemble")
+
+
+def test_origins_run_on_dask_worker_processes_and_score_as_on_threads(result, lake, dask_cluster, tmp_path_factory):
+    from flows.backtest import backtest as backtest_flow
+
+    thread, origins, config = result
+    lake = copy_without_runs(lake, tmp_path_factory.mktemp("dask") / "lake")
+    summary = backtest_flow(
+        data_dir=str(lake), origins=origins, **{k: SMALL[k] for k in FLOW_KNOBS}, task_runner="dask",
+        dask_address=dask_cluster, overrides={k: v for k, v in SMALL.items() if k not in FLOW_KNOBS},
+    )  # fmt: skip
+    on_dask = BacktestResult.from_dict(json.loads((Path(summary["run_dir"]) / RESULT_FILE).read_text()))
+    assert [o.origin for o in on_dask.origins] == origins and on_dask.config["task_runner"] == "dask"
+    assert Path(summary["run_dir"]).name == f"backtest-{backtest_id(config, origins)}", "the id ignores the runner"
+    with Client(dask_cluster, timeout=60) as client:
+        trained = client.run(trained_here)
+    assert len(trained) == 2 and all(trained.values()), f"each worker process trains an origin: {trained}"
+    for got, want in zip(on_dask.origins, thread.origins, strict=True):
+        assert got.rows == want.rows and got.selection["rounds"] == want.selection["rounds"]
+        assert {p: got.rmse[p] for p in got.rmse if p not in NLSTM_PREDICTORS} == {
+            p: want.rmse[p] for p in want.rmse if p not in NLSTM_PREDICTORS
+        }, "LightGBM and the baselines score exactly as on threads"
+    pairs = zip(on_dask.origins, thread.origins, strict=True)
+    differ = [(o.origin, o.rmse["model"], t.rmse["model"]) for o, t in pairs if o.rmse["model"] != t.rmse["model"]]
+    if differ:  # known (issue 16): two NLSTM trainings at once on this host do not reproduce one alone
+        pytest.xfail(f"NLSTM RMSE (origin, dask, threads) differs with two trainings at once: {differ}")
 
 
 def test_cli_backtest_and_search_check_their_options_before_running(tmp_path):

@@ -1,24 +1,28 @@
-"""System test: a real `prefect server`, the served deployments, a manual run, its artifacts and its UI page.
+"""System test: a real `prefect server`, the served deployments, a manual run, its artifacts and its UI page;
+with PostgreSQL installed, the server runs on it and four concurrent runs of the manual deployment keep its limits.
 
-Everything it starts listens on 127.0.0.1 only and is stopped at the end, whatever happens.
+The server uses a throwaway PostgreSQL cluster (initdb into a temporary directory, as the ``postgres`` user when
+run as root, which PostgreSQL refuses to run as) when Debian's binaries are there (``.ci/run`` installs them), and
+SQLite otherwise. Everything it starts listens on 127.0.0.1 only and is stopped at the end, whatever happens.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
 import shutil
-import signal
-import socket
 import subprocess
 import sys
-import time
+import tempfile
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 
 import httpx
 import pytest
+from process_helpers import free_port, stop, wait_until
 
 from core.synthetic import write_competition_files
 
@@ -28,44 +32,60 @@ SERVER_START_TIMEOUT = 120
 RUN_TIMEOUT = 420
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def postgres_bin() -> Path | None:
+    """The directory of PostgreSQL's ``initdb`` and ``pg_ctl`` (Debian keeps them off PATH), or None."""
+    debian = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"), key=lambda p: int(p.parts[-3]), reverse=True)
+    found = [*debian, *(Path(w) for w in [shutil.which("initdb")] if w)]
+    return found[0].parent if found else None
 
 
-def _stop(process: subprocess.Popen) -> None:
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait(timeout=10)
-
-
-def _wait_until(predicate, timeout: float, what: str, interval: float = 1.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
+def _as_postgres_user(command: list[str]) -> list[str]:
+    """PostgreSQL will not run as root (CI's user): run its tools as ``postgres`` there."""
+    return ["runuser", "-u", "postgres", "--", *command] if os.geteuid() == 0 else command
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory) -> Iterator[dict]:
+def postgres() -> Iterator[str | None]:
+    """``postgresql+asyncpg://...`` of a throwaway cluster on 127.0.0.1 (fsync off), or None without PostgreSQL."""
+    bindir = postgres_bin()
+    if bindir is None:
+        yield None
+        return
+    root = Path(tempfile.mkdtemp(prefix="nestcast-pg-"))  # not under pytest's 0700 root-owned tmp: postgres reads it
+    if os.geteuid() == 0:
+        shutil.chown(root, "postgres", "postgres")
+    data, port = root / "data", free_port()
+    run = functools.partial(subprocess.run, capture_output=True, text=True, timeout=120, check=True)
+    try:
+        run(_as_postgres_user([str(bindir / "initdb"), "-D", str(data), "-U", "postgres", "-A", "trust", "-E",
+                               "UTF8", "--no-sync"]))  # fmt: skip
+        options = f"-c listen_addresses=127.0.0.1 -p {port} -c unix_socket_directories={root} -c fsync=off"
+        run(_as_postgres_user([str(bindir / "pg_ctl"), "-D", str(data), "-l", str(root / "postgres.log"), "-o",
+                               options, "-w", "-t", "60", "start"]))  # fmt: skip
+        yield f"postgresql+asyncpg://postgres@127.0.0.1:{port}/postgres"
+    finally:
+        if (data / "postmaster.pid").exists():
+            subprocess.run(_as_postgres_user([str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"]),
+                           capture_output=True, timeout=60)  # fmt: skip
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, postgres) -> Iterator[dict]:
     home = tmp_path_factory.mktemp("prefect-home")
-    port = _free_port()
+    port = free_port()
     api = f"http://127.0.0.1:{port}/api"
     env = {
         **os.environ,
         "PREFECT_HOME": str(home),
-        "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{home}/prefect.db",
+        "PREFECT_API_DATABASE_CONNECTION_URL": postgres or f"sqlite+aiosqlite:///{home}/prefect.db",
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "PREFECT_UI_API_URL": api,
         "PREFECT_LOGGING_LEVEL": "INFO",
+        # Runs waiting for a deployment or tag slot ask again after 2-5 s instead of 30 (the test waits on them).
+        "PREFECT_SERVER_DEPLOYMENTS_CONCURRENCY_SLOT_WAIT_SECONDS": "5",
+        "PREFECT_SERVER_CONCURRENCY_MAXIMUM_CONCURRENCY_SLOT_WAIT_SECONDS": "2",
+        "PREFECT_RUNNER_POLL_FREQUENCY": "2",
     }
     env.pop("PREFECT_API_URL", None)
     log = open(home / "server.log", "w")
@@ -81,10 +101,11 @@ def server(tmp_path_factory) -> Iterator[dict]:
             return False
 
     try:
-        _wait_until(healthy, SERVER_START_TIMEOUT, "the Prefect server")
-        yield {"api": api, "ui": f"http://127.0.0.1:{port}", "env": {**env, "PREFECT_API_URL": api}, "home": home}
+        wait_until(healthy, SERVER_START_TIMEOUT, "the Prefect server")
+        yield {"api": api, "ui": f"http://127.0.0.1:{port}", "env": {**env, "PREFECT_API_URL": api}, "home": home,
+               "postgres": postgres is not None}
     finally:
-        _stop(process)
+        stop(process)
         log.close()
 
 
@@ -101,10 +122,10 @@ def served(server) -> Iterator[None]:
         return response.status_code == 200
 
     try:
-        _wait_until(deployment_ready, 120, "the served deployments")
+        wait_until(deployment_ready, 120, "the served deployments")
         yield
     finally:
-        _stop(process)
+        stop(process)
         log.close()
 
 
@@ -130,7 +151,7 @@ def test_manual_deployment_runs_to_completion_with_artifacts_and_a_ui_page(serve
         run = httpx.get(f"{server['api']}/flow_runs/{flow_run_id}", timeout=5).json()
         return run if run["state"]["type"] in {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"} else None
 
-    flow_run = _wait_until(finished, RUN_TIMEOUT, "the manual flow run", interval=2)
+    flow_run = wait_until(finished, RUN_TIMEOUT, "the manual flow run", interval=2)
     assert flow_run["state"]["type"] == "COMPLETED", (server["home"] / "serve.log").read_text()[-3000:]
 
     artifacts = httpx.post(
@@ -168,6 +189,72 @@ def test_manual_deployment_runs_to_completion_with_artifacts_and_a_ui_page(serve
     artifacts_dir = REPO / "build" / "screenshots"
     artifacts_dir.mkdir(parents=True, exist_ok=True)
     shutil.copy(screenshot, artifacts_dir / "flow-run.png")
+
+
+TINY_RUN = {
+    "epochs": 1, "units": 4, "depth": 1, "lookback": 4, "batch_size": 256,
+    "overrides": {"head_units": 4, "embedding_dim": 2, "max_train_samples": 2000, "retry_delay_seconds": 0,
+                  "jit_compile": "off", "max_rounds": 20},
+}  # fmt: skip
+CONCURRENT_RUNS = 4
+RUN_LIMIT = 2  # the deployment's limit raised from 1 for this test (the served runner still takes one at a time)
+
+
+def _intervals(runs: list[dict]) -> list[tuple[datetime, datetime]]:
+    return sorted((datetime.fromisoformat(r["start_time"]), datetime.fromisoformat(r["end_time"])) for r in runs)
+
+
+def most_at_once(intervals: list[tuple[datetime, datetime]]) -> int:
+    """The largest number of the intervals open at one instant (an end at the next one's start is no overlap)."""
+    events = sorted([(start, 1) for start, _ in intervals] + [(end, -1) for _, end in intervals],
+                    key=lambda e: (e[0], e[1]))  # fmt: skip
+    open_now = peak = 0
+    for _, step in events:
+        open_now += step
+        peak = max(peak, open_now)
+    return peak
+
+
+def _post(server: dict, path: str, body: dict) -> httpx.Response:
+    response = httpx.post(f"{server['api']}{path}", json=body, timeout=10)
+    response.raise_for_status()
+    return response
+
+
+@pytest.mark.timeout(1200)
+def test_four_concurrent_manual_runs_on_postgresql_all_complete_within_the_limits(server, served, tmp_path):
+    if not server["postgres"]:
+        pytest.skip("PostgreSQL binaries not found (initdb under /usr/lib/postgresql/*/bin or on PATH); "
+                    ".ci/run installs Debian's postgresql")  # fmt: skip
+    manual = httpx.get(f"{server['api']}/deployments/name/sales-forecast/manual", timeout=5).json()
+    httpx.patch(f"{server['api']}/deployments/{manual['id']}", json={"concurrency_limit": RUN_LIMIT},
+                timeout=10).raise_for_status()  # fmt: skip
+    subprocess.run([str(BIN / "prefect"), "concurrency-limit", "create", "gpu", "1"], env=server["env"],
+                   capture_output=True, text=True, timeout=60, check=True)  # fmt: skip
+    run_ids = []
+    for k in range(CONCURRENT_RUNS):  # one data directory each, triggered back to back through the API
+        data_dir = tmp_path / f"lake-{k}"
+        write_competition_files(data_dir / "raw", scale="tiny", seed=k)
+        created = _post(server, f"/deployments/{manual['id']}/create_flow_run",
+                        {"parameters": {**TINY_RUN, "data_dir": str(data_dir)}})  # fmt: skip
+        run_ids.append(created.json()["id"])
+
+    def all_finished() -> list[dict] | None:
+        runs = _post(server, "/flow_runs/filter", {"flow_runs": {"id": {"any_": run_ids}}}).json()
+        done = [r for r in runs if r["state"]["type"] in {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}]
+        return runs if len(done) == CONCURRENT_RUNS else None
+
+    runs = wait_until(all_finished, 1100, "four manual runs", interval=3)
+    assert [r["state"]["type"] for r in runs] == ["COMPLETED"] * CONCURRENT_RUNS, (
+        (server["home"] / "serve.log").read_text()[-3000:]
+    )
+    # `serve` itself takes one run at a time (deployments/serve.py, limit=1), so today the runs never meet.
+    assert most_at_once(_intervals(runs)) <= RUN_LIMIT, "the deployment limit held"
+    trainings = _post(server, "/task_runs/filter", {
+        "flow_runs": {"id": {"any_": run_ids}}, "task_runs": {"tags": {"all_": ["gpu"]}},
+    }).json()  # fmt: skip
+    assert len(trainings) >= 2 * CONCURRENT_RUNS and all(t["state"]["type"] == "COMPLETED" for t in trainings)
+    assert most_at_once(_intervals(trainings)) == 1, "the gpu tag limit kept trainings from overlapping"
 
 
 def test_prefect_yaml_deploys_both_deployments_to_a_process_pool(server):
