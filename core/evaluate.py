@@ -573,7 +573,8 @@ def replace_report_section(report: str | Path, key: str, markdown: str) -> Path:
 # --- plots ----------------------------------------------------------------------------------------
 
 _COLOURS = {"actual": "#222222", "model": "#d62728", "ensemble": "#ff7f0e", "reference": "#8c564b", "trees": "#e377c2",
-            "baseline": "#1f77b4", "mean3": "#2ca02c", "zeros": "#7f7f7f"}  # fmt: skip
+            "baseline": "#1f77b4", "mean3": "#2ca02c", "zeros": "#7f7f7f", "reference_calibrated": "#bcbd22",
+            "model_uncalibrated": "#9467bd"}  # fmt: skip
 
 
 def _figure(**kwargs: Any) -> Figure:

@@ -187,7 +187,9 @@ def dask_cluster(tmp_path_factory) -> Iterator[str]:
     """``dask scheduler`` and ``dask worker`` (two single-threaded worker processes) on 127.0.0.1, no dashboard."""
     logs = tmp_path_factory.mktemp("dask-logs")
     address = f"tcp://127.0.0.1:{free_port()}"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    # tests/ too: client.run ships trained_here by reference to this module, which the workers must import
+    path = [str(REPO), str(REPO / "tests"), os.environ.get("PYTHONPATH", "")]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(path)}
     dask = str(Path(sys.executable).parent / "dask")
     commands = {
         "scheduler": [dask, "scheduler", "--host", "127.0.0.1", "--port", address.rsplit(":", 1)[1],

@@ -28,6 +28,7 @@ def nestcast(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
                           text=True, timeout=600)  # fmt: skip
 
 
+@pytest.mark.slow
 def test_a_tiny_cli_run_prints_no_native_logs_one_aggregation_line_and_the_verdict_first(tmp_path, tiny_data):
     tiny_data(tmp_path / "D", seed=1)
     result = nestcast("run", "--data-dir", "D", *TINY_OPTIONS, cwd=tmp_path)

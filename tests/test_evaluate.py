@@ -337,3 +337,10 @@ def test_the_ensemble_and_the_reference_are_scored_like_the_model(small_holdout:
     assert "## The gate: validation month 32" in report and "0.6 × model + 0.4 × LightGBM" in report
     assert f"| LightGBM reference | {ev.overall['reference'].rmse:.4f} |" in report
     assert json.loads(paths["metrics"].read_text())["decision"]["blend_weight"] == 0.6
+
+
+def test_every_predictor_has_a_label_a_short_label_and_a_plot_colour() -> None:
+    from core.evaluate import _COLOURS, PREDICTOR_LABELS, PREDICTORS, SHORT_LABELS
+
+    for name in PREDICTORS:
+        assert name in PREDICTOR_LABELS and name in SHORT_LABELS and name in _COLOURS, name

@@ -182,6 +182,7 @@ def test_per_month_aggregation_runs_on_a_local_dask_cluster(data_dir):
     )
 
 
+@pytest.mark.slow
 def test_a_wiped_lake_or_runs_dir_is_rebuilt_instead_of_served_from_cache(data_dir):
     import shutil
 

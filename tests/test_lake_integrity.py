@@ -242,6 +242,7 @@ def test_an_unreadable_model_file_that_exists_is_not_reported_as_file_not_found(
 # --- 3 and 4 through the whole forecast flow ---------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_replaced_model_is_retrained_and_a_removed_test_csv_exports_the_last_months_grid(tmp_path, tiny_data):
     from test_flow import run_flow, task_runs
 
@@ -288,6 +289,7 @@ def test_a_replaced_model_is_retrained_and_a_removed_test_csv_exports_the_last_m
     assert sidecar["submission"]["rows"] == len(submission)
 
 
+@pytest.mark.slow
 def test_a_data_dir_that_never_had_a_test_csv_runs_end_to_end(tmp_path, tiny_data):
     from test_flow import run_flow
 

@@ -45,6 +45,9 @@ print("RESULT " + json.dumps(out))
 """
 
 
+pytestmark = pytest.mark.slow  # one child process per backend and device layout
+
+
 def train_on_one_and_two_devices(backend: str, tmp_path: Path, **env: str) -> dict:
     child_env = os.environ | {"KERAS_BACKEND": backend, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": str(ROOT), **env}
     done = subprocess.run([sys.executable, "-c", CHILD, str(tmp_path)], capture_output=True, text=True,

@@ -32,6 +32,9 @@ SERVER_START_TIMEOUT = 120
 RUN_TIMEOUT = 420
 
 
+pytestmark = pytest.mark.slow  # a real Prefect server (PostgreSQL when installed), deployments and Chromium
+
+
 def postgres_bin() -> Path | None:
     """The directory of PostgreSQL's ``initdb`` and ``pg_ctl`` (Debian keeps them off PATH), or None."""
     debian = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"), key=lambda p: int(p.parts[-3]), reverse=True)
