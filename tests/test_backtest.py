@@ -227,7 +227,7 @@ def copy_without_runs(lake: Path, target: Path) -> Path:
 
 
 #: Scored by the NLSTM, whose training is not reproducible while another training runs beside it (README).
-NLSTM_PREDICTORS = ("model", "ensemble")
+NLSTM_PREDICTORS = ("model", "model_uncalibrated", "ensemble")
 
 
 def test_origins_run_on_dask_worker_processes_and_score_as_on_threads(result, lake, dask_cluster, tmp_path_factory):
