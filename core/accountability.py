@@ -244,7 +244,7 @@ def history_rows(records: pd.DataFrame) -> list[dict[str, Any]]:
         "month": records["month_label"], "exported": records["exported"], "status": records["status"],
         "RMSE exported": records["rmse_exported"].round(4), "RMSE previous period":
         records["rmse_previous_period"].round(4), "RMSE model": records["rmse_model"].round(4),
-        "exported / previous": ratio.round(3), "pairs": records["n_pairs"], "note": records["note"],
+        "exported / previous": ratio.round(4), "pairs": records["n_pairs"], "note": records["note"],
     })  # fmt: skip
     # None, not NaN, where nothing was scored: the UI's table and JSON show an empty cell.
     return table.astype(object).where(table.notna(), None).to_dict("records")
@@ -281,9 +281,21 @@ def history_markdown(records: pd.DataFrame, plot_name: str) -> str:
         lines.append("No exported forecast has its month's actuals in the lake yet.")
     else:
         header = list(rows[0])
-        lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-        lines += ["| " + " | ".join("" if row[k] is None else str(row[k]) for k in header) + " |" for row in rows]
+        align = ["---:" if isinstance(rows[0][k], (int, float, np.number)) else "---" for k in header]
+        lines += ["| " + " | ".join(header) + " |", "|" + "|".join(align) + "|"]
+        lines += ["| " + " | ".join(_history_cell(row[k]) for k in header) + " |" for row in rows]
     return "\n".join([*lines, "", f"![accountability history]({plot_name})", ""])
+
+
+def _history_cell(value: Any) -> str:
+    # Scores with four decimals and counts with separators, as in the evaluation report.
+    if value is None:
+        return ""
+    if isinstance(value, (float, np.floating)):
+        return f"{value:.4f}"
+    if isinstance(value, (int, np.integer)):
+        return f"{value:,}"
+    return str(value).replace("|", "\\|")
 
 
 def write_history(config: NestcastConfig, run_dir: str | Path) -> dict[str, Any]:

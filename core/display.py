@@ -46,10 +46,18 @@ def versus(value: float, reference: float, what: str = "the previous month") -> 
     """``11.5 % better than the previous month`` (lower RMSE is better); ``the same as`` within 0.05 %."""
     if reference <= 0:
         return f"n/a against {what} (its RMSE is 0)"
-    change = (reference - value) / reference
-    if abs(change) < 0.0005:
-        return f"the same as {what}"
-    return f"{abs(change):.1%} {'better' if change > 0 else 'worse'} than {what}".replace("%", " %", 1)
+    said = change(value, reference)
+    return f"the same as {what}" if said == "the same" else f"{said} than {what}"
+
+
+def change(value: float, reference: float) -> str:
+    """``11.5 % better`` / ``3.0 % worse`` (lower RMSE is better), ``the same`` within 0.05 %, for a table cell."""
+    if reference <= 0:
+        return "n/a"
+    relative = (reference - value) / reference
+    if abs(relative) < 0.0005:
+        return "the same"
+    return f"{abs(relative):.1%} {'better' if relative > 0 else 'worse'}".replace("%", " %", 1)
 
 
 def ratio(value: float, reference: float) -> float | None:

@@ -25,7 +25,7 @@ from matplotlib.figure import Figure
 from pydantic import BaseModel, ConfigDict, PrivateAttr
 
 from core.config import DEFAULT_CLIP
-from core.display import versus
+from core.display import change, versus
 from core.gate import BlendWeights
 from core.lake import (
     FORECAST_FILE,
@@ -497,7 +497,7 @@ def render_report(
     month = (
         f"{evaluation.month_label} (date_block_num {evaluation.month})" if evaluation.month is not None else "holdout"
     )
-    verdict = "✅ beats" if evaluation.beats_baseline else "❌ does not beat"
+    verdict = "beats" if evaluation.beats_baseline else "does not beat"
     low, high = evaluation.clip
     lines = [
         f"# Evaluation — holdout month {month}",
@@ -511,13 +511,13 @@ def render_report(
         f"## Overall ({evaluation.rows:,} shop × item pairs, predictions clipped to [{low:g}, {high:g}])",
         "",
         _table(
-            ["predictor", "RMSE", "MAE", "vs baseline (RMSE)", "predicted total"],
+            ["predictor", "RMSE", "MAE", "RMSE vs previous month", "predicted total"],
             [
                 [
                     PREDICTOR_LABELS[p],
                     f"{evaluation.overall[p].rmse:.4f}",
                     f"{evaluation.overall[p].mae:.4f}",
-                    "—" if p == "baseline" else _pct(_relative(evaluation.baseline_rmse, evaluation.overall[p].rmse)),
+                    "—" if p == "baseline" else change(evaluation.overall[p].rmse, evaluation.baseline_rmse),
                     f"{evaluation.totals[p]:,.0f}",
                 ]
                 for p in evaluation.predictors

@@ -8,6 +8,7 @@ import functools
 import hashlib
 import inspect
 import json
+import logging
 import re
 import uuid
 from collections.abc import Callable, Iterable, Mapping
@@ -218,6 +219,36 @@ def _publish_hook(publish: PublishFn) -> Callable[[Task[..., Any], TaskRun, Stat
     return publish_artifacts
 
 
+class RenamedFlowRuns(logging.Filter):
+    """Give a renamed flow run's log records its new name.
+
+    Prefect's engine builds its logger, with the run's name frozen in the adapter's `extra`, before the flow body
+    runs, so without this its own lines (the final "Finished in state ...") would carry the name the run started
+    with. Installed on `prefect.flow_runs`, where the engine logs.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.names: dict[str, str] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        name = self.names.get(str(getattr(record, "flow_run_id", "")))
+        if name is not None:
+            record.flow_run_name = name
+        return True
+
+
+def renamed_flow_runs() -> RenamedFlowRuns:
+    """The one filter on `prefect.flow_runs` (installed on first use, so every process has exactly one)."""
+    logger = logging.getLogger("prefect.flow_runs")
+    for existing in logger.filters:
+        if isinstance(existing, RenamedFlowRuns):
+            return existing
+    installed = RenamedFlowRuns()
+    logger.addFilter(installed)
+    return installed
+
+
 def name_flow_run(name: str) -> None:
     """Rename the current flow run (its name is only known once the data is read: the forecast month)."""
     from prefect.client.orchestration import get_client
@@ -228,7 +259,8 @@ def name_flow_run(name: str) -> None:
         return
     with get_client(sync_client=True) as client:
         client.update_flow_run(context.flow_run.id, name=name)
-    context.flow_run.name = name  # the log lines from here on carry the new name too
+    context.flow_run.name = name  # the task and flow log lines from here on carry the new name
+    renamed_flow_runs().names[str(context.flow_run.id)] = name  # and so do the engine's own
 
 
 def flow_run_url() -> str | None:

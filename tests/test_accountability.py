@@ -114,6 +114,8 @@ def test_every_run_shows_the_history_as_a_table_a_plot_inline_and_a_report_secti
     assert "](data:image/png;base64,iVBORw0KGgo" in history and "file://" not in history
     report = Path(state.result()["report"]).read_text()
     assert report.count(accountability.SECTION_BEGIN) == 1 and "| 2014-04 |" in report
+    assert f"| {record['rmse_exported']:.4f} | {record['rmse_previous_period']:.4f} |" in report  # four decimals
+    assert f"| {record['n_pairs']:,} |" in report
     assert (Path(state.result()["run_dir"]) / accountability.HISTORY_PLOT).read_bytes()[:4] == b"\x89PNG"
 
 

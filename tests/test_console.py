@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from core.display import forecast_summary_lines, four, month_range, ratio, versus
+from core.display import change, forecast_summary_lines, four, month_range, ratio, versus
 from deployments.console import ConsoleNoise, wants_verbose
 
 REPO = Path(__file__).resolve().parents[1]
@@ -43,7 +43,8 @@ def test_a_tiny_cli_run_prints_no_native_logs_one_aggregation_line_and_the_verdi
     summary = result.stdout.strip().splitlines()
     assert summary[0].startswith("Exported the ") and " than the previous month (" in summary[0]
     assert any(line.startswith("lake:       2013-01 – ") for line in summary)
-    assert f"Flow run 'forecast-{summary[0].split(' for ')[1][:7]}-nlstm'" in result.stderr, "run not renamed"
+    renamed = f"Flow run 'forecast-{summary[0].split(' for ')[1][:7]}-nlstm'"
+    assert f"{renamed} - Finished in state Completed()" in result.stderr, "run not renamed to the end"
     data_dir = str((tmp_path / "D").resolve())
     assert f"data directory: {data_dir}" in result.stderr and f"submission: {data_dir}/submissions/" in result.stdout
     # 45 before the champion gate and the history step, which add one "Finished" line each
@@ -74,6 +75,8 @@ def test_numbers_read_as_four_decimals_calendar_months_and_better_or_worse():
     assert month_range([34], "2013-01") == "2015-11 (1 month)"
     assert versus(3.0205, 3.4147) == "11.5 % better than the previous month"
     assert versus(3.4692, 3.4147) == "1.6 % worse than the previous month"
+    assert (change(3.0205, 3.4147), change(3.4692, 3.4147), change(1.0, 1.0002)) == ("11.5 % better", "1.6 % worse",
+                                                                                     "the same")  # fmt: skip
     assert ratio(3.0205, 3.4147) == pytest.approx(0.8846)
 
 
@@ -89,3 +92,34 @@ def test_the_summary_puts_the_verdict_first_and_the_flow_run_url_last():
     assert "holdout 2015-10 RMSE: model 1.4127, ensemble 1.4126, previous month 1.8579" in lines
     assert lines[-1] == "flow run:   http://127.0.0.1:4200/runs/flow-run/x"
     assert not forecast_summary_lines({**summary, "flow_run_url": None})[-1].startswith("flow run")
+
+
+class Recorded(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+def test_the_engine_s_final_line_carries_the_name_the_flow_run_was_renamed_to(harness):
+    from prefect import flow
+
+    from tasks.common import name_flow_run
+
+    @flow(name="renamed-run", flow_run_name="before-rename")
+    def renamed_run() -> None:
+        name_flow_run("after-rename")
+
+    recorded, logger = Recorded(), logging.getLogger("prefect.flow_runs")
+    level = logger.level
+    logger.addHandler(recorded)
+    logger.setLevel(logging.INFO)  # the suite runs Prefect at WARNING
+    try:
+        renamed_run()
+    finally:
+        logger.removeHandler(recorded)
+        logger.setLevel(level)
+    names = {record.getMessage().split(" ")[0]: record.flow_run_name for record in recorded.records}
+    assert names["Finished"] == "after-rename", names

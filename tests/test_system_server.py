@@ -183,15 +183,26 @@ def test_manual_deployment_runs_to_completion_with_artifacts_and_a_ui_page(serve
     assert flow_run["name"] in dom, "the flow-run page does not show the run's name"
     assert flow_run["name"].startswith("forecast-") and flow_run["name"].endswith("-nlstm"), flow_run["name"]
     assert "Completed" in dom
+    saved = REPO / "build" / "screenshots"
+    saved.mkdir(parents=True, exist_ok=True)
+    shutil.copy(screenshot, saved / "flow-run.png")
+
+    def artifact_page(key: str) -> tuple[str, Path]:
+        """The UI's page of one artifact: its DOM, and a screenshot kept in build/screenshots/."""
+        (artifact,) = [artifact for artifact in artifacts if artifact["key"] == key]
+        url = f"{server['ui']}/artifacts/artifact/{artifact['id']}"
+        shot = saved / f"{key}.png"
+        subprocess.run([chromium, *flags, f"--screenshot={shot}", url], capture_output=True, timeout=120)
+        return subprocess.run([chromium, *flags, "--dump-dom", url], capture_output=True, text=True,
+                              timeout=120).stdout, shot  # fmt: skip
+
     # The report artifact's plots are inline (data URIs), so the UI's page shows them as images.
-    (report,) = [artifact for artifact in artifacts if artifact["key"] == "evaluation-report"]
-    artifact_page = f"{server['ui']}/artifacts/artifact/{report['id']}"
-    artifact_dom = subprocess.run([chromium, *flags, "--dump-dom", artifact_page], capture_output=True, text=True,
-                                  timeout=120).stdout  # fmt: skip
-    assert re.search(r'<img[^>]+src="data:image/png;base64,', artifact_dom), artifact_dom[-2000:]
-    artifacts_dir = REPO / "build" / "screenshots"
-    artifacts_dir.mkdir(parents=True, exist_ok=True)
-    shutil.copy(screenshot, artifacts_dir / "flow-run.png")
+    report_dom, report_shot = artifact_page("evaluation-report")
+    assert re.search(r'<img[^>]+src="data:image/png;base64,', report_dom), report_dom[-2000:]
+    epochs_dom, epochs_shot = artifact_page("training-epochs-select")
+    assert "validation RMSE" in epochs_dom and "seconds" in epochs_dom, epochs_dom[-2000:]
+    for shot in (report_shot, epochs_shot):
+        assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", shot
 
 
 TINY_RUN = {
