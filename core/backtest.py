@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from core.config import FLAT_FIELDS, NestcastConfig
+from core.display import four, month_label, month_range, versus
 from core.evaluate import OPTIONAL_PREDICTORS, PREDICTORS, evaluate
 from core.lake import LakePaths, write_json_atomic, write_text_atomic
 from core.windows import WindowStore, build_windows
@@ -352,6 +353,8 @@ def render_backtest_report(result: BacktestResult) -> str:
     lines = [
         f"# Backtest — origins {months}",
         "",
+        *verdict_lines(result),
+        "",
         f"Model **{cfg.get('kind')}** ({result.params:,} parameters), trained on the months before each origin "
         "and scored on the origin's Kaggle-style grid (shops × items with sales that month), "
         f"RMSE on counts clipped to [{cfg.get('target_clip_min')}, {cfg.get('target_clip_max')}]. "
@@ -364,6 +367,27 @@ def render_backtest_report(result: BacktestResult) -> str:
         markdown_table([{"field": k, "value": str(cfg.get(k))} for k in _SHOWN_CONFIG if k in cfg]),
     ]
     return "\n".join(lines) + "\n"
+
+
+def verdict_lines(result: BacktestResult) -> list[str]:
+    """The backtest's verdict first: each forecaster's mean RMSE against the previous month and the reference."""
+    first_month = str(result.config.get("first_month", "2013-01"))
+    origins = [o.origin for o in result.origins]
+    baseline = result.mean_rmse("baseline")
+    shown = [p for p in ("model", "ensemble", "reference") if p in result.predictors]
+    reference = result.mean_rmse("reference") if "reference" in shown else None
+    lines = [f"Mean RMSE over the origins {month_range(origins, first_month)} "
+             f"({', '.join(month_label(o, first_month) for o in origins)}):", ""]  # fmt: skip
+    for predictor in shown:
+        value = result.mean_rmse(predictor)
+        against = [versus(value, baseline, f"the previous month ({four(baseline)})")]
+        if reference is not None and predictor != "reference":
+            against.append(versus(value, reference, f"the LightGBM reference ({four(reference)})"))
+        lines.append(f"- **{_VERDICT_LABELS[predictor]} {four(value)}**: {', '.join(against)}")
+    return lines
+
+
+_VERDICT_LABELS = {"model": "model", "ensemble": "ensemble", "reference": "LightGBM reference"}
 
 
 def write_backtest_report(result: BacktestResult, path: str | Path) -> Path:

@@ -110,10 +110,22 @@ def test_each_origin_trains_only_on_earlier_months_in_its_own_windows_dir(result
                 assert (Path(o.run_dir) / stage / name).exists(), (stage, name)
 
 
+def _said(value: float, against: float) -> str:
+    change = 1 - value / against
+    if abs(change) < 0.0005:
+        return "the same as"
+    return f"{abs(change):.1%} {'better' if change > 0 else 'worse'} than".replace("%", " %")
+
+
 def test_report_and_json_are_written(result, lake):
     res, origins, _ = result
     report = (lake / "runs" / "bt" / REPORT_FILE).read_text()
     assert report.startswith("# Backtest")
+    # The verdict comes first: mean RMSEs against the previous month and the reference, computed here again.
+    model, baseline, reference = (np.mean([o.rmse[p] for o in res.origins]) for p in ("model", "baseline", "reference"))
+    verdict = f"- **model {model:.4f}**: {_said(model, baseline)} the previous month ({baseline:.4f}), " \
+              f"{_said(model, reference)} the LightGBM reference ({reference:.4f})"  # fmt: skip
+    assert verdict in report.split("| origin |")[0], report[:800]
     for o in res.origins:
         scores = " | ".join(f"{o.rmse[p]:.4f}" for p in ("model", "ensemble", "reference", "trees", "baseline"))
         assert f"| {o.origin} | {o.rows:,} | {scores} |" in report
