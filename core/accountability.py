@@ -280,11 +280,18 @@ def history_markdown(records: pd.DataFrame, plot_name: str) -> str:
     if not rows:
         lines.append("No exported forecast has its month's actuals in the lake yet.")
     else:
-        header = list(rows[0])
-        align = ["---:" if isinstance(rows[0][k], (int, float, np.number)) else "---" for k in header]
+        header = _shown_columns(rows)
+        align = ["---:" if any(isinstance(row[k], (int, float, np.number)) for row in rows) else "---"
+                 for k in header]  # fmt: skip
         lines += ["| " + " | ".join(header) + " |", "|" + "|".join(align) + "|"]
         lines += ["| " + " | ".join(_history_cell(row[k]) for k in header) + " |" for row in rows]
     return "\n".join([*lines, "", f"![accountability history]({plot_name})", ""])
+
+
+def _shown_columns(rows: list[dict[str, Any]]) -> list[str]:
+    # The UI's markdown pane cuts a wide table on the right: "status" and "note" only when some row needs them.
+    said = {"status": any(row["status"] != "scored" for row in rows), "note": any(row["note"] for row in rows)}
+    return [column for column in rows[0] if said.get(column, True)]
 
 
 def _history_cell(value: Any) -> str:

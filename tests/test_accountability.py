@@ -150,3 +150,16 @@ def test_the_champion_is_kept_and_its_forecast_exported_when_the_challenger_is_w
     assert "## Champion and challenger" in Path(third["report"]).read_text()
     artifacts = artifacts_of(cycle["third_state"].state_details.flow_run_id)
     assert "worse than the champion" in artifacts["champion"].data
+
+
+def test_the_history_table_shows_status_and_note_only_when_a_month_needs_them():
+    scored = {"month_label": "2014-04", "exported": "model", "status": "scored", "rmse_exported": 1.23456,
+              "rmse_previous_period": 2.0, "rmse_model": 1.3, "n_pairs": 1234, "note": ""}  # fmt: skip
+    unresolved = {**scored, "month_label": "2014-05", "status": "unresolved", "rmse_exported": np.nan,
+                  "rmse_model": np.nan, "note": "no pairs file"}  # fmt: skip
+    narrow = accountability.history_markdown(pd.DataFrame([scored]), "plot.png")
+    assert "| month | exported | RMSE exported |" in narrow and "note" not in narrow and "status" not in narrow
+    assert "| 2014-04 | model | 1.2346 | 2.0000 | 1.3000 | 0.6173 | 1,234 |" in narrow
+    wide = accountability.history_markdown(pd.DataFrame([scored, unresolved]), "plot.png")
+    assert "| month | exported | status | RMSE exported |" in wide and wide.rstrip().count("| note |") == 1
+    assert "| 2014-05 | model | unresolved |  | 2.0000 |  |  | 1,234 | no pairs file |" in wide
