@@ -103,6 +103,9 @@ def rows_for(results: dict[str, list[BacktestResult]], origins: list[int]) -> li
     if "reference" in default[0].predictors:
         rows.append(row("LightGBM reference", mean_over_seeds(default, "reference"), None, None,
                         seconds(default, "reference_seconds")))  # fmt: skip
+    if "trees" in default[0].predictors:  # the ensemble's own booster (ensemble_trees=extended)
+        rows.append(row("LightGBM extended (the ensemble's trees)", mean_over_seeds(default, "trees"), None, None,
+                        None))  # fmt: skip
     if "reference_calibrated" in default[0].predictors:  # the like-for-like yardstick of a calibrated model
         rows.append(row("LightGBM reference, launch-calibrated", mean_over_seeds(default, "reference_calibrated"),
                         None, None, None))  # fmt: skip
@@ -121,7 +124,9 @@ def rows_for(results: dict[str, list[BacktestResult]], origins: list[int]) -> li
             )
         )
     if "ensemble" in default[0].predictors:
-        label = f"ensemble: {LABELS.get(next(k for k, v in results.items() if v is default), 'model')} + reference"
+        model = LABELS.get(next(k for k, v in results.items() if v is default), "model")
+        trees = "extended LightGBM" if default[0].config.get("ensemble_trees") == "extended" else "reference"
+        label = f"ensemble: {model} + {trees}"
         both = round(seconds(default, "train_seconds") + seconds(default, "reference_seconds"), 1)
         rows.append(row(label, mean_over_seeds(default, "ensemble"), None, None, both))
     return rows
