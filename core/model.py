@@ -615,13 +615,31 @@ def train_model(
 def predict(
     model: keras.Model, data: Any, *, clip_min: float = 0.0, clip_max: float = 20.0, batch_size: int = 4096
 ) -> np.ndarray:
-    """Predictions as a flat float32 array clipped to ``[clip_min, clip_max]`` (the caller's config)."""
+    """Predictions as a flat float32 array clipped to ``[clip_min, clip_max]`` (the caller's config).
+
+    Every batch keras sees has the full batch shape (the last one padded, the padding's predictions dropped):
+    each set's short last batch would otherwise retrace (and on XLA recompile) the predict step, once per set.
+    """
     if isinstance(data, dict):
         data = ArrayBatches(data, None, batch_size, shuffle=False)
     elif isinstance(data, tuple) and data and isinstance(data[0], dict):
         data = ArrayBatches(data[0], None, batch_size, shuffle=False)
-    values = np.asarray(model.predict(data, verbose=0), dtype=np.float32).reshape(-1)
+    with _padded(data) as n_samples:
+        values = np.asarray(model.predict(data, verbose=0), dtype=np.float32).reshape(-1)[:n_samples]
     return np.clip(values, clip_min, clip_max)
+
+
+@contextlib.contextmanager
+def _padded(data: Any) -> Iterator[int | None]:
+    """``data`` with its last batch padded while predicting (our datasets only; others pass as they are)."""
+    if not isinstance(data, EpochShuffled):
+        yield None
+        return
+    before, data.pad_last = data.pad_last, True
+    try:
+        yield data.n_samples
+    finally:
+        data.pad_last = before
 
 
 def load_model(path: str | os.PathLike[str]) -> keras.Model:

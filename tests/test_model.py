@@ -200,6 +200,31 @@ def test_predict_clips_to_the_callers_range():
     np.testing.assert_array_equal(predict(model, inputs, clip_max=7.5), np.full(32, 7.5, "float32"))
 
 
+class RecordedBatches(ArrayBatches):
+    """ArrayBatches that remembers the size of every batch it handed out."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.sizes: list[int] = []
+
+    def __getitem__(self, i: int):
+        batch = super().__getitem__(i)
+        self.sizes.append(len(batch[0]["sequence"]))
+        return batch
+
+
+def test_predict_pads_the_short_last_batch_and_returns_one_prediction_per_row():
+    model = build("nlstm")
+    inputs, _ = make_data(37, 5)
+    batches = RecordedBatches(inputs, None, 16, shuffle=False)
+    predicted = predict(model, batches, clip_max=1e9)
+    expected = np.asarray(model(inputs, training=False)).reshape(-1)  # one call on every row, no batching
+    assert predicted.shape == (37,)
+    np.testing.assert_allclose(predicted, np.maximum(expected, 0.0), rtol=1e-5, atol=1e-6)
+    assert batches.sizes and set(batches.sizes) == {16}, batches.sizes  # one batch shape: one trace
+    assert batches.pad_last is False  # the caller's dataset is as it was
+
+
 def test_the_head_learns_from_static_features_and_the_month():
     """A target the window cannot explain (the static feature and the month alone decide it) is learned."""
     rng = np.random.default_rng(3)
