@@ -20,6 +20,8 @@ import os
 import sys
 from collections.abc import Iterator
 
+from core.errors import NestcastError
+
 #: The CLI's flag that keeps every library's console output (checked before any import, see ``wants_verbose``).
 VERBOSE_FLAG = "--verbose"
 #: Task runs whose completion line is dropped on the console: one per month, summed up by finish-aggregation.
@@ -75,9 +77,13 @@ def preload_tensorflow() -> None:
 
 
 class ConsoleNoise(logging.Filter):
-    """Drops the per-task completion lines of the fan-out and hook bookkeeping; keeps anything not INFO."""
+    """Drops the per-task completion lines of the fan-out and hook bookkeeping, and the engine's traceback of an
+    error nestcast raised on purpose (the CLI ends with its one-line message, and the "Finished in state Failed"
+    line names it); keeps anything else that is not INFO."""
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], NestcastError):
+            return False
         if record.levelno != logging.INFO:
             return True
         if record.name.startswith("great_expectations"):  # its "Created temporary directory" notices

@@ -25,7 +25,7 @@ def _recovered_first(config: NestcastConfig) -> list[Any]:
     "ingest",
     tags=["io"],
     cache_key=content_cache_key("ingest", input_trees=_recovered_first),
-    outputs=lambda p: [LakePaths.of(p["config"]).manifest],
+    outputs=lambda p: ingest_step.lake_outputs(LakePaths.of(p["config"])),
 )
 def ingest_raw_files(config: NestcastConfig) -> dict[str, Any]:
     """Validate every raw CSV with Great Expectations; good rows to Parquet, bad rows to quarantine."""

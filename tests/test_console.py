@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from core.display import change, forecast_summary_lines, four, month_range, ratio, versus
+from core.errors import DataValidationError
 from deployments.console import ConsoleNoise, wants_verbose
 
 REPO = Path(__file__).resolve().parents[1]
@@ -123,3 +124,31 @@ def test_the_engine_s_final_line_carries_the_name_the_flow_run_was_renamed_to(ha
         logger.setLevel(level)
     names = {record.getMessage().split(" ")[0]: record.flow_run_name for record in recorded.records}
     assert names["Finished"] == "after-rename", names
+
+
+def test_an_error_nestcast_raised_on_purpose_reaches_the_console_without_the_engines_traceback():
+    def record(error: BaseException) -> logging.LogRecord:
+        try:
+            raise error
+        except BaseException:
+            message = "Encountered exception during execution: %r"
+            return logging.LogRecord("prefect.flow_runs", logging.ERROR, __file__, 1, message, (error,), sys.exc_info())
+
+    noise = ConsoleNoise()
+    assert not noise.filter(record(DataValidationError("test.csv: ... on line 10")))
+    assert noise.filter(record(RuntimeError("a bug")))  # an unexpected error keeps its traceback
+
+
+def test_a_data_error_after_the_flow_started_ends_in_one_error_line_and_no_traceback(tmp_path, tiny_data):
+    root = tiny_data(tmp_path / "D", seed=1)
+    test_csv = root / "raw" / "test.csv"
+    lines = test_csv.read_text().splitlines()
+    row = lines[9].split(",")
+    lines[9] = ",".join([row[0], "abc", *row[2:]])  # line 10: a shop_id that is not an integer
+    test_csv.write_text("\n".join(lines) + "\n")
+    result = nestcast("run", "--data-dir", "D", *TINY_OPTIONS, cwd=tmp_path)
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert "Finished in state Failed" in result.stderr  # the engine's own line still says what failed
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: test.csv: ") and "line 10" in last, last

@@ -145,6 +145,22 @@ def test_an_interrupted_commit_is_completed_before_a_cached_ingest_is_served(tmp
     assert _ingest_flow(config) == "Cached"
 
 
+def test_a_sales_partition_deleted_or_damaged_behind_the_manifest_makes_a_cached_ingest_rewrite_it(
+        tmp_path: Path) -> None:  # fmt: skip
+    config = _write_raw(tmp_path / "a", **{DROP.removesuffix(".csv"): DROP_BYTES})
+    paths = LakePaths(config.data_dir)
+    assert _ingest_flow(config) == "Completed"
+    clean = _lake_files(paths)
+    assert _ingest_flow(config) == "Cached"
+    shutil.rmtree(paths.sales_file(1).parent)  # rm -rf lake/sales/date_block_num=1: raw/ is unchanged
+    assert _ingest_flow(config) == "Completed", "a cache hit would serve the lake without month 1"
+    assert _lake_files(paths) == clean
+    _damage_in_place(paths.sales_file(3))  # the drop's month, owned by another file
+    assert _ingest_flow(config) == "Completed"
+    assert _lake_files(paths) == clean
+    assert _ingest_flow(config) == "Cached"
+
+
 def test_aggregation_completes_an_interrupted_commit_before_reading_the_lake(tmp_path: Path) -> None:
     config = _write_raw(tmp_path / "a", **{DROP.removesuffix(".csv"): DROP_BYTES})
     paths = LakePaths(config.data_dir)

@@ -51,7 +51,7 @@ from core.ingest.lines import FIELD_COUNT_RULE, UNBALANCED_QUOTE_RULE
 from core.ingest.plan import IngestPlan, plan_ingest
 from core.ingest.readers import read_manifest, read_quarantine, read_reference, read_sales
 from core.ingest.report import FileReport, IngestSummary, RemovedFile
-from core.ingest.run import ingest
+from core.ingest.run import ingest, lake_outputs
 
 __all__ = [
     "FIELD_COUNT_RULE",
@@ -64,6 +64,7 @@ __all__ = [
     "IngestPlan",
     "IngestSummary",
     "ingest",
+    "lake_outputs",
     "plan_ingest",
     "read_manifest",
     "read_quarantine",

@@ -42,8 +42,11 @@ class Transaction:
             self.moves.append(rel)
         return self.staging / rel
 
-    def parquet(self, target: Path, table: pa.Table) -> None:
-        write_parquet_atomic(self._stage(target), table)
+    def parquet(self, target: Path, table: pa.Table) -> Path:
+        """Stage ``table`` for ``target``; returns the staged file (hashed before the commit)."""
+        staged = self._stage(target)
+        write_parquet_atomic(staged, table)
+        return staged
 
     def json(self, target: Path, payload: Any) -> None:
         write_json_atomic(self._stage(target), payload)

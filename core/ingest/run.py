@@ -30,8 +30,9 @@ from core.ingest.readers import MANIFEST_VERSION, partition, read_manifest
 from core.ingest.reference import validate_reference, validate_test
 from core.ingest.report import FileReport, IngestSummary, RemovedFile
 from core.ingest.sales import validate_sales
-from core.lake import LakePaths
+from core.lake import LakePaths, file_sha256, partition_month
 
+PARTITION_HASHES = "partition_sha256"  # in the manifest: month -> sha256 of lake/sales/date_block_num=<month>
 # Thresholds decide whether a run may go on, not what a row is: changing them revalidates nothing.
 _NOT_RULES = {"max_quarantined_share", "warn_quarantined_share"}
 
@@ -93,19 +94,37 @@ def rules_sha(config: NestcastConfig) -> str:
     return hashlib.sha256(json.dumps({"rules": RULES_VERSION, "ingest": rules}, sort_keys=True).encode()).hexdigest()
 
 
-def missing_outputs(paths: LakePaths, manifest: Mapping[str, Any], present: Mapping[str, str]) -> frozenset[str]:
-    """Known files whose outputs are gone from the lake (they are validated again)."""
+def _outputs_by_file(paths: LakePaths, manifest: Mapping[str, Any]) -> dict[str, list[Path]]:
+    """Each file the manifest records -> the lake files it wrote (a sales file's month partitions, or a table)."""
     owned: dict[str, list[int]] = {}
     for month, owner in manifest.get("months", {}).items():
         owned.setdefault(owner, []).append(int(month))
-    missing = set()
-    for name in set(manifest.get("files", {})) & set(present):
-        kind = kind_of(name)
-        outputs = ([partition(paths, m) for m in owned.get(name, [])] if kind == "sales"
-                   else [paths.reference_table(kind)])
-        if not all(p.exists() for p in outputs):
-            missing.add(name)
-    return frozenset(missing)
+    return {name: [partition(paths, m) for m in sorted(owned.get(name, []))] if kind_of(name) == "sales"
+            else [paths.reference_table(kind_of(name))] for name in manifest.get("files", {})}  # fmt: skip
+
+
+def missing_outputs(paths: LakePaths, manifest: Mapping[str, Any], present: Mapping[str, str]) -> frozenset[str]:
+    """Known files whose outputs are gone from the lake, or (sales partitions) differ from the sha256 the
+    manifest recorded when they were written: they are validated and written again."""
+    outputs, hashes = _outputs_by_file(paths, manifest), manifest.get(PARTITION_HASHES, {})
+
+    def intact(path: Path) -> bool:
+        if not path.exists():
+            return False
+        try:
+            recorded = hashes.get(str(partition_month(path)))
+        except ValueError:  # a reference table: its existence is what the manifest vouches for
+            return True
+        return recorded is None or file_sha256(path) == recorded
+
+    return frozenset(name for name in set(outputs) & set(present) if not all(map(intact, outputs[name])))
+
+
+def lake_outputs(paths: LakePaths) -> list[Path]:
+    """The manifest and every lake file it says ingest wrote: what a cached ingest must find as it left them
+    (a partition deleted or damaged behind the manifest's back makes the step run, and its plan rewrite it)."""
+    outputs = _outputs_by_file(paths, read_manifest(paths))
+    return [paths.manifest, *sorted({path for files in outputs.values() for path in files})]
 
 
 def _validate_planned(ctx: IngestContext, plan: IngestPlan, raw_files: Mapping[str, Path],
@@ -218,7 +237,8 @@ def _stage(ctx: IngestContext, tx: Transaction, plan: IngestPlan, outcomes: Mapp
         tx.text(ctx.paths.validation / f"{stem(name)}.html", page)
         manifest["files"][name] = _manifest_entry(outcome.report, plan, rules_sha(ctx.config), now)
     with ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1))) as pool:
-        list(pool.map(lambda job: tx.parquet(*job), sales_jobs))
+        staged = list(pool.map(lambda job: tx.parquet(*job), sales_jobs))
+    written = {partition_month(path): file_sha256(path) for path in staged}
     for month in deleted:
         tx.delete(partition(ctx.paths, month))
     for name in plan.removed:  # the lake mirrors raw/: a file gone from it takes its outputs along
@@ -227,9 +247,18 @@ def _stage(ctx: IngestContext, tx: Transaction, plan: IngestPlan, outcomes: Mapp
             if path.exists():
                 tx.delete(path)
     manifest["months"] = {str(m): f for m, f in sorted(owners.items())}
+    manifest[PARTITION_HASHES] = _partition_hashes(manifest, owners, written)
     manifest["version"] = MANIFEST_VERSION
     tx.text(ctx.paths.validation / "index.html", index_html(manifest))
     tx.json(ctx.paths.manifest, manifest)
+
+
+def _partition_hashes(manifest: Mapping[str, Any], owners: Mapping[int, str], written: Mapping[int, str]
+                      ) -> dict[str, str]:  # fmt: skip
+    """Month -> sha256 of its partition: this run's for the months it wrote, the manifest's for the rest."""
+    before = manifest.get(PARTITION_HASHES, {})
+    hashes = {str(m): written.get(m, before.get(str(m))) for m in sorted(owners)}
+    return {month: sha for month, sha in hashes.items() if sha is not None}
 
 
 def _owned_partitions(paths: LakePaths, name: str, outcome: Outcome, owners: Mapping[int, str]
