@@ -90,7 +90,7 @@ class ConsoleNoise(logging.Filter):
             return False
         message = record.getMessage()
         task = getattr(record, "task_name", None)
-        if task in FAN_OUT_TASKS and message.startswith("Finished in state Completed"):
+        if task in FAN_OUT_TASKS and message.startswith(("Finished in state Completed", "Finished in state Cached")):
             return False
         hook_line = message.startswith("Running hook ") or message.endswith("finished running successfully")
         if task is not None and hook_line:

@@ -61,6 +61,7 @@ def test_the_console_filter_drops_fan_out_completions_and_hook_lines_but_never_f
 
     noise = ConsoleNoise()
     assert not noise.filter(record("Finished in state Completed()", "aggregate-month"))
+    assert not noise.filter(record("Finished in state Cached(type=COMPLETED)", "aggregate-month"))  # a rerun
     assert noise.filter(record("Finished in state Failed('boom')", "aggregate-month", logging.ERROR))
     assert noise.filter(record("Finished in state Completed()", "select"))
     assert not noise.filter(record("Running hook 'publish_artifacts' in response to entering state 'Cached'", "x"))
