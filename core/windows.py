@@ -61,6 +61,7 @@ from core.config import NestcastConfig, WindowsConfig
 from core.errors import DataValidationError
 from core.lake import WINDOWS_META_FILE, LakePaths, atomic_path, file_sha256, read_json
 
+STORE_FILES = "files"  # in meta.json: file name -> sha256 of every array and table of the store
 WINDOWS_VERSION = "5"  # 2: grid masks, validation month; 3: target-encoded means; 4: item name families; 5: universe
 
 # (name, level, scaled). Order is the channel order of every window.
@@ -254,7 +255,7 @@ def build_windows(
     target = Path(windows_dir) if windows_dir is not None else paths.windows
     meta_path = target / WINDOWS_META_FILE
     meta = read_json(meta_path)
-    if not force and meta is not None and meta.get("build_hash") == build_hash:
+    if not force and meta is not None and meta.get("build_hash") == build_hash and not store_problems(target):
         return _summary(target, meta, skipped=True, seconds=time.perf_counter() - start)
 
     build = _build(paths, config, holdout_month, provenance={"build_hash": build_hash, "input_hashes": hashes})
@@ -962,7 +963,31 @@ def _write_build(build: _WindowsBuild, out_dir: Path) -> None:
     for name, table in build.tables().items():
         # lz4: these files are re-read at every training run; speed matters more than size here.
         pq.write_table(table, out_dir / f"{name}.parquet", compression="lz4")
+    # The store's files and their sha256, so a file deleted or damaged since is rebuilt, not served.
+    build.meta[STORE_FILES] = {path.name: file_sha256(path) for path in sorted(out_dir.iterdir())
+                               if path.name != WINDOWS_META_FILE}  # fmt: skip
     (out_dir / WINDOWS_META_FILE).write_text(json.dumps(build.meta, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def store_files(windows_dir: str | Path) -> list[Path]:
+    """``meta.json`` and every file it records: what a cached windows step must find as it left them."""
+    windows_dir = Path(windows_dir)
+    recorded = (read_json(windows_dir / WINDOWS_META_FILE) or {}).get(STORE_FILES) or {}
+    return [windows_dir / WINDOWS_META_FILE, *(windows_dir / name for name in sorted(recorded))]
+
+
+def store_problems(windows_dir: str | Path) -> list[str]:
+    """Each file ``meta.json`` records that is missing or whose sha256 differs (empty: the store is intact)."""
+    windows_dir = Path(windows_dir)
+    recorded = (read_json(windows_dir / WINDOWS_META_FILE) or {}).get(STORE_FILES) or {}
+    problems = []
+    for name, sha in sorted(recorded.items()):
+        path = windows_dir / name
+        if not path.exists():
+            problems.append(f"{path}: missing")
+        elif file_sha256(path) != sha:
+            problems.append(f"{path}: sha256 differs from meta.json's")
+    return problems
 
 
 # --- reading -------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from tasks.common import content_cache_key, jsonable, nestcast_task
     task_run_name="build-windows-{purpose}",
     # The reference tables are read too: a removed test.csv (test.parquet gone) changes the forecast pairs.
     cache_key=content_cache_key("aggregate", "windows", input_trees=lambda config: [LakePaths.of(config).reference]),
-    outputs=lambda p: [LakePaths.of(p["config"]).windows_meta(p["purpose"])],
+    outputs=lambda p: windows_step.store_files(LakePaths.of(p["config"]).windows_dir(p["purpose"])),
 )
 def build_windows(config: NestcastConfig, monthly: dict[str, Any], purpose: str = "evaluation") -> dict[str, Any]:
     """Features [series, month, channel] + (series, target month) samples, split by time.

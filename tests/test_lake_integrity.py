@@ -25,6 +25,7 @@ from core.lake import LakePaths, file_sha256, read_json, write_json_atomic
 from core.windows import UNIVERSE_ID_STRIDE
 from flows.aggregate_months import aggregate_months
 from tasks.ingest import ingest_raw_files
+from tasks.windows import build_windows as build_windows_task
 
 pytestmark = pytest.mark.usefixtures("harness")
 
@@ -317,3 +318,25 @@ def test_a_data_dir_that_never_had_a_test_csv_runs_end_to_end(tmp_path, tiny_dat
     submission = pd.read_csv(summary["submission"])
     assert len(submission) > 0 and list(submission.columns) == ["ID", "item_cnt_month"]
     assert not LakePaths(data_dir).reference_table("test").exists()
+
+
+@flow(name="windows-only")
+def _windows_flow(config: NestcastConfig, monthly: dict) -> str:
+    return build_windows_task(config, monthly, purpose="evaluation", return_state=True).name
+
+
+def test_a_windows_array_deleted_or_damaged_in_place_is_rebuilt_not_served(tmp_path: Path, tiny_data) -> None:
+    config = NestcastConfig(data_dir=tiny_data(tmp_path, seed=2))
+    ingest(config)
+    monthly = {"months": aggregate(config).months}
+    assert _windows_flow(config, monthly) == "Completed"
+    store = LakePaths(tmp_path).windows
+    built = {p.name: p.read_bytes() for p in store.iterdir()}
+    assert len(built) > 5 and _windows_flow(config, monthly) == "Cached"
+    _damage_in_place(store / "pair_count.npy")
+    assert _windows_flow(config, monthly) == "Completed", "a damaged array was served from the cache"
+    assert {p.name: p.read_bytes() for p in store.iterdir()} == built
+    (store / "train_index.npy").unlink()
+    assert _windows_flow(config, monthly) == "Completed"
+    assert {p.name: p.read_bytes() for p in store.iterdir()} == built
+    assert _windows_flow(config, monthly) == "Cached"
