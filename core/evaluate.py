@@ -418,10 +418,6 @@ def _cell(text: Any) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
 
 
-def _pct(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:+.1%}"
-
-
 def _table(header: list[str], rows: list[list[Any]]) -> str:
     # First column left-aligned (names), the numbers right-aligned.
     align = "|".join("---" if i == 0 else "---:" for i in range(len(header)))
@@ -467,7 +463,7 @@ def _segment_table(rows: list[SegmentRow], title: str) -> str:
             *(f"{r.metrics[p].rmse:.4f}" for p in predictors),
             f"{r.metrics['model'].mae:.4f}",
             f"{r.metrics['baseline'].mae:.4f}",
-            _pct(r.improvement_rmse),
+            change(r.metrics["model"].rmse, r.metrics["baseline"].rmse),
         ]
         for r in rows
     ]
@@ -504,7 +500,7 @@ def render_report(
         "",
         f"**Verdict: the model {verdict} the previous-period baseline** — RMSE {evaluation.model_rmse:.4f} vs "
         f"{evaluation.baseline_rmse:.4f}, {versus(evaluation.model_rmse, evaluation.baseline_rmse)} "
-        f"(MAE {_pct(evaluation.improvement_mae)}).",
+        f"(MAE {change(evaluation.overall['model'].mae, evaluation.overall['baseline'].mae)}).",
         "",
         f"**Exported: {exported} forecast** — {reason.rstrip('.')}.",
         "",

@@ -269,6 +269,9 @@ def test_write_report_writes_tables_verdict_and_valid_pngs(tmp_path) -> None:
            f"{abs(model_rmse / ev.baseline_rmse - 1):.1%} {'better' if model_rmse < ev.baseline_rmse else 'worse'} |" \
            .replace("%", " %") in report  # fmt: skip
     assert f"| previous month (baseline) | {ev.baseline_rmse:.4f} |" in report
+    mae, baseline_mae = ev.overall["model"].mae, ev.overall["baseline"].mae
+    assert f"(MAE {abs(mae / baseline_mae - 1):.1%} {'better' if mae < baseline_mae else 'worse'})." \
+        .replace("%", " %") in report  # fmt: skip
     assert "| zeros |" in report and "| mean of last 3 months |" in report
     assert "## By novelty" in report and "| new item (never sold before) |" in report
     assert "## By category (top 5 of 14 by rows)" in report
