@@ -204,6 +204,20 @@ def file_sha256(path: str | os.PathLike[str]) -> str:
     return digest.hexdigest()
 
 
+def recorded_file_problems(directory: str | os.PathLike[str], recorded: dict[str, str], record: str) -> list[str]:
+    """Each file of ``recorded`` (name -> sha256, as ``record`` under ``directory`` keeps them) that is missing
+    or whose sha256 differs; empty when every file is as it was written."""
+    problems = []
+    for name, sha in sorted(recorded.items()):
+        path = Path(directory) / name
+        if not path.exists():
+            problems.append(f"{path}: missing")
+        elif (actual := file_sha256(path)) != sha:
+            problems.append(f"{path}: hash mismatch ({record} records sha256 {sha[:12]}…, the file has "
+                            f"{actual[:12]}…)")
+    return problems
+
+
 def tree_sha256(path: str | os.PathLike[str]) -> str:
     """Hash of a file, or of every file below a directory (names and contents), order-independent of walk."""
     root = Path(path)

@@ -34,7 +34,7 @@ import pandas as pd
 from core.calibration import apply_launch_scale, launch_scale
 from core.errors import ModelIntegrityError
 from core.gate import BlendWeights, blend, rmse
-from core.lake import SELECTION_FILE, atomic_path, file_sha256, read_json, write_json_atomic
+from core.lake import SELECTION_FILE, atomic_path, file_sha256, read_json, recorded_file_problems, write_json_atomic
 
 if TYPE_CHECKING:
     from core.config import NestcastConfig
@@ -84,17 +84,8 @@ def artifact_paths(stage_dir: str | Path) -> list[Path]:
 
 def artifact_problems(stage_dir: str | Path) -> list[str]:
     """Every recorded model file that is missing or whose sha256 differs from ``metadata.json``'s."""
-    stage_dir = Path(stage_dir)
-    recorded = (read_json(stage_dir / METADATA_FILE) or {}).get(ARTIFACTS_KEY) or {}
-    problems = []
-    for name, sha in sorted(recorded.items()):
-        path = stage_dir / name
-        if not path.exists():
-            problems.append(f"{path}: missing")
-        elif (actual := file_sha256(path)) != sha:
-            problems.append(f"{path}: hash mismatch (metadata.json records sha256 {sha[:12]}…, the file has "
-                            f"{actual[:12]}…)")
-    return problems
+    recorded = (read_json(Path(stage_dir) / METADATA_FILE) or {}).get(ARTIFACTS_KEY) or {}
+    return recorded_file_problems(stage_dir, recorded, METADATA_FILE)
 
 
 def verify_artifact(path: str | Path) -> None:

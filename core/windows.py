@@ -59,7 +59,7 @@ from core.aggregate import merge_shop_ids, read_monthly_table
 from core.batches import EpochShuffled
 from core.config import NestcastConfig, WindowsConfig
 from core.errors import DataValidationError
-from core.lake import WINDOWS_META_FILE, LakePaths, atomic_path, file_sha256, read_json
+from core.lake import WINDOWS_META_FILE, LakePaths, atomic_path, file_sha256, read_json, recorded_file_problems
 
 STORE_FILES = "files"  # in meta.json: file name -> sha256 of every array and table of the store
 WINDOWS_VERSION = "5"  # 2: grid masks, validation month; 3: target-encoded means; 4: item name families; 5: universe
@@ -978,16 +978,8 @@ def store_files(windows_dir: str | Path) -> list[Path]:
 
 def store_problems(windows_dir: str | Path) -> list[str]:
     """Each file ``meta.json`` records that is missing or whose sha256 differs (empty: the store is intact)."""
-    windows_dir = Path(windows_dir)
-    recorded = (read_json(windows_dir / WINDOWS_META_FILE) or {}).get(STORE_FILES) or {}
-    problems = []
-    for name, sha in sorted(recorded.items()):
-        path = windows_dir / name
-        if not path.exists():
-            problems.append(f"{path}: missing")
-        elif file_sha256(path) != sha:
-            problems.append(f"{path}: sha256 differs from meta.json's")
-    return problems
+    recorded = (read_json(Path(windows_dir) / WINDOWS_META_FILE) or {}).get(STORE_FILES) or {}
+    return recorded_file_problems(windows_dir, recorded, WINDOWS_META_FILE)
 
 
 # --- reading -------------------------------------------------------------------------------------
