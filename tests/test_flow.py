@@ -8,6 +8,7 @@ from typing import Any
 
 import pandas as pd
 import pytest
+from prefect import flow
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
@@ -19,6 +20,7 @@ from core.errors import DataValidationError, ExportCheckError
 from core.lake import LakePaths
 from flows.aggregate_months import aggregate_months
 from flows.sales_forecast import build_config, sales_forecast
+from tasks.ingest import ingest_raw_files
 
 TINY_RUN: dict[str, Any] = {
     "epochs": 2,
@@ -114,7 +116,8 @@ def test_transient_errors_are_retried_data_errors_are_not_and_a_rerun_resumes_fr
     # Cached steps republish their artifacts, so the newest run's page is complete.
     artifacts = artifacts_of(second.state_details.flow_run_id)
     for key in ("evaluation", "evaluation-report", "training-epochs-select", "training-epochs-refit-holdout",
-                "training-epochs-refit-final", "submission", "sales-forecast-summary"):  # fmt: skip
+                "training-epochs-refit-final", "submission", "sales-forecast-summary",
+                "validation-sales-train-csv"):  # fmt: skip
         assert key in artifacts, f"{key} missing from the cached rerun; has {sorted(artifacts)}"
     report = artifacts["evaluation-report"].data
     assert "](data:image/png;base64,iVBORw0KGgo" in report and "file://" not in report
@@ -167,6 +170,39 @@ def test_a_file_level_validation_error_fails_at_once_without_retry(data_dir):
     assert set(runs) == {"ingest"}, "nothing downstream of a failed ingest runs"
     with pytest.raises(DataValidationError, match="sales_train.csv"):
         state.result()
+    failed = artifacts_of(state.state_details.flow_run_id)["validation-failed"]  # the UI says why it stopped
+    assert "sales_train.csv" in failed.data and "Nothing was written to the lake" in failed.data
+
+
+@flow(name="ingest-only")
+def _ingest_only(config: Any) -> dict[str, Any]:
+    return ingest_raw_files(config)
+
+
+def test_the_validation_artifacts_show_the_first_quarantined_lines_and_the_ge_page(data_dir):
+    sales = data_dir / "raw" / "sales_train.csv"
+    with sales.open("a") as handle:  # a negative price and a line with a field missing, at the end
+        handle.write("02.01.2013,0,1,1,-5.0,1.0\n02.01.2013,0,1,1,5.0\n")
+    state = _ingest_only(build_config(data_dir=str(data_dir)), return_state=True)
+    summary = state.result()
+    (report,) = [f for f in summary["files"] if f["file"] == "sales_train.csv"]
+    artifacts = artifacts_of(state.state_details.flow_run_id)
+    measures = {row["measure"]: row["value"] for row in table(artifacts["validation-sales-train-csv"])}
+    assert measures["status"] == (f"failed on {report['rows_quarantined']:,} rows (quarantined); "
+                                  f"the other {report['rows_accepted']:,} accepted")  # fmt: skip
+    assert Path(measures["validation page"]).is_file() and measures["validation page"].endswith(".html")
+    quarantine = pd.read_parquet(data_dir / "lake" / "quarantine" / "sales_train.parquet").sort_values("line_number")
+    markdown = artifacts["quarantine-sales-train-csv"].data
+    for row in quarantine.head(10).itertuples():
+        assert f"| {row.line_number} | {row.rule} | " in markdown, (row.line_number, markdown)
+    last = len(sales.read_text().splitlines())  # the header is line 1, so the last line's number is the count
+    assert {last - 1, last} <= set(quarantine["line_number"]), "the two appended lines are quarantined"
+    assert "quarantine-items-csv" not in artifacts, "a file with nothing quarantined gets no quarantine artifact"
+    again = _ingest_only(build_config(data_dir=str(data_dir)), return_state=True)  # a cached ingest ...
+    assert task_runs(again.state_details.flow_run_id)["ingest"].state.name == "Cached"
+    republished = artifacts_of(again.state_details.flow_run_id)  # ... shows the same on the newest run's page
+    assert republished["quarantine-sales-train-csv"].data == markdown
+    assert {row["measure"]: row["value"] for row in table(republished["validation-sales-train-csv"])} == measures
 
 
 def test_per_month_aggregation_runs_on_a_local_dask_cluster(data_dir):

@@ -49,7 +49,15 @@ from core.ingest.columns import REFERENCE_SCHEMAS, SALES_SCHEMA
 from core.ingest.commit import recover_lake
 from core.ingest.lines import FIELD_COUNT_RULE, UNBALANCED_QUOTE_RULE
 from core.ingest.plan import IngestPlan, plan_ingest
-from core.ingest.readers import read_manifest, read_quarantine, read_reference, read_sales
+from core.ingest.readers import (
+    quarantine_file,
+    quarantine_preview,
+    read_manifest,
+    read_quarantine,
+    read_reference,
+    read_sales,
+    validation_page,
+)
 from core.ingest.report import FileReport, IngestSummary, RemovedFile
 from core.ingest.run import ingest, lake_outputs
 
@@ -66,8 +74,11 @@ __all__ = [
     "ingest",
     "lake_outputs",
     "plan_ingest",
+    "quarantine_file",
+    "quarantine_preview",
     "read_manifest",
     "read_quarantine",
     "read_reference",
     "read_sales",
+    "validation_page",
 ]

@@ -67,10 +67,38 @@ def read_reference(paths: PathLike, name: str) -> pd.DataFrame:
 
 def read_quarantine(paths: PathLike, file_name: str) -> pd.DataFrame:
     """The rows of one raw file that ingest rejected (empty frame if none, or never ingested)."""
-    target = lake_paths(paths).quarantine / f"{stem(file_name)}.parquet"
+    target = quarantine_file(paths, file_name)
     if not target.exists():
         return empty_quarantine(COLUMNS.get(kind_of(file_name) or "sales", ())).to_pandas()
     return pq.read_table(target).to_pandas()
+
+
+#: Quarantine columns that say where and why, not what the row held.
+_PROVENANCE = ("source_file", "line_number", "rule", "rules", "raw_line")
+
+
+def quarantine_preview(paths: PathLike, file_name: str, limit: int = 10) -> list[dict[str, Any]]:
+    """The first ``limit`` quarantined lines of a file, by line: its number, the first rule it broke, and its
+    values as written (the raw line when it could not be split into fields)."""
+    frame = read_quarantine(paths, file_name).sort_values("line_number").head(limit)
+    values = [c for c in frame.columns if c not in _PROVENANCE]
+    rows = []
+    for record in frame.to_dict("records"):
+        raw = record.get("raw_line")
+        written = raw if isinstance(raw, str) else ", ".join(f"{c}={record[c]}" for c in values
+                                                             if record[c] is not None)  # fmt: skip
+        rows.append({"line": int(record["line_number"]), "rule": str(record["rule"]), "values": written})
+    return rows
+
+
+def quarantine_file(paths: PathLike, file_name: str) -> Path:
+    """``lake/quarantine/<stem>.parquet``: every line of one raw file that ingest rejected."""
+    return lake_paths(paths).quarantine / f"{stem(file_name)}.parquet"
+
+
+def validation_page(paths: PathLike, file_name: str) -> Path:
+    """The Great Expectations page of one raw file's latest validation (``lake/validation/<stem>.html``)."""
+    return lake_paths(paths).validation / f"{stem(file_name)}.html"
 
 
 def read_manifest(paths: PathLike) -> dict[str, Any]:
