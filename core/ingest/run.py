@@ -26,7 +26,7 @@ from core.ingest.docs import index_html, stem, validation_doc
 from core.ingest.outcome import Outcome, quarantined_share_warnings
 from core.ingest.plan import IngestPlan, plan_ingest
 from core.ingest.read import read_records
-from core.ingest.readers import MANIFEST_VERSION, partition, read_manifest
+from core.ingest.readers import MANIFEST_VERSION, partition, quarantine_file, read_manifest, validation_page
 from core.ingest.reference import validate_reference, validate_test
 from core.ingest.report import FileReport, IngestSummary, RemovedFile
 from core.ingest.sales import validate_sales
@@ -199,8 +199,7 @@ def _count_replaced(paths: LakePaths, plan: IngestPlan, owners: Mapping[int, str
 def _file_outputs(paths: LakePaths, name: str) -> list[Path]:
     """What ingest wrote for one raw file besides its sales partitions (its reference table, if any)."""
     kind = kind_of(name)
-    docs = [paths.quarantine / f"{stem(name)}.parquet", paths.validation / f"{stem(name)}.json",
-            paths.validation / f"{stem(name)}.html"]
+    docs = [quarantine_file(paths, name), paths.validation / f"{stem(name)}.json", validation_page(paths, name)]
     return ([] if kind == "sales" else [paths.reference_table(kind)]) + docs
 
 
@@ -231,10 +230,10 @@ def _stage(ctx: IngestContext, tx: Transaction, plan: IngestPlan, outcomes: Mapp
             sales_jobs.extend(_owned_partitions(ctx.paths, name, outcome, owners))
         else:
             tx.parquet(ctx.paths.reference_table(outcome.report.kind), outcome.accepted)
-        tx.parquet(ctx.paths.quarantine / f"{stem(name)}.parquet", outcome.quarantine)
+        tx.parquet(quarantine_file(ctx.paths, name), outcome.quarantine)
         payload, page = validation_doc(name, outcome.validation, outcome.report)
         tx.json(ctx.paths.validation / f"{stem(name)}.json", payload)
-        tx.text(ctx.paths.validation / f"{stem(name)}.html", page)
+        tx.text(validation_page(ctx.paths, name), page)
         manifest["files"][name] = _manifest_entry(outcome.report, plan, rules_sha(ctx.config), now)
     with ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1))) as pool:
         staged = list(pool.map(lambda job: tx.parquet(*job), sales_jobs))
