@@ -215,7 +215,11 @@ class NestcastConfig(BaseSettings):
         env_prefix="NESTCAST_", env_nested_delimiter="__", extra="forbid", validate_assignment=True
     )
 
-    data_dir: Path = Field(Path("data"), description="Root of the lake (raw/, lake/, runs/, submissions/).")
+    data_dir: Path | str = Field(
+        Path("data"),
+        description="Root of the lake (raw/, lake/, runs/, submissions/): a folder, or an object-store URL "
+        "(s3://bucket/prefix or any fsspec URL; core.store).",
+    )
     ingest: IngestConfig = Field(default_factory=IngestConfig)
     aggregate: AggregateConfig = Field(default_factory=AggregateConfig)
     windows: WindowsConfig = Field(default_factory=WindowsConfig)
@@ -228,7 +232,11 @@ class NestcastConfig(BaseSettings):
     @field_validator("data_dir", mode="before")
     @classmethod
     def _expand(cls, value: Any) -> Any:
-        return Path(value).expanduser() if isinstance(value, str) and "://" not in value else value
+        if isinstance(value, str) and "://" in value and not value.startswith("file://"):
+            return value.rstrip("/")  # an object store's URL stays a string (a Path would fold its "//")
+        if isinstance(value, str) and value.startswith("file://"):
+            value = value[len("file://"):]
+        return Path(value).expanduser() if isinstance(value, str | Path) else value
 
     @model_validator(mode="after")
     def _clip_range(self) -> NestcastConfig:
@@ -338,11 +346,15 @@ def _env_name(*loc: Any) -> str:
     return (ENV_PREFIX + ENV_DELIMITER.join(str(part) for part in loc)).upper()
 
 
+#: ``NESTCAST_*`` variables read outside the config: where object-store working copies live (``core.store``).
+OTHER_VARIABLES: frozenset[str] = frozenset({"NESTCAST_STORE_CACHE"})
+
+
 def _known_environment() -> tuple[set[str], set[str]]:
     """Every variable ``NestcastConfig`` reads, and the ones that also take deeper ``__KEY`` parts (dicts)."""
     from typing import get_origin
 
-    names: set[str] = set()
+    names: set[str] = set(OTHER_VARIABLES)
     open_ended: set[str] = set()
     for name, field in NestcastConfig.model_fields.items():
         names.add(_env_name(name))

@@ -30,11 +30,19 @@ class DeviceUnavailableError(NestcastError):
     """The configured device (``device=gpu``) is not visible."""
 
 
+class StoreError(NestcastError):
+    """The data directory's object store cannot be used as configured (no such bucket, no filesystem for the URL).
+
+    A store that answers with an error now and then is an ``OSError`` instead, and retried.
+    """
+
+
 #: Exceptions that a retry cannot fix.
 NON_RETRYABLE: tuple[type[BaseException], ...] = (
     DataValidationError,
     ExportCheckError,
     DeviceUnavailableError,
+    StoreError,
     ValueError,
     KeyError,
     TypeError,

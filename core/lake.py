@@ -94,7 +94,9 @@ class LakePaths:
     """
 
     def __init__(self, data_dir: str | os.PathLike[str]) -> None:
-        self.root = Path(data_dir)
+        from core.store import local_root  # a store URL (s3://...) maps to its local working copy
+
+        self.root = local_root(data_dir)
         self.raw = self.root / "raw"
         self.lake = self.root / "lake"
         self.sales = self.lake / "sales"

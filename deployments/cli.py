@@ -45,6 +45,7 @@ from core.config import (
     knob_field,
 )
 from core.errors import NestcastError
+from core.store import data_dir_identity
 
 #: Every run the CLI starts carries these tags (deployment runs carry the deployments' ``nestcast``).
 CLI_TAGS = ("nestcast", "cli")
@@ -100,6 +101,8 @@ def _knob_option(name: str) -> inspect.Parameter:
     annotation, default = field.annotation, knob_default(name, DEFAULTS)
     choices = _choices(name)
     optional = get_origin(annotation) in (Union, type(int | None)) and type(None) in get_args(annotation)
+    if annotation == Path | str:  # data_dir: a folder or an object store's URL (a Path would fold s3:// to s3:/)
+        annotation = str
     if choices is not None:
         annotation, default = choices, choices(default)
     elif optional:
@@ -222,10 +225,39 @@ def _check_directory(path: Path, what: str) -> None:
             _fail(f"{what} {path} cannot be created: {candidate} is a file, not a directory")
 
 
+def _check_store(url: str) -> None:
+    """An object-store data directory answers, holds raw/ files, and has a working copy that can be made."""
+    from core.store import store_of
+
+    try:
+        store = store_of(url)
+        problem = store.raw_problem()
+    except NestcastError as error:
+        _fail(_one_line(error))
+    if problem is not None:
+        _fail(problem)
+    _check_directory(store.root, "working copy of " + url)
+
+
+def _store_urls(summary: dict[str, Any], config: NestcastConfig) -> dict[str, Any]:
+    """A flow's summary with its paths as the store's URLs when the data directory is an object store (the paths
+    are the working copy's; the store is where the files are kept)."""
+    from core.store import store_of
+
+    store = store_of(config.data_dir)
+    if store is None:
+        return summary
+    return {key: store.url_of(value) if isinstance(value, str) else value for key, value in summary.items()}
+
+
 def _check_data_dir(config: NestcastConfig) -> None:
     from core.lake import LakePaths
+    from core.store import is_remote
 
     data_dir = config.data_dir
+    if is_remote(data_dir):
+        _check_store(str(data_dir))
+        return
     _check_directory(data_dir, "data directory")
     if not (data_dir / "raw").is_dir():
         if (data_dir / "raw").exists():
@@ -374,7 +406,9 @@ def prefect_api() -> Iterator[str | None]:
 # --- commands ---------------------------------------------------------------------------------------
 @app.command("demo-data")
 def demo_data(
-    data_dir: Annotated[Path, typer.Argument(help="Data directory; the five CSVs are written to DATA_DIR/raw/.")],
+    data_dir: Annotated[
+        str, typer.Argument(help="Data directory or object-store URL; the five CSVs are written to DATA_DIR/raw/.")
+    ],
     scale: Annotated[
         Scale, typer.Option(help="tiny: tests (<1 s); demo: `make run` (~3 min flow); full: competition size.")
     ] = Scale.demo,
@@ -382,12 +416,36 @@ def demo_data(
 ) -> None:
     """Write synthetic competition files (sales_train, test, items, item_categories, shops)."""
     _check_environment()
-    _check_directory(data_dir, "data directory")
-    _check_directory(data_dir / "raw", "raw directory")
+    from core.store import is_remote
     from core.synthetic import write_competition_files
 
-    summary = write_competition_files(data_dir / "raw", scale=scale.value, seed=seed)
-    typer.echo(f"wrote {scale.value} demo data to {data_dir / 'raw'}: {summary}")
+    if is_remote(data_dir):
+        _demo_data_to_store(data_dir, scale, seed)
+        return
+    local = Path(data_dir).expanduser()
+    _check_directory(local, "data directory")
+    _check_directory(local / "raw", "raw directory")
+    summary = write_competition_files(local / "raw", scale=scale.value, seed=seed)
+    typer.echo(f"wrote {scale.value} demo data to {local / 'raw'}: {summary}")
+
+
+def _demo_data_to_store(url: str, scale: Scale, seed: int) -> None:
+    """Write the files locally, then put them under ``<url>/raw/`` (a store has nowhere to write them in place)."""
+    import tempfile
+
+    from core.store import store_of
+    from core.synthetic import write_competition_files
+
+    try:
+        store = store_of(url)
+        with tempfile.TemporaryDirectory(prefix="nestcast-demo-") as folder:
+            summary = write_competition_files(Path(folder), scale=scale.value, seed=seed)
+            names = store.upload_raw(Path(folder))
+    except NestcastError as error:
+        _fail(_one_line(error))
+    except OSError as error:
+        _fail(f"{url}/raw: {error}")
+    typer.echo(f"wrote {scale.value} demo data to {store.url}/raw: {', '.join(names)} ({summary.rows:,} sales rows)")
 
 
 @app.command()
@@ -409,7 +467,7 @@ def run(
     _check_data_dir(config)
     _check_submission(config.export.submission_path)
     parameters = {name: _plain(value) for name, value in parameters.items()}
-    parameters["data_dir"] = str(config.data_dir.resolve())  # the flow, its log and the UI say where
+    parameters["data_dir"] = data_dir_identity(config.data_dir)  # the flow, its log and the UI say where
 
     from core.display import forecast_summary_lines
     console.quiet_console(verbose)  # before the flow's imports pull in TensorFlow
@@ -421,7 +479,7 @@ def run(
     except NestcastError as error:
         _fail(_one_line(error), code=1)
     typer.echo("")
-    for line in forecast_summary_lines(summary, config.ingest.first_month):
+    for line in forecast_summary_lines(_store_urls(summary, config), config.ingest.first_month):
         typer.echo(line)
 
 
@@ -476,13 +534,15 @@ def backtest(
         _fail(_one_line(error), code=1)
     typer.echo("")
     typer.echo(Path(summary["report"]).read_text(encoding="utf-8"))
-    typer.echo(f"report: {summary['report']}")
+    typer.echo(f"report: {_store_urls(summary, config)['report']}")
 
 
 @app.command()
 def search(
     ctx: typer.Context,
-    data_dir: Annotated[Path, typer.Option(help="Lake root holding raw/.")] = DEFAULTS.data_dir,
+    data_dir: Annotated[str, typer.Option(help="Lake root holding raw/ (a folder or a store URL).")] = str(
+        DEFAULTS.data_dir
+    ),
     trials: Annotated[int, typer.Option(min=1, help="Number of Optuna trials (each one a backtest).")] = 10,
     origins: Annotated[str | None, typer.Option(help="Comma-separated origin months (default: last 3).")] = None,
     seed: Annotated[int, typer.Option(help="Sampler seed.")] = 0,
@@ -512,7 +572,7 @@ def search(
         _fail(_one_line(error), code=1)
     typer.echo("")
     typer.echo(Path(summary["report"]).read_text(encoding="utf-8"))
-    typer.echo(f"report: {summary['report']}")
+    typer.echo(f"report: {_store_urls(summary, config)['report']}")
 
 
 # --- replay (issue 13) --------------------------------------------------------------------------------
@@ -538,14 +598,17 @@ def replay(
     overrides = _merge_sets(ctx, parameters, _parse_sets(set_ or []))
     config = _build_config(**parameters, **overrides)
     from core.replay import plan
+    from core.store import is_remote
 
+    if is_remote(config.data_dir):  # the replay stages a month's drop into local folders: its history must be one
+        _fail(f"replay reads its history from a folder; {config.data_dir} is an object store (copy it locally first)")
     try:  # the history (DATA_DIR/raw/ or DATA_DIR itself) and the months, checked before a flow starts
         replay_plan = plan(config.data_dir, from_month, to_month, work_dir)
     except (ValueError, NestcastError) as error:
         _fail(_one_line(error))
     _check_directory(replay_plan.workspace, "replay data directory")
     parameters = {name: _plain(value) for name, value in parameters.items()}
-    parameters["data_dir"] = str(config.data_dir.resolve())
+    parameters["data_dir"] = data_dir_identity(config.data_dir)
 
     console.quiet_console(verbose)  # before the flow's imports pull in TensorFlow
     from flows.replay import replay as replay_flow

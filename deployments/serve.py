@@ -17,7 +17,6 @@ if __name__ == "__main__" and not console.wants_verbose():  # before the flow's 
     console.quiet_native_logs()
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from prefect import serve
@@ -25,6 +24,7 @@ from prefect.client.schemas.schedules import CronSchedule
 from prefect.deployments.runner import RunnerDeployment
 
 from core.config import NestcastConfig
+from core.store import data_dir_identity
 from flows.sales_forecast import sales_forecast
 
 ENTRYPOINT = "flows/sales_forecast.py:sales_forecast"
@@ -66,7 +66,7 @@ DEPLOYMENTS: tuple[Deployment, ...] = (
 def build_deployments(parameters: dict[str, Any] | None = None) -> list[RunnerDeployment]:
     """The served deployments; their ``data_dir`` default is made absolute here, where ``serve`` starts, so the
     form shows (and every run uses) one directory whatever the runs' working directory."""
-    defaults = {"data_dir": str(Path(NestcastConfig().data_dir).expanduser().resolve())}
+    defaults = {"data_dir": data_dir_identity(NestcastConfig().data_dir)}
     shared = {"parameters": defaults | (parameters or {}), "concurrency_limit": CONCURRENCY_LIMIT,
               "tags": list(TAGS)}  # fmt: skip
     return [

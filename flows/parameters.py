@@ -23,7 +23,7 @@ def _flow_type(annotation: Any) -> Any:
     if annotation is Path:
         return str
     if get_origin(annotation) in (Union, type(Path | None)) and Path in get_args(annotation):
-        return str | None
+        return str | None if type(None) in get_args(annotation) else str  # a folder or a store's URL
     return annotation
 
 

@@ -7,13 +7,13 @@ forecast (``replay-accountability``). It returns, and shows, the accountability 
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger
 
 from core import replay as replay_step
 from core.config import RUN_KNOBS, NestcastConfig
+from core.lake import LakePaths
 from flows.aggregate_months import aggregate_months
 from flows.parameters import OVERRIDES, OVERRIDES_HELP, with_knobs
 from flows.sales_forecast import build_config, sales_forecast
@@ -34,7 +34,7 @@ def replay_accountability(config: NestcastConfig) -> dict[str, Any]:
     ingested = ingest_raw_files.with_options(**options)(config)
     monthly = aggregate_months(config, ingested)
     scored = score_forecasts.with_options(**options)(config, monthly)
-    run_dir = str(Path(config.data_dir) / "runs" / HISTORY_RUN)
+    run_dir = str(LakePaths.of(config).run_dir(HISTORY_RUN))
     return publish_history.with_options(**options)(config, run_dir, scored, {})
 
 

@@ -6,7 +6,6 @@ environment variables); ``overrides`` takes any other config field by its flat n
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger
@@ -15,6 +14,7 @@ from prefect.artifacts import create_markdown_artifact
 from core import display
 from core.config import RUN_KNOBS, NestcastConfig
 from core.protocol import forecast_run_dir
+from core.store import data_dir_identity
 from flows.aggregate_months import aggregate_months
 from flows.parameters import OVERRIDES, OVERRIDES_HELP, with_knobs
 from tasks.accountability import publish_history, score_forecasts
@@ -34,7 +34,7 @@ def build_config(**parameters: Any) -> NestcastConfig:
     where it is (a served deployment's relative default would otherwise depend on where ``serve`` started)."""
     overrides = dict(parameters.pop("overrides", None) or {})
     config = NestcastConfig().with_overrides(**overrides, **parameters)
-    return config.with_overrides(data_dir=str(Path(config.data_dir).expanduser().resolve()))
+    return config.with_overrides(data_dir=data_dir_identity(config.data_dir))
 
 
 # Renamed to forecast-<month>-<kind> once the lake says which month is forecast (see name_flow_run).

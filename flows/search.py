@@ -104,6 +104,6 @@ def search(
     )
     rows, best = found["rows"], found["best"]
     write_json_atomic(root / "best.json", {"best": best, "origins": months, "overrides": fixed})
-    report = search_report.with_options(**options)(rows, str(root), best)
+    report = search_report.with_options(**options)(config, rows, str(root), best)
     get_run_logger().info("search report: %s; best: %s", report["report"], best)
     return {"run_dir": str(root), "origins": months, "best": best, "rows": search_step.sorted_rows(rows), **report}

@@ -75,8 +75,11 @@ def search_trial(
 
 
 @nestcast_task("search-report", tags=["io"])
-def search_report(rows: list[dict[str, Any]], root: str, best: dict[str, Any]) -> dict[str, Any]:
-    """``search.md`` under ``root`` and the trials table artifact (best first)."""
+def search_report(
+    config: NestcastConfig, rows: list[dict[str, Any]], root: str, best: dict[str, Any]
+) -> dict[str, Any]:
+    """``search.md`` under ``root`` and the trials table artifact (best first); ``config`` names the data
+    directory the report is committed to when it is an object store."""
     from core import search as search_step
 
     report = search_step.write_search_report(rows, best, Path(root) / search_step.REPORT_FILE)

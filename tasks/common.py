@@ -24,6 +24,7 @@ from prefect.tasks import exponential_backoff
 from core.config import NestcastConfig
 from core.errors import NON_RETRYABLE
 from core.lake import LakePaths, file_sha256, read_json, tree_sha256, write_json_atomic
+from core.store import data_dir_identity, store_of
 
 F = TypeVar("F", bound=Callable[..., Any])
 CacheKeyFn = Callable[[TaskRunContext, dict[str, Any]], str]
@@ -88,7 +89,7 @@ def content_cache_key(
         digest = hashlib.sha256()
         digest.update(context.task.name.encode())
         digest.update(_source_of(context.task.fn).encode())
-        digest.update(str(Path(config.data_dir).resolve()).encode())
+        digest.update(data_dir_identity(config.data_dir).encode())
         for section in sections:
             digest.update(_fingerprint(getattr(config, section)).encode())
         for name in sorted(parameters):
@@ -183,32 +184,55 @@ def nestcast_task(
     def decorate(fn: F) -> Task[..., Any]:
         key_fn = output_aware(cache_key, outputs) if cache_key is not None and outputs is not None else cache_key
         fn.__nestcast_source__ = inspect.getsource(fn)  # type: ignore[attr-defined]
-        body: Callable[..., Any] = fn
-        if cache_key is not None and outputs is not None:
-            signature = inspect.signature(fn)
+        signature = inspect.signature(fn)
 
-            @functools.wraps(fn)
-            def body(*args: Any, **kwargs: Any) -> Any:
-                result = fn(*args, **kwargs)
-                bound = signature.bind(*args, **kwargs)
-                bound.apply_defaults()
-                record_outputs(cache_key, outputs, dict(bound.arguments))
-                return result
+        @functools.wraps(fn)
+        def body(*args: Any, **kwargs: Any) -> Any:
+            bound = signature.bind(*args, **kwargs)
+            bound.apply_defaults()
+            parameters = dict(bound.arguments)
+            store = _store(parameters)
+            if store is not None:
+                store.pull()
+            result = fn(*args, **kwargs)
+            if cache_key is not None and outputs is not None:
+                record_outputs(cache_key, outputs, parameters)
+            if store is not None:
+                store.commit(note=name)  # only a step that succeeded: a failed one leaves the store as it was
+            return result
 
-            body.__nestcast_source__ = fn.__nestcast_source__  # type: ignore[attr-defined]
-
+        body.__nestcast_source__ = fn.__nestcast_source__  # type: ignore[attr-defined]
         return task(
             body,
             name=name,
             task_run_name=task_run_name,
             tags=["nestcast", *tags],
-            cache_key_fn=key_fn,
+            cache_key_fn=_pulled_first(key_fn) if key_fn is not None else None,
             retry_condition_fn=retry_transient_only,
             on_completion=[_publish_hook(publish)] if publish is not None else None,
             **RETRY_OPTIONS,
         )
 
     return decorate
+
+
+def _store(parameters: Mapping[str, Any]) -> Any:
+    """The object store of the step's data directory (``core.store``), None for a local one."""
+    config = parameters.get("config")
+    return store_of(config.data_dir) if isinstance(config, NestcastConfig) else None
+
+
+def _pulled_first(key_fn: CacheKeyFn) -> CacheKeyFn:
+    """``key_fn`` computed on the store's newest state: the cache check hashes inputs and outputs in the working
+    copy, so it is brought up to date first (on a Dask worker of another machine it may be empty)."""
+
+    def key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
+        store = _store(parameters)
+        if store is not None:
+            store.pull()
+        return key_fn(context, parameters)
+
+    return key
 
 
 def _publish_hook(publish: PublishFn) -> Callable[[Task[..., Any], TaskRun, State], None]:
