@@ -22,6 +22,8 @@ class EpochShuffled:
     ``pad_last``: the last batch is filled up to ``batch_size`` with repeats of its own rows, weighted 0
     (``batch_weights``), so that a compiled train step sees one batch shape only: a short last batch would
     otherwise cost a fresh XLA compile inside the first epoch (and again in validation).
+
+    ``sample_weights``: one weight per sample (a weighted draw's ``1 / rate``), given with every batch.
     """
 
     def __init__(
@@ -32,11 +34,15 @@ class EpochShuffled:
         shuffle: bool,
         seed: int = 0,
         pad_last: bool = False,
+        sample_weights: np.ndarray | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)  # keras.utils.PyDataset's workers / queue settings
         if batch_size < 1:
             raise ValueError("batch_size must be >= 1")
+        if sample_weights is not None and len(sample_weights) != n_samples:
+            raise ValueError(f"sample_weights has {len(sample_weights)} entries for {n_samples} samples")
+        self.sample_weights = None if sample_weights is None else np.asarray(sample_weights, dtype=np.float32)
         self.n_samples = int(n_samples)
         self.batch_size = int(batch_size)
         self.shuffle = shuffle
@@ -67,9 +73,18 @@ class EpochShuffled:
             positions = np.resize(positions, self.batch_size)  # repeats the batch's own rows
         return positions
 
+    @property
+    def weighted(self) -> bool:
+        """Whether batches carry weights: padding to mask, or per-sample weights."""
+        return self.pad_last or self.sample_weights is not None
+
     def batch_weights(self, i: int) -> np.ndarray:
-        """Sample weights of batch ``i``: 1 for its real rows, 0 for the padding ``pad_last`` added."""
+        """Sample weights of batch ``i``: each real row's weight (1 without ``sample_weights``), 0 for the padding
+        ``pad_last`` added."""
         real = min(self.batch_size, self.n_samples - i * self.batch_size)
         weights = np.zeros(self.batch_size if self.pad_last else real, dtype=np.float32)
-        weights[:real] = 1.0
+        if self.sample_weights is None:
+            weights[:real] = 1.0
+        else:
+            weights[:real] = self.sample_weights[self.batch_positions(i)[:real]]
         return weights

@@ -84,7 +84,7 @@ def forecast_summary_lines(summary: Mapping[str, Any], first_month: str = "2013-
         + (f", {summary['epochs']} epoch(s)" if summary.get("epochs") is not None else ""),
     ]
     if summary.get("months"):
-        samples = f", {summary['train_samples']:,} training samples" if summary.get("train_samples") else ""
+        samples = f", {training_samples(summary)}" if summary.get("train_samples") else ""
         lines.append(f"lake:       {month_range(summary['months'], first_month)}{samples}")
     lines += [
         f"submission: {summary['submission']}",
@@ -94,6 +94,13 @@ def forecast_summary_lines(summary: Mapping[str, Any], first_month: str = "2013-
     if summary.get("flow_run_url"):
         lines.append(f"flow run:   {summary['flow_run_url']}")
     return lines
+
+
+def training_samples(summary: Mapping[str, Any]) -> str:
+    """``10,333,657 training samples (500,000 drawn per training stage, weighted)`` when the sample budget drew."""
+    count, budget = int(summary["train_samples"]), summary.get("sample_budget")
+    drawn = f" ({int(budget):,} drawn per training stage, weighted)" if budget and count > int(budget) else ""
+    return f"{count:,} training samples{drawn}"
 
 
 def summary_rows(summary: Mapping[str, Any], first_month: str = "2013-01") -> list[tuple[str, str]]:
@@ -109,7 +116,7 @@ def summary_rows(summary: Mapping[str, Any], first_month: str = "2013-01") -> li
         ("months in the lake", month_range(summary["months"], first_month)),
         ("rows read / accepted / quarantined",
          f"{summary['rows_in']:,} / {summary['rows_accepted']:,} / {summary['rows_quarantined']:,}"),
-        ("training samples", f"{summary['train_samples']:,}"),
+        ("training samples", training_samples(summary).removesuffix(" training samples")),
         ("epochs (selected)", str(summary["epochs"])),
     ]  # fmt: skip
     rows += [(f"{label} RMSE", four(summary[key])) for key, label in SCORE_LABELS.items()

@@ -312,7 +312,7 @@ class ArrayBatches(EpochShuffled, keras.utils.PyDataset):
         batch = {name: value[rows] for name, value in self.inputs.items()}
         if self.y is None:
             return (batch,)
-        return (batch, self.y[rows], self.batch_weights(i)) if self.pad_last else (batch, self.y[rows])
+        return (batch, self.y[rows], self.batch_weights(i)) if self.weighted else (batch, self.y[rows])
 
 
 def _as_dataset(data: Any, batch_size: int, *, shuffle: bool, seed: int) -> Any:
@@ -701,6 +701,7 @@ def train_forecaster(
         train_cfg.batch_size,
         seed=train_cfg.seed,
         max_samples=train_cfg.max_train_samples,
+        budget=train_cfg.sample_budget,
         before_month=before,
         pad_last=True,
     )

@@ -127,7 +127,8 @@ def _reference_fit(config: NestcastConfig, store: WindowStore, tables: Any, **kw
     from core.reference import fit_reference
 
     return fit_reference(
-        store, tables, config.reference, seed=config.train.seed, max_samples=config.train.max_train_samples, **kwargs
+        store, tables, config.reference, seed=config.train.seed, max_samples=config.train.max_train_samples,
+        budget=config.train.sample_budget, **kwargs,
     )
 
 

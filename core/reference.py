@@ -355,6 +355,7 @@ def fit_reference(
     rounds: int | None = None,
     validate: bool = False,
     max_samples: int | None = None,
+    budget: int | None = None,
     extended: bool = False,
 ) -> ReferenceFit:
     """Train on the store's training samples before ``before_month`` (None: all of them).
@@ -366,11 +367,11 @@ def fit_reference(
 
     started = time.perf_counter()
     clip = tuple(float(v) for v in store.meta["target_clip"])
-    samples = store.training_samples(before_month, max_samples, seed)
+    samples, weights = store.weighted_training_samples(before_month, max_samples, seed, budget)
     if samples.shape[0] == 0:
         raise ValueError(f"no training samples before month {before_month}")
     y = store.targets(samples[:, 0], samples[:, 1])
-    train = lgb.Dataset(design(tables, samples, extended), y, feature_name=feature_names(extended),
+    train = lgb.Dataset(design(tables, samples, extended), y, weight=weights, feature_name=feature_names(extended),
                         categorical_feature=list(CATEGORICAL), free_raw_data=True)  # fmt: skip
     params = _params(cfg, seed)
     if validate:

@@ -1147,6 +1147,23 @@ class WindowStore:
             index = index[keep]
         return index
 
+    def weighted_training_samples(
+        self,
+        before_month: int | None = None,
+        max_samples: int | None = None,
+        seed: int = 0,
+        budget: int | None = None,
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """``training_samples``, then at most ``budget`` of them by ``budget_draw`` (non-zero targets first, the
+        zero-target windows drawn to fill it), with each kept window's weight; weights are None when every
+        window is kept."""
+        index = self.training_samples(before_month, max_samples, seed)
+        if budget is None or index.shape[0] <= budget:
+            return index, None
+        nonzero = self.targets(index[:, 0], index[:, 1]) > 0
+        keep, weights = budget_draw(nonzero, budget, seed)
+        return index[keep], weights
+
     def train_dataset(
         self,
         batch_size: int,
@@ -1154,16 +1171,19 @@ class WindowStore:
         shuffle: bool = True,
         max_samples: int | None = None,
         before_month: int | None = None,
+        budget: int | None = None,
         **kwargs: Any,
     ) -> Any:
         """Training batches (``keras.utils.PyDataset``), reshuffled every epoch from ``seed``.
 
         ``before_month`` keeps the targets before that month (the protocol's selection stage trains below the
-        validation month). ``max_samples`` keeps a seeded random subset. ``kwargs`` go to ``EpochShuffled``
-        (``pad_last``) and ``PyDataset``.
+        validation month). ``max_samples`` keeps a seeded random subset; ``budget`` then a weighted draw of at
+        most that many (``weighted_training_samples``). ``kwargs`` go to ``EpochShuffled`` (``pad_last``) and
+        ``PyDataset``.
         """
-        index = self.training_samples(before_month, max_samples, seed)
-        return _dataset_class()(self, index, batch_size, with_y=True, shuffle=shuffle, seed=seed, **kwargs)
+        index, weights = self.weighted_training_samples(before_month, max_samples, seed, budget)
+        return _dataset_class()(self, index, batch_size, with_y=True, shuffle=shuffle, seed=seed,
+                                sample_weights=weights, **kwargs)  # fmt: skip
 
     def holdout_dataset(self, batch_size: int, **kwargs: Any) -> Any:
         """Holdout batches with targets, in ``holdout_frame()`` order."""
@@ -1189,6 +1209,39 @@ class WindowStore:
     def forecast_frame(self) -> pd.DataFrame:
         """One row per test.csv row (ID order): ids, ``series_idx``, baselines ``prev`` and ``mean3``."""
         return self._forecast_frame.copy()
+
+
+#: Share of a sample budget that windows with a non-zero target get before any zero-target window does.
+NONZERO_SHARE = 0.75
+
+
+def budget_draw(nonzero: np.ndarray, budget: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Positions (sorted) of at most ``budget`` windows drawn from ``nonzero`` (True where a window's target is not
+    zero), and each kept window's weight.
+
+    The grid is mostly zero targets (a pair that sold nothing that month), which teach the model little each.
+    Non-zero windows are kept first, up to ``NONZERO_SHARE`` of the budget (all of them when they fit); the
+    zero-target ones fill the rest, each group drawn uniformly without replacement. A kept window weighs
+    ``group size / kept of the group`` (1 / its inclusion rate), so a weighted loss over the draw is an unbiased
+    estimate of the loss over every window (Horvitz-Thompson). When every window fits, all are kept with weight 1.
+
+    Example: 100 windows, 10 non-zero, budget 28 -> the 10 non-zero (weight 1) and 18 of the 90 zeros (weight 5).
+    """
+    nonzero = np.asarray(nonzero, dtype=bool).ravel()
+    if budget < 1:
+        raise ValueError(f"budget must be at least 1, got {budget}")
+    if nonzero.size <= budget:
+        return np.arange(nonzero.size), np.ones(nonzero.size, dtype=np.float32)
+    positive, zero = np.flatnonzero(nonzero), np.flatnonzero(~nonzero)
+    kept_positive = min(positive.size, budget if zero.size == 0 else round(NONZERO_SHARE * budget))
+    kept_zero = min(zero.size, budget - kept_positive)
+    rng = np.random.default_rng([seed, 7])
+    keep = np.sort(np.concatenate([
+        rng.choice(positive, kept_positive, replace=False) if kept_positive < positive.size else positive,
+        rng.choice(zero, kept_zero, replace=False) if kept_zero < zero.size else zero,
+    ]))  # fmt: skip
+    weights = np.where(nonzero[keep], positive.size / max(kept_positive, 1), zero.size / max(kept_zero, 1))
+    return keep, weights.astype(np.float32)
 
 
 def _static_names() -> tuple[str, ...]:
@@ -1226,6 +1279,6 @@ def _dataset_class() -> type:
             if not self.with_y:
                 return (inputs,)
             targets = self.store.targets(rows[:, 0], rows[:, 1])
-            return (inputs, targets, self.batch_weights(i)) if self.pad_last else (inputs, targets)
+            return (inputs, targets, self.batch_weights(i)) if self.weighted else (inputs, targets)
 
     return WindowDataset

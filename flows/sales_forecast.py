@@ -79,6 +79,7 @@ def sales_forecast(*, overrides: dict[str, Any] | None = None, **knobs: Any) -> 
         "months": monthly["months"],
         "forecast_month": forecast_month,
         "train_samples": windows["sample_counts"]["train"],
+        "sample_budget": config.train.sample_budget,
         "run_dir": run_dir,
         "validation_month": selection["validation_month"],
         "holdout_month": evaluation["holdout_month"],

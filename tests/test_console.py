@@ -94,6 +94,10 @@ def test_the_summary_puts_the_verdict_first_and_the_flow_run_url_last():
     assert "holdout 2015-10 RMSE: model 1.4127, ensemble 1.4126, previous month 1.8579" in lines
     assert lines[-1] == "flow run:   http://127.0.0.1:4200/runs/flow-run/x"
     assert not forecast_summary_lines({**summary, "flow_run_url": None})[-1].startswith("flow run")
+    assert "lake:       2013-01 – 2015-10 (34 months), 12,000 training samples" in lines
+    drawn = forecast_summary_lines({**summary, "train_samples": 10_333_657, "sample_budget": 500_000})
+    assert ("lake:       2013-01 – 2015-10 (34 months), 10,333,657 training samples (500,000 drawn per training "
+            "stage, weighted)") in drawn  # fmt: skip
 
 
 class Recorded(logging.Handler):

@@ -480,3 +480,52 @@ def test_datasets_feed_keras(tmp_path: Path, tiny: dict[str, pd.DataFrame]) -> N
     assert np.isfinite(history.history["val_loss"][0])
     prediction = model.predict(store.forecast_dataset(128), verbose=0)
     assert prediction.shape == (len(store.forecast_frame()), 1)
+
+
+# --- the sample budget (issue 17: a full-size run in a working day) ------------------------------------------
+def test_a_budget_draw_keeps_the_nonzero_windows_that_fit_and_weights_each_group_by_its_inverse_rate() -> None:
+    from core.windows import budget_draw
+
+    nonzero = np.zeros(100, dtype=bool)
+    nonzero[::10] = True
+    keep, weights = budget_draw(nonzero, budget=28, seed=3)
+    assert keep.size == 28 and np.all(np.diff(keep) > 0)
+    assert set(np.flatnonzero(nonzero)) <= set(keep.tolist())  # all 10 non-zero windows, weight 1
+    np.testing.assert_array_equal(weights[nonzero[keep]], 1.0)
+    np.testing.assert_array_equal(weights[~nonzero[keep]], 5.0)  # 18 of the 90 zeros stand for 5 each
+    again, _ = budget_draw(nonzero, budget=28, seed=3)
+    np.testing.assert_array_equal(again, keep)
+    assert not np.array_equal(budget_draw(nonzero, budget=28, seed=4)[0], keep)
+
+    # More non-zero windows than the budget's share: they are drawn too, each group weighted by its own rate.
+    many = np.random.default_rng(0).random(1000) < 0.6
+    keep, weights = budget_draw(many, budget=200, seed=0)
+    assert many[keep].sum() == 150 and (~many[keep]).sum() == 50
+    np.testing.assert_allclose(weights[many[keep]], many.sum() / 150)
+    np.testing.assert_allclose(weights[~many[keep]], (~many).sum() / 50)
+    keep, weights = budget_draw(many, budget=5000, seed=0)  # everything fits: nothing drawn, nothing weighted
+    np.testing.assert_array_equal(keep, np.arange(1000)) and np.testing.assert_array_equal(weights, 1.0)
+
+
+def test_the_weighted_draw_of_a_store_gives_the_full_grid_loss_of_any_forecast_that_depends_on_the_target_alone(
+    tmp_path: Path, tiny: dict[str, pd.DataFrame]
+) -> None:
+    store = WindowStore.open(build_windows(tiny_lake(tmp_path, tiny)).windows_dir)
+    everything = store.training_samples()
+    budget = everything.shape[0] // 3
+    index, weights = store.weighted_training_samples(budget=budget, seed=2)
+    assert index.shape[0] == budget and weights is not None
+    y_all, y_kept = store.targets(everything[:, 0], everything[:, 1]), store.targets(index[:, 0], index[:, 1])
+    # Every zero target stands for (n zeros / kept zeros) of them, so the squared error of a forecast that is a
+    # function of "sold or not" (here 0.4 for zeros, the truth otherwise) sums exactly as over every window.
+    assert np.sum(weights * (y_kept == 0) * 0.4**2) == pytest.approx(np.sum((y_all == 0) * 0.4**2), rel=1e-5)
+    assert np.sum(weights) == pytest.approx(everything.shape[0], rel=1e-5)
+
+    batches = store.train_dataset(batch_size=64, seed=2, budget=budget, pad_last=True)
+    assert batches.n_samples == budget
+    _, targets, batch_weights = batches[0]
+    w_zero, w_sold = np.unique(weights[y_kept == 0]), np.unique(weights[y_kept > 0])
+    assert w_zero.size == w_sold.size == 1 and w_zero[0] != w_sold[0]  # one rate per group
+    np.testing.assert_array_equal(batch_weights, np.where(targets == 0, w_zero[0], w_sold[0]))
+    last = batches[len(batches) - 1][2]
+    assert (last == 0).sum() == len(batches) * 64 - budget  # the padding still weighs nothing
