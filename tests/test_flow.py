@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -45,10 +46,19 @@ def data_dir(tmp_path, tiny_data) -> Path:
     return tiny_data(tmp_path, seed=5)
 
 
-def task_runs(flow_run_id) -> dict[str, Any]:
-    """The flow's own task runs by task name (sub-flow task runs are not included)."""
-    with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+def task_runs(flow_run_id, settle_seconds: float = 120) -> dict[str, Any]:
+    """The flow's own task runs by task name (sub-flow task runs are not included), once each is in a final state.
+
+    The API records task-run states from events that its recorder service writes a moment later, so right after
+    the flow returned a loaded machine can still show a finished task as Pending or Running.
+    """
+    deadline = time.monotonic() + settle_seconds
+    while True:
+        with get_client(sync_client=True) as client:
+            runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+        if all(run.state is not None and run.state.is_final() for run in runs) or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
     by_name: dict[str, Any] = {}
     for run in runs:
         by_name[run.name if run.name.startswith(NAMED_RUNS) else run.name.rsplit("-", 1)[0]] = run
