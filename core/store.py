@@ -222,12 +222,14 @@ class ObjectStoreLake:
             state = self._state()
             self.root.mkdir(parents=True, exist_ok=True)
             self._pull_raw(state)
-            head = self.head()
-            if head.version != state["version"]:
+            versions = self.versions()
+            newest = versions[-1] if versions else 0
+            if newest != state["version"]:  # only then read the manifest: most pulls find nothing new
+                head = self.head()
                 self._pull_files(head, state)
                 state["version"] = head.version
             self._save_state(state)
-            return head.version
+            return int(state["version"])
 
     def _pull_raw(self, state: dict[str, Any]) -> None:
         remote = self.raw_objects()
