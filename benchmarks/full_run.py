@@ -46,8 +46,11 @@ def _task_runs() -> list[Any]:
     """Every task run of the temporary backend: the flow's and its aggregation sub-flow's (nothing else ran there)."""
     from prefect.client.orchestration import get_client
 
+    runs: list[Any] = []
     with get_client(sync_client=True) as client:
-        return client.read_task_runs(limit=10_000)
+        while page := client.read_task_runs(limit=200, offset=len(runs)):  # the API's largest page
+            runs += page
+    return runs
 
 
 def _step_seconds(runs: list[Any]) -> dict[str, float]:
@@ -102,16 +105,19 @@ def main() -> None:
 
     from prefect.testing.utilities import prefect_test_harness
 
+    from core.config import RUN_KNOBS
     from flows.sales_forecast import sales_forecast
 
+    knobs = {name: overrides.pop(name) for name in list(overrides) if name in RUN_KNOBS}  # the flow's parameters
     with prefect_test_harness(server_startup_timeout=120):
         started = time.perf_counter()
-        state = sales_forecast(data_dir=str(args.data_dir.resolve()), overrides=overrides, return_state=True)
+        state = sales_forecast(data_dir=str(args.data_dir.resolve()), **knobs, overrides=overrides, return_state=True)
         total = time.perf_counter() - started
         summary = state.result()
         seconds = _step_seconds(_task_runs())
 
-    print(f"\n{args.tag or 'run'}: overrides {overrides or 'none'}; flow {total:.0f} s ({total / 60:.1f} min)")
+    settings = knobs | overrides or "defaults"
+    print(f"\n{args.tag or 'run'}: settings {settings}; flow {total:.0f} s ({total / 60:.1f} min)")
     print("| step | seconds |\n|---|---:|")
     for step, value in seconds.items():
         print(f"| {step} | {value:.0f} |")

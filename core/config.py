@@ -142,7 +142,7 @@ class TrainConfig(_Section):
         description="Training windows per stage at most, for the network and the boosters alike (None: every "
         "window): the non-zero targets first, then zero-target windows drawn to fill it, each kept window "
         "weighted by 1 / its draw rate (core.windows.budget_draw). The default keeps a full-size run (10.3 M grid "
-        "windows) near 7 minutes on 2 cores and leaves the real slice and the demo data (fewer windows) whole.",
+        "windows) near 6 minutes on 2 cores and leaves the real slice and the demo data (fewer windows) whole.",
     )
     launch_calibration: bool = Field(
         True,

@@ -107,12 +107,11 @@ class Manifest:
 
     version: int = 0
     files: dict[str, dict[str, Any]] = field(default_factory=dict)
-    txid: str | None = None
 
     @classmethod
     def parse(cls, text: bytes | str) -> Manifest:
         payload = json.loads(text)
-        return cls(version=int(payload["version"]), files=dict(payload["files"]), txid=payload.get("txid"))
+        return cls(version=int(payload["version"]), files=dict(payload["files"]))
 
 
 class ObjectStoreLake:
@@ -334,7 +333,7 @@ class ObjectStoreLake:
                 self.create_exclusive(self._commit_key(head.version + 1), json.dumps(payload, indent=1).encode())
             except FileExistsError:
                 continue  # another writer took this version: put the changes on top of theirs
-            return Manifest(version=head.version + 1, files=files, txid=txid)
+            return Manifest(version=head.version + 1, files=files)
         raise OSError(f"{self.url}: could not commit after {MAX_COMMIT_ATTEMPTS} attempts (other writers kept winning)")
 
     def create_exclusive(self, key: str, data: bytes) -> None:
