@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     work = args.keep or Path(tempfile.mkdtemp(prefix="nestcast-compare-"))
     try:
         described = make_lake(args, work)
-        base = NestcastConfig(data_dir=work).with_overrides(**parse_sets(args.sets))
+        base = NestcastConfig(data_dir=work).with_overrides(parse_sets(args.sets))
         prepare_lake(base)
         if args.origins:
             origins = parse_origins(args.origins)

@@ -318,7 +318,8 @@ _HEADERS = {
     "train_s": "train s",
 }
 _SHOWN_CONFIG = ("kind", "units", "depth", "lookback", "sample_policy", "epochs", "batch_size", "learning_rate",
-                 "loss", "max_train_samples", "embeddings", "head_units", "seed")  # fmt: skip
+                 "learning_rate_schedule", "loss", "max_train_samples", "sample_budget", "embeddings", "head_units",
+                 "seed")  # fmt: skip
 
 
 def _cell(value: Any, decimals: int | None = None) -> str:

@@ -120,8 +120,21 @@ class TrainConfig(_Section):
         description="Training epochs. 3 won the backtest on the real slice (origins 26-28): 0.774x the "
         "previous-month RMSE vs 0.787x at 8 epochs, whose extra epochs overfit the older months.",
     )
-    batch_size: int = Field(512, ge=1)
-    learning_rate: float = Field(2e-3, gt=0)
+    batch_size: int = Field(
+        2048,
+        ge=1,
+        description="Training batch size. 2048 trains 1.4x as many windows a second as 512 on 2 CPU cores, and with "
+        "the learning rate doubled and the cosine it scored the same on the full-size validation month and the real "
+        "slice.",
+    )
+    learning_rate: float = Field(4e-3, gt=0, description="Adam's peak learning rate.")
+    learning_rate_schedule: Literal["cosine", "constant"] = Field(
+        "cosine",
+        description="'cosine': the rate falls from learning_rate to learning_rate_floor x it along half a cosine over "
+        "`epochs` epochs, in both training stages (a refit of k epochs ends where the selected epoch k did); "
+        "'constant': learning_rate throughout.",
+    )
+    learning_rate_floor: float = Field(0.05, ge=0, le=1, description="The cosine's last rate, as a share of the peak.")
     loss: Literal["mse", "huber"] = "mse"
     patience: int = Field(2, ge=0, description="Early-stopping patience on the holdout loss (0: off).")
     seed: int = 42
@@ -137,12 +150,13 @@ class TrainConfig(_Section):
         None, ge=1, description="Subsample training windows to at most this many (None: all)."
     )
     sample_budget: int | None = Field(
-        500_000,
+        1_000_000,
         ge=1000,
-        description="Training windows per stage at most, for the network and the boosters alike (None: every "
+        description="Training windows per epoch at most, for the network and the boosters alike (None: every "
         "window): the non-zero targets first, then zero-target windows drawn to fill it, each kept window "
-        "weighted by 1 / its draw rate (core.windows.budget_draw). The default keeps a full-size run (10.3 M grid "
-        "windows) near 6 minutes on 2 cores and leaves the real slice and the demo data (fewer windows) whole.",
+        "weighted by 1 / its draw rate (core.windows.budget_draw); the network draws afresh every epoch. The "
+        "default keeps a full-size run (10.3 M grid windows) under 10 minutes on 2 cores and leaves the real slice "
+        "and the demo data (fewer windows) whole.",
     )
     launch_calibration: bool = Field(
         True,
@@ -253,16 +267,17 @@ class NestcastConfig(BaseSettings):
         return self
 
     # --- flat overrides (CLI options, flow parameters) -----------------------------------------
-    def with_overrides(self, **flat: Any) -> NestcastConfig:
-        """A copy with flat overrides applied; ``None`` values are ignored.
+    def with_overrides(self, explicit: Mapping[str, Any] | None = None, /, **flat: Any) -> NestcastConfig:
+        """A copy with flat overrides applied: first ``explicit``, then ``flat``.
 
         Flat names are the field names of the sections (``epochs``, ``lookback``, ``kind``…),
-        unique across sections, plus ``data_dir``.
+        unique across sections, plus ``data_dir``. A ``None`` in ``flat`` is a knob left unset (a CLI option or
+        flow parameter not given) and is ignored; every ``explicit`` value is applied, ``None`` included, so
+        ``--set sample_budget=null`` (``overrides={"sample_budget": None}``) means "no budget".
         """
         data = self.model_dump()
-        for name, value in flat.items():
-            if value is None:
-                continue
+        given = [(name, value) for name, value in flat.items() if value is not None]
+        for name, value in [*(explicit or {}).items(), *given]:
             path = FLAT_FIELDS.get(name)
             if path is None:
                 raise ValueError(f"unknown configuration field {name!r}; known: {', '.join(sorted(FLAT_FIELDS))}")

@@ -111,7 +111,6 @@ class LakePaths:
         self.accountability = self.lake / "accountability"  # exported forecasts scored once their month arrived
         self.runs = self.root / "runs"
         self.submissions = self.root / "submissions"
-        self.task_outputs = self.root / ".task-outputs"  # what each cached Prefect step last wrote (tasks.common)
 
     @classmethod
     def of(cls, config: Any) -> LakePaths:

@@ -437,6 +437,47 @@ class _EpochCheckpoint(keras.callbacks.Callback):
             self.on_epoch(epoch, logs)
 
 
+class CosineLearningRate(keras.callbacks.Callback):
+    """Sets the optimizer's rate before every batch: ``peak`` falling to ``floor * peak`` along half a cosine over
+    ``epochs`` epochs of ``steps`` batches.
+
+    The rate is a function of ``(epoch, batch)`` alone, so a run resumed at epoch k continues the same curve, and a
+    refit told to stop after k of the ``epochs`` ends at the rate the selected epoch k ended at. Decaying the rate
+    is what lets the last steps settle: at a constant rate the validation RMSE of successive epochs of a
+    full-size run swung by 1.5 %, more than a fourfold sample budget moved it.
+
+    Args:
+        peak: the first batch's rate (``train.learning_rate``).
+        epochs: epochs the cosine spans (the configured maximum, in both stages).
+        steps: batches per epoch.
+        floor: the last batch's rate as a share of ``peak``, in [0, 1].
+
+    Example: ``CosineLearningRate(4e-3, epochs=3, steps=len(train), floor=0.05).rate(1, 0)`` is 3.05e-3.
+    """
+
+    def __init__(self, peak: float, epochs: int, steps: int, floor: float = 0.05) -> None:
+        super().__init__()
+        if peak <= 0:
+            raise ValueError(f"peak must be positive, got {peak}")
+        if epochs < 1 or steps < 1:
+            raise ValueError(f"epochs and steps must be at least 1, got {epochs} and {steps}")
+        if not 0 <= floor <= 1:
+            raise ValueError(f"floor must lie in [0, 1], got {floor}")
+        self.peak, self.epochs, self.steps, self.floor = float(peak), int(epochs), int(steps), float(floor)
+        self._epoch = 0
+
+    def rate(self, epoch: int, batch: int) -> float:
+        """The rate of batch ``batch`` of epoch ``epoch`` (0-based); past the span, the floor."""
+        progress = min((epoch + batch / self.steps) / self.epochs, 1.0)
+        return self.peak * (self.floor + (1.0 - self.floor) * 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+    def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        self._epoch = epoch
+
+    def on_train_batch_begin(self, batch: int, logs: dict[str, Any] | None = None) -> None:
+        self.model.optimizer.learning_rate.assign(self.rate(self._epoch, batch))
+
+
 def _exact_loss_logs(logs: dict[str, float]) -> dict[str, float]:
     """``loss``/``val_loss`` from the sample-weighted ``OBJECTIVE`` metric where the model has it."""
     for prefix in ("", "val_"):
@@ -556,6 +597,17 @@ def _write_metadata(
     write_json_atomic(path, metadata)
 
 
+def _schedule(train_cfg: TrainConfig, epochs: int, train: Any) -> list[keras.callbacks.Callback]:
+    if train_cfg.learning_rate_schedule == "constant":
+        return []
+    try:
+        steps = len(train)
+    except TypeError as error:  # a tf.data pipeline of unknown cardinality
+        raise ValueError("learning_rate_schedule 'cosine' needs training data of known length (batches per epoch); "
+                         "give a sized dataset or set learning_rate_schedule='constant'") from error  # fmt: skip
+    return [CosineLearningRate(train_cfg.learning_rate, epochs, steps, train_cfg.learning_rate_floor)]
+
+
 def train_model(
     model: keras.Model,
     train_data: Any,
@@ -567,6 +619,7 @@ def train_model(
     device: DeviceInfo | None = None,
     extra_metadata: dict[str, Any] | None = None,
     callbacks: Sequence[keras.callbacks.Callback] = (),
+    schedule_epochs: int | None = None,
 ) -> TrainResult:
     """Fit ``model``; resume from ``run_dir/checkpoints`` if a previous call was interrupted.
 
@@ -577,6 +630,8 @@ def train_model(
     Writes ``model.keras`` (best weights) and ``metadata.json`` atomically into ``run_dir``.
     ``callbacks`` (e.g. ``core.progress.TrainingProgress``) run after the checkpoint; one with a
     ``describe(data, device)`` method is first told the training data and the device.
+    ``schedule_epochs``: the epochs ``train_cfg.learning_rate_schedule`` spans (default ``train_cfg.epochs``; a
+    refit passes the selection's maximum so that it follows the selection's curve).
     """
     started = time.perf_counter()
     run_dir = Path(run_dir)
@@ -599,8 +654,9 @@ def train_model(
     for callback in callbacks:
         if hasattr(callback, "describe"):
             callback.describe(train, device.to_dict())
+    schedule = _schedule(train_cfg, schedule_epochs or train_cfg.epochs, train)
     if not (state["stopped_early"] or resumed_from >= train_cfg.epochs):
-        _fit(model, train, val, train_cfg, device, checkpoint, resumed_from, callbacks)
+        _fit(model, train, val, train_cfg, device, checkpoint, resumed_from, [*schedule, *callbacks])
     best = _weights_file(ckpt_dir, "best")
     if best.exists():
         model.load_weights(best)
@@ -714,5 +770,6 @@ def train_forecaster(
     }
     metadata.update(extra_metadata or {})
     return train_model(
-        model, train, val, train_cfg, run_dir, on_epoch, device=device, extra_metadata=metadata, callbacks=callbacks
+        model, train, val, train_cfg, run_dir, on_epoch, device=device, extra_metadata=metadata, callbacks=callbacks,
+        schedule_epochs=config.train.epochs,
     )

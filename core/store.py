@@ -286,7 +286,7 @@ class ObjectStoreLake:
         return changed, sorted(set(known) - present)
 
     def _tracked_files(self) -> Iterator[Path]:
-        # dot-names are a step's temporaries, journals, locks and the machine's own cache stamps (.task-outputs)
+        # dot-names are a step's temporaries, journals, locks
         for directory, dirs, files in os.walk(self.root):
             dirs[:] = [d for d in dirs if not d.startswith(".") and not (directory == str(self.root) and d == RAW_DIR)]
             yield from (Path(directory) / name for name in files if not name.startswith("."))

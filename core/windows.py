@@ -1160,9 +1160,7 @@ class WindowStore:
         index = self.training_samples(before_month, max_samples, seed)
         if budget is None or index.shape[0] <= budget:
             return index, None
-        nonzero = self.targets(index[:, 0], index[:, 1]) > 0
-        keep, weights = budget_draw(nonzero, budget, seed)
-        return index[keep], weights
+        return BudgetDraws(index, self.targets(index[:, 0], index[:, 1]) > 0, budget, seed).draw(0)
 
     def train_dataset(
         self,
@@ -1178,12 +1176,16 @@ class WindowStore:
 
         ``before_month`` keeps the targets before that month (the protocol's selection stage trains below the
         validation month). ``max_samples`` keeps a seeded random subset; ``budget`` then a weighted draw of at
-        most that many (``weighted_training_samples``). ``kwargs`` go to ``EpochShuffled`` (``pad_last``) and
-        ``PyDataset``.
+        most that many, drawn afresh every epoch (``BudgetDraws``): epoch k trains on ``budget_draw``'s sample
+        for ``(seed, k)``, so three epochs see up to three times as many distinct windows as one fixed draw for
+        the same compute. ``kwargs`` go to ``EpochShuffled`` (``pad_last``) and ``PyDataset``.
         """
-        index, weights = self.weighted_training_samples(before_month, max_samples, seed, budget)
-        return _dataset_class()(self, index, batch_size, with_y=True, shuffle=shuffle, seed=seed,
-                                sample_weights=weights, **kwargs)  # fmt: skip
+        index = self.training_samples(before_month, max_samples, seed)
+        draws = None
+        if budget is not None and index.shape[0] > budget:
+            draws = BudgetDraws(index, self.targets(index[:, 0], index[:, 1]) > 0, budget, seed)
+        return _dataset_class()(self, index, batch_size, with_y=True, shuffle=shuffle, seed=seed, draws=draws,
+                                **kwargs)  # fmt: skip
 
     def holdout_dataset(self, batch_size: int, **kwargs: Any) -> Any:
         """Holdout batches with targets, in ``holdout_frame()`` order."""
@@ -1215,7 +1217,7 @@ class WindowStore:
 NONZERO_SHARE = 0.75
 
 
-def budget_draw(nonzero: np.ndarray, budget: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def budget_draw(nonzero: np.ndarray, budget: int, seed: int = 0, epoch: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Positions (sorted) of at most ``budget`` windows drawn from ``nonzero`` (True where a window's target is not
     zero), and each kept window's weight.
 
@@ -1224,6 +1226,8 @@ def budget_draw(nonzero: np.ndarray, budget: int, seed: int = 0) -> tuple[np.nda
     zero-target ones fill the rest, each group drawn uniformly without replacement. A kept window weighs
     ``group size / kept of the group`` (1 / its inclusion rate), so a weighted loss over the draw is an unbiased
     estimate of the loss over every window (Horvitz-Thompson). When every window fits, all are kept with weight 1.
+
+    ``epoch`` selects one of independent draws from the same ``seed`` (``BudgetDraws`` takes a fresh one each epoch).
 
     Example: 100 windows, 10 non-zero, budget 28 -> the 10 non-zero (weight 1) and 18 of the 90 zeros (weight 5).
     """
@@ -1235,13 +1239,48 @@ def budget_draw(nonzero: np.ndarray, budget: int, seed: int = 0) -> tuple[np.nda
     positive, zero = np.flatnonzero(nonzero), np.flatnonzero(~nonzero)
     kept_positive = min(positive.size, budget if zero.size == 0 else round(NONZERO_SHARE * budget))
     kept_zero = min(zero.size, budget - kept_positive)
-    rng = np.random.default_rng([seed, 7])
+    rng = np.random.default_rng([seed, 7, epoch])
     keep = np.sort(np.concatenate([
         rng.choice(positive, kept_positive, replace=False) if kept_positive < positive.size else positive,
         rng.choice(zero, kept_zero, replace=False) if kept_zero < zero.size else zero,
     ]))  # fmt: skip
     weights = np.where(nonzero[keep], positive.size / max(kept_positive, 1), zero.size / max(kept_zero, 1))
     return keep, weights.astype(np.float32)
+
+
+class BudgetDraws:
+    """One ``budget_draw`` of a training pool per epoch, each a function of ``(seed, epoch)`` alone.
+
+    A fixed draw shows the network the same few zero-target windows every epoch; a fresh draw per epoch spreads
+    the same number of steps over more of the grid, and each epoch's weighted loss stays an unbiased estimate of
+    the loss over every window. A run resumed at epoch k redraws exactly the sample it would have trained on.
+
+    Args:
+        index: the pool, ``[n, 2]`` (series, target month) rows.
+        nonzero: ``[n]``, True where a row's target is not zero.
+        budget: rows per draw (the pool must be larger).
+        seed: the draws' seed.
+    """
+
+    def __init__(self, index: np.ndarray, nonzero: np.ndarray, budget: int, seed: int = 0) -> None:
+        if len(nonzero) != len(index):
+            raise ValueError(f"nonzero has {len(nonzero)} entries for a pool of {len(index)} rows")
+        if not 1 <= budget < len(index):
+            raise ValueError(f"budget must lie in 1..{len(index) - 1} (the pool has {len(index)} rows), got {budget}")
+        self.index, self.nonzero, self.budget, self.seed = index, np.asarray(nonzero, dtype=bool), int(budget), seed
+        self._last: tuple[int, tuple[np.ndarray, np.ndarray]] | None = None
+
+    def draw(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """Epoch ``epoch``'s rows (sorted pool order) and their weights."""
+        if self._last is None or self._last[0] != epoch:
+            keep, weights = budget_draw(self.nonzero, self.budget, self.seed, epoch)
+            self._last = (epoch, (self.index[keep], weights))
+        return self._last[1]
+
+    @property
+    def size(self) -> int:
+        """Rows in every draw (the budget, or fewer when a group is smaller than its share)."""
+        return len(self.draw(0)[0]) if self._last is None else len(self._last[1][0])
 
 
 def _static_names() -> tuple[str, ...]:
@@ -1266,12 +1305,22 @@ def _dataset_class() -> type:
             with_y: bool,
             shuffle: bool,
             seed: int = 0,
+            draws: BudgetDraws | None = None,
             **kwargs: Any,
         ) -> None:
             self.store = store
+            self.draws = draws
             self.index = np.asarray(index, dtype=np.int32).reshape(-1, 2)
             self.with_y = with_y
-            super().__init__(self.index.shape[0], batch_size, shuffle=shuffle, seed=seed, **kwargs)
+            n_samples = self.index.shape[0] if draws is None else draws.size
+            weights = None if draws is None else np.ones(n_samples, dtype=np.float32)  # set_epoch replaces it
+            super().__init__(n_samples, batch_size, shuffle=shuffle, seed=seed, sample_weights=weights, **kwargs)
+
+        def set_epoch(self, epoch: int) -> None:
+            if self.draws is not None:
+                index, self.sample_weights = self.draws.draw(epoch)
+                self.index = index.astype(np.int32, copy=False)
+            super().set_epoch(epoch)
 
         def __getitem__(self, i: int) -> Any:
             rows = self.index[self.batch_positions(i)]

@@ -175,8 +175,8 @@ def _same_setting(name: str, first: Any, second: Any) -> bool:
     """Whether two values mean the same for config field ``name`` (``2`` and ``"2"``, ``1e-3`` and ``0.001``)."""
     try:
         return (
-            DEFAULTS.with_overrides(**{name: first}).flat()[name]
-            == DEFAULTS.with_overrides(**{name: second}).flat()[name]
+            DEFAULTS.with_overrides({name: first}).flat()[name]
+            == DEFAULTS.with_overrides({name: second}).flat()[name]
         )
     except (ValidationError, ValueError):
         return bool(first == second)
@@ -203,10 +203,12 @@ def _merge_sets(ctx: typer.Context, parameters: dict[str, Any], sets: dict[str, 
     return rest
 
 
-def _build_config(**flat: Any) -> NestcastConfig:
-    """The run's whole configuration, every override applied; a bad value is a one-line error."""
+def _build_config(parameters: dict[str, Any], sets: dict[str, Any]) -> NestcastConfig:
+    """The run's whole configuration: the options given, and every ``--set`` (``null`` included); a bad value is a
+    one-line error."""
     try:
-        return DEFAULTS.with_overrides(**{name: _plain(value) for name, value in flat.items()})
+        return DEFAULTS.with_overrides({name: _plain(value) for name, value in sets.items()},
+                                       **{name: _plain(value) for name, value in parameters.items()})  # fmt: skip
     except (ValidationError, ValueError) as error:
         _fail(_one_line(error))
 
@@ -463,7 +465,7 @@ def run(
     _check_environment()
     parameters = _knob_values(knobs)
     overrides = _merge_sets(ctx, parameters, _parse_sets(set_ or []))
-    config = _build_config(**parameters, **overrides)
+    config = _build_config(parameters, overrides)
     _check_data_dir(config)
     _check_submission(config.export.submission_path)
     parameters = {name: _plain(value) for name, value in parameters.items()}
@@ -520,7 +522,7 @@ def backtest(
     parameters = _knob_values(knobs)
     overrides = _merge_sets(ctx, parameters, _parse_sets(set_ or []))
     months = _origins(origins)
-    config = _build_config(**parameters, **overrides)
+    config = _build_config(parameters, overrides)
     _check_data_dir(config)
     parameters = {name: _plain(value) for name, value in parameters.items()}
 
@@ -557,7 +559,7 @@ def search(
     parameters: dict[str, Any] = {"data_dir": data_dir}
     overrides = _merge_sets(ctx, parameters, _parse_sets(set_ or []))  # --seed is the sampler's, not a field
     months = _origins(origins)
-    config = _build_config(**parameters, **overrides)
+    config = _build_config(parameters, overrides)
     _check_data_dir(config)
 
     console.quiet_console(verbose)  # before the flow's imports pull in TensorFlow
@@ -596,7 +598,7 @@ def replay(
     _check_environment()
     parameters = _knob_values(knobs)
     overrides = _merge_sets(ctx, parameters, _parse_sets(set_ or []))
-    config = _build_config(**parameters, **overrides)
+    config = _build_config(parameters, overrides)
     from core.replay import plan
     from core.store import is_remote
 

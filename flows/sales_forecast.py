@@ -33,7 +33,7 @@ def build_config(**parameters: Any) -> NestcastConfig:
     """The run's config; ``data_dir`` made absolute here, once, so every path the run logs and records says
     where it is (a served deployment's relative default would otherwise depend on where ``serve`` started)."""
     overrides = dict(parameters.pop("overrides", None) or {})
-    config = NestcastConfig().with_overrides(**overrides, **parameters)
+    config = NestcastConfig().with_overrides(overrides, **parameters)
     return config.with_overrides(data_dir=data_dir_identity(config.data_dir))
 
 

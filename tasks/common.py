@@ -18,12 +18,13 @@ from typing import Any, TypeVar
 from prefect import Task, task
 from prefect.client.schemas.objects import TaskRun
 from prefect.context import TaskRunContext
+from prefect.settings import get_current_settings
 from prefect.states import State
 from prefect.tasks import exponential_backoff
 
 from core.config import NestcastConfig
 from core.errors import NON_RETRYABLE
-from core.lake import LakePaths, file_sha256, read_json, tree_sha256, write_json_atomic
+from core.lake import file_sha256, read_json, tree_sha256, write_json_atomic
 from core.store import data_dir_identity, store_of
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -128,8 +129,13 @@ def output_stamps(paths: Iterable[Path]) -> dict[str, str]:
     return stamps
 
 
-def _stamp_file(config: NestcastConfig, key: str) -> Path:
-    return LakePaths.of(config).task_outputs / f"{key}.json"
+def _stamp_file(key: str) -> Path:
+    """Beside Prefect's own cached results, so that the two are kept and lost together.
+
+    In the data directory the record went with it: a directory wiped and written again at the same path found
+    no record, took "no record" for "never ran here" and was served ingest's cached result over an empty lake.
+    """
+    return Path(get_current_settings().results.local_storage_path) / "nestcast-task-outputs" / f"{key}.json"
 
 
 def output_aware(cache_key: CacheKeyFn, outputs: OutputsFn) -> CacheKeyFn:
@@ -137,7 +143,7 @@ def output_aware(cache_key: CacheKeyFn, outputs: OutputsFn) -> CacheKeyFn:
 
     Prefect computes a key before the task runs, so the outputs cannot be hashed into it directly (the key
     would differ from the one the run stored its result under). Instead a step's success records its
-    outputs' stamps (``nestcast_task`` does, under ``.task-outputs/<key>.json``); while the current stamps
+    outputs' stamps (``nestcast_task`` does, beside Prefect's results: ``_stamp_file``); while the current stamps
     match that record, the key is the plain content key, and when they do not (a wiped lake or runs dir, a
     file rewritten or damaged in place, even with its size and mtime kept) it is salted, so the step runs
     again. Its success then records the new stamps.
@@ -145,7 +151,7 @@ def output_aware(cache_key: CacheKeyFn, outputs: OutputsFn) -> CacheKeyFn:
 
     def key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
         plain = cache_key(context, parameters)
-        recorded = read_json(_stamp_file(parameters["config"], plain))
+        recorded = read_json(_stamp_file(plain))
         current = output_stamps(outputs(parameters))
         if recorded is None or recorded == current and "missing" not in current.values():
             return plain  # never ran here (nothing to contradict), or its outputs are as it left them
@@ -160,7 +166,7 @@ def record_outputs(cache_key: CacheKeyFn, outputs: OutputsFn, parameters: dict[s
     if context is None:  # called outside a task run (a test calling .fn): nothing to cache
         return
     plain = cache_key(context, parameters)
-    write_json_atomic(_stamp_file(parameters["config"], plain), output_stamps(outputs(parameters)))
+    write_json_atomic(_stamp_file(plain), output_stamps(outputs(parameters)))
 
 
 # --- the one task decorator -------------------------------------------------------------------------

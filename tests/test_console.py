@@ -95,9 +95,9 @@ def test_the_summary_puts_the_verdict_first_and_the_flow_run_url_last():
     assert lines[-1] == "flow run:   http://127.0.0.1:4200/runs/flow-run/x"
     assert not forecast_summary_lines({**summary, "flow_run_url": None})[-1].startswith("flow run")
     assert "lake:       2013-01 – 2015-10 (34 months), 12,000 training samples" in lines
-    drawn = forecast_summary_lines({**summary, "train_samples": 10_333_657, "sample_budget": 500_000})
-    assert ("lake:       2013-01 – 2015-10 (34 months), 10,333,657 training samples (500,000 drawn per training "
-            "stage, weighted)") in drawn  # fmt: skip
+    drawn = forecast_summary_lines({**summary, "train_samples": 10_333_657, "sample_budget": 1_000_000})
+    assert ("lake:       2013-01 – 2015-10 (34 months), 10,333,657 training samples (1,000,000 drawn afresh each "
+            "epoch, weighted)") in drawn  # fmt: skip
 
 
 class Recorded(logging.Handler):

@@ -14,6 +14,7 @@ from core.config import ModelConfig, TrainConfig
 from core.errors import DeviceUnavailableError
 from core.model import (
     ArrayBatches,
+    CosineLearningRate,
     DeviceInfo,
     build_model,
     load_model,
@@ -124,6 +125,54 @@ def test_checkpoint_resume_after_interruption_equals_uninterrupted(tmp_path):
     # A finished run resumed again trains no further.
     again = train_model(build(), train, val, cfg, tmp_path / "run", device=CPU_NO_JIT)
     assert again.resumed_from == 4 and again.epochs_run == 4 and again.seconds_per_epoch is None
+
+
+class RatesSeen(keras.callbacks.Callback):
+    """The optimizer's learning rate at every training batch, as the train step used it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rates: list[float] = []
+
+    def on_train_batch_end(self, batch, logs=None) -> None:
+        self.rates.append(float(self.model.optimizer.learning_rate))
+
+
+def test_the_cosine_rate_falls_from_the_peak_to_the_floor_and_a_refit_of_k_epochs_follows_the_selections_curve(
+    tmp_path,
+):
+    train = make_data(256, 0)  # 4 batches an epoch
+    cfg = TrainConfig(epochs=3, batch_size=64, patience=0, learning_rate=8e-3, learning_rate_floor=0.1)
+    selection = RatesSeen()
+    train_model(build(), train, None, cfg, tmp_path / "select", device=CPU_NO_JIT, callbacks=[selection])
+    steps = 4
+    expected = [8e-3 * (0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * k / (3 * steps)))) for k in range(3 * steps)]
+    np.testing.assert_allclose(selection.rates, expected, rtol=1e-6)
+    assert selection.rates[0] == pytest.approx(8e-3) and selection.rates[-1] < 0.15 * 8e-3
+    assert all(later < earlier for earlier, later in zip(selection.rates, selection.rates[1:], strict=False))
+    assert CosineLearningRate(8e-3, epochs=3, steps=steps, floor=0.1).rate(3, 0) == pytest.approx(8e-4)
+
+    refit = RatesSeen()  # two of the three epochs, on the selection's curve (not squeezed into two epochs)
+    refit_cfg = cfg.model_copy(update={"epochs": 2})
+    train_model(build(), train, None, refit_cfg, tmp_path / "refit", device=CPU_NO_JIT, callbacks=[refit],
+                schedule_epochs=3)  # fmt: skip
+    np.testing.assert_allclose(refit.rates, selection.rates[: 2 * steps], rtol=1e-6)
+
+    constant = RatesSeen()
+    train_model(build(), train, None, cfg.model_copy(update={"learning_rate_schedule": "constant"}),
+                tmp_path / "constant", device=CPU_NO_JIT, callbacks=[constant])  # fmt: skip
+    np.testing.assert_allclose(constant.rates, 1e-2, rtol=1e-6)  # untouched: the rate build() compiled with
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [({"peak": 0.0}, "peak must be positive, got 0.0"), ({"epochs": 0}, "epochs and steps must be at least 1"),
+     ({"floor": 1.5}, r"floor must lie in \[0, 1\], got 1.5")],
+)  # fmt: skip
+def test_the_cosine_schedule_names_a_bad_argument(kwargs, message):
+    arguments = {"peak": 1e-3, "epochs": 3, "steps": 10, "floor": 0.05} | kwargs
+    with pytest.raises(ValueError, match=message):
+        CosineLearningRate(**arguments)
 
 
 def test_batch_order_depends_on_seed_and_epoch_only():

@@ -529,3 +529,40 @@ def test_the_weighted_draw_of_a_store_gives_the_full_grid_loss_of_any_forecast_t
     np.testing.assert_array_equal(batch_weights, np.where(targets == 0, w_zero[0], w_sold[0]))
     last = batches[len(batches) - 1][2]
     assert (last == 0).sum() == len(batches) * 64 - budget  # the padding still weighs nothing
+
+
+def test_a_budgeted_dataset_draws_afresh_each_epoch_and_a_resumed_run_redraws_the_same_epoch(
+    tmp_path: Path, tiny: dict[str, pd.DataFrame]
+) -> None:
+    store = WindowStore.open(build_windows(tiny_lake(tmp_path, tiny)).windows_dir)
+    everything = store.training_samples()
+    budget = everything.shape[0] // 4
+
+    def epoch_rows(dataset: object) -> set[tuple[int, int]]:
+        rows = np.concatenate([dataset.index[dataset.batch_positions(i)] for i in range(len(dataset))])
+        return set(map(tuple, rows[: dataset.n_samples].tolist()))
+
+    batches = store.train_dataset(batch_size=64, seed=5, budget=budget, pad_last=True)
+    first = epoch_rows(batches)
+    assert len(first) == budget  # each draw is without replacement
+    # The boosters train on the fixed draw, which is the network's first epoch.
+    boosters, _ = store.weighted_training_samples(budget=budget, seed=5)
+    assert first == set(map(tuple, boosters.tolist()))
+    batches.on_epoch_end()
+    second = epoch_rows(batches)
+    assert len(second) == budget and second != first and len(first | second) > budget  # new windows this epoch
+
+    resumed = store.train_dataset(batch_size=64, seed=5, budget=budget, pad_last=True)
+    resumed.set_epoch(1)
+    for i in (0, len(resumed) - 1):
+        x, y, w = resumed[i]
+        x_run, y_run, w_run = batches[i]
+        np.testing.assert_array_equal(x["sequence"], x_run["sequence"])
+        np.testing.assert_array_equal(y, y_run) and np.testing.assert_array_equal(w, w_run)
+
+    # Each epoch's draw is weighted on its own: its weights still add up to every window.
+    y_kept = store.targets(batches.index[:, 0], batches.index[:, 1])
+    assert np.sum(batches.sample_weights) == pytest.approx(everything.shape[0], rel=1e-5)
+    assert np.sum(batches.sample_weights * (y_kept == 0)) == pytest.approx(
+        np.sum(store.targets(everything[:, 0], everything[:, 1]) == 0), rel=1e-5
+    )
