@@ -150,7 +150,7 @@ class TrainConfig(_Section):
         None, ge=1, description="Subsample training windows to at most this many (None: all)."
     )
     sample_budget: int | None = Field(
-        1_000_000,
+        600_000,
         ge=1000,
         description="Training windows per epoch at most, for the network and the boosters alike (None: every "
         "window): the non-zero targets first, then zero-target windows drawn to fill it, each kept window "

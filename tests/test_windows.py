@@ -507,11 +507,16 @@ def test_a_budget_draw_keeps_the_nonzero_windows_that_fit_and_weights_each_group
     np.testing.assert_array_equal(keep, np.arange(1000)) and np.testing.assert_array_equal(weights, 1.0)
 
 
+def store_and_pool(tmp_path: Path, tiny: dict[str, pd.DataFrame]) -> tuple[WindowStore, np.ndarray]:
+    """The tiny lake's window store and every training sample in it."""
+    store = WindowStore.open(build_windows(tiny_lake(tmp_path, tiny)).windows_dir)
+    return store, store.training_samples()
+
+
 def test_the_weighted_draw_of_a_store_gives_the_full_grid_loss_of_any_forecast_that_depends_on_the_target_alone(
     tmp_path: Path, tiny: dict[str, pd.DataFrame]
 ) -> None:
-    store = WindowStore.open(build_windows(tiny_lake(tmp_path, tiny)).windows_dir)
-    everything = store.training_samples()
+    store, everything = store_and_pool(tmp_path, tiny)
     budget = everything.shape[0] // 3
     index, weights = store.weighted_training_samples(budget=budget, seed=2)
     assert index.shape[0] == budget and weights is not None
@@ -534,8 +539,7 @@ def test_the_weighted_draw_of_a_store_gives_the_full_grid_loss_of_any_forecast_t
 def test_a_budgeted_dataset_draws_afresh_each_epoch_and_a_resumed_run_redraws_the_same_epoch(
     tmp_path: Path, tiny: dict[str, pd.DataFrame]
 ) -> None:
-    store = WindowStore.open(build_windows(tiny_lake(tmp_path, tiny)).windows_dir)
-    everything = store.training_samples()
+    store, everything = store_and_pool(tmp_path, tiny)
     budget = everything.shape[0] // 4
 
     def epoch_rows(dataset: object) -> set[tuple[int, int]]:
