@@ -97,7 +97,7 @@ def forecast_summary_lines(summary: Mapping[str, Any], first_month: str = "2013-
 
 
 def training_samples(summary: Mapping[str, Any]) -> str:
-    """``10,333,657 training samples (1,000,000 drawn afresh each epoch, weighted)`` when the sample budget drew."""
+    """``10,333,657 training samples (600,000 drawn afresh each epoch, weighted)`` when the sample budget drew."""
     count, budget = int(summary["train_samples"]), summary.get("sample_budget")
     drawn = f" ({int(budget):,} drawn afresh each epoch, weighted)" if budget and count > int(budget) else ""
     return f"{count:,} training samples{drawn}"

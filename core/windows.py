@@ -1157,10 +1157,17 @@ class WindowStore:
         """``training_samples``, then at most ``budget`` of them by ``budget_draw`` (non-zero targets first, the
         zero-target windows drawn to fill it), with each kept window's weight; weights are None when every
         window is kept."""
+        index, draws = self._budget_draws(before_month, max_samples, seed, budget)
+        return (index, None) if draws is None else draws.draw(0)
+
+    def _budget_draws(
+        self, before_month: int | None, max_samples: int | None, seed: int, budget: int | None
+    ) -> tuple[np.ndarray, BudgetDraws | None]:
+        """``training_samples`` and, when they outnumber ``budget``, the draws from them (None: keep them all)."""
         index = self.training_samples(before_month, max_samples, seed)
         if budget is None or index.shape[0] <= budget:
             return index, None
-        return BudgetDraws(index, self.targets(index[:, 0], index[:, 1]) > 0, budget, seed).draw(0)
+        return index, BudgetDraws(index, self.targets(index[:, 0], index[:, 1]) > 0, budget, seed)
 
     def train_dataset(
         self,
@@ -1180,10 +1187,7 @@ class WindowStore:
         for ``(seed, k)``, so three epochs see up to three times as many distinct windows as one fixed draw for
         the same compute. ``kwargs`` go to ``EpochShuffled`` (``pad_last``) and ``PyDataset``.
         """
-        index = self.training_samples(before_month, max_samples, seed)
-        draws = None
-        if budget is not None and index.shape[0] > budget:
-            draws = BudgetDraws(index, self.targets(index[:, 0], index[:, 1]) > 0, budget, seed)
+        index, draws = self._budget_draws(before_month, max_samples, seed, budget)
         return _dataset_class()(self, index, batch_size, with_y=True, shuffle=shuffle, seed=seed, draws=draws,
                                 **kwargs)  # fmt: skip
 
