@@ -25,7 +25,8 @@ from core.config import FLAT_FIELDS, NestcastConfig
 from core.display import four, month_label, month_range, versus
 from core.evaluate import OPTIONAL_PREDICTORS, PREDICTORS, evaluate
 from core.lake import LakePaths, write_json_atomic, write_text_atomic
-from core.windows import WindowStore, build_windows
+from core.window_store import WindowStore
+from core.windows import build_windows
 
 REPORT_FILE = "backtest.md"
 RESULT_FILE = "backtest.json"

@@ -48,7 +48,7 @@ def reapply(champion_dir: Path, scoring_stage: str, windows_dir: str | Path, fin
     """The champion's ``scoring_stage`` model on this run's holdout windows, its final model on the forecast's."""
     from core.model import predict
     from core.protocol import load_verified_model
-    from core.windows import WindowStore
+    from core.window_store import WindowStore
 
     evaluation, final = WindowStore.open(windows_dir), WindowStore.open(final_windows_dir)
     low, high = tuple(evaluation.meta["target_clip"])
@@ -73,7 +73,7 @@ Score = tuple[dict[str, np.ndarray] | None, float | None, str]
 def _champion_score(champion: dict[str, Any] | None, holdout_month: int, windows_dir: str | Path,
                     final_windows_dir: str | Path, batch: int) -> Score:  # fmt: skip
     """The champion's re-applied forecasts and holdout RMSE -- or None and why it cannot compete this month."""
-    from core.windows import WindowStore
+    from core.window_store import WindowStore
 
     if champion is None:
         return None, None, "there is no champion yet"

@@ -154,7 +154,7 @@ class TrainConfig(_Section):
         ge=1000,
         description="Training windows per epoch at most, for the network and the boosters alike (None: every "
         "window): the non-zero targets first, then zero-target windows drawn to fill it, each kept window "
-        "weighted by 1 / its draw rate (core.windows.budget_draw); the network draws afresh every epoch. The "
+        "weighted by 1 / its draw rate (core.sampling.budget_draw); the network draws afresh every epoch. The "
         "default keeps a full-size run (10.3 M grid windows) under 10 minutes on 2 cores and leaves the real slice "
         "and the demo data (fewer windows) whole.",
     )

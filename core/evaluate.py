@@ -799,7 +799,7 @@ def evaluate_run(
     from core import gate, protocol
     from core.aggregate import read_monthly
     from core.lake import LakePaths, atomic_path
-    from core.windows import WindowStore
+    from core.window_store import WindowStore
 
     paths = LakePaths.of(config)
     store = WindowStore.open(windows_dir)

@@ -263,7 +263,7 @@ def export_run(
     ``windows_dir`` is the store the forecast was made from (the one built without a holdout).
     """
     from core.lake import LakePaths, read_json
-    from core.windows import WindowStore
+    from core.window_store import WindowStore
 
     paths = LakePaths.of(config)
     run_dir = Path(run_dir)

@@ -30,10 +30,10 @@ from typing import TYPE_CHECKING, Any, Literal
 import keras
 import numpy as np
 
-from core.batches import EpochShuffled
 from core.errors import DeviceUnavailableError
 from core.lake import read_json, write_json_atomic
 from core.nlstm import NestedLSTM
+from core.sampling import EpochShuffled
 
 if TYPE_CHECKING:  # the config pulls in pydantic-settings; the GPU benchmark runs without it
     from core.config import ModelConfig, NestcastConfig, TrainConfig
@@ -324,7 +324,7 @@ def _as_dataset(data: Any, batch_size: int, *, shuffle: bool, seed: int) -> Any:
 
 
 def _set_epoch(data: Any, epoch: int) -> None:
-    """Position an epoch-seeded dataset (ours or core.windows') at ``epoch``; other datasets keep their order."""
+    """Position an epoch-seeded dataset (ours or core.window_store's) at ``epoch``; other datasets keep their order."""
     if isinstance(data, EpochShuffled):
         data.set_epoch(epoch)
 
@@ -726,7 +726,7 @@ def train_forecaster(
     the month before the holdout; with a store built without a holdout, through the last month) for exactly
     ``epochs`` epochs with no validation data, keeping the last epoch's weights.
     """
-    from core.windows import WindowStore
+    from core.window_store import WindowStore
 
     store = WindowStore.open(windows_dir)
     device = select_device(config.train.device, config.train.jit_compile, config.train.replicas)

@@ -38,7 +38,7 @@ from core.lake import SELECTION_FILE, atomic_path, file_sha256, read_json, recor
 
 if TYPE_CHECKING:
     from core.config import NestcastConfig
-    from core.windows import WindowStore
+    from core.window_store import WindowStore
 
 EpochCallback = Callable[[int, dict[str, float]], None]
 PREDICTION_SETS: tuple[str, ...] = ("validation", "holdout", "forecast")
@@ -185,12 +185,14 @@ def _ensemble_partner(columns: dict[str, np.ndarray]) -> np.ndarray:
     return columns.get("trees", columns.get("reference_calibrated", columns["reference"]))
 
 
-def _tree_members(config: NestcastConfig) -> dict[str, bool]:
-    """The boosters a stage trains: the reported ``reference`` (standard features), and the ensemble's
-    ``trees`` (also the launch and family features) unless the ensemble uses the reference itself."""
-    members = {"reference": False}
+def _tree_members(config: NestcastConfig) -> dict[str, tuple[str, ...]]:
+    """The boosters a stage trains, each with the features it reads: the reported ``reference`` (the standard
+    recipe), and the ensemble's ``trees`` (also the launch features) unless the ensemble uses the reference."""
+    from core import features
+
+    members = {"reference": features.RECIPE}
     if config.reference.ensemble_trees == "extended":
-        members["trees"] = True
+        members["trees"] = features.BOOSTER
     return members
 
 
@@ -207,7 +209,7 @@ def select(
     selection in place returns it without training.
     """
     from core.model import train_forecaster
-    from core.windows import WindowStore
+    from core.window_store import WindowStore
 
     stage_dir = Path(stage_dir)
     done = read_json(stage_dir / SELECTION_FILE)
@@ -239,9 +241,9 @@ def select(
     if config.reference.reference_enabled:
         tables = store.feature_tables()
         rounds, seconds = {}, 0.0
-        for member, extended in _tree_members(config).items():
+        for member, names in _tree_members(config).items():
             fit = _reference_fit(
-                config, store, tables, before_month=store.validation_month, validate=True, extended=extended
+                config, store, tables, before_month=store.validation_month, validate=True, features=names
             )
             fit.save(stage_dir / f"{member}.txt")
             predictions[member] = _reference_predictions(fit, tables, store, ("validation",))["validation"]
@@ -282,7 +284,7 @@ def refit(
     blended with the selected weight). Returns paths and timings.
     """
     from core.model import train_forecaster
-    from core.windows import WindowStore
+    from core.window_store import WindowStore
 
     started = time.perf_counter()
     stage_dir = Path(stage_dir)
@@ -300,9 +302,9 @@ def refit(
         tables = store.feature_tables()
         reference_seconds = 0.0
         rounds = selection.get("tree_rounds") or {"reference": selection["rounds"]}
-        extended = _tree_members(config)
+        members = _tree_members(config)
         for member, count in rounds.items():
-            fit = _reference_fit(config, store, tables, rounds=int(count), extended=extended.get(member, False))
+            fit = _reference_fit(config, store, tables, rounds=int(count), features=members[member])
             fit.save(stage_dir / f"{member}.txt")
             reference_seconds += fit.seconds
             for name, values in _reference_predictions(fit, tables, store, sets).items():
@@ -349,7 +351,7 @@ def forecast_run_dir(config: NestcastConfig, windows: dict[str, Any], final_wind
     digest.update(final_windows["build_hash"].encode())
     for section in (config.model, config.train, config.reference):
         digest.update(section.model_dump_json().encode())
-    for module in ("core.model", "core.nlstm", "core.protocol", "core.reference"):
+    for module in ("core.model", "core.nlstm", "core.protocol", "core.reference", "core.features"):
         spec = importlib.util.find_spec(module)
         assert spec is not None and spec.origin is not None, module
         digest.update(Path(spec.origin).read_bytes())

@@ -15,7 +15,7 @@ times (about 1.5 GB at full scale). So the cube is stored by level, each a small
 - ``shopcat.npy``  [shops * categories, month, 1]
 - ``calendar.npy`` [month, 2]
 
-``series.parquet`` maps each series to its row in each level. ``WindowStore.gather`` composes
+``series.parquet`` maps each series to its row in each level. ``core.window_store.WindowStore.gather`` composes
 windows from the levels with fancy indexing; ``WindowStore.cube`` is a read-only view with the
 contract's ``[series, month, channel]`` indexing on top of the same arrays.
 
@@ -42,7 +42,6 @@ zero-history grid pairs the holdout is full of) and 0.868 for all; on demo data 
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import time
@@ -56,9 +55,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from core.aggregate import merge_shop_ids, read_monthly_table
-from core.batches import EpochShuffled
 from core.config import NestcastConfig, WindowsConfig
 from core.errors import DataValidationError
+from core.features import NEVER
 from core.lake import WINDOWS_META_FILE, LakePaths, atomic_path, file_sha256, read_json, recorded_file_problems
 
 STORE_FILES = "files"  # in meta.json: file name -> sha256 of every array and table of the store
@@ -89,7 +88,7 @@ LEVELS: tuple[str, ...] = ("pair", "item", "shop", "shopcat", "calendar")
 STORED_LEVELS: tuple[str, ...] = ("pair_count", "pair_first", "item", "shop", "shopcat", "calendar")
 #: Kaggle-grid membership by month: [n_months, n_shops] and [n_months, n_items] booleans.
 GRID_ARRAYS: tuple[str, ...] = ("grid_shops", "grid_items")
-NEVER = 1 << 20  # first-sale month of the pairs without sales
+
 LEVEL_SLICES: dict[str, tuple[int, int]] = {}
 for _level in LEVELS:
     _positions = [i for i, (_, lvl, _) in enumerate(CHANNEL_SPECS) if lvl == _level]
@@ -193,7 +192,7 @@ def _age_scale(first: np.ndarray, train_months: int, n_months: int) -> float:
     return float(np.sqrt(cumulative[spans].sum() / count)) if count else 1.0
 
 
-def _pair_channels(
+def pair_channels(
     counts: np.ndarray, first: np.ndarray, months: np.ndarray, clip: tuple[float, float], scales: tuple[float, float]
 ) -> np.ndarray:
     """The three pair channels from raw counts [n, k] at ``months`` [n, k] and first-sale months [n]."""
@@ -980,358 +979,3 @@ def store_problems(windows_dir: str | Path) -> list[str]:
     """Each file ``meta.json`` records that is missing or whose sha256 differs (empty: the store is intact)."""
     recorded = (read_json(Path(windows_dir) / WINDOWS_META_FILE) or {}).get(STORE_FILES) or {}
     return recorded_file_problems(windows_dir, recorded, WINDOWS_META_FILE)
-
-
-# --- reading -------------------------------------------------------------------------------------
-
-
-class CubeView:
-    """The logical ``[series, month, channel]`` cube over the level arrays.
-
-    Indexing follows numpy on the dense cube (``cube[s]``, ``cube[s, m]``, ``cube[s_array, m_array]``,
-    ``cube[:, 5, 0]``...); only the series that are asked for are composed, so a row costs
-    ``months * channels`` floats however large the cube is.
-    """
-
-    def __init__(self, store: WindowStore) -> None:
-        self._store = store
-        self.shape = (store.n_series, store.n_months, store.n_channels)
-        self.dtype = np.dtype(np.float32)
-        self.ndim = 3
-
-    def __len__(self) -> int:
-        return self.shape[0]
-
-    def __getitem__(self, key: Any) -> np.ndarray:
-        if not isinstance(key, tuple):
-            key = (key,)
-        rows = np.arange(self.shape[0])[key[0]]
-        unique, inverse = np.unique(rows, return_inverse=True)
-        dense = self._store.rows(unique)
-        return dense[(inverse.reshape(np.shape(rows)),) + tuple(key[1:])]
-
-    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
-        dense = self._store.rows(np.arange(self.shape[0]))
-        return dense if dtype is None else dense.astype(dtype)
-
-
-class WindowStore:
-    """Read access to ``lake/windows``: metadata, series, windows by index, datasets, frames."""
-
-    def __init__(self, windows_dir: Path) -> None:
-        self.dir = Path(windows_dir)
-        self.meta: dict[str, Any] = json.loads((self.dir / WINDOWS_META_FILE).read_text(encoding="utf-8"))
-        self.series: pd.DataFrame = pq.read_table(self.dir / "series.parquet").to_pandas()
-        self.lookback: int = int(self.meta["lookback"])
-        self.n_months: int = int(self.meta["n_months"])
-        self.n_channels: int = int(self.meta["n_channels"])
-        self.n_series: int = int(self.meta["n_series"])
-        self.channels: list[str] = list(self.meta["channels"])
-        self.holdout_month: int = int(self.meta["holdout_month"])
-        self.forecast_month: int = int(self.meta["forecast_month"])
-        # The pair counts are the only large array: memory-map them; the rest is small enough to load.
-        self.levels: dict[str, np.ndarray] = {
-            name: np.load(self.dir / f"{name}.npy", mmap_mode="r" if name == "pair_count" else None)
-            for name in STORED_LEVELS
-        }
-        scale = self.meta["scaling"]["scale"]
-        self._pair_scales = (float(scale["pair_log_count"]), float(scale["pair_age"]))
-        self._clip = (float(self.meta["target_clip"][0]), float(self.meta["target_clip"][1]))
-        self.rows_of: dict[str, np.ndarray] = {
-            level: self.series[column].to_numpy(np.int64) for level, column in ROW_COLUMNS.items()
-        }
-        self.shop_index: np.ndarray = self.series["shop_index"].to_numpy(np.int32)
-        self.category_index: np.ndarray = self.series["category_index"].to_numpy(np.int32)
-        self.train_index: np.ndarray = np.load(self.dir / "train_index.npy")
-        self.holdout_index: np.ndarray = np.load(self.dir / "holdout_index.npy")
-        self.validation_index: np.ndarray = np.load(self.dir / "validation_index.npy")
-        self.validation_month: int | None = self.meta.get("validation_month")
-        self.forecast_index: np.ndarray = np.load(self.dir / "forecast_index.npy")
-        self.grid: dict[str, np.ndarray] = {name: np.load(self.dir / f"{name}.npy") for name in GRID_ARRAYS}
-        self.item_family: np.ndarray = np.load(self.dir / "item_family.npy")
-        # Read now, not on demand: a rebuild swaps the directory, and a store must stay one snapshot.
-        self._holdout_frame = pq.read_table(self.dir / "holdout.parquet").to_pandas()
-        self._validation_frame = pq.read_table(self.dir / "validation.parquet").to_pandas()
-        self._forecast_frame = pq.read_table(self.dir / "forecast.parquet").to_pandas()
-        self.cube = CubeView(self)
-        self.n_static = len(_static_names()) if self.meta.get("static_features") else 0
-        self._tables: Any = None
-
-    def feature_tables(self) -> Any:
-        """``core.reference.FeatureTables`` of this store, built on first use."""
-        if self._tables is None:
-            from core.reference import FeatureTables
-
-            self._tables = FeatureTables.of(self)
-        return self._tables
-
-    @classmethod
-    def open(cls, windows_dir: str | Path) -> WindowStore:
-        return cls(Path(windows_dir))
-
-    # Windows -------------------------------------------------------------------------------------
-    def _compose(self, series_idx: np.ndarray, months: np.ndarray) -> np.ndarray:
-        """Values at ``months`` ([n, k], each in 0..n_months-1) for ``series_idx`` ([n]) -> [n, k, C]."""
-        out = np.empty(months.shape + (self.n_channels,), dtype=np.float32)
-        for level in LEVELS:
-            lo, hi = LEVEL_SLICES[level]
-            if level == "calendar":
-                out[..., lo:hi] = self.levels["calendar"][months]
-            elif level == "pair":
-                rows = self.rows_of["pair"][series_idx]
-                counts = self.levels["pair_count"][rows[:, None], months]
-                first = self.levels["pair_first"][rows]
-                out[..., lo:hi] = _pair_channels(counts, first, months, self._clip, self._pair_scales)
-            else:
-                out[..., lo:hi] = self.levels[level][self.rows_of[level][series_idx][:, None], months]
-        return out
-
-    def rows(self, series_idx: np.ndarray) -> np.ndarray:
-        """Whole cube rows ``[n, n_months, C]`` for the given series."""
-        series_idx = np.asarray(series_idx, dtype=np.int64).ravel()
-        months = np.broadcast_to(np.arange(self.n_months), (series_idx.size, self.n_months))
-        return self._compose(series_idx, months)
-
-    def gather(self, series_idx: np.ndarray, target_month: np.ndarray) -> np.ndarray:
-        """Windows ``[n, lookback, C]`` over months ``T - lookback .. T - 1`` for each (series, T).
-
-        Positions before month 0 are zeros. ``T`` may be at most ``n_months`` (the forecast month).
-        """
-        series_idx = np.asarray(series_idx, dtype=np.int64).ravel()
-        target = np.asarray(target_month, dtype=np.int64).ravel()
-        if target.size and (target.max() > self.n_months or target.min() < 0):
-            raise ValueError(f"target months must lie in 0..{self.n_months}")
-        months = target[:, None] + np.arange(-self.lookback, 0)[None, :]
-        before = months < 0
-        out = self._compose(series_idx, np.maximum(months, 0))
-        if before.any():
-            out[before] = 0.0
-        return out
-
-    def targets(self, series_idx: np.ndarray, target_month: np.ndarray) -> np.ndarray:
-        """Clipped counts ``[n]`` of each series in its target month (must hold data)."""
-        series_idx = np.asarray(series_idx, dtype=np.int64).ravel()
-        target = np.asarray(target_month, dtype=np.int64).ravel()
-        if target.size and target.max() >= self.n_months:
-            raise ValueError("targets exist only for months with data")
-        counts = self.levels["pair_count"][self.rows_of["pair"][series_idx], target]
-        return np.clip(counts, *self._clip).astype(np.float32)
-
-    def inputs(self, series_idx: np.ndarray, target_month: np.ndarray) -> dict[str, np.ndarray]:
-        """The model's input dict for a batch of samples."""
-        series_idx = np.asarray(series_idx, dtype=np.int64).ravel()
-        inputs = {
-            "sequence": self.gather(series_idx, target_month),
-            "shop": self.shop_index[series_idx],
-            "category": self.category_index[series_idx],
-        }
-        if self.n_static:
-            from core.reference import static_features
-
-            samples = np.stack([series_idx, np.asarray(target_month, dtype=np.int64).ravel()], axis=1)
-            inputs |= static_features(self.feature_tables(), samples)
-        return inputs
-
-    # Datasets ------------------------------------------------------------------------------------
-    def training_samples(
-        self, before_month: int | None = None, max_samples: int | None = None, seed: int = 0
-    ) -> np.ndarray:
-        """``train_index`` rows whose target month is before ``before_month`` (None: every training month).
-
-        ``max_samples`` keeps a subset drawn from ``seed``: the network and the boosters of one run, given the
-        same seed, train on the same samples.
-        """
-        index = self.train_index if before_month is None else self.train_index[self.train_index[:, 1] < before_month]
-        if max_samples is not None and max_samples < index.shape[0]:
-            keep = np.sort(np.random.default_rng(seed).choice(index.shape[0], size=max_samples, replace=False))
-            index = index[keep]
-        return index
-
-    def weighted_training_samples(
-        self,
-        before_month: int | None = None,
-        max_samples: int | None = None,
-        seed: int = 0,
-        budget: int | None = None,
-    ) -> tuple[np.ndarray, np.ndarray | None]:
-        """``training_samples``, then at most ``budget`` of them by ``budget_draw`` (non-zero targets first, the
-        zero-target windows drawn to fill it), with each kept window's weight; weights are None when every
-        window is kept."""
-        index, draws = self._budget_draws(before_month, max_samples, seed, budget)
-        return (index, None) if draws is None else draws.draw(0)
-
-    def _budget_draws(
-        self, before_month: int | None, max_samples: int | None, seed: int, budget: int | None
-    ) -> tuple[np.ndarray, BudgetDraws | None]:
-        """``training_samples`` and, when they outnumber ``budget``, the draws from them (None: keep them all)."""
-        index = self.training_samples(before_month, max_samples, seed)
-        if budget is None or index.shape[0] <= budget:
-            return index, None
-        return index, BudgetDraws(index, self.targets(index[:, 0], index[:, 1]) > 0, budget, seed)
-
-    def train_dataset(
-        self,
-        batch_size: int,
-        seed: int = 0,
-        shuffle: bool = True,
-        max_samples: int | None = None,
-        before_month: int | None = None,
-        budget: int | None = None,
-        **kwargs: Any,
-    ) -> Any:
-        """Training batches (``keras.utils.PyDataset``), reshuffled every epoch from ``seed``.
-
-        ``before_month`` keeps the targets before that month (the protocol's selection stage trains below the
-        validation month). ``max_samples`` keeps a seeded random subset; ``budget`` then a weighted draw of at
-        most that many, drawn afresh every epoch (``BudgetDraws``): epoch k trains on ``budget_draw``'s sample
-        for ``(seed, k)``, so three epochs see up to three times as many distinct windows as one fixed draw for
-        the same compute. ``kwargs`` go to ``EpochShuffled`` (``pad_last``) and ``PyDataset``.
-        """
-        index, draws = self._budget_draws(before_month, max_samples, seed, budget)
-        return _dataset_class()(self, index, batch_size, with_y=True, shuffle=shuffle, seed=seed, draws=draws,
-                                **kwargs)  # fmt: skip
-
-    def holdout_dataset(self, batch_size: int, **kwargs: Any) -> Any:
-        """Holdout batches with targets, in ``holdout_frame()`` order."""
-        return _dataset_class()(self, self.holdout_index, batch_size, with_y=True, shuffle=False, **kwargs)
-
-    def validation_dataset(self, batch_size: int, **kwargs: Any) -> Any:
-        """Validation-month batches with targets, in ``validation_frame()`` order."""
-        return _dataset_class()(self, self.validation_index, batch_size, with_y=True, shuffle=False, **kwargs)
-
-    def forecast_dataset(self, batch_size: int, **kwargs: Any) -> Any:
-        """Forecast batches (inputs only), in ``forecast_frame()`` order."""
-        return _dataset_class()(self, self.forecast_index, batch_size, with_y=False, shuffle=False, **kwargs)
-
-    # Frames --------------------------------------------------------------------------------------
-    def holdout_frame(self) -> pd.DataFrame:
-        """One row per holdout-grid pair: ids, ``actual``, baselines ``prev`` and ``mean3``, segments."""
-        return self._holdout_frame.copy()
-
-    def validation_frame(self) -> pd.DataFrame:
-        """The validation month's grid, with the same columns as :meth:`holdout_frame`."""
-        return self._validation_frame.copy()
-
-    def forecast_frame(self) -> pd.DataFrame:
-        """One row per test.csv row (ID order): ids, ``series_idx``, baselines ``prev`` and ``mean3``."""
-        return self._forecast_frame.copy()
-
-
-#: Share of a sample budget that windows with a non-zero target get before any zero-target window does.
-NONZERO_SHARE = 0.75
-
-
-def budget_draw(nonzero: np.ndarray, budget: int, seed: int = 0, epoch: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Positions (sorted) of at most ``budget`` windows drawn from ``nonzero`` (True where a window's target is not
-    zero), and each kept window's weight.
-
-    The grid is mostly zero targets (a pair that sold nothing that month), which teach the model little each.
-    Non-zero windows are kept first, up to ``NONZERO_SHARE`` of the budget (all of them when they fit); the
-    zero-target ones fill the rest, each group drawn uniformly without replacement. A kept window weighs
-    ``group size / kept of the group`` (1 / its inclusion rate), so a weighted loss over the draw is an unbiased
-    estimate of the loss over every window (Horvitz-Thompson). When every window fits, all are kept with weight 1.
-
-    ``epoch`` selects one of independent draws from the same ``seed`` (``BudgetDraws`` takes a fresh one each epoch).
-
-    Example: 100 windows, 10 non-zero, budget 28 -> the 10 non-zero (weight 1) and 18 of the 90 zeros (weight 5).
-    """
-    nonzero = np.asarray(nonzero, dtype=bool).ravel()
-    if budget < 1:
-        raise ValueError(f"budget must be at least 1, got {budget}")
-    if nonzero.size <= budget:
-        return np.arange(nonzero.size), np.ones(nonzero.size, dtype=np.float32)
-    positive, zero = np.flatnonzero(nonzero), np.flatnonzero(~nonzero)
-    kept_positive = min(positive.size, budget if zero.size == 0 else round(NONZERO_SHARE * budget))
-    kept_zero = min(zero.size, budget - kept_positive)
-    rng = np.random.default_rng([seed, 7, epoch])
-    keep = np.sort(np.concatenate([
-        rng.choice(positive, kept_positive, replace=False) if kept_positive < positive.size else positive,
-        rng.choice(zero, kept_zero, replace=False) if kept_zero < zero.size else zero,
-    ]))  # fmt: skip
-    weights = np.where(nonzero[keep], positive.size / max(kept_positive, 1), zero.size / max(kept_zero, 1))
-    return keep, weights.astype(np.float32)
-
-
-class BudgetDraws:
-    """One ``budget_draw`` of a training pool per epoch, each a function of ``(seed, epoch)`` alone.
-
-    A fixed draw shows the network the same few zero-target windows every epoch; a fresh draw per epoch spreads
-    the same number of steps over more of the grid, and each epoch's weighted loss stays an unbiased estimate of
-    the loss over every window. A run resumed at epoch k redraws exactly the sample it would have trained on.
-
-    Args:
-        index: the pool, ``[n, 2]`` (series, target month) rows.
-        nonzero: ``[n]``, True where a row's target is not zero.
-        budget: rows per draw (the pool must be larger).
-        seed: the draws' seed.
-    """
-
-    def __init__(self, index: np.ndarray, nonzero: np.ndarray, budget: int, seed: int = 0) -> None:
-        if len(nonzero) != len(index):
-            raise ValueError(f"nonzero has {len(nonzero)} entries for a pool of {len(index)} rows")
-        if not 1 <= budget < len(index):
-            raise ValueError(f"budget must lie in 1..{len(index) - 1} (the pool has {len(index)} rows), got {budget}")
-        self.index, self.nonzero, self.budget, self.seed = index, np.asarray(nonzero, dtype=bool), int(budget), seed
-        self._last: tuple[int, tuple[np.ndarray, np.ndarray]] | None = None
-
-    def draw(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
-        """Epoch ``epoch``'s rows (sorted pool order) and their weights."""
-        if self._last is None or self._last[0] != epoch:
-            keep, weights = budget_draw(self.nonzero, self.budget, self.seed, epoch)
-            self._last = (epoch, (self.index[keep], weights))
-        return self._last[1]
-
-    @property
-    def size(self) -> int:
-        """Rows in every draw (the budget, or fewer when a group is smaller than its share)."""
-        return len(self.draw(0)[0]) if self._last is None else len(self._last[1][0])
-
-
-def _static_names() -> tuple[str, ...]:
-    from core.reference import STATIC_FEATURES
-
-    return STATIC_FEATURES
-
-
-@functools.cache
-def _dataset_class() -> type:
-    """Defined on first use so that building the cube does not import TensorFlow."""
-    import keras
-
-    class WindowDataset(EpochShuffled, keras.utils.PyDataset):
-        """Batches of windows cut from a ``WindowStore`` at draw time (nothing is pre-materialised)."""
-
-        def __init__(
-            self,
-            store: WindowStore,
-            index: np.ndarray,
-            batch_size: int,
-            with_y: bool,
-            shuffle: bool,
-            seed: int = 0,
-            draws: BudgetDraws | None = None,
-            **kwargs: Any,
-        ) -> None:
-            self.store = store
-            self.draws = draws
-            self.index = np.asarray(index, dtype=np.int32).reshape(-1, 2)
-            self.with_y = with_y
-            n_samples = self.index.shape[0] if draws is None else draws.size
-            weights = None if draws is None else np.ones(n_samples, dtype=np.float32)  # set_epoch replaces it
-            super().__init__(n_samples, batch_size, shuffle=shuffle, seed=seed, sample_weights=weights, **kwargs)
-
-        def set_epoch(self, epoch: int) -> None:
-            if self.draws is not None:
-                index, self.sample_weights = self.draws.draw(epoch)
-                self.index = index.astype(np.int32, copy=False)
-            super().set_epoch(epoch)
-
-        def __getitem__(self, i: int) -> Any:
-            rows = self.index[self.batch_positions(i)]
-            inputs = self.store.inputs(rows[:, 0], rows[:, 1])
-            if not self.with_y:
-                return (inputs,)
-            targets = self.store.targets(rows[:, 0], rows[:, 1])
-            return (inputs, targets, self.batch_weights(i)) if self.weighted else (inputs, targets)
-
-    return WindowDataset

@@ -22,7 +22,7 @@ from core.backtest import REPORT_FILE, RESULT_FILE, BacktestResult, backtest, ba
 from core.config import NestcastConfig
 from core.evaluate import backtest_frame
 from core.lake import LakePaths
-from core.windows import WindowStore
+from core.window_store import WindowStore
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = {

@@ -9,7 +9,6 @@ import keras
 import numpy as np
 import pytest
 
-from core.batches import EpochShuffled
 from core.config import ModelConfig, TrainConfig
 from core.errors import DeviceUnavailableError
 from core.model import (
@@ -23,6 +22,7 @@ from core.model import (
     train_model,
     visible_gpus,
 )
+from core.sampling import EpochShuffled
 
 LOOKBACK, CHANNELS, SHOPS, CATEGORIES = 6, 2, 4, 3
 # XLA compilation costs seconds per model; these small problems train faster without it.

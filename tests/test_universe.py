@@ -14,7 +14,8 @@ from core.aggregate import aggregate, read_monthly
 from core.config import NestcastConfig
 from core.lake import LakePaths
 from core.synthetic import generate
-from core.windows import UNIVERSE_ID_STRIDE, WindowStore, build_windows
+from core.window_store import WindowStore
+from core.windows import UNIVERSE_ID_STRIDE, build_windows
 
 
 @pytest.fixture(scope="module")

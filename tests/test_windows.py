@@ -20,7 +20,8 @@ from core.aggregate import aggregate, read_monthly
 from core.config import NestcastConfig
 from core.lake import LakePaths
 from core.synthetic import generate
-from core.windows import CHANNEL_SPECS, CHANNELS, WindowStore, build_windows
+from core.window_store import WindowStore
+from core.windows import CHANNEL_SPECS, CHANNELS, build_windows
 
 LOOKBACK = 6
 
@@ -484,7 +485,7 @@ def test_datasets_feed_keras(tmp_path: Path, tiny: dict[str, pd.DataFrame]) -> N
 
 # --- the sample budget (issue 17: a full-size run in a working day) ------------------------------------------
 def test_a_budget_draw_keeps_the_nonzero_windows_that_fit_and_weights_each_group_by_its_inverse_rate() -> None:
-    from core.windows import budget_draw
+    from core.sampling import budget_draw
 
     nonzero = np.zeros(100, dtype=bool)
     nonzero[::10] = True

@@ -1,7 +1,8 @@
-"""The LightGBM reference (core.reference): every feature against a loop reference, no leakage, a real fit.
+"""The feature room (core.features): every feature against a loop reference, no leakage, the head's inputs;
+and the LightGBM boosters (core.reference) fitted on them.
 
 The reference implementation is plain dictionaries and loops over monthly rows, written from the feature
-definitions in the module docstring, never from the vectorised code.
+definitions, never from the vectorised code.
 """
 
 from __future__ import annotations
@@ -18,10 +19,12 @@ from lake_helpers import write_lake
 
 from core.aggregate import aggregate, read_monthly
 from core.config import NestcastConfig
+from core.features import RECIPE, FeatureTables, matrix
 from core.lake import LakePaths
-from core.reference import FEATURES, FeatureTables, features, fit_reference
+from core.reference import fit_reference
 from core.synthetic import generate
-from core.windows import WindowStore, build_windows
+from core.window_store import WindowStore
+from core.windows import build_windows
 
 CLIP = (0.0, 20.0)
 
@@ -93,13 +96,13 @@ def loop_features(monthly: pd.DataFrame, store: WindowStore, shop: int, item: in
 def test_every_feature_equals_the_loop_reference(tmp_path: Path, tiny: dict[str, pd.DataFrame]) -> None:
     config, store = lake(tmp_path, tiny, holdout=13)
     monthly = read_monthly(LakePaths(config.data_dir))
-    tables = FeatureTables.of(store)
+    tables = FeatureTables.of(store.arrays())
     rng = np.random.default_rng(0)
     rows = store.train_index[rng.choice(store.train_index.shape[0], 60, replace=False)]
     rows = np.concatenate([rows, store.holdout_index[:20], store.forecast_index[:20]])
-    got = features(tables, rows)
-    assert got.shape == (rows.shape[0], len(FEATURES)) and got.dtype == np.float32
-    column = {name: k for k, name in enumerate(FEATURES)}
+    got = matrix(tables, rows, RECIPE)
+    assert got.shape == (rows.shape[0], len(RECIPE)) and got.dtype == np.float32
+    column = {name: k for k, name in enumerate(RECIPE)}
     for n, (series, target) in enumerate(rows):
         shop, item = int(store.series["shop_id"][series]), int(store.series["item_id"][series])
         expected = loop_features(monthly, store, shop, item, int(target))
@@ -121,7 +124,7 @@ def test_no_feature_sees_the_target_month_or_later(tmp_path: Path, tiny: dict[st
 
     def keyed(store: WindowStore) -> dict[tuple[int, int, int], np.ndarray]:
         rows = np.concatenate([store.train_index, store.holdout_index])
-        values = features(FeatureTables.of(store), rows)
+        values = matrix(FeatureTables.of(store.arrays()), rows, RECIPE)
         keys = zip(store.series["shop_id"].to_numpy()[rows[:, 0]], store.series["item_id"].to_numpy()[rows[:, 0]],
                    rows[:, 1], strict=True)  # fmt: skip
         return {tuple(int(v) for v in key): values[n] for n, key in enumerate(keys)}
@@ -137,20 +140,20 @@ def test_no_feature_sees_the_target_month_or_later(tmp_path: Path, tiny: dict[st
 def test_the_reference_early_stops_on_the_validation_month_then_refits(tmp_path, tiny) -> None:
     config, store = lake(tmp_path, tiny, holdout=14)
     cfg = config.reference.model_copy(update={"max_rounds": 300, "early_stopping_rounds": 20, "boost_threads": 1})
-    tables = FeatureTables.of(store)
+    tables = FeatureTables.of(store.arrays())
     selected = fit_reference(store, tables, cfg, seed=1, before_month=store.validation_month, validate=True)
     assert 1 <= selected.rounds <= 300 and selected.best_validation_rmse is not None
     assert selected.train_samples == int((store.train_index[:, 1] < store.validation_month).sum())
     refit = fit_reference(store, tables, cfg, seed=1, rounds=selected.rounds)
     assert refit.train_samples == store.train_index.shape[0] and refit.rounds == selected.rounds
     holdout = store.holdout_frame()
-    pred = refit.predict(features(tables, store.holdout_index), CLIP)
+    pred = refit.predict(matrix(tables, store.holdout_index, RECIPE), CLIP)
     assert pred.min() >= 0 and pred.max() <= 20
     rmse = float(np.sqrt(np.mean((pred - holdout["actual"]) ** 2)))
     previous = float(np.sqrt(np.mean((np.clip(holdout["prev"], *CLIP) - holdout["actual"]) ** 2)))
     assert rmse < previous, "the trees must learn more than last month's value on the synthetic data"
     again = fit_reference(store, tables, cfg, seed=1, rounds=selected.rounds)
-    np.testing.assert_array_equal(again.predict(features(tables, store.holdout_index), CLIP), pred)  # seeded
+    np.testing.assert_array_equal(again.predict(matrix(tables, store.holdout_index, RECIPE), CLIP), pred)  # seeded
     refit.save(tmp_path / "reference.txt")
     assert "Tree=" in (tmp_path / "reference.txt").read_text()
     with pytest.raises(ValueError, match="rounds"):
@@ -158,22 +161,22 @@ def test_the_reference_early_stops_on_the_validation_month_then_refits(tmp_path,
 
 
 def test_the_models_static_inputs_are_the_reference_features_of_the_target_month(tmp_path, tiny) -> None:
-    from core.reference import STATIC_FEATURES, static_features
+    from core.features import HEAD, head_inputs
 
     _, store = lake(tmp_path, tiny, holdout=12)
-    assert store.n_static == len(STATIC_FEATURES)
+    assert store.n_static == len(HEAD)
     rows = store.train_index[::97]
     batch = store.inputs(rows[:, 0], rows[:, 1])
-    assert batch["static"].shape == (rows.shape[0], len(STATIC_FEATURES)) and np.isfinite(batch["static"]).all()
-    full = features(FeatureTables.of(store), rows)
-    column = {name: k for k, name in enumerate(FEATURES)}
+    assert batch["static"].shape == (rows.shape[0], len(HEAD)) and np.isfinite(batch["static"]).all()
+    full = matrix(FeatureTables.of(store.arrays()), rows, RECIPE)
+    column = {name: k for k, name in enumerate(RECIPE)}
     np.testing.assert_array_equal(batch["month"], full[:, column["month_of_year"]].astype(np.int32))
-    lag1 = STATIC_FEATURES.index("pair_lag_1")
+    lag1 = HEAD.index("pair_lag_1")
     np.testing.assert_allclose(batch["static"][:, lag1], np.log1p(np.nan_to_num(full[:, column["pair_lag_1"]])),
                                rtol=1e-6)  # fmt: skip
-    price = STATIC_FEATURES.index("price_last")
+    price = HEAD.index("price_last")
     np.testing.assert_allclose(batch["static"][:, price], np.nan_to_num(full[:, column["price_last"]]), rtol=1e-6)
-    assert static_features(store.feature_tables(), rows)["static"].tobytes() == batch["static"].tobytes()
+    assert head_inputs(store.feature_tables(), rows)["static"].tobytes() == batch["static"].tobytes()
 
 
 def test_launch_rows_are_the_samples_whose_item_never_sold_before_the_target_month(tmp_path, tiny) -> None:
