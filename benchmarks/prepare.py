@@ -31,7 +31,8 @@ import pyarrow.csv as pacsv  # noqa: E402
 
 from core.aggregate import aggregate  # noqa: E402
 from core.config import NestcastConfig  # noqa: E402
-from core.lake import LakePaths, write_parquet_atomic  # noqa: E402
+from core.files import write_parquet_atomic  # noqa: E402
+from core.lake import LakePaths  # noqa: E402
 from core.window_store import WindowStore  # noqa: E402
 from core.windows import build_windows  # noqa: E402
 

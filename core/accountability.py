@@ -27,16 +27,8 @@ import pandas as pd
 import pyarrow as pa
 
 from core.config import NestcastConfig
-from core.lake import (
-    FORECAST_FILE,
-    REPORT_FILE,
-    LakePaths,
-    file_sha256,
-    forecast_month_label,
-    read_json,
-    write_bytes_atomic,
-    write_parquet_atomic,
-)
+from core.files import file_sha256, read_json, write_bytes_atomic, write_parquet_atomic
+from core.lake import FORECAST_FILE, REPORT_FILE, LakePaths, forecast_month_label
 
 #: The record's columns, in order; ``status`` is ``scored`` or ``unresolved`` (then ``note`` says why).
 RECORD_SCHEMA = pa.schema([

@@ -24,7 +24,8 @@ from typing import Any
 from core.config import FLAT_FIELDS, NestcastConfig
 from core.display import four, month_label, month_range, versus
 from core.evaluate import OPTIONAL_PREDICTORS, PREDICTORS, evaluate
-from core.lake import LakePaths, write_json_atomic, write_text_atomic
+from core.files import write_json_atomic, write_text_atomic
+from core.lake import LakePaths
 from core.window_store import WindowStore
 from core.windows import build_windows
 

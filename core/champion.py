@@ -19,7 +19,8 @@ import pandas as pd
 
 from core import gate
 from core.config import NestcastConfig
-from core.lake import FORECAST_FILE, REPORT_FILE, LakePaths, atomic_path, read_json, write_json_atomic
+from core.files import atomic_path, read_json, write_json_atomic
+from core.lake import FORECAST_FILE, REPORT_FILE, LakePaths
 
 INDEX_FILE = "index.json"  # runs/index.json
 SECTION_KEY = "champion"  # report.md's champion/challenger section

@@ -26,16 +26,9 @@ from pydantic import BaseModel, ConfigDict, PrivateAttr
 
 from core.config import DEFAULT_CLIP
 from core.display import change, versus
+from core.files import write_bytes_atomic, write_json_atomic, write_text_atomic
 from core.gate import BlendWeights
-from core.lake import (
-    FORECAST_FILE,
-    METRICS_FILE,
-    REPORT_FILE,
-    forecast_month_label,
-    write_bytes_atomic,
-    write_json_atomic,
-    write_text_atomic,
-)
+from core.lake import FORECAST_FILE, METRICS_FILE, REPORT_FILE, forecast_month_label
 
 #: Every predictor an evaluation may score, in report order; model, baseline, mean3 and zeros always are.
 PREDICTORS: tuple[str, ...] = ("model", "ensemble", "reference", "reference_calibrated", "trees",
@@ -798,7 +791,8 @@ def evaluate_run(
     """
     from core import gate, protocol
     from core.aggregate import read_monthly
-    from core.lake import LakePaths, atomic_path
+    from core.files import atomic_path
+    from core.lake import LakePaths
     from core.window_store import WindowStore
 
     paths = LakePaths.of(config)

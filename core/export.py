@@ -22,11 +22,8 @@ import pyarrow as pa
 
 from core.config import DEFAULT_CLIP
 from core.errors import ExportCheckError
-from core.lake import (  # the label is also importable from here, as before
-    forecast_month_label,
-    write_bytes_atomic,
-    write_parquet_atomic,
-)
+from core.files import write_bytes_atomic, write_parquet_atomic
+from core.lake import forecast_month_label
 
 SUBMISSION_COLUMNS: tuple[str, str] = ("ID", "item_cnt_month")
 # Six decimals keep float32 predictions exact to their own precision while every value still reads as a float.
@@ -262,7 +259,8 @@ def export_run(
 
     ``windows_dir`` is the store the forecast was made from (the one built without a holdout).
     """
-    from core.lake import LakePaths, read_json
+    from core.files import read_json
+    from core.lake import LakePaths
     from core.window_store import WindowStore
 
     paths = LakePaths.of(config)

@@ -31,7 +31,7 @@ import keras
 import numpy as np
 
 from core.errors import DeviceUnavailableError
-from core.lake import read_json, write_json_atomic
+from core.files import read_json, write_json_atomic
 from core.nlstm import NestedLSTM
 from core.sampling import EpochShuffled
 

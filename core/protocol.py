@@ -33,8 +33,9 @@ import pandas as pd
 
 from core.calibration import apply_launch_scale, launch_scale
 from core.errors import ModelIntegrityError
+from core.files import atomic_path, file_sha256, read_json, recorded_file_problems, write_json_atomic
 from core.gate import BlendWeights, blend, rmse
-from core.lake import SELECTION_FILE, atomic_path, file_sha256, read_json, recorded_file_problems, write_json_atomic
+from core.lake import SELECTION_FILE
 
 if TYPE_CHECKING:
     from core.config import NestcastConfig

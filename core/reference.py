@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from core import features as feature_room
-from core.lake import write_text_atomic
+from core.files import write_text_atomic
 
 if TYPE_CHECKING:
     from core.config import ReferenceConfig

@@ -16,7 +16,8 @@ from pathlib import Path
 import pandas as pd
 
 from core.errors import DataValidationError
-from core.lake import forecast_month_label, write_bytes_atomic
+from core.files import write_bytes_atomic
+from core.lake import forecast_month_label
 
 REFERENCE_FILES = ("items.csv", "item_categories.csv", "shops.csv")
 #: The forecast flow needs a holdout, a validation and a training month before the forecast month.

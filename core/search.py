@@ -17,7 +17,7 @@ from typing import Any
 import optuna
 
 from core.backtest import markdown_table
-from core.lake import write_text_atomic
+from core.files import write_text_atomic
 
 REPORT_FILE = "search.md"
 

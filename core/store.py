@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from core.errors import StoreError
-from core.lake import atomic_path, file_sha256, read_json, write_json_atomic
+from core.files import atomic_path, file_sha256, read_json, write_json_atomic
 
 #: Where the store keeps its own objects, under the data directory's URL.
 STORE_DIR = "_nestcast"

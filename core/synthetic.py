@@ -38,7 +38,7 @@ import pandas as pd
 from pydantic import BaseModel, ConfigDict
 
 from core.config import DEFAULT_SHOP_MERGE_MAP
-from core.lake import write_bytes_atomic
+from core.files import write_bytes_atomic
 
 Scale = Literal["tiny", "demo", "full"]
 

@@ -58,7 +58,8 @@ from core.aggregate import merge_shop_ids, read_monthly_table
 from core.config import NestcastConfig, WindowsConfig
 from core.errors import DataValidationError
 from core.features import NEVER
-from core.lake import WINDOWS_META_FILE, LakePaths, atomic_path, file_sha256, read_json, recorded_file_problems
+from core.files import atomic_path, file_sha256, read_json, recorded_file_problems
+from core.lake import WINDOWS_META_FILE, LakePaths
 
 STORE_FILES = "files"  # in meta.json: file name -> sha256 of every array and table of the store
 WINDOWS_VERSION = "5"  # 2: grid masks, validation month; 3: target-encoded means; 4: item name families; 5: universe

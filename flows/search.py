@@ -21,7 +21,8 @@ from prefect import flow, get_run_logger
 from core import search as search_step
 from core.backtest import PLACEMENT_FIELDS, parse_origins
 from core.config import NestcastConfig
-from core.lake import LakePaths, write_json_atomic
+from core.files import write_json_atomic
+from core.lake import LakePaths
 from flows.aggregate_months import aggregate_months
 from flows.backtest import training_task_runner
 from flows.sales_forecast import build_config

@@ -24,7 +24,7 @@ from prefect.tasks import exponential_backoff
 
 from core.config import NestcastConfig
 from core.errors import NON_RETRYABLE
-from core.lake import file_sha256, read_json, tree_sha256, write_json_atomic
+from core.files import file_sha256, read_json, tree_sha256, write_json_atomic
 from core.store import data_dir_identity, store_of
 
 F = TypeVar("F", bound=Callable[..., Any])

@@ -18,7 +18,8 @@ from prefect.artifacts import create_progress_artifact, create_table_artifact, u
 
 from core import protocol
 from core.config import NestcastConfig
-from core.lake import FORECAST_FILE, SELECTION_FILE, LakePaths, read_json
+from core.files import read_json
+from core.lake import FORECAST_FILE, SELECTION_FILE, LakePaths
 from core.progress import TrainingProgress, describe_device, epoch_table
 from tasks.common import artifact_key, content_cache_key, nestcast_task
 

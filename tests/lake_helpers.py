@@ -9,7 +9,8 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from core.lake import LakePaths, write_parquet_atomic
+from core.files import write_parquet_atomic
+from core.lake import LakePaths
 
 
 def sales_table(month: int, part: pd.DataFrame) -> pa.Table:

@@ -22,7 +22,8 @@ from core.aggregate import (
 )
 from core.config import NestcastConfig
 from core.errors import DataValidationError
-from core.lake import LakePaths, write_parquet_atomic
+from core.files import write_parquet_atomic
+from core.lake import LakePaths
 
 
 def random_sales(seed: int = 0, months: int = 4, rows: int = 600) -> tuple[pd.DataFrame, pd.DataFrame]:

@@ -19,9 +19,10 @@ from test_ingest import _sales, _write_raw
 from core.aggregate import aggregate
 from core.config import NestcastConfig
 from core.errors import ModelIntegrityError
+from core.files import file_sha256, read_json, write_json_atomic
 from core.ingest import RemovedFile, ingest, read_manifest, read_sales
 from core.ingest.commit import JOURNAL
-from core.lake import LakePaths, file_sha256, read_json, write_json_atomic
+from core.lake import LakePaths
 from core.windows import UNIVERSE_ID_STRIDE
 from flows.aggregate_months import aggregate_months
 from tasks.ingest import ingest_raw_files

@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from core import store as store_module
-from core.lake import file_sha256
+from core.files import file_sha256
 from core.store import ObjectStoreLake
 
 REPO = Path(__file__).resolve().parents[1]

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from core.lake import file_sha256
+from core.files import file_sha256
 from core.synthetic import (
     FILE_NAMES,
     OUTLIER_COUNT,

@@ -19,7 +19,8 @@ from typing import Any
 
 import pyarrow as pa
 
-from core.lake import PARTITION_KEY, LakePaths, read_json, write_json_atomic, write_parquet_atomic, write_text_atomic
+from core.files import read_json, write_json_atomic, write_parquet_atomic, write_text_atomic
+from core.lake import PARTITION_KEY, LakePaths
 
 JOURNAL = ".journal.json"
 _MANIFEST = "manifest.json"

@@ -14,10 +14,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from core.expectations import COLUMNS, kind_of
+from core.files import read_json
 from core.ingest.columns import REFERENCE_SCHEMAS, SALES_SCHEMA
 from core.ingest.docs import stem
 from core.ingest.quarantine import empty_quarantine
-from core.lake import LakePaths, read_json
+from core.lake import LakePaths
 
 MANIFEST_VERSION = 1
 PathLike = LakePaths | str | os.PathLike[str]

@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 from core.config import NestcastConfig
 from core.errors import DataValidationError
 from core.expectations import REFERENCE_FILES, RULES_VERSION, kind_of
+from core.files import file_sha256
 from core.ingest.columns import ID_COLUMN, check_structure
 from core.ingest.commit import Transaction, exclusive, recover, transaction
 from core.ingest.context import IngestContext
@@ -30,7 +31,7 @@ from core.ingest.readers import MANIFEST_VERSION, partition, quarantine_file, re
 from core.ingest.reference import validate_reference, validate_test
 from core.ingest.report import FileReport, IngestSummary, RemovedFile
 from core.ingest.sales import validate_sales
-from core.lake import LakePaths, file_sha256, partition_month
+from core.lake import LakePaths, partition_month
 
 PARTITION_HASHES = "partition_sha256"  # in the manifest: month -> sha256 of lake/sales/date_block_num=<month>
 # Thresholds decide whether a run may go on, not what a row is: changing them revalidates nothing.
