@@ -34,6 +34,7 @@ from typing import Any
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from core import forecasters  # noqa: E402
 from core.backtest import BacktestResult, backtest, markdown_table, parse_origins, prepare_lake  # noqa: E402
 from core.config import NestcastConfig  # noqa: E402
 
@@ -100,18 +101,10 @@ def rows_for(results: dict[str, list[BacktestResult]], origins: list[int]) -> li
         for key, label in (("zeros", "zeros"), ("baseline", "previous month"), ("mean3", "mean of last 3"))
     ]
     default = results.get("nlstm2") or next(iter(results.values()))
-    if "reference" in default[0].predictors:
-        rows.append(row("LightGBM reference", mean_over_seeds(default, "reference"), None, None,
+    booster = forecasters.BLEND_PARTNER.name
+    if booster in default[0].predictors:
+        rows.append(row(forecasters.label(booster), mean_over_seeds(default, booster), None, None,
                         seconds(default, "reference_seconds")))  # fmt: skip
-    if "trees" in default[0].predictors:  # the ensemble's own booster (ensemble_trees=extended)
-        rows.append(row("LightGBM extended (the ensemble's trees)", mean_over_seeds(default, "trees"), None, None,
-                        None))  # fmt: skip
-    if "reference_calibrated" in default[0].predictors:  # the like-for-like yardstick of a calibrated model
-        rows.append(row("LightGBM reference, launch-calibrated", mean_over_seeds(default, "reference_calibrated"),
-                        None, None, None))  # fmt: skip
-    if "model_uncalibrated" in default[0].predictors:
-        rows.append(row("default model without launch calibration", mean_over_seeds(default, "model_uncalibrated"),
-                        None, None, None))  # fmt: skip
     for name, runs in results.items():
         per_epoch = [o.seconds_per_epoch for r in runs for o in r.origins if o.seconds_per_epoch]
         rows.append(
@@ -123,12 +116,11 @@ def rows_for(results: dict[str, list[BacktestResult]], origins: list[int]) -> li
                 seconds(runs, "train_seconds"),  # training seconds per origin (select + refit), mean over seeds
             )
         )
-    if "ensemble" in default[0].predictors:
+    if forecasters.BLEND.name in default[0].predictors:
         model = LABELS.get(next(k for k, v in results.items() if v is default), "model")
-        trees = "extended LightGBM" if default[0].config.get("ensemble_trees") == "extended" else "reference"
-        label = f"ensemble: {model} + {trees}"
         both = round(seconds(default, "train_seconds") + seconds(default, "reference_seconds"), 1)
-        rows.append(row(label, mean_over_seeds(default, "ensemble"), None, None, both))
+        rows.append(row(f"ensemble: {model} + {forecasters.short(booster)}",
+                        mean_over_seeds(default, forecasters.BLEND.name), None, None, both))  # fmt: skip
     return rows
 
 

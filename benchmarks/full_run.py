@@ -126,7 +126,7 @@ def main() -> None:
         per_epoch = ", ".join(f"{s:.0f}" for s in row["s/epoch"])
         print(f"| {row['stage']} | {row['epochs']} | {per_epoch} | {row['NLSTM s']:.0f} |")
     scores = {k: round(v, 4) for k, v in summary.items() if k.endswith("_rmse") and v is not None}
-    print(f"\nholdout month {summary['holdout_month']} (validation {summary['validation_month']}, "
+    print(f"\nholdout month {summary['holdout_month']} (validation {summary['validation_months']}, "
           f"{summary['train_samples']:,} training windows, {summary['epochs']} epoch(s) selected): {scores}")
 
 

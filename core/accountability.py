@@ -132,9 +132,9 @@ def _inputs_sha256(paths: LakePaths, forecast: Forecast, pairs_source: str) -> s
 
 
 # --- scoring -----------------------------------------------------------------------------------------
-def _model_forecast(run_dir: str, ids: np.ndarray) -> np.ndarray | None:
+def _model_forecast(paths: LakePaths, run_dir: str, ids: np.ndarray) -> np.ndarray | None:
     """The run's model column on the submission's IDs, clipped -- or None when the run directory is gone."""
-    path = Path(run_dir) / FORECAST_FILE
+    path = paths.run_path(run_dir) / FORECAST_FILE
     if not path.exists():
         return None
     frame = pd.read_parquet(path)
@@ -152,7 +152,7 @@ def score_forecast(
     frame = pairs.merge(submission, on="ID", how="inner", validate="1:1").sort_values("ID")
     actual = _on_pairs(frame, _clipped_month(paths, forecast.month, clip))
     previous = _on_pairs(frame, _clipped_month(paths, forecast.month - 1, clip))
-    model = _model_forecast(str(forecast.sidecar.get("run_dir", "")), frame["ID"].to_numpy())
+    model = _model_forecast(paths, str(forecast.sidecar.get("run_dir", "")), frame["ID"].to_numpy())
     return {
         "rmse_exported": _rmse(frame["item_cnt_month"].to_numpy(np.float64), actual),
         "rmse_previous_period": _rmse(previous, actual),
@@ -242,30 +242,31 @@ def history_rows(records: pd.DataFrame) -> list[dict[str, Any]]:
     return table.astype(object).where(table.notna(), None).to_dict("records")
 
 
-def plot_history(records: pd.DataFrame, first_month: str) -> bytes:
-    """RMSE per forecast month: the exported forecast against the previous period (and the raw model)."""
-    from core.evaluate import _COLOURS, _figure, _month_ticks, _png  # the report's plot style
+def plot_history(records: pd.DataFrame, first_month: str) -> bytes | None:
+    """RMSE per forecast month: the exported forecast against the previous period (and the raw model); None
+    before any month is scored (an empty chart says nothing)."""
+    from core import forecasters
+    from core.report import EXPORTED_COLOUR, figure, legend_below, month_ticks, png  # the report's plot style
 
-    fig = _figure(figsize=(9, 4))
-    ax = fig.add_subplot()
     scored = records[records["status"] == "scored"]
     months = scored["forecast_month"].to_numpy(np.int64)
-    for column, label, colour in (("rmse_exported", "exported", _COLOURS["ensemble"]),
-                                  ("rmse_previous_period", "previous period", _COLOURS["baseline"]),
-                                  ("rmse_model", "model", _COLOURS["model"])):  # fmt: skip
+    if not len(months):
+        return None
+    fig = figure(figsize=(9, 4.5))
+    ax = fig.add_subplot()
+    for column, label, colour in (("rmse_exported", "exported", EXPORTED_COLOUR),
+                                  ("rmse_previous_period", "previous period", forecasters.colour("baseline")),
+                                  ("rmse_model", "model", forecasters.colour("model"))):  # fmt: skip
         ax.plot(months, scored[column].to_numpy(np.float64), marker="o", label=label, color=colour)
-    if len(months):
-        _month_ticks(ax, months, first_month)
-        ax.legend(loc="best")
-    else:
-        ax.text(0.5, 0.5, "no forecast month has actuals yet", ha="center", va="center", transform=ax.transAxes)
+    month_ticks(ax, months, first_month)
     ax.set_ylabel("RMSE (clipped to [0, 20])")
     ax.set_title("Exported forecasts, scored once their month arrived")
-    fig.tight_layout()
-    return _png(fig)
+    ax.grid(alpha=0.3)
+    legend_below(fig, ax, 3)
+    return png(fig)
 
 
-def history_markdown(records: pd.DataFrame, plot_name: str) -> str:
+def history_markdown(records: pd.DataFrame, plot_name: str | None) -> str:
     """The history section (a markdown table and the plot, linked relatively as report.md's other plots)."""
     rows = history_rows(records)
     lines = ["## Accountability: exported forecasts against their months' actuals", ""]
@@ -277,7 +278,8 @@ def history_markdown(records: pd.DataFrame, plot_name: str) -> str:
                  for k in header]  # fmt: skip
         lines += ["| " + " | ".join(header) + " |", "|" + "|".join(align) + "|"]
         lines += ["| " + " | ".join(_history_cell(row[k]) for k in header) + " |" for row in rows]
-    return "\n".join([*lines, "", f"![accountability history]({plot_name})", ""])
+    plot = ["", f"![accountability history]({plot_name})"] if plot_name else []
+    return "\n".join([*lines, *plot, ""])
 
 
 def _shown_columns(rows: list[dict[str, Any]]) -> list[str]:
@@ -299,14 +301,15 @@ def _history_cell(value: Any) -> str:
 
 def write_history(config: NestcastConfig, run_dir: str | Path) -> dict[str, Any]:
     """The history plot into ``run_dir`` and its section into ``run_dir/report.md`` (replacing an older one)."""
-    from core.evaluate import replace_report_section
+    from core.report import replace_report_section
 
     paths = LakePaths.of(config)
     records = read_records(paths)
     run_dir = Path(run_dir)
-    plot = write_bytes_atomic(run_dir / HISTORY_PLOT, plot_history(records, config.ingest.first_month))
-    section = history_markdown(records, HISTORY_PLOT)
+    image = plot_history(records, config.ingest.first_month)
+    plot = write_bytes_atomic(run_dir / HISTORY_PLOT, image) if image is not None else None
+    section = history_markdown(records, HISTORY_PLOT if plot is not None else None)
     report = replace_report_section(run_dir / REPORT_FILE, SECTION_KEY, section)
-    return {"records": str(paths.accountability_records), "rows": history_rows(records), "plot": str(plot),
-            "report": str(report), "markdown": section,
+    return {"records": str(paths.accountability_records), "rows": history_rows(records),
+            "report": str(report), "markdown": section, "plot": None if plot is None else str(plot),
             "months": [forecast_month_label(int(m), config.ingest.first_month) for m in records["forecast_month"]]}

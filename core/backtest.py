@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from core import forecasters
 from core.config import FLAT_FIELDS, NestcastConfig
 from core.display import four, month_label, month_range, versus
 from core.evaluate import OPTIONAL_PREDICTORS, PREDICTORS, evaluate
@@ -31,10 +32,8 @@ from core.windows import build_windows
 
 REPORT_FILE = "backtest.md"
 RESULT_FILE = "backtest.json"
-PREDICTOR_COLUMNS: dict[str, str] = {"model": "model", "ensemble": "ensemble", "reference": "reference",
-                                     "trees": "trees", "reference_calibrated": "reference_calibrated",
-                                     "model_uncalibrated": "model_uncalibrated",
-                                     "baseline": "previous", "mean3": "mean3", "zeros": "zeros"}  # fmt: skip
+#: Forecaster -> its column stem in the backtest tables (``<stem>_rmse``).
+PREDICTOR_COLUMNS: dict[str, str] = {name: "previous" if name == "baseline" else name for name in PREDICTORS}
 
 EpochCallback = Callable[[int, dict[str, float]], None]
 #: ``start_origin(origin, root)`` starts one origin's work and returns what waits for its result: a submitted
@@ -62,7 +61,7 @@ class OriginResult:
     params: int
     windows_dir: str
     run_dir: str
-    selection: dict[str, Any] = field(default_factory=dict)  # core.protocol.select's record
+    selection: dict[str, Any] = field(default_factory=dict)  # core.protocol.Selection, as a dict
     reference_seconds: float | None = None
 
     @property
@@ -228,22 +227,21 @@ def backtest_origin(
     others = {name: predictions[name].to_numpy() for name in OPTIONAL_PREDICTORS if name in predictions}
     scored = evaluate(store.holdout_frame(), predictions["model"].to_numpy(), clip, month=origin,
                       first_month=config.ingest.first_month, others=others)  # fmt: skip
-    model_seconds = selection["model_seconds"] + refitted["model_seconds"]
-    reference_seconds = (selection["reference_seconds"] or 0.0) + (refitted["reference_seconds"] or 0.0)
+    reference_seconds = (selection.reference_seconds or 0.0) + (refitted.reference_seconds or 0.0)
     return OriginResult(
         origin=origin,
         rows=scored.rows,
         rmse={p: scored.overall[p].rmse for p in scored.predictors},
         mae={p: scored.overall[p].mae for p in scored.predictors},
         train_samples=min(store.train_index.shape[0], config.train.max_train_samples or store.train_index.shape[0]),
-        epochs_run=int(selection["epochs_run"]) + int(refitted["epochs"]),
-        seconds_per_epoch=refitted["seconds_per_epoch"],
-        train_seconds=model_seconds,
-        params=int(refitted["params"]),
+        epochs_run=int(selection.epochs_run) + int(refitted.epochs),
+        seconds_per_epoch=refitted.seconds_per_epoch,
+        train_seconds=selection.model_seconds + refitted.model_seconds,
+        params=int(refitted.params),
         windows_dir=built.windows_dir,
         run_dir=str(run_dir),
-        selection=selection,
-        reference_seconds=reference_seconds if selection.get("rounds") else None,
+        selection=selection.to_dict(),
+        reference_seconds=reference_seconds if selection.rounds else None,
     )
 
 
@@ -307,13 +305,7 @@ def default_run_dir(config: NestcastConfig, origins: Sequence[int]) -> Path:
 _HEADERS = {
     "origin": "origin",
     "rows": "grid rows",
-    "model_rmse": "model",
-    "ensemble_rmse": "ensemble",
-    "reference_rmse": "LightGBM reference",
-    "trees_rmse": "LightGBM extended",
-    "previous_rmse": "previous month",
-    "mean3_rmse": "mean of 3",
-    "zeros_rmse": "zeros",
+    **{f"{PREDICTOR_COLUMNS[name]}_rmse": forecasters.short(name) for name in PREDICTORS},
     "model_vs_previous": "model / previous",
     "epochs": "epochs",
     "s_per_epoch": "s/epoch",
@@ -377,7 +369,7 @@ def verdict_lines(result: BacktestResult) -> list[str]:
     first_month = str(result.config.get("first_month", "2013-01"))
     origins = [o.origin for o in result.origins]
     baseline = result.mean_rmse("baseline")
-    shown = [p for p in ("model", "ensemble", "reference") if p in result.predictors]
+    shown = [p for p in forecasters.PREDICTED if p in result.predictors]
     reference = result.mean_rmse("reference") if "reference" in shown else None
     lines = [f"Mean RMSE over the origins {month_range(origins, first_month)} "
              f"({', '.join(month_label(o, first_month) for o in origins)}):", ""]  # fmt: skip
@@ -385,12 +377,9 @@ def verdict_lines(result: BacktestResult) -> list[str]:
         value = result.mean_rmse(predictor)
         against = [versus(value, baseline, f"the previous month ({four(baseline)})")]
         if reference is not None and predictor != "reference":
-            against.append(versus(value, reference, f"the LightGBM reference ({four(reference)})"))
-        lines.append(f"- **{_VERDICT_LABELS[predictor]} {four(value)}**: {', '.join(against)}")
+            against.append(versus(value, reference, f"the LightGBM ({four(reference)})"))
+        lines.append(f"- **{forecasters.short(predictor)} {four(value)}**: {', '.join(against)}")
     return lines
-
-
-_VERDICT_LABELS = {"model": "model", "ensemble": "ensemble", "reference": "LightGBM reference"}
 
 
 def write_backtest_report(result: BacktestResult, path: str | Path) -> Path:

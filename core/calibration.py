@@ -5,9 +5,10 @@ launches change in size, that lags behind: on the shared real slice a launch sol
 months 0-10, 3.5-5.5 in months 21-26 and 12.8-16.2 in months 27-28, and the models' launch forecasts were about
 half of what sold. Launch rows are 1-3 % of a month's grid but a quarter to a half of its squared error.
 
-The scale is the grid point of :data:`SCALES` that minimises the validation month's RMSE over its launch rows
-(the holdout month never takes part); it multiplies the forecaster's launch-row predictions of every later set.
-A validation month without launches leaves the scale at 1.
+The scale is the grid point of :data:`SCALES` that minimises a validation month's RMSE over its launch rows (the
+holdout month never takes part); with several validation months it is the geometric mean of each month's scale
+(every month counts alike, so one month of extreme launches moves it by its share only). It multiplies the
+forecaster's launch-row predictions of every later set. Validation months without launches leave it at 1.
 """
 
 from __future__ import annotations
@@ -19,17 +20,31 @@ SCALES: np.ndarray = np.round(np.arange(0.5, 3.0 + 1e-9, 0.1), 2)
 
 
 def launch_scale(
-    actual: np.ndarray, prediction: np.ndarray, launch: np.ndarray, clip: tuple[float, float]
+    actual: np.ndarray,
+    prediction: np.ndarray,
+    launch: np.ndarray,
+    clip: tuple[float, float],
+    months: np.ndarray | None = None,
 ) -> float:
     """The scale of :data:`SCALES` with the lowest RMSE of ``clip(scale * prediction)`` on the launch rows.
 
-    Ties go to the scale nearest 1 (no change is the default when the month cannot tell).
+    Ties go to the scale nearest 1 (no change is the default when the month cannot tell). ``months`` (one per
+    row): each month's scale is chosen alone, and the result is their geometric mean, rounded to 0.01.
     """
     actual = np.asarray(actual, dtype=np.float64)
     prediction = np.asarray(prediction, dtype=np.float64)
     launch = np.asarray(launch, dtype=bool)
     if not actual.shape == prediction.shape == launch.shape:
         raise ValueError(f"shapes differ: actual {actual.shape}, prediction {prediction.shape}, launch {launch.shape}")
+    if months is not None:
+        months = np.asarray(months)
+        scales = [_month_scale(actual[rows], prediction[rows], launch[rows], clip)
+                  for rows in (months == m for m in np.unique(months)) if launch[rows].any()]  # fmt: skip
+        return round(float(np.exp(np.mean(np.log(scales)))), 2) if scales else 1.0
+    return _month_scale(actual, prediction, launch, clip)
+
+
+def _month_scale(actual: np.ndarray, prediction: np.ndarray, launch: np.ndarray, clip: tuple[float, float]) -> float:
     if not launch.any():
         return 1.0
     scaled = np.clip(SCALES[:, None] * prediction[launch][None, :], *clip)  # [scales, launch rows]

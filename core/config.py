@@ -16,6 +16,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from core.encoders import ENCODERS
+
 # Shops that the competition lists twice under different ids (same address, renamed);
 # the duplicate is folded into the id that carries on into test.csv.
 DEFAULT_SHOP_MERGE_MAP: dict[int, int] = {0: 57, 1: 58, 10: 11, 39: 40}
@@ -72,6 +74,12 @@ class WindowsConfig(_Section):
         "'active' = pairs with any sale in the window or target, 'all' = every series x month.",
     )
     holdout_month: int | None = Field(None, description="Evaluation month (default: last month in the lake).")
+    validation_months: int = Field(
+        2, ge=1, le=12,
+        description="Months before the holdout month that choose epochs, boosting rounds, blend weights and the "
+        "export (the selection stage trains on the months before them); each choice weighs every month alike, so "
+        "one odd month cannot swing it.",
+    )
     min_train_month: int = Field(1, ge=1, description="Earliest target month used for training.")
     universe_months: int = Field(
         3, ge=0, le=60,
@@ -92,13 +100,16 @@ class WindowsConfig(_Section):
         return (self.target_clip_min, self.target_clip_max)
 
 
-ModelKind = Literal["nlstm", "lstm", "gru", "rnn"]
+
+
+#: The registered encoders' names (``core.encoders``), as a type: the CLI and the deployment form offer exactly these.
+EncoderKind = Literal[tuple(ENCODERS)]  # type: ignore[valid-type]
 
 
 class ModelConfig(_Section):
     """Network shape (step 4)."""
 
-    kind: ModelKind = "nlstm"
+    kind: EncoderKind = Field("nlstm", description="The recurrent encoder (registered in core.encoders).")
     units: int = Field(40, ge=1)
     depth: int = Field(2, ge=1, le=6, description="Nesting depth of the NLSTM (ignored by other kinds).")
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
@@ -166,13 +177,14 @@ class TrainConfig(_Section):
 
 
 class ReferenceConfig(_Section):
-    """The gradient-boosted reference (``core.reference``): LightGBM on the standard monthly lag features.
+    """The gradient-boosted forecaster (``core.reference``): LightGBM on the features of ``core.features``.
 
-    Trained on the NLSTM's samples with the same protocol: early stopping on the validation month, then a
-    refit with the selected number of rounds. It is scored beside the model and may join it in the ensemble.
+    Trained on the NLSTM's samples with the same protocol: early stopping on the validation months, then a
+    refit with the selected number of rounds. It is scored beside the model, may be exported, and is the
+    model's partner in the ensemble.
     """
 
-    reference_enabled: bool = Field(True, description="Train and report the LightGBM reference (and the ensemble).")
+    reference_enabled: bool = Field(True, description="Train the LightGBM forecaster (and with it the ensemble).")
     boost_learning_rate: float = Field(0.05, gt=0, le=1)
     num_leaves: int = Field(63, ge=2)
     min_data_in_leaf: int = Field(50, ge=1)
@@ -182,11 +194,6 @@ class ReferenceConfig(_Section):
     max_rounds: int = Field(1000, ge=1, description="Boosting rounds at most in the selection stage.")
     early_stopping_rounds: int = Field(50, ge=1, description="Stop when the validation RMSE has not improved.")
     boost_threads: int | None = Field(None, ge=1, description="LightGBM threads (None: every core).")
-    ensemble_trees: Literal["extended", "reference"] = Field(
-        "extended",
-        description="The ensemble's booster: 'extended' trains a second one on the reference's features plus the "
-        "launch and name-family features the model's head gets; 'reference' blends with the reported reference.",
-    )
     ensemble_segments: Literal["launch", "none"] = Field(
         "launch",
         description="'launch': the ensemble's model weight is chosen on the validation month separately for items "

@@ -12,14 +12,6 @@ from typing import Any
 
 from core.lake import forecast_month_label
 
-#: Summary score keys -> what a reader calls them, in the order they are shown.
-SCORE_LABELS: dict[str, str] = {
-    "model_rmse": "model",
-    "ensemble_rmse": "ensemble",
-    "reference_rmse": "LightGBM reference",
-    "baseline_rmse": "previous month",
-}
-
 
 def four(value: float | None) -> str:
     """A score with four decimals; ``—`` for a missing one."""
@@ -65,22 +57,43 @@ def ratio(value: float, reference: float) -> float | None:
     return None if reference <= 0 else round(value / reference, 4)
 
 
+def forecaster_label(name: str) -> str:
+    """What a reader calls a forecaster (the champion's forecast included)."""
+    from core import forecasters
+
+    return "the champion's forecast" if name == "champion" else forecasters.short(name)
+
+
+def verdict(summary: Mapping[str, Any], first_month: str = "2013-01") -> str:
+    """The run's verdict in one line: what was exported for which month, its holdout RMSE against the previous
+    month, and every forecaster that scored better on that month (with how much)."""
+    holdout = month_label(summary["holdout_month"], first_month)
+    forecast = summary.get("forecast_month")
+    target = f" for {month_label(forecast, first_month)}" if forecast is not None else ""
+    exported, value, baseline = summary["exported"], summary["exported_rmse"], summary["baseline_rmse"]
+    text = (f"Exported {forecaster_label(exported)}{target}: holdout {holdout} RMSE {four(value)}, "
+            f"{versus(value, baseline, f'the previous month ({four(baseline)})')}.")  # fmt: skip
+    beaten = summary.get("beaten_by") or {}
+    if beaten:
+        text += " Better on that month: " + ", ".join(
+            f"{forecaster_label(name)} {four(score)} ({change(score, value)})" for name, score in beaten.items()) + "."
+    return text
+
+
+def _scores(summary: Mapping[str, Any]) -> list[tuple[str, float]]:
+    """(label, holdout RMSE) of every forecaster the run scored, in report order."""
+    return [(forecaster_label(name), value) for name, value in (summary.get("holdout_rmse") or {}).items()]
+
+
 def forecast_summary_lines(summary: Mapping[str, Any], first_month: str = "2013-01") -> list[str]:
     """The console summary of a forecast run: the verdict first, then the scores, the paths, the run's URL."""
     holdout = month_label(summary["holdout_month"], first_month)
-    validation = month_label(summary["validation_month"], first_month)
-    forecast = summary.get("forecast_month")
-    target = f" for {month_label(forecast, first_month)}" if forecast is not None else ""
-    exported, baseline = summary["exported"], summary["baseline_rmse"]
+    validation = ", ".join(month_label(m, first_month) for m in summary["validation_months"])
     lines = [
-        f"Exported the {exported} forecast{target}: on the holdout month {holdout} it scored RMSE "
-        f"{four(summary['exported_rmse'])}, {versus(summary['exported_rmse'], baseline)} "
-        f"({four(baseline)}).",
+        verdict(summary, first_month),
         "",
-        f"holdout {holdout} RMSE: "
-        + ", ".join(f"{label} {four(summary[key])}" for key, label in SCORE_LABELS.items()
-                    if summary.get(key) is not None),  # fmt: skip
-        f"chosen on:  validation month {validation}"
+        f"holdout {holdout} RMSE: " + ", ".join(f"{name} {four(value)}" for name, value in _scores(summary)),
+        f"chosen on:  validation months {validation}"
         + (f", {summary['epochs']} epoch(s)" if summary.get("epochs") is not None else ""),
     ]
     if summary.get("months"):
@@ -104,24 +117,22 @@ def training_samples(summary: Mapping[str, Any]) -> str:
 
 
 def summary_rows(summary: Mapping[str, Any], first_month: str = "2013-01") -> list[tuple[str, str]]:
-    """The summary artifact's rows: readable names, four decimals, months as a calendar range."""
-    baseline = summary["baseline_rmse"]
+    """The summary artifact's rows: the verdict first, readable names, four decimals, calendar months."""
     rows: list[tuple[str, str]] = [
-        ("verdict", f"exported the {summary['exported']} forecast, "
-                    f"{versus(summary['exported_rmse'], baseline)} on the holdout month"),  # fmt: skip
+        ("verdict", verdict(summary, first_month)),
         ("forecast month", month_label(summary["forecast_month"], first_month)
-         if summary.get("forecast_month") is not None else "—"),  # fmt: skip
+         if summary.get("forecast_month") is not None else "—"),
         ("holdout month", month_label(summary["holdout_month"], first_month)),
-        ("validation month", month_label(summary["validation_month"], first_month)),
+        ("validation months", ", ".join(month_label(m, first_month) for m in summary["validation_months"])),
         ("months in the lake", month_range(summary["months"], first_month)),
         ("rows read / accepted / quarantined",
          f"{summary['rows_in']:,} / {summary['rows_accepted']:,} / {summary['rows_quarantined']:,}"),
         ("training samples", training_samples(summary).removesuffix(" training samples")),
         ("epochs (selected)", str(summary["epochs"])),
     ]  # fmt: skip
-    rows += [(f"{label} RMSE", four(summary[key])) for key, label in SCORE_LABELS.items()
-             if summary.get(key) is not None]  # fmt: skip
-    rows += [("exported RMSE", four(summary["exported_rmse"])), ("data directory", f"`{summary['data_dir']}`"),
+    rows += [(f"{name} RMSE", four(value)) for name, value in _scores(summary)]
+    rows += [("exported", forecaster_label(summary["exported"])), ("exported RMSE", four(summary["exported_rmse"])),
+             ("why", summary.get("reason") or "—"), ("data directory", f"`{summary['data_dir']}`"),
              ("run directory", f"`{summary['run_dir']}`"), ("submission", f"`{summary['submission']}`"),
              ("report", f"`{summary['report']}`")]  # fmt: skip
     return rows

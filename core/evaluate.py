@@ -1,4 +1,4 @@
-"""Step 5: score the model against simple baselines on the holdout month, the way the competition scores.
+"""Step 5: score every forecaster against the baselines on the holdout month, the way the competition scores.
 
 The holdout frame is the Kaggle-style grid of the holdout month (every shop with sales that month x every
 item with sales that month), one row per pair, with the clipped actual count and the baselines' inputs
@@ -6,52 +6,33 @@ item with sales that month), one row per pair, with the clipped actual count and
 Every prediction is clipped to [0, 20] before scoring because the competition clips the same way, so a
 model is not punished for excursions the submission would never contain.
 
-Four predictors are scored: ``model``, ``baseline`` (previous period), ``mean3`` and ``zeros``. The verdict
-``beats_baseline`` (model RMSE strictly below the previous-period baseline's) is the export gate's input.
+The forecasters are ``core.forecasters``': the model, whatever else the run predicted (the LightGBM booster,
+the ensemble), and the baselines (previous period, mean of 3, zeros), overall and by segment. Evaluation only
+scores: what is exported, and the report that says so, are the gate's (``core.gate``, ``core.report``).
 """
 
 from __future__ import annotations
 
-import io
-import math
+import dataclasses
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 from pydantic import BaseModel, ConfigDict, PrivateAttr
 
+from core import forecasters
 from core.config import DEFAULT_CLIP
-from core.display import change, versus
-from core.files import write_bytes_atomic, write_json_atomic, write_text_atomic
-from core.gate import BlendWeights
-from core.lake import FORECAST_FILE, METRICS_FILE, REPORT_FILE, forecast_month_label
+from core.files import atomic_path, write_json_atomic
+from core.lake import FORECAST_FILE, METRICS_FILE, forecast_month_label
 
-#: Every predictor an evaluation may score, in report order; model, baseline, mean3 and zeros always are.
-PREDICTORS: tuple[str, ...] = ("model", "ensemble", "reference", "reference_calibrated", "trees",
-                                "model_uncalibrated", "baseline", "mean3", "zeros")  # fmt: skip
-OPTIONAL_PREDICTORS: tuple[str, ...] = ("ensemble", "reference", "reference_calibrated", "trees",
-                                         "model_uncalibrated")  # fmt: skip
-PREDICTOR_LABELS: dict[str, str] = {
-    "model": "model (Nested LSTM)",
-    "ensemble": "ensemble (model + LightGBM)",
-    "reference": "LightGBM reference",
-    "reference_calibrated": "LightGBM reference, launch-calibrated",
-    "trees": "LightGBM, extended features (ensemble member)",
-    "model_uncalibrated": "model without launch calibration",
-    "baseline": "previous month (baseline)",
-    "mean3": "mean of last 3 months",
-    "zeros": "zeros",
-}
-#: The same, short enough for a segment table's column headers.
-SHORT_LABELS: dict[str, str] = {
-    "model": "model", "ensemble": "ensemble", "reference": "LightGBM reference",
-    "reference_calibrated": "reference, calibrated", "trees": "LightGBM extended", "model_uncalibrated": "model, raw",
-    "baseline": "previous month", "mean3": "mean of last 3", "zeros": "zeros",
-}  # fmt: skip
+#: Every forecaster an evaluation may score, in report order; the model and the baselines always are.
+PREDICTORS: tuple[str, ...] = forecasters.NAMES
+BASELINES: tuple[str, ...] = tuple(f.name for f in forecasters.FORECASTERS if f.role == "baseline")
+#: The forecasters a run may add beside the model (``evaluate(others=...)``).
+OPTIONAL_PREDICTORS: tuple[str, ...] = tuple(name for name in forecasters.PREDICTED if name != forecasters.NETWORK.name)
+
 # The novelty segments partition the grid, so their rows add up to the whole.
 NOVELTY_SEGMENTS: tuple[tuple[str, str], ...] = (
     ("new_item", "new item (never sold before)"),
@@ -68,11 +49,6 @@ HOLDOUT_COLUMNS: tuple[str, ...] = (
     "new_item",
     "new_pair",
 )
-PLOT_FILES: dict[str, str] = {
-    "totals_plot": "monthly_totals.png",
-    "pairs_plot": "predicted_vs_actual.png",
-    "segments_plot": "error_by_segment.png",
-}
 _KEY_SHIFT = np.int64(1 << 32)
 
 
@@ -213,8 +189,8 @@ class Evaluation(BaseModel):
 
     @property
     def predictors(self) -> list[str]:
-        """The predictors this evaluation scored, in :data:`PREDICTORS` order."""
-        return [p for p in PREDICTORS if p in self.overall]
+        """The predictors this evaluation scored: :data:`PREDICTORS` order, then any other (a champion)."""
+        return [p for p in PREDICTORS if p in self.overall] + [p for p in self.overall if p not in PREDICTORS]
 
     @property
     def model_rmse(self) -> float:
@@ -316,8 +292,8 @@ def evaluate(
 ) -> Evaluation:
     """Score ``model_pred`` (one value per holdout row) and the baselines on the holdout grid.
 
-    ``others`` adds the optional predictors (:data:`OPTIONAL_PREDICTORS`: ``ensemble``, ``reference``),
-    one value per holdout row each, scored like the model.
+    ``others`` adds more forecasters by name (:data:`OPTIONAL_PREDICTORS`, or another such as a re-applied
+    ``champion``; never a baseline's name), one value per holdout row each, scored like the model.
 
     ``holdout`` needs ``shop_id, item_id, item_category_id, actual, prev, mean3, new_item, new_pair``.
     Missing ``prev``/``mean3`` values count as 0 (no sales). ``month`` defaults to the frame's
@@ -336,8 +312,8 @@ def evaluate(
         raise ValueError(f"model_pred has {pred.size} values for {len(holdout)} holdout rows")
     extra = {}
     for name, values in (others or {}).items():
-        if name not in OPTIONAL_PREDICTORS:
-            raise ValueError(f"unknown predictor {name!r}; optional predictors: {OPTIONAL_PREDICTORS}")
+        if name in BASELINES or name == forecasters.NETWORK.name:
+            raise ValueError(f"{name!r} is scored from the holdout frame or model_pred, not given in others")
         extra[name] = np.asarray(values, dtype=np.float64).reshape(-1)
     for name, values in {"model_pred": pred, **extra}.items():
         if values.size != len(holdout):
@@ -351,7 +327,7 @@ def evaluate(
     actual = np.clip(actual_raw, low, high)
     preds = {
         "model": np.clip(pred, low, high),
-        **{name: np.clip(extra[name], low, high) for name in OPTIONAL_PREDICTORS if name in extra},
+        **{name: np.clip(values, low, high) for name, values in extra.items()},
         "baseline": np.clip(np.nan_to_num(holdout["prev"].to_numpy(dtype=np.float64, na_value=0.0)), low, high),
         "mean3": np.clip(np.nan_to_num(holdout["mean3"].to_numpy(dtype=np.float64, na_value=0.0)), low, high),
         "zeros": np.clip(np.zeros_like(actual), low, high),
@@ -396,362 +372,9 @@ def evaluate(
         beats_baseline=overall["model"].rmse < overall["baseline"].rmse,
         segments=segments,
     )
-    evaluation._pairs = {
-        "actual": actual.astype(np.float32),
-        "model": preds["model"].astype(np.float32),
-        "baseline": preds["baseline"].astype(np.float32),
-    }
+    evaluation._pairs = {"actual": actual.astype(np.float32)} | {name: values.astype(np.float32)
+                                                                for name, values in preds.items()}  # fmt: skip
     return evaluation
-
-
-# --- report ---------------------------------------------------------------------------------------
-
-
-def _cell(text: Any) -> str:
-    return str(text).replace("|", "\\|").replace("\n", " ")
-
-
-def _table(header: list[str], rows: list[list[Any]]) -> str:
-    # First column left-aligned (names), the numbers right-aligned.
-    align = "|".join("---" if i == 0 else "---:" for i in range(len(header)))
-    lines = ["| " + " | ".join(header) + " |", f"|{align}|"]
-    lines += ["| " + " | ".join(_cell(v) for v in row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
-def _pooled(rows: list[SegmentRow]) -> SegmentRow:
-    # Exact pooled metrics from per-segment ones: RMSE via summed squared errors, MAE via summed absolute ones.
-    n = sum(r.rows for r in rows)
-    metrics = {}
-    for name in rows[0].metrics:
-        sse = sum(r.metrics[name].rmse ** 2 * r.rows for r in rows)
-        sae = sum(r.metrics[name].mae * r.rows for r in rows)
-        metrics[name] = Metrics(rmse=math.sqrt(sse / n), mae=sae / n)
-    return SegmentRow(
-        key="other",
-        label=f"all other ({len(rows)})",
-        rows=n,
-        actual_mean=sum(r.actual_mean * r.rows for r in rows) / n,
-        metrics=metrics,
-        improvement_rmse=_relative(metrics["baseline"].rmse, metrics["model"].rmse),
-    )
-
-
-def _segment_table(rows: list[SegmentRow], title: str) -> str:
-    predictors = [p for p in PREDICTORS if p in rows[0].metrics]
-    header = [
-        title,
-        "rows",
-        "actual mean",
-        *(f"{SHORT_LABELS.get(p, p)} RMSE" for p in predictors),
-        "model MAE",
-        "previous month MAE",
-        "model vs previous month (RMSE)",
-    ]
-    body = [
-        [
-            r.label,
-            f"{r.rows:,}",
-            f"{r.actual_mean:.3f}",
-            *(f"{r.metrics[p].rmse:.4f}" for p in predictors),
-            f"{r.metrics['model'].mae:.4f}",
-            f"{r.metrics['baseline'].mae:.4f}",
-            change(r.metrics["model"].rmse, r.metrics["baseline"].rmse),
-        ]
-        for r in rows
-    ]
-    return _table(header, body)
-
-
-def _top(rows: list[SegmentRow], top: int) -> list[SegmentRow]:
-    if len(rows) <= top + 1:
-        return rows
-    return rows[:top] + [_pooled(rows[top:])]
-
-
-def render_report(
-    evaluation: Evaluation,
-    *,
-    exported: str,
-    reason: str,
-    extra: Mapping[str, Any] | None = None,
-    plots: Mapping[str, str] | None = None,
-    top: int = 10,
-    decision: Mapping[str, Any] | None = None,
-) -> str:
-    """The markdown report: verdict, what was exported and why, overall and per-segment tables.
-
-    ``decision`` (``core.gate.Decision.to_dict()``) adds the validation-month scores the gate decided on.
-    """
-    month = (
-        f"{evaluation.month_label} (date_block_num {evaluation.month})" if evaluation.month is not None else "holdout"
-    )
-    verdict = "beats" if evaluation.beats_baseline else "does not beat"
-    low, high = evaluation.clip
-    lines = [
-        f"# Evaluation — holdout month {month}",
-        "",
-        f"**Verdict: the model {verdict} the previous-period baseline** — RMSE {evaluation.model_rmse:.4f} vs "
-        f"{evaluation.baseline_rmse:.4f}, {versus(evaluation.model_rmse, evaluation.baseline_rmse)} "
-        f"(MAE {change(evaluation.overall['model'].mae, evaluation.overall['baseline'].mae)}).",
-        "",
-        f"**Exported: {exported} forecast** — {reason.rstrip('.')}.",
-        "",
-        f"## Overall ({evaluation.rows:,} shop × item pairs, predictions clipped to [{low:g}, {high:g}])",
-        "",
-        _table(
-            ["predictor", "RMSE", "MAE", "RMSE vs previous month", "predicted total"],
-            [
-                [
-                    PREDICTOR_LABELS[p],
-                    f"{evaluation.overall[p].rmse:.4f}",
-                    f"{evaluation.overall[p].mae:.4f}",
-                    "—" if p == "baseline" else change(evaluation.overall[p].rmse, evaluation.baseline_rmse),
-                    f"{evaluation.totals[p]:,.0f}",
-                ]
-                for p in evaluation.predictors
-            ]
-            + [["actual", "", "", "", f"{evaluation.totals['actual']:,.0f}"]],
-        ),
-        "",
-    ]
-    if decision and decision.get("validation_rmse"):
-        scores = decision["validation_rmse"]
-        weight = decision.get("blend_weight")
-        weights = None if weight is None else BlendWeights.of(decision)
-        lines += [
-            "",
-            f"## The gate: validation month {decision.get('validation_month')}",
-            "",
-            "Chosen on this month, which the holdout month's score above never influenced"
-            + (f"; the ensemble is {weights.describe()}." if weights is not None else "."),
-            "",
-            _table(
-                ["candidate", "validation RMSE"], [[PREDICTOR_LABELS.get(k, k), f"{v:.4f}"] for k, v in scores.items()]
-            ),
-        ]
-    lines += [
-        "",
-        "## By novelty",
-        "",
-        _segment_table(evaluation.segments["novelty"], "segment"),
-    ]
-    for segment, title in (("category", "category"), ("shop", "shop")):
-        rows = evaluation.segments[segment]
-        shown = f"top {top} of {len(rows)} by rows" if len(rows) > top + 1 else f"all {len(rows)}"
-        lines += ["", f"## By {title} ({shown})", "", _segment_table(_top(rows, top), title)]
-    if extra:
-        lines += ["", "## Run", "", _table(["field", "value"], [[k, v] for k, v in extra.items()])]
-    if plots:
-        # Relative image links: report.md renders with its plots beside it; the UI artifact inlines them.
-        lines += ["", "## Plots", ""] + [f"![{name}]({name})" for name in plots.values()]
-    return "\n".join(lines) + "\n"
-
-
-def replace_report_section(report: str | Path, key: str, markdown: str) -> Path:
-    """Put ``markdown`` into ``report`` between ``<!-- key:begin -->`` and ``<!-- key:end -->``, replacing the
-    section an earlier call wrote (so a rerun does not stack copies); appended at the end the first time."""
-    begin, end = f"<!-- {key}:begin -->", f"<!-- {key}:end -->"
-    report = Path(report)
-    text = report.read_text(encoding="utf-8") if report.exists() else ""
-    before, _, rest = text.partition(begin)
-    after = rest.partition(end)[2] if rest else ""
-    return write_text_atomic(report, f"{before.rstrip()}\n\n{begin}\n{markdown.rstrip()}\n{end}\n{after.lstrip()}")
-
-
-# --- plots ----------------------------------------------------------------------------------------
-
-_COLOURS = {"actual": "#222222", "model": "#d62728", "ensemble": "#ff7f0e", "reference": "#8c564b", "trees": "#e377c2",
-            "baseline": "#1f77b4", "mean3": "#2ca02c", "zeros": "#7f7f7f", "reference_calibrated": "#bcbd22",
-            "model_uncalibrated": "#9467bd"}  # fmt: skip
-
-
-def _figure(**kwargs: Any) -> Figure:
-    # An Agg canvas on a bare Figure renders without pyplot: no global backend switch, no display,
-    # no figure registry to leak from worker threads.
-    fig = Figure(**kwargs)
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def _png(fig: Figure) -> bytes:
-    buffer = io.BytesIO()
-    # No Software/date metadata, so a rerun on the same numbers writes the same bytes.
-    fig.savefig(buffer, format="png", dpi=100, metadata={"Software": None})
-    return buffer.getvalue()
-
-
-def _month_ticks(ax: Any, months: np.ndarray, first_month: str) -> None:
-    step = max(1, int(math.ceil(len(months) / 12)))
-    shown = months[::step]
-    ax.set_xticks(shown)
-    ax.set_xticklabels([forecast_month_label(int(m), first_month) for m in shown], rotation=45, ha="right")
-
-
-def plot_totals(
-    evaluation: Evaluation, history: pd.DataFrame | None = None, forecast_total: float | None = None
-) -> bytes:
-    """Total monthly sales (sum of clipped pair counts) over time, with the holdout month's predictions."""
-    fig = _figure(figsize=(9, 4.5))
-    ax = fig.add_subplot()
-    month = evaluation.month if evaluation.month is not None else 0
-    months: list[int] = [month]
-    if history is not None and len(history):
-        hist = history.sort_values("date_block_num")
-        x = hist["date_block_num"].to_numpy(dtype=np.int64)
-        months += x.tolist()
-        ax.plot(x, hist["actual"].to_numpy(), color=_COLOURS["actual"], marker=".", label="actual")
-        for name in ("model", "baseline", "mean3"):
-            if name in hist.columns:
-                ax.plot(x, hist[name].to_numpy(), color=_COLOURS[name], linestyle="--", label=f"{name} (backtest)")
-    ax.scatter(
-        [month],
-        [evaluation.totals["actual"]],
-        color=_COLOURS["actual"],
-        s=60,
-        zorder=3,
-        label=None if history is not None else "actual",
-    )
-    for name, marker in (("baseline", "s"), ("mean3", "^"), ("model", "*")):
-        ax.scatter(
-            [month],
-            [evaluation.totals[name]],
-            color=_COLOURS[name],
-            marker=marker,
-            s=90,
-            zorder=4,
-            label=f"{PREDICTOR_LABELS[name]} (holdout)",
-        )
-    if forecast_total is not None and evaluation.month is not None:
-        months.append(month + 1)
-        ax.scatter(
-            [month + 1],
-            [forecast_total],
-            color="#9467bd",
-            marker="D",
-            s=60,
-            zorder=4,
-            label="exported forecast (test pairs)",
-        )
-    ax.axvline(month, color="#bbbbbb", linewidth=1, zorder=0)
-    _month_ticks(ax, np.unique(np.asarray(months)), evaluation.first_month)
-    ax.set_ylabel("units (sum of pair counts clipped to [0, 20])")
-    ax.set_ylim(bottom=0)
-    ax.set_title("Total monthly sales: actual vs predicted")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="best")
-    fig.tight_layout()
-    return _png(fig)
-
-
-_LOG_TICKS = np.array([0, 1, 2, 3, 5, 10, 20], dtype=np.float64)
-
-
-def plot_pairs(evaluation: Evaluation) -> bytes:
-    """Predicted vs actual per pair, log1p axes, for the model and the baseline side by side."""
-    pairs = evaluation._pairs
-    if pairs is None:
-        raise ValueError("this Evaluation has no pair-level data (rebuilt from JSON?); cannot plot pairs")
-    low, high = evaluation.clip
-    extent_max = float(np.log1p(max(high, 1.0)))
-    fig = _figure(figsize=(10, 4.8))
-    axes = fig.subplots(1, 2, sharex=True, sharey=True)
-    ticks = _LOG_TICKS[(_LOG_TICKS >= low) & (_LOG_TICKS <= high)]
-    x = np.log1p(np.maximum(pairs["actual"], 0.0))
-    for ax, name in zip(axes, ("model", "baseline"), strict=True):
-        y = np.log1p(np.maximum(pairs[name], 0.0))
-        hb = ax.hexbin(
-            x, y, gridsize=30, bins="log", mincnt=1, cmap="viridis", extent=(0.0, extent_max, 0.0, extent_max)
-        )
-        ax.plot([0, extent_max], [0, extent_max], color="#d62728", linewidth=1)
-        ax.set_xticks(np.log1p(ticks))
-        ax.set_xticklabels([f"{t:g}" for t in ticks])
-        ax.set_yticks(np.log1p(ticks))
-        ax.set_yticklabels([f"{t:g}" for t in ticks])
-        ax.set_xlabel("actual (clipped)")
-        ax.set_title(f"{PREDICTOR_LABELS[name]}: RMSE {evaluation.overall[name].rmse:.3f}")
-        fig.colorbar(hb, ax=ax, label="pairs (log)")
-    axes[0].set_ylabel("predicted (clipped)")
-    fig.suptitle(f"Predicted vs actual per pair ({evaluation.rows:,} pairs, log1p axes)")
-    fig.tight_layout()
-    return _png(fig)
-
-
-def plot_segments(evaluation: Evaluation, top: int = 8) -> bytes:
-    """RMSE of each predictor by novelty segment and for the biggest categories."""
-    short = {"new_item": "new item", "new_pair": "new pair", "existing_pair": "existing pair"}
-    groups = [
-        ("novelty", evaluation.segments["novelty"], lambda r: short.get(r.key, r.key)),
-        ("category (biggest by rows)", evaluation.segments["category"][:top], lambda r: r.label[:30]),
-    ]
-    fig = _figure(figsize=(11, 6))
-    axes = fig.subplots(1, 2, gridspec_kw={"width_ratios": [2, 3]})
-    predictors = evaluation.predictors
-    width = 0.8 / len(predictors)
-    for ax, (title, rows, label) in zip(axes, groups, strict=True):
-        positions = np.arange(len(rows))
-        for i, name in enumerate(predictors):
-            ax.barh(
-                positions + (i - (len(predictors) - 1) / 2) * width,
-                [r.metrics[name].rmse for r in rows],
-                height=width,
-                color=_COLOURS[name],
-                label=PREDICTOR_LABELS[name] if ax is axes[0] else None,
-            )
-        ax.set_yticks(positions)
-        ax.set_yticklabels([f"{label(r)}\n(n={r.rows:,})" for r in rows], fontsize=8)
-        ax.invert_yaxis()
-        ax.set_xlabel("RMSE (clipped)")
-        ax.set_title(f"by {title}")
-        ax.grid(axis="x", alpha=0.3)
-    fig.legend(loc="upper center", ncols=len(predictors), fontsize=8, frameon=False)
-    fig.tight_layout(rect=(0, 0, 1, 0.95))
-    return _png(fig)
-
-
-def write_report(
-    evaluation: Evaluation,
-    run_dir: str | Path,
-    *,
-    exported: str,
-    reason: str,
-    extra: Mapping[str, Any] | None = None,
-    history: pd.DataFrame | None = None,
-    forecast_total: float | None = None,
-    decision: Mapping[str, Any] | None = None,
-    top: int = 10,
-) -> dict[str, Path]:
-    """Write ``metrics.json``, ``report.md`` and the PNG plots into ``run_dir``, each atomically.
-
-    ``history`` (``date_block_num, actual`` and optionally backtest ``model``/``baseline``/``mean3`` totals,
-    e.g. from :func:`monthly_totals`) draws the months before the holdout; ``forecast_total`` adds the
-    exported forecast's total at the month after. The pair scatter needs the pair-level data that
-    :func:`evaluate` keeps in memory and is skipped for an Evaluation rebuilt from JSON.
-    Returns the written paths by name: ``metrics``, ``report`` and the ``*_plot`` keys of :data:`PLOT_FILES`.
-    """
-    run_dir = Path(run_dir)
-    images: dict[str, bytes] = {"totals_plot": plot_totals(evaluation, history, forecast_total)}
-    if evaluation._pairs is not None:
-        images["pairs_plot"] = plot_pairs(evaluation)
-    images["segments_plot"] = plot_segments(evaluation)
-
-    paths: dict[str, Path] = {}
-    for key, data in images.items():
-        paths[key] = write_bytes_atomic(run_dir / PLOT_FILES[key], data)
-    plots = {key: PLOT_FILES[key] for key in images}
-    metrics = evaluation.to_dict() | {
-        "exported": exported,
-        "reason": reason,
-        "decision": dict(decision or {}),
-        "extra": dict(extra or {}),
-        "plots": plots,
-    }
-    paths["metrics"] = write_json_atomic(run_dir / METRICS_FILE, metrics)
-    report = render_report(
-        evaluation, exported=exported, reason=reason, extra=extra, plots=plots, top=top, decision=decision
-    )
-    paths["report"] = write_text_atomic(run_dir / REPORT_FILE, report)
-    return paths
 
 
 # --- the whole step, as the orchestration calls it ----------------------------------------------
@@ -769,89 +392,71 @@ def _forecast_frame(store: Any, predictions: pd.DataFrame, clip: tuple[float, fl
     """Every candidate forecast of the store's forecast pairs side by side, by ``ID``."""
     forecast = store.forecast_frame()
     frame = {"ID": forecast["ID"].to_numpy()}
-    frame |= {name: predictions[name].to_numpy(np.float32) for name in ("model", *OPTIONAL_PREDICTORS)
-              if name in predictions}  # fmt: skip
+    frame |= {name: predictions[name].to_numpy(np.float32) for name in forecasters.PREDICTED if name in predictions}
     frame["baseline"] = np.clip(forecast["prev"].to_numpy(dtype=np.float32), *clip)
     return pd.DataFrame(frame)
 
 
-def evaluate_run(
-    config: Any,
-    windows_dir: str | Path,
-    final_windows_dir: str | Path,
-    run_dir: str | Path,
-    selection: Mapping[str, Any],
-) -> dict[str, Any]:
-    """Score the holdout refit's predictions, let the gate decide, and write the run's report and forecast.
-
-    The holdout month's predictions come from ``run_dir/holdout`` (models refitted through the validation
-    month), the forecast's from ``run_dir/final`` (refitted through the last month); ``core.protocol`` wrote
-    both. The gate (:func:`core.gate.decide`) decides on the validation-month scores in ``selection``; every
-    candidate goes to ``run_dir/forecast.parquet`` so that export only picks the decided column.
-    """
-    from core import gate, protocol
-    from core.aggregate import read_monthly
-    from core.files import atomic_path
+def score_holdout(config: Any, windows_dir: str | Path, run_dir: str | Path,
+                  extra: Mapping[str, np.ndarray] | None = None) -> Evaluation:  # fmt: skip
+    """Every forecaster of the run's holdout refit (``run_dir/holdout``) and the baselines, scored on the holdout
+    month's grid (pair-level values kept for the plots); ``extra`` adds more (a re-applied champion)."""
+    from core import protocol
     from core.lake import LakePaths
     from core.window_store import WindowStore
 
     paths = LakePaths.of(config)
     store = WindowStore.open(windows_dir)
-    clip = config.windows.clip
-    run_dir = Path(run_dir)
-    predictions = protocol.read_predictions(run_dir / "holdout", "holdout")
-    holdout_month = int(store.meta["holdout_month"])
-    evaluation = evaluate(
+    predictions = protocol.read_predictions(Path(run_dir) / "holdout", "holdout")
+    return evaluate(
         store.holdout_frame(),
-        predictions["model"].to_numpy(),
-        clip,
+        predictions[forecasters.NETWORK.name].to_numpy(),
+        config.windows.clip,
         _names(paths.reference, "item_categories", "item_category_id", "item_category_name"),
         shop_names=_names(paths.reference, "shops", "shop_id", "shop_name"),
-        month=holdout_month,
+        month=int(store.meta["holdout_month"]),
         first_month=config.ingest.first_month,
-        others={name: predictions[name].to_numpy() for name in OPTIONAL_PREDICTORS if name in predictions},
-    )
-    candidates = {k: v for k, v in selection["validation_rmse"].items() if k in ("model", "ensemble", "baseline")}
-    decision = gate.decide(
-        candidates,
-        fallback=config.export.fallback,
-        validation_month=selection["validation_month"],
-        blend_weight=selection["blend_weight"],
-        launch_blend_weight=selection.get("launch_blend_weight"),
+        others={name: predictions[name].to_numpy() for name in OPTIONAL_PREDICTORS if name in predictions}
+        | dict(extra or {}),
     )
 
+
+@dataclasses.dataclass
+class RunScores:
+    """What the evaluate step scored and wrote: each forecaster's holdout RMSE and MAE, the candidate forecasts."""
+
+    run_dir: str
+    holdout_month: int
+    forecast_month: int
+    rmse: dict[str, float]  # forecaster -> RMSE on the holdout month
+    mae: dict[str, float]
+    metrics: str  # run_dir/metrics.json
+    forecast: str  # run_dir/forecast.parquet: every candidate's forecast of the forecast pairs, by ID
+
+
+def evaluate_run(config: Any, windows_dir: str | Path, final_windows_dir: str | Path, run_dir: str | Path) -> RunScores:
+    """Score the holdout refit's forecasters on the holdout month (``metrics.json``) and put every candidate
+    forecast of the forecast month side by side (``forecast.parquet``, from the final refit) for the gate.
+
+    The holdout month's predictions come from ``run_dir/holdout`` (trained through the month before it), the
+    forecast's from ``run_dir/final`` (trained through the last month); ``core.protocol`` wrote both.
+    """
+    from core import protocol
+    from core.window_store import WindowStore
+
+    run_dir = Path(run_dir)
+    evaluation = score_holdout(config, windows_dir, run_dir)
     final = WindowStore.open(final_windows_dir)
-    forecast = _forecast_frame(final, protocol.read_predictions(run_dir / "final", "forecast"), clip)
+    forecast = _forecast_frame(final, protocol.read_predictions(run_dir / "final", "forecast"), config.windows.clip)
     with atomic_path(run_dir / FORECAST_FILE) as tmp:
         forecast.to_parquet(tmp, index=False)
-
-    monthly = read_monthly(paths)
-    history = monthly_totals(monthly[monthly["date_block_num"] < holdout_month], clip)
-    exported_rmse = evaluation.overall[decision.exported].rmse
-    written = write_report(
-        evaluation, run_dir, exported=decision.exported, reason=decision.reason, history=history,
-        forecast_total=float(forecast[decision.exported].sum()), decision=decision.to_dict(),
-        extra={"model": config.model.kind, "units": config.model.units, "depth": config.model.depth,
-               "lookback": config.windows.lookback, "validation_month": selection["validation_month"],
-               "holdout_month": holdout_month, "forecast_month": int(final.meta["forecast_month"]),
-               "epochs (selected on the validation month)": selection["epochs"],
-               "reference boosting rounds": selection["rounds"],
-               "model weight in the ensemble": selection["blend_weight"],
-               "model weight in the ensemble, launch-month items": selection.get("launch_blend_weight"),
-               "launch scales (validation month; core.calibration)": ", ".join(
-                   f"{name} {scale:g}" for name, scale in (selection.get("launch_scales") or {}).items()) or None},
-    )  # fmt: skip
-    return {
-        "model_rmse": evaluation.model_rmse,
-        "baseline_rmse": evaluation.baseline_rmse,
-        **{f"{name}_rmse": evaluation.overall[name].rmse for name in OPTIONAL_PREDICTORS if name in evaluation.overall},
-        "beats_baseline": evaluation.beats_baseline,
-        "exported": decision.exported,
-        "exported_rmse": exported_rmse,
-        "reason": decision.reason,
-        "decision": decision.to_dict(),
-        "holdout_month": holdout_month,
-        "headline": evaluation.headline(),
-        "forecast": str(run_dir / FORECAST_FILE),
-        **{name: str(path) for name, path in written.items()},
-    }
+    metrics = write_json_atomic(run_dir / METRICS_FILE, evaluation.to_dict())
+    return RunScores(
+        run_dir=str(run_dir),
+        holdout_month=int(evaluation.month if evaluation.month is not None else final.meta["last_month"]),
+        forecast_month=int(final.meta["forecast_month"]),
+        rmse={name: m.rmse for name, m in evaluation.overall.items()},
+        mae={name: m.mae for name, m in evaluation.overall.items()},
+        metrics=str(metrics),
+        forecast=str(run_dir / FORECAST_FILE),
+    )

@@ -252,15 +252,16 @@ def _forecast_universe(paths: Any, store: Any, windows_dir: str | Path) -> pd.Da
     return pd.read_parquet(target, columns=["ID", "shop_id", "item_id"])
 
 
-def export_run(
-    config: Any, windows_dir: str | Path, run_dir: str | Path, evaluation: Mapping[str, Any]
-) -> ExportResult:
-    """Check and write the submission of a scored run: the column of ``forecast.parquet`` the gate chose.
+def export_run(config: Any, windows_dir: str | Path, run_dir: str | Path, decision: Any,
+               extra: Mapping[str, Any] | None = None) -> ExportResult:  # fmt: skip
+    """Check and write the submission of a scored run: the column of ``forecast.parquet`` the gate step chose
+    (``decision``: a ``core.gate.ExportDecision``).
 
-    ``windows_dir`` is the store the forecast was made from (the one built without a holdout).
+    ``windows_dir`` is the store the forecast was made from (the one built without a holdout); ``extra`` goes into
+    the sidecar as is (the flow run that exported it).
     """
     from core.files import read_json
-    from core.lake import LakePaths
+    from core.lake import FORECAST_FILE, METRICS_FILE, LakePaths
     from core.window_store import WindowStore
 
     paths = LakePaths.of(config)
@@ -268,23 +269,27 @@ def export_run(
     clip = config.windows.clip
     store = WindowStore.open(windows_dir)
     meta = store.meta
-    forecast = pd.read_parquet(run_dir / "forecast.parquet")
-    exported = str(evaluation["exported"])
+    forecast = pd.read_parquet(run_dir / FORECAST_FILE)
+    exported = str(decision.exported)
     values = chosen_forecast(forecast, exported, clip)
     test = _forecast_universe(paths, store, windows_dir)
-    metrics = ("model_rmse", "ensemble_rmse", "reference_rmse", "baseline_rmse", "exported_rmse", "holdout_month")
+    scores = read_json(run_dir / METRICS_FILE, default={}).get("overall", {})
     sidecar = {
         "run_id": run_dir.name,
-        "run_dir": str(run_dir),
+        "run_dir": paths.run_name(run_dir),
         "model": read_json(run_dir / "holdout" / "metadata.json", default={}).get(
             "model_config", {"kind": config.model.kind}
         ),
-        "metrics": {k: evaluation[k] for k in metrics if k in evaluation},
+        "holdout_month": decision.holdout_month,
+        "holdout_rmse": {name: values_["rmse"] for name, values_ in scores.items()},
+        "exported_rmse": decision.exported_rmse,
         "exported": exported,
-        "reason": evaluation["reason"],
-        "decision": evaluation.get("decision", {}),
+        "reason": decision.reason,
+        "beaten_by": decision.beaten_by,
+        "decision": decision.decision.to_dict(),
         "forecast_month": int(meta["forecast_month"]),
         "data": meta.get("input_hashes", {}),
+        **dict(extra or {}),
     }
     label = forecast_month_label(int(meta["forecast_month"]), config.ingest.first_month)
     result = export_submission(

@@ -1,14 +1,17 @@
-"""The gate: one decision, in one place, of which forecast is exported, and why.
+"""The gate: one decision, in one place, of which forecast is exported, and why; and the blend it may export.
 
-The candidates are the model (the Nested LSTM), the ensemble (the model blended with the gradient-boosted
-reference, ``w * model + (1 - w) * reference``) and the previous-period forecast. Everything the gate uses
-comes from the **validation month** (the month before the holdout): the blend weight is fitted there, and
-the candidates are ranked there. The holdout month, which reports the score, never takes part, so the
-reported score of the exported forecast stays honest.
+The candidates are ``core.forecasters.CANDIDATES`` (the model, the LightGBM booster and their ensemble,
+``w * model + (1 - w) * booster``) and the previous-period forecast. Everything the gate uses comes from the
+**validation months** (the months before the holdout): the blend weights are fitted there, and the candidates are
+ranked there. The holdout month, which reports the score, never takes part, so the reported score of the
+exported forecast stays honest.
 
-Rule: the candidate with the lowest validation RMSE among the model and the ensemble is exported when it
-beats the previous-period forecast on the validation month; otherwise ``fallback`` decides
-(``baseline``: the previous-period forecast, ``model``: the model anyway).
+Every month counts alike: a blend weight is the mean of each validation month's best weight, and a candidate's
+score is the mean of its RMSE over the months, so one odd month (a wave of launches) moves a choice by at most
+its share, never alone to the edge of its range.
+
+Rule: the candidate with the lowest mean validation RMSE is exported when it beats the previous-period forecast
+there; otherwise ``fallback`` decides (``baseline``: the previous-period forecast, ``model``: the model anyway).
 """
 
 from __future__ import annotations
@@ -16,103 +19,22 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
+from core.forecasters import CANDIDATES
 
-Exported = Literal["model", "ensemble", "baseline"]
 Fallback = Literal["baseline", "model"]
-CANDIDATES: tuple[str, ...] = ("model", "ensemble")
-
-
-def rmse(prediction: np.ndarray, actual: np.ndarray) -> float:
-    """Root-mean-square error of two equally long arrays."""
-    error = np.asarray(prediction, dtype=np.float64) - np.asarray(actual, dtype=np.float64)
-    return float(np.sqrt(np.mean(error * error))) if error.size else math.nan
-
-
-def blend_weight(actual: np.ndarray, model: np.ndarray, reference: np.ndarray, *, step: float = 0.05) -> float:
-    """The model's weight ``w`` in [0, 1] that minimises the RMSE of ``clip(w * model + (1 - w) * reference)``.
-
-    Searched on a grid of ``step`` (the clip makes the loss non-quadratic, and a coarse grid is a mild
-    regulariser on a single month); ties go to the larger model weight.
-    """
-    if not 0 < step <= 1:
-        raise ValueError(f"step must be in (0, 1], got {step}")
-    actual = np.asarray(actual, dtype=np.float64)
-    model = np.asarray(model, dtype=np.float64)
-    reference = np.asarray(reference, dtype=np.float64)
-    if not actual.shape == model.shape == reference.shape:
-        raise ValueError(f"shapes differ: actual {actual.shape}, model {model.shape}, reference {reference.shape}")
-    weights = np.round(np.arange(1.0, -step / 2, -step), 10)
-    low, high = 0.0, max(float(actual.max(initial=0.0)), 20.0)
-    scores = [rmse(np.clip(w * model + (1 - w) * reference, low, high), actual) for w in weights]
-    return float(weights[int(np.argmin(scores))]) + 0.0  # + 0.0: no "-0.0" in reports
-
-
-def blend(
-    model: np.ndarray, reference: np.ndarray, weight: float | np.ndarray, clip: tuple[float, float]
-) -> np.ndarray:
-    """``clip(weight * model + (1 - weight) * reference)`` as float32; ``weight`` is one number or one per row."""
-    weight = np.asarray(weight, dtype=np.float64)
-    mixed = weight * np.asarray(model, dtype=np.float64) + (1.0 - weight) * np.asarray(reference, dtype=np.float64)
-    return np.clip(mixed, *clip).astype(np.float32)
-
-
-@dataclasses.dataclass(frozen=True)
-class BlendWeights:
-    """The model's weight in the ensemble for pairs of known items and for items in their launch month.
-
-    Launch rows (an item with no sale before the target month) are about 1.5 % of a month's grid but a quarter
-    to a half of its squared error, and there the trees are the better forecaster; one weight for all rows is
-    set by the other 98.5 %, so each segment gets its own, both chosen on the validation month.
-    """
-
-    known: float
-    launch: float
-
-    @classmethod
-    def fit(
-        cls, actual: np.ndarray, model: np.ndarray, reference: np.ndarray, launch: np.ndarray | None
-    ) -> BlendWeights:
-        """Each segment's :func:`blend_weight`; without launch rows (or ``launch=None``) one weight for both."""
-        if launch is None or not np.any(launch) or np.all(launch):
-            weight = blend_weight(actual, model, reference)
-            return cls(weight, weight)
-        launch = np.asarray(launch, dtype=bool)
-        known = blend_weight(actual[~launch], model[~launch], reference[~launch])
-        return cls(known, blend_weight(actual[launch], model[launch], reference[launch]))
-
-    @classmethod
-    def of(cls, record: Mapping[str, Any]) -> BlendWeights:
-        """From a selection or decision record's ``blend_weight`` and ``launch_blend_weight`` (a record from
-        before the launch weight existed has one weight for both)."""
-        known = float(record["blend_weight"])
-        launch = record.get("launch_blend_weight")
-        return cls(known, known if launch is None else float(launch))
-
-    def per_row(self, launch: np.ndarray | None, n_rows: int) -> np.ndarray:
-        """The weight of each row: ``launch`` for launch rows, ``known`` for the rest."""
-        if launch is None:
-            return np.full(n_rows, self.known)
-        return np.where(np.asarray(launch, dtype=bool), self.launch, self.known)
-
-    def describe(self) -> str:
-        """``0.6 × model + 0.4 × trees`` (and the launch rows' weights when they differ)."""
-        text = f"{self.known:g} × model + {1 - self.known:g} × LightGBM"
-        if self.launch != self.known:
-            text += f" ({self.launch:g} × model + {1 - self.launch:g} × LightGBM for items in their launch month)"
-        return text
 
 
 @dataclasses.dataclass(frozen=True)
 class Decision:
-    """What the gate exports and why, with the validation-month scores it decided on."""
+    """What the gate exports and why, with the validation months' scores it decided on."""
 
-    exported: Exported
+    exported: str  # a candidate of core.forecasters, or "baseline"
     reason: str
-    validation_month: int | None
-    validation_rmse: dict[str, float]  # candidate or "baseline" -> RMSE on the validation month
+    validation_months: list[int]
+    validation_rmse: dict[str, float]  # candidate or "baseline" -> mean RMSE over the validation months
     blend_weight: float | None  # the model's weight in the ensemble (None: no ensemble)
     launch_blend_weight: float | None = None  # its weight for items in their launch month (None: the same)
 
@@ -124,37 +46,45 @@ class Decision:
         return cls(**{field.name: data[field.name] for field in dataclasses.fields(cls) if field.name in data})
 
 
+def months_text(months: list[int] | tuple[int, ...]) -> str:
+    """``month 27`` or ``months 26 and 27`` (or ``the validation months`` when there are none)."""
+    if not months:
+        return "the validation months"
+    if len(months) == 1:
+        return f"month {months[0]}"
+    return "months " + ", ".join(str(m) for m in months[:-1]) + f" and {months[-1]}"
+
+
 def decide(
     validation_rmse: Mapping[str, float],
     *,
     fallback: Fallback = "baseline",
-    validation_month: int | None = None,
+    validation_months: list[int] | tuple[int, ...] = (),
     blend_weight: float | None = None,
     launch_blend_weight: float | None = None,
 ) -> Decision:
-    """Pick the export from validation-month RMSEs of ``model``, optionally ``ensemble``, and ``baseline``."""
+    """Pick the export from mean validation RMSEs of the candidates present (``model`` at least) and ``baseline``."""
     if fallback not in ("baseline", "model"):
         raise ValueError(f"fallback must be 'baseline' or 'model', got {fallback!r}")
     missing = [name for name in ("model", "baseline") if name not in validation_rmse]
     if missing:
         raise ValueError(f"the gate needs validation RMSEs of {missing}")
     scores = {name: float(value) for name, value in validation_rmse.items()}
-    month = f"month {validation_month}" if validation_month is not None else "the validation month"
-    best = min((name for name in CANDIDATES if name in scores), key=lambda name: (scores[name], name != "model"))
+    where = f"validation {months_text(list(validation_months))}"
+    present = [name for name in CANDIDATES if name in scores]
+    best = min(present, key=lambda name: (scores[name], present.index(name)))
     baseline = scores["baseline"]
-    detail = ", ".join(f"{name} {scores[name]:.4f}" for name in (*CANDIDATES, "baseline") if name in scores)
-    exported: Exported
+    detail = ", ".join(f"{name} {scores[name]:.4f}" for name in (*present, "baseline"))
     if scores[best] < baseline:
-        exported = best  # type: ignore[assignment]
-        reason = f"the {best} has the lowest RMSE on validation {month} and beats the previous period ({detail})"
+        exported, reason = best, f"the {best} has the lowest RMSE on {where} and beats the previous period ({detail})"
     elif fallback == "model":
         exported = "model"
-        reason = f"nothing beats the previous period on validation {month} ({detail}); the model is exported anyway (fallback=model)"  # noqa: E501
+        reason = f"nothing beats the previous period on {where} ({detail}); the model is exported anyway (fallback=model)"  # noqa: E501
     else:
         exported = "baseline"
-        reason = f"nothing beats the previous period on validation {month} ({detail}); the previous-period forecast is exported (fallback=baseline)"  # noqa: E501
+        reason = f"nothing beats the previous period on {where} ({detail}); the previous-period forecast is exported (fallback=baseline)"  # noqa: E501
     ensemble = "ensemble" in scores
-    return Decision(exported, reason, validation_month, scores, blend_weight if ensemble else None,
+    return Decision(exported, reason, list(validation_months), scores, blend_weight if ensemble else None,
                     launch_blend_weight if ensemble else None)  # fmt: skip
 
 
@@ -190,5 +120,103 @@ def challenge(
     if challenger_rmse <= champion_rmse * (1.0 + tolerance):
         return ChampionDecision(False, f"the challenger is no worse than the champion ({detail})",
                                 challenger_rmse, champion_rmse, month)  # fmt: skip
-    return ChampionDecision(True, f"the challenger is worse than the champion ({detail}): the champion's model, "
+    return ChampionDecision(True, f"the challenger is worse than the champion ({detail}): the champion's forecaster, "
                             "re-applied to this month's windows, is exported", challenger_rmse, champion_rmse, month)
+
+
+# --- the gate step, as the orchestration calls it --------------------------------------------------
+
+
+@dataclasses.dataclass
+class ExportDecision:
+    """What the gate step exports, why, and how it scored: the one record export reads."""
+
+    exported: str  # the forecast.parquet column export writes: a candidate, "baseline" or "champion"
+    reason: str
+    exported_rmse: float  # its RMSE on the holdout month
+    holdout_month: int
+    forecast_month: int
+    decision: Decision  # the validation months' ranking
+    champion: ChampionDecision | None  # None: the champion gate is off
+    champion_run: str | None  # the champion before this run (its path inside the data directory)
+    beaten_by: dict[str, float]  # forecasters that scored better than the export on the holdout month
+    report: str
+    plots: dict[str, str]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _champion_text(champion: ChampionDecision, before: str | None, exported: str) -> str:
+    return "\n".join([f"- exported: **{exported}**", f"- {champion.reason}",
+                      f"- champion before this run: `{before or 'none'}`"])  # fmt: skip
+
+
+def gate_run(config: Any, windows_dir: str | Path, final_windows_dir: str | Path, run_dir: str | Path,
+             selection: Any, scores: Any) -> ExportDecision:  # fmt: skip
+    """The one decision of what is exported: the validation months' best candidate (:func:`decide`), then the
+    champion gate (:func:`challenge`, the champion re-applied as the whole forecaster it exported). Writes the
+    ``champion`` column into ``forecast.parquet`` when the champion stays, crowns a winning challenger in
+    ``runs/index.json``, and writes the run's report (``core.report``) saying what was exported and what beat it."""
+    import pandas as pd
+
+    from core import champion as champions
+    from core import report
+    from core.aggregate import read_monthly
+    from core.evaluate import monthly_totals, score_holdout
+    from core.files import atomic_path
+    from core.lake import LakePaths
+
+    paths, run_dir = LakePaths.of(config), Path(run_dir)
+    candidates = {name: selection.validation_rmse[name] for name in (*CANDIDATES, "baseline")
+                  if name in selection.validation_rmse}  # fmt: skip
+    blend = selection.blend
+    decision = decide(candidates, fallback=config.export.fallback, validation_months=selection.validation_months,
+                      blend_weight=None if blend is None else blend.known,
+                      launch_blend_weight=None if blend is None else blend.launch)  # fmt: skip
+    exported, reason, exported_rmse = decision.exported, decision.reason, float(scores.rmse[decision.exported])
+    evaluation = score_holdout(config, windows_dir, run_dir)
+    forecast = pd.read_parquet(scores.forecast)
+    verdict, before = None, None
+    if config.export.champion_gate:
+        record = champions.read_index(paths).get("champion")
+        before = record["run_dir"] if record else None
+        if record is not None and paths.run_path(record["run_dir"]).resolve() == run_dir.resolve():
+            verdict = ChampionDecision(False, "this run is the champion", exported_rmse, record.get("holdout_rmse"),
+                                       scores.holdout_month)  # fmt: skip
+        else:
+            score = champions.score_champion(config, scores.holdout_month, windows_dir, final_windows_dir)
+            verdict = challenge(exported_rmse, score.rmse, month=scores.holdout_month,
+                                tolerance=config.export.champion_tolerance, why_no_champion=score.why_not)  # fmt: skip
+            if verdict.keep_champion and score.columns is not None:
+                forecast["champion"] = score.columns["forecast"]
+                with atomic_path(scores.forecast) as tmp:
+                    forecast.to_parquet(tmp, index=False)
+                evaluation = score_holdout(config, windows_dir, run_dir, extra={"champion": score.columns["holdout"]})
+                exported, reason, exported_rmse = "champion", verdict.reason, float(score.rmse or 0.0)
+            else:
+                champions.crown(paths, run_dir, scores.forecast_month, decision.exported, exported_rmse,
+                                verdict.reason)  # fmt: skip
+    holdout_scores = {p: evaluation.overall[p].rmse for p in evaluation.predictors}
+    monthly = read_monthly(paths)
+    written = report.write_report(
+        evaluation, run_dir, exported=exported, reason=reason, forecast_month=scores.forecast_month,
+        history=monthly_totals(monthly[monthly["date_block_num"] < scores.holdout_month], config.windows.clip),
+        forecast_totals={c: float(forecast[c].sum()) for c in forecast.columns if c != "ID"},
+        selection=selection.to_dict(),
+        champion=None if verdict is None else _champion_text(verdict, before, exported),
+        extra=_run_settings(config, selection),
+    )  # fmt: skip
+    return ExportDecision(
+        exported=exported, reason=reason, exported_rmse=exported_rmse, holdout_month=scores.holdout_month,
+        forecast_month=scores.forecast_month, decision=decision, champion=verdict, champion_run=before,
+        beaten_by=dict(report.better_than(holdout_scores, exported)), report=str(written.pop("report")),
+        plots={name: str(path) for name, path in written.items()},
+    )  # fmt: skip
+
+
+def _run_settings(config: Any, selection: Any) -> dict[str, Any]:
+    return {"model": config.model.kind, "units": config.model.units, "depth": config.model.depth,
+            "lookback": config.windows.lookback, "validation months": ", ".join(map(str, selection.validation_months)),
+            "epochs (selected on the validation months)": selection.epochs,
+            "boosting rounds": ", ".join(f"{k} {v}" for k, v in selection.rounds.items()) or None}  # fmt: skip

@@ -154,6 +154,20 @@ class LakePaths:
         """``runs/<run_id>`` (``forecast-<hash>``, ``backtest-<id>``, ``search-<id>``)."""
         return self.runs / run_id
 
+    def run_name(self, run_dir: str | os.PathLike[str]) -> str:
+        """A run directory as records name it: its path inside the data directory (``runs/forecast-…``), so another
+        working copy of the lake (an object store's, or the lake moved) finds it through :meth:`run_path`."""
+        path = Path(run_dir)
+        try:
+            return path.resolve().relative_to(self.root.resolve()).as_posix()
+        except ValueError:
+            return str(path)  # outside the data directory: kept as given
+
+    def run_path(self, name: str) -> Path:
+        """The run directory a record names, in this working copy (older records name an absolute path)."""
+        path = Path(name)
+        return path if path.is_absolute() else self.root / path
+
     def forecast_run(self, content_hash: str) -> Path:
         """``runs/forecast-<hash>``: the forecast run named by what its models are trained from."""
         return self.run_dir(f"{FORECAST_RUN_PREFIX}{content_hash[:12]}")

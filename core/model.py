@@ -30,9 +30,9 @@ from typing import TYPE_CHECKING, Any, Literal
 import keras
 import numpy as np
 
+from core.encoders import build_encoder, import_all
 from core.errors import DeviceUnavailableError
 from core.files import read_json, write_json_atomic
-from core.nlstm import NestedLSTM
 from core.sampling import EpochShuffled
 
 if TYPE_CHECKING:  # the config pulls in pydantic-settings; the GPU benchmark runs without it
@@ -192,19 +192,6 @@ def logical_cpus(n: int) -> list[str]:
 
 
 # --- model -------------------------------------------------------------------------------------
-def _encoder(model_cfg: ModelConfig, seed: int, dtype: Any) -> keras.layers.Layer:
-    common = {"dropout": model_cfg.dropout, "recurrent_dropout": model_cfg.recurrent_dropout, "seed": seed}
-    kind = model_cfg.kind
-    if kind == "nlstm":
-        return NestedLSTM(model_cfg.units, depth=model_cfg.depth, name="encoder", dtype=dtype, **common)
-    layer = {"lstm": keras.layers.LSTM, "gru": keras.layers.GRU, "rnn": keras.layers.SimpleRNN}.get(kind)
-    if layer is None:
-        raise ValueError(f"unknown model kind {kind!r}; expected nlstm, lstm, gru or rnn")
-    if kind in ("lstm", "gru") and dtype == "mixed_float16" and keras.backend.backend() == "jax":
-        dtype = "float32"  # JAX's cuDNN RNN kernels reject float16 (seen on an H100)
-    return layer(model_cfg.units, name="encoder", dtype=dtype, **common)
-
-
 def build_model(
     model_cfg: ModelConfig,
     *,
@@ -237,7 +224,7 @@ def build_model(
         shop = keras.Input((), name="shop", dtype="int32")
         category = keras.Input((), name="category", dtype="int32")
         inputs = {"sequence": sequence, "shop": shop, "category": category}
-        features = [_encoder(model_cfg, seed, dtype)(sequence)]
+        features = [build_encoder(model_cfg, seed, dtype)(sequence)]
         if n_static > 0:
             inputs["static"] = keras.Input((n_static,), name="static", dtype="float32")
             inputs["month"] = keras.Input((), name="month", dtype="int32")
@@ -700,6 +687,7 @@ def _padded(data: Any) -> Iterator[int | None]:
 
 def load_model(path: str | os.PathLike[str]) -> keras.Model:
     """Load a saved forecaster (``safe_mode`` on: only registered classes are deserialised)."""
+    import_all()
     return keras.models.load_model(path, safe_mode=True)
 
 
@@ -732,9 +720,9 @@ def train_forecaster(
     device = select_device(config.train.device, config.train.jit_compile, config.train.replicas)
     train_cfg = config.train
     if stage == "select":
-        if store.validation_month is None:
+        if store.validation_start is None:
             raise ValueError(f"{windows_dir}: no validation month to select the epoch count on")
-        before, val = store.validation_month, store.validation_dataset(train_cfg.batch_size, pad_last=True)
+        before, val = store.validation_start, store.validation_dataset(train_cfg.batch_size, pad_last=True)
     elif stage == "refit":
         if epochs is None or epochs < 1:
             raise ValueError(f"a refit needs the selected epoch count (>= 1), got {epochs!r}")
@@ -766,7 +754,7 @@ def train_forecaster(
         "windows_dir": str(windows_dir),
         "stage": stage,
         "trained_below_month": before if before is not None else store.holdout_month,
-        "validation_month": store.validation_month if stage == "select" else None,
+        "validation_months": store.validation_months if stage == "select" else None,
     }
     metadata.update(extra_metadata or {})
     return train_model(

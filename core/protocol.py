@@ -1,40 +1,47 @@
 """The honest training protocol, shared by the forecast flow and the backtest so their numbers agree.
 
-On a windows store whose holdout month is ``H`` (its validation month is ``V = H - 1``):
+On a windows store whose holdout month is ``H`` and whose validation months are the ``k`` before it
+(``windows.validation_months``, default 2: ``H - 2`` and ``H - 1``):
 
-1. **select** -- the Nested LSTM trains on the targets before ``V`` and early-stops on ``V``'s grid; the
-   LightGBM reference does the same. This fixes the epoch count, the boosting rounds and the ensemble's
-   blend weight, and gives the validation-month scores the gate decides on (``core.gate``).
-2. **refit** -- both models retrain from scratch on every training target (through ``V``) with the selected
-   epoch count / rounds, and predict the holdout month ``H`` (the reported score, which nothing above has
-   seen) and the store's forecast pairs.
+1. **select** -- every trained forecaster of ``core.forecasters`` (the Nested LSTM, the LightGBM booster) trains on
+   the targets before the first validation month and early-stops on the validation months' grids. Then, from
+   their validation predictions, each month counting alike: the launch scales (``core.calibration``, when
+   ``train.launch_calibration`` is on), the ensemble's blend weights (``core.blend.BlendWeights``) and every
+   candidate's mean validation RMSE, which the gate ranks (``core.gate.decide``).
+2. **refit** -- every trained forecaster retrains from scratch on every training target (through ``H - 1``) with
+   the selected epoch count / rounds and predicts the holdout month ``H`` (the reported score, which nothing
+   above has seen) and the store's forecast pairs, combined with the selected scales and weights.
 
 The forecast flow runs 1 and 2 on the store that holds out the lake's last month ``M - 1`` (so its reported
-score is the backtest at origin ``M - 1``), then 2 again on the store built without a holdout, so the
-exported forecast of ``M`` comes from models trained on every month through ``M - 1``. A backtest at origin
-``o`` is 1 and 2 on the store that holds out ``o``.
+score is the backtest at origin ``M - 1``), then 2 again on the store built without a holdout, so the exported
+forecast of ``M`` comes from models trained on every month through ``M - 1``. A backtest at origin ``o`` is 1 and
+2 on the store that holds out ``o``.
 
-Each stage writes into its own directory: ``model.keras`` and ``metadata.json`` (with checkpoints, so a
-crashed stage resumes), ``reference.txt`` (the reported booster) and ``trees.txt`` (the ensemble's booster,
-trained on the standard features plus the launch and family ones), and the predictions as Parquet.
-``metadata.json`` records the sha256 of the model and boosters (``artifacts``); a model is checked against it
-before it is loaded, and a stage whose files no longer match is trained again rather than served.
+Each stage writes into its own directory: each trained forecaster's file (``model.keras``, ``reference.txt``) and
+``metadata.json`` (with checkpoints, so a crashed stage resumes), and its predictions as Parquet, a column per
+forecaster. ``metadata.json`` records the sha256 of the model files (``artifacts``); a file is checked against it
+before it is loaded, and a stage whose files no longer match is trained again rather than served. A stage's
+forecasts are always made by :func:`apply_stage` from those files and the selection, so a champion re-applied
+to a later month (``core.champion``) is the very forecaster its run exported.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 
+from core import forecasters
+from core.blend import BlendWeights, blend, rmse
 from core.calibration import apply_launch_scale, launch_scale
 from core.errors import ModelIntegrityError
 from core.files import atomic_path, file_sha256, read_json, recorded_file_problems, write_json_atomic
-from core.gate import BlendWeights, blend, rmse
 from core.lake import SELECTION_FILE
 
 if TYPE_CHECKING:
@@ -43,6 +50,8 @@ if TYPE_CHECKING:
 
 EpochCallback = Callable[[int, dict[str, float]], None]
 PREDICTION_SETS: tuple[str, ...] = ("validation", "holdout", "forecast")
+METADATA_FILE = "metadata.json"
+ARTIFACTS_KEY = "artifacts"  # in metadata.json: file name -> sha256 of the stage's model files
 
 
 def _clip(store: WindowStore) -> tuple[float, float]:
@@ -50,9 +59,9 @@ def _clip(store: WindowStore) -> tuple[float, float]:
     return float(low), float(high)
 
 
-def _write_predictions(path: Path, columns: dict[str, np.ndarray]) -> None:
+def _write_predictions(path: Path, columns: Mapping[str, np.ndarray]) -> None:
     with atomic_path(path) as tmp:
-        pd.DataFrame(columns).to_parquet(tmp, index=False)
+        pd.DataFrame(dict(columns)).to_parquet(tmp, index=False)
 
 
 def read_predictions(stage_dir: str | Path, name: str) -> pd.DataFrame:
@@ -60,16 +69,102 @@ def read_predictions(stage_dir: str | Path, name: str) -> pd.DataFrame:
     return pd.read_parquet(Path(stage_dir) / f"{name}.parquet")
 
 
-METADATA_FILE = "metadata.json"
-ARTIFACTS_KEY = "artifacts"  # in metadata.json: file name -> sha256 of the stage's model and boosters
-MODEL_ARTIFACTS: tuple[str, ...] = ("model.keras", "reference.txt", "trees.txt")
+# --- what a selection chose ----------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Selection:
+    """What the validation months chose, and how every forecaster scored there (``select/selection.json``)."""
+
+    validation_months: list[int]
+    epochs: int  # the network's epoch count for the refits
+    epochs_run: int
+    model_seconds: float
+    seconds_per_epoch: float | None
+    params: int
+    rounds: dict[str, int]  # booster -> boosting rounds (empty: no booster)
+    blend: BlendWeights | None  # the model's weights in the ensemble (None: no ensemble)
+    launch_scales: dict[str, float]  # trained forecaster -> scale of its launch rows (empty: not calibrated)
+    validation_rmse: dict[str, float]  # forecaster or "baseline" -> mean RMSE over the validation months
+    validation_rmse_by_month: dict[str, dict[str, float]]  # forecaster -> month -> RMSE
+    reference_seconds: float | None = None
+
+    @property
+    def validation_month(self) -> int:
+        """The last validation month (the one right before the holdout)."""
+        return self.validation_months[-1]
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["blend"] = None if self.blend is None else dataclasses.asdict(self.blend)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Selection:
+        fields = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in data.items() if k in fields}
+        blend_record = values.get("blend")
+        values["blend"] = None if blend_record is None else BlendWeights(**blend_record)
+        return cls(**values)
+
+
+def choose(
+    actual: np.ndarray,
+    raw: Mapping[str, np.ndarray],
+    launch: np.ndarray | None,
+    months: np.ndarray,
+    config: NestcastConfig,
+    clip: tuple[float, float],
+) -> tuple[dict[str, float], BlendWeights | None]:
+    """The launch scales and blend weights the validation months choose, each month counting alike."""
+    scales = {name: launch_scale(actual, raw[name], launch, clip, months) for name in forecasters.TRAINED
+              if name in raw and launch is not None and config.train.launch_calibration}  # fmt: skip
+    calibrated = calibrate(raw, scales, launch, clip)
+    partner = forecasters.BLEND_PARTNER.name
+    if partner not in calibrated:
+        return scales, None
+    segments = launch if config.reference.ensemble_segments == "launch" else None
+    return scales, BlendWeights.fit(actual, calibrated[forecasters.NETWORK.name], calibrated[partner], segments, months)
+
+
+def calibrate(
+    raw: Mapping[str, np.ndarray], scales: Mapping[str, float], launch: np.ndarray | None, clip: tuple[float, float]
+) -> dict[str, np.ndarray]:
+    """Each trained forecaster's column with its launch rows scaled (the others as they are)."""
+    return {name: apply_launch_scale(values, launch, scales.get(name, 1.0), clip) for name, values in raw.items()}
+
+
+def combine(
+    raw: Mapping[str, np.ndarray],
+    launch_scales: Mapping[str, float],
+    weights: BlendWeights | None,
+    launch: np.ndarray | None,
+    clip: tuple[float, float],
+) -> dict[str, np.ndarray]:
+    """Every forecaster's column from the trained ones' raw predictions: calibrated, and the ensemble blended."""
+    columns = calibrate(raw, launch_scales, launch, clip)
+    partner = forecasters.BLEND_PARTNER.name
+    if weights is not None and partner in columns:
+        model = columns[forecasters.NETWORK.name]
+        columns[forecasters.BLEND.name] = blend(model, columns[partner], weights.per_row(launch, model.size), clip)
+    return columns
+
+
+def scores_by_month(columns: Mapping[str, np.ndarray], actual: np.ndarray,
+                    months: np.ndarray) -> dict[str, dict[str, float]]:  # fmt: skip
+    """RMSE of each column in each month."""
+    return {name: {str(int(m)): rmse(values[months == m], actual[months == m]) for m in np.unique(months)}
+            for name, values in columns.items()}  # fmt: skip
+
+
+# --- model files ---------------------------------------------------------------------------------
 
 
 def record_artifacts(stage_dir: str | Path) -> dict[str, str]:
-    """Record the sha256 of the stage's model and boosters in its ``metadata.json`` (after they are written)."""
+    """Record the sha256 of the stage's model files in its ``metadata.json`` (after they are written)."""
     stage_dir = Path(stage_dir)
     metadata = read_json(stage_dir / METADATA_FILE) or {}
-    metadata[ARTIFACTS_KEY] = {name: file_sha256(stage_dir / name) for name in MODEL_ARTIFACTS
+    metadata[ARTIFACTS_KEY] = {name: file_sha256(stage_dir / name) for name in forecasters.ARTIFACTS
                                if (stage_dir / name).exists()}  # fmt: skip
     write_json_atomic(stage_dir / METADATA_FILE, metadata)
     return metadata[ARTIFACTS_KEY]
@@ -114,87 +209,82 @@ def load_verified_model(model_path: str | Path) -> Any:
                                   ) from exc
 
 
-def _model_predictions(model_path: str, store: WindowStore, batch: int, sets: tuple[str, ...]) -> dict[str, Any]:
+def _index(store: WindowStore, name: str) -> np.ndarray:
+    return getattr(store, f"{name}_index")
+
+
+def _network_predictions(stage_dir: Path, store: WindowStore, batch: int, sets: Sequence[str]) -> dict[str, Any]:
     from core.model import predict
 
-    model = load_verified_model(model_path)
-    clip = _clip(store)
+    model = load_verified_model(stage_dir / forecasters.NETWORK.artifact)  # type: ignore[operator]
+    low, high = _clip(store)
     datasets = {"validation": store.validation_dataset, "holdout": store.holdout_dataset,
                 "forecast": store.forecast_dataset}  # fmt: skip
-    return {name: predict(model, datasets[name](batch), clip_min=clip[0], clip_max=clip[1]) for name in sets}
+    return {name: predict(model, datasets[name](batch), clip_min=low, clip_max=high) for name in sets}
 
 
-def _reference_fit(config: NestcastConfig, store: WindowStore, tables: Any, **kwargs: Any) -> Any:
-    from core.reference import fit_reference
+def _booster_predictions(path: Path, store: WindowStore, sets: Sequence[str]) -> dict[str, np.ndarray]:
+    from core.reference import load_booster
 
-    return fit_reference(
-        store, tables, config.reference, seed=config.train.seed, max_samples=config.train.max_train_samples,
-        budget=config.train.sample_budget, **kwargs,
-    )
-
-
-def _reference_predictions(fit: Any, tables: Any, store: WindowStore, sets: tuple[str, ...]) -> dict[str, Any]:
-    index = {"validation": store.validation_index, "holdout": store.holdout_index, "forecast": store.forecast_index}
-    return {name: fit.predict_samples(tables, index[name], _clip(store)) for name in sets}
+    verify_artifact(path)
+    fit = load_booster(path)
+    return {name: fit.predict_samples(store.feature_tables(), _index(store, name), _clip(store)) for name in sets}
 
 
-def _launch_rows(store: WindowStore, index: np.ndarray, config: NestcastConfig | None = None) -> np.ndarray | None:
-    """True where the sample's item has no sale before its target month (its launch month, or later); None when
-    ``config`` neither calibrates launches nor blends them apart (the feature tables are then not built)."""
-    if config is not None and not (config.train.launch_calibration or (
-            config.reference.reference_enabled and config.reference.ensemble_segments == "launch")):
-        return None
+def launch_rows(store: WindowStore, index: np.ndarray) -> np.ndarray:
+    """True where the sample's item has no sale before its target month (its launch month, or later)."""
     tables = store.feature_tables()
     item = tables.rows["item"][np.asarray(index[:, 0], dtype=np.int64)]
     return tables.item_first[item] >= index[:, 1]
 
 
-#: Forecaster -> (the column its launch scale applies to, the column that keeps it unscaled). The model and the
-#: ensemble's trees are the project's own forecasters and are calibrated; the reference stays the standard recipe,
-#: and its calibrated copy is reported beside it so the comparison stays like for like.
-LAUNCH_CALIBRATED: dict[str, tuple[str, str]] = {
-    "model": ("model", "model_uncalibrated"),
-    "trees": ("trees", "trees_uncalibrated"),
-    "reference": ("reference_calibrated", "reference"),
-}
+def _launch_mask(config: NestcastConfig, store: WindowStore, index: np.ndarray) -> np.ndarray | None:
+    """:func:`launch_rows`, or None when the config neither calibrates launches nor blends them apart."""
+    wanted = config.train.launch_calibration or config.reference.ensemble_segments == "launch"
+    return launch_rows(store, index) if wanted else None
 
 
-def _fit_launch_scales(
-    config: NestcastConfig, predictions: dict[str, np.ndarray], actual: np.ndarray, launch: np.ndarray | None,
-    clip: tuple[float, float],
-) -> dict[str, float]:
-    """Each forecaster's launch scale on the validation month (``core.calibration``); none when switched off."""
-    if not config.train.launch_calibration or launch is None:
-        return {}
-    return {name: launch_scale(actual, predictions[name], launch, clip) for name in LAUNCH_CALIBRATED
-            if name in predictions}  # fmt: skip
+def _selected_launch_mask(selection: Selection, store: WindowStore, index: np.ndarray) -> np.ndarray | None:
+    """:func:`launch_rows` when ``selection`` treats launches apart (a scale, or a weight of their own)."""
+    weights = selection.blend
+    apart = bool(selection.launch_scales) or (weights is not None and weights.launch != weights.known)
+    return launch_rows(store, index) if apart else None
 
 
-def _apply_launch_scales(
-    columns: dict[str, np.ndarray], scales: dict[str, float], launch: np.ndarray | None, clip: tuple[float, float]
-) -> None:
-    """Scale each calibrated forecaster's launch rows in place, keeping the unscaled column beside it."""
-    for name, scale in scales.items():
-        scaled, unscaled = LAUNCH_CALIBRATED[name]
-        raw = columns[name]
-        columns[unscaled] = raw
-        columns[scaled] = apply_launch_scale(raw, launch, scale, clip)
+def apply_stage(
+    config: NestcastConfig, stage_dir: str | Path, selection: Selection, store: WindowStore, sets: Sequence[str]
+) -> dict[str, dict[str, np.ndarray]]:
+    """Set -> forecaster -> predictions of ``store``'s samples by the forecasters a stage trained (its files),
+    calibrated and blended as ``selection`` chose: what the stage exports, reproducible from its files alone."""
+    stage_dir = Path(stage_dir)
+    batch = max(config.train.batch_size, 4096)
+    raw: dict[str, dict[str, np.ndarray]] = {name: {} for name in sets}
+    for name, values in _network_predictions(stage_dir, store, batch, sets).items():
+        raw[name][forecasters.NETWORK.name] = values
+    for booster in forecasters.BOOSTERS:
+        if booster.name in selection.rounds:
+            for name, values in _booster_predictions(stage_dir / booster.artifact, store, sets).items():  # type: ignore[operator]
+                raw[name][booster.name] = values
+    return {name: combine(columns, selection.launch_scales, selection.blend,
+                          _selected_launch_mask(selection, store, _index(store, name)), _clip(store))
+            for name, columns in raw.items()}  # fmt: skip
 
 
-def _ensemble_partner(columns: dict[str, np.ndarray]) -> np.ndarray:
-    """The booster the model is blended with: the extended trees, else the (calibrated) reference."""
-    return columns.get("trees", columns.get("reference_calibrated", columns["reference"]))
+# --- the stages ----------------------------------------------------------------------------------
 
 
-def _tree_members(config: NestcastConfig) -> dict[str, tuple[str, ...]]:
-    """The boosters a stage trains, each with the features it reads: the reported ``reference`` (the standard
-    recipe), and the ensemble's ``trees`` (also the launch features) unless the ensemble uses the reference."""
-    from core import features
+def _fit_booster(config: NestcastConfig, store: WindowStore, booster: forecasters.Forecaster, **kwargs: Any) -> Any:
+    from core.reference import fit_reference
 
-    members = {"reference": features.RECIPE}
-    if config.reference.ensemble_trees == "extended":
-        members["trees"] = features.BOOSTER
-    return members
+    return fit_reference(
+        store, store.feature_tables(), config.reference, seed=config.train.seed,
+        max_samples=config.train.max_train_samples, budget=config.train.sample_budget, features=booster.features,
+        **kwargs,
+    )  # fmt: skip
+
+
+def _boosters(config: NestcastConfig) -> tuple[forecasters.Forecaster, ...]:
+    return forecasters.BOOSTERS if config.reference.reference_enabled else ()
 
 
 def select(
@@ -203,157 +293,173 @@ def select(
     stage_dir: str | Path,
     on_epoch: EpochCallback | None = None,
     callbacks: Sequence[Any] = (),
-) -> dict[str, Any]:
-    """Stage 1: the epoch count, the boosting rounds, the blend weight and the validation-month scores.
-
-    Writes ``stage_dir/selection.json`` (returned) and ``stage_dir/validation.parquet``; a rerun with the
-    selection in place returns it without training.
-    """
+) -> Selection:
+    """Stage 1: epochs, boosting rounds, launch scales and blend weights from the validation months, and every
+    forecaster's validation scores. Writes ``stage_dir/selection.json`` and ``stage_dir/validation.parquet``;
+    a rerun with the selection in place returns it without training."""
     from core.model import train_forecaster
     from core.window_store import WindowStore
 
     stage_dir = Path(stage_dir)
     done = read_json(stage_dir / SELECTION_FILE)
     if done is not None and (stage_dir / "validation.parquet").exists() and not artifact_problems(stage_dir):
-        return done
+        return Selection.from_dict(done)
     store = WindowStore.open(windows_dir)
     trained = train_forecaster(config, windows_dir, stage_dir, on_epoch, stage="select", callbacks=callbacks)
-    record_artifacts(stage_dir)
     batch = max(config.train.batch_size, 4096)
-    predictions = {"model": _model_predictions(trained.model_path, store, batch, ("validation",))["validation"]}
-    validation = store.validation_frame()
-    actual = validation["actual"].to_numpy(np.float64)
-    launch = _launch_rows(store, store.validation_index, config)
-    scales = _fit_launch_scales(config, predictions, actual, launch, _clip(store))
-    _apply_launch_scales(predictions, scales, launch, _clip(store))
-    scores = {"model": rmse(predictions["model"], actual)}
-    selection: dict[str, Any] = {
-        "validation_month": store.validation_month,
-        "epochs": max(trained.best_epoch, 1),
-        "epochs_run": trained.epochs_run,
-        "model_seconds": trained.seconds_total,
-        "seconds_per_epoch": trained.seconds_per_epoch,
-        "params": trained.params,
-        "rounds": None,
-        "blend_weight": None,
-        "launch_blend_weight": None,
-        "reference_seconds": None,
-    }
-    if config.reference.reference_enabled:
-        tables = store.feature_tables()
-        rounds, seconds = {}, 0.0
-        for member, names in _tree_members(config).items():
-            fit = _reference_fit(
-                config, store, tables, before_month=store.validation_month, validate=True, features=names
-            )
-            fit.save(stage_dir / f"{member}.txt")
-            predictions[member] = _reference_predictions(fit, tables, store, ("validation",))["validation"]
-            rounds[member], seconds = fit.rounds, seconds + fit.seconds
-        tree_scales = _fit_launch_scales(config, {k: predictions[k] for k in _tree_members(config)}, actual, launch,
-                                         _clip(store))  # fmt: skip
-        _apply_launch_scales(predictions, tree_scales, launch, _clip(store))
-        scales |= tree_scales
-        partner = _ensemble_partner(predictions)
-        segments = launch if config.reference.ensemble_segments == "launch" else None
-        weights = BlendWeights.fit(actual, predictions["model"], partner, segments)
-        predictions["ensemble"] = blend(predictions["model"], partner, weights.per_row(segments, actual.size),
-                                        _clip(store))  # fmt: skip
-        scores |= {name: rmse(predictions[name], actual) for name in ("reference", "ensemble")}
-        selection |= {"rounds": rounds["reference"], "tree_rounds": rounds, "blend_weight": weights.known,
-                      "launch_blend_weight": weights.launch, "reference_seconds": seconds}  # fmt: skip
-    selection["launch_scales"] = scales
-    baseline = np.clip(validation["prev"].to_numpy(np.float64), *_clip(store))
-    selection["validation_rmse"] = scores | {"baseline": rmse(baseline, actual)}
-    _write_predictions(stage_dir / "validation.parquet", predictions)
+    raw = {forecasters.NETWORK.name: _network_predictions(stage_dir, store, batch, ("validation",))["validation"]}
+    rounds, booster_seconds = {}, 0.0
+    for booster in _boosters(config):
+        fit = _fit_booster(config, store, booster, before_month=store.validation_start, validate=True)
+        fit.save(stage_dir / booster.artifact)  # type: ignore[operator]
+        raw[booster.name] = fit.predict_samples(store.feature_tables(), store.validation_index, _clip(store))
+        rounds[booster.name], booster_seconds = fit.rounds, booster_seconds + fit.seconds
     record_artifacts(stage_dir)
-    write_json_atomic(stage_dir / SELECTION_FILE, selection)
+    frame = store.validation_frame()
+    actual = frame["actual"].to_numpy(np.float64)
+    months = frame["date_block_num"].to_numpy()
+    launch = _launch_mask(config, store, store.validation_index)
+    scales, weights = choose(actual, raw, launch, months, config, _clip(store))
+    columns = combine(raw, scales, weights, launch, _clip(store))
+    by_month = scores_by_month({**columns, "baseline": np.clip(frame["prev"].to_numpy(np.float64), *_clip(store))},
+                               actual, months)  # fmt: skip
+    selection = Selection(
+        validation_months=list(store.validation_months),
+        epochs=max(trained.best_epoch, 1),
+        epochs_run=trained.epochs_run,
+        model_seconds=trained.seconds_total,
+        seconds_per_epoch=trained.seconds_per_epoch,
+        params=trained.params,
+        rounds=rounds,
+        blend=weights,
+        launch_scales=scales,
+        validation_rmse={name: float(np.mean(list(scores.values()))) for name, scores in by_month.items()},
+        validation_rmse_by_month=by_month,
+        reference_seconds=booster_seconds if rounds else None,
+    )
+    _write_predictions(stage_dir / "validation.parquet", columns)
+    write_json_atomic(stage_dir / SELECTION_FILE, selection.to_dict())
     return selection
+
+
+@dataclasses.dataclass
+class RefitResult:
+    """What a refit stage trained and predicted."""
+
+    stage_dir: str
+    model_path: str
+    epochs: int
+    model_seconds: float
+    seconds_per_epoch: float | None
+    reference_seconds: float | None
+    params: int
+    sets: list[str]
+    seconds: float
 
 
 def refit(
     config: NestcastConfig,
     windows_dir: str | Path,
     stage_dir: str | Path,
-    selection: dict[str, Any],
+    selection: Selection,
     on_epoch: EpochCallback | None = None,
     callbacks: Sequence[Any] = (),
-) -> dict[str, Any]:
-    """Stage 2: retrain on every training target with the selection's epochs and rounds; predict.
-
-    Writes ``holdout.parquet`` (when the store holds a month out) and ``forecast.parquet`` into
-    ``stage_dir``: a column per forecaster (``model``, and with the reference ``reference`` and ``ensemble``
-    blended with the selected weight). Returns paths and timings.
-    """
+) -> RefitResult:
+    """Stage 2: retrain every trained forecaster on every training target with the selection's epochs and rounds;
+    write ``holdout.parquet`` (when the store holds a month out) and ``forecast.parquet``, a column per forecaster
+    (:func:`apply_stage`)."""
     from core.model import train_forecaster
     from core.window_store import WindowStore
 
     started = time.perf_counter()
     stage_dir = Path(stage_dir)
     store = WindowStore.open(windows_dir)
-    sets = tuple(name for name in ("holdout", "forecast") if getattr(store, f"{name}_index").shape[0])
+    sets = tuple(name for name in ("holdout", "forecast") if _index(store, name).shape[0])
     trained = train_forecaster(
-        config, windows_dir, stage_dir, on_epoch, stage="refit", epochs=selection["epochs"], callbacks=callbacks
+        config, windows_dir, stage_dir, on_epoch, stage="refit", epochs=selection.epochs, callbacks=callbacks
     )
+    booster_seconds = None
+    for booster in _boosters(config):
+        if booster.name in selection.rounds:
+            fit = _fit_booster(config, store, booster, rounds=int(selection.rounds[booster.name]))
+            fit.save(stage_dir / booster.artifact)  # type: ignore[operator]
+            booster_seconds = (booster_seconds or 0.0) + fit.seconds
     record_artifacts(stage_dir)
-    batch = max(config.train.batch_size, 4096)
-    predictions = {name: {"model": values} for name, values in
-                   _model_predictions(trained.model_path, store, batch, sets).items()}  # fmt: skip
-    reference_seconds = None
-    if selection.get("rounds"):
-        tables = store.feature_tables()
-        reference_seconds = 0.0
-        rounds = selection.get("tree_rounds") or {"reference": selection["rounds"]}
-        members = _tree_members(config)
-        for member, count in rounds.items():
-            fit = _reference_fit(config, store, tables, rounds=int(count), features=members[member])
-            fit.save(stage_dir / f"{member}.txt")
-            reference_seconds += fit.seconds
-            for name, values in _reference_predictions(fit, tables, store, sets).items():
-                predictions[name][member] = values
-    for name, columns in predictions.items():
-        launch = _launch_rows(store, getattr(store, f"{name}_index"), config)
-        _apply_launch_scales(columns, selection.get("launch_scales") or {}, launch, _clip(store))
-        if selection.get("rounds"):
-            segments = launch if config.reference.ensemble_segments == "launch" else None
-            partner = _ensemble_partner(columns)
-            weights = BlendWeights.of(selection).per_row(segments, partner.size)
-            columns["ensemble"] = blend(columns["model"], partner, weights, _clip(store))
-    record_artifacts(stage_dir)
-    for name, columns in predictions.items():
+    for name, columns in apply_stage(config, stage_dir, selection, store, sets).items():
         _write_predictions(stage_dir / f"{name}.parquet", columns)
-    return {
-        "stage_dir": str(stage_dir),
-        "model_path": trained.model_path,
-        "epochs": trained.epochs_run,
-        "model_seconds": trained.seconds_total,
-        "seconds_per_epoch": trained.seconds_per_epoch,
-        "reference_seconds": reference_seconds,
-        "params": trained.params,
-        "sets": list(sets),
-        "seconds": time.perf_counter() - started,
-    }
+    return RefitResult(
+        stage_dir=str(stage_dir),
+        model_path=trained.model_path,
+        epochs=trained.epochs_run,
+        model_seconds=trained.seconds_total,
+        seconds_per_epoch=trained.seconds_per_epoch,
+        reference_seconds=booster_seconds,
+        params=int(trained.params),
+        sets=list(sets),
+        seconds=time.perf_counter() - started,
+    )
 
 
-def forecast_run_dir(config: NestcastConfig, windows: dict[str, Any], final_windows: dict[str, Any]) -> Path:
+def forecast_run_dir(config: NestcastConfig, windows: Any, final_windows: Any) -> Path:
     """``runs/forecast-<hash>``, named by what the models are trained from: both windows builds' content, the
     model, training and reference settings, and the code that builds and trains the models.
 
     The same inputs always train into the same directory, so a rerun resumes or reuses it (idempotent), and
     the flow can tell before it consults the cache whether the run's files still exist. Changed model code
-    gets a fresh directory rather than resuming checkpoints written by the old code. The code is read from
-    the modules' files, so naming a run imports no model code.
+    gets a fresh directory rather than resuming checkpoints written by the old code: the code is every module
+    this one and the configured encoder import, followed through the project's imports (:func:`code_identity`),
+    so a new encoder or feature module counts without being listed anywhere. Naming a run imports no model code.
     """
-    import hashlib
-    import importlib.util
-
+    from core.encoders import ENCODERS
     from core.lake import LakePaths
 
-    digest = hashlib.sha256(windows["build_hash"].encode())
-    digest.update(final_windows["build_hash"].encode())
+    digest = hashlib.sha256(_build_hash(windows).encode())
+    digest.update(_build_hash(final_windows).encode())
     for section in (config.model, config.train, config.reference):
         digest.update(section.model_dump_json().encode())
-    for module in ("core.model", "core.nlstm", "core.protocol", "core.reference", "core.features"):
-        spec = importlib.util.find_spec(module)
-        assert spec is not None and spec.origin is not None, module
-        digest.update(Path(spec.origin).read_bytes())
+    digest.update(code_identity(__name__, ENCODERS[config.model.kind]).encode())
     return LakePaths.of(config).forecast_run(digest.hexdigest())
+
+
+def _build_hash(windows: Any) -> str:
+    return windows["build_hash"] if isinstance(windows, dict) else windows.build_hash
+
+
+#: Modules whose effect on training is already in a run's identity (the windows builds' content hashes, the config
+#: sections) or that only move files: a change there does not retrain.
+OUTSIDE_CODE_IDENTITY: tuple[str, ...] = ("core.windows", "core.aggregate", "core.ingest", "core.store", "core.files",
+                                          "core.lake", "core.config", "core.errors")  # fmt: skip
+
+
+def code_identity(*modules: str) -> str:
+    """sha256 over the source of ``modules`` and of every project module they import, directly or not (imports
+    inside functions included; :data:`OUTSIDE_CODE_IDENTITY` left out), read with ``ast`` so nothing is imported."""
+    import ast
+
+    root = Path(__file__).resolve().parents[1]
+
+    def source(name: str) -> Path | None:
+        base = root.joinpath(*name.split("."))
+        return next((p for p in (base.with_suffix(".py"), base / "__init__.py") if p.is_file()), None)
+
+    seen: dict[str, Path] = {}
+    pending = list(modules)
+    while pending:
+        name = pending.pop()
+        if name in seen or name.split(".")[0] not in ("core", "tasks", "flows") or any(
+                name == outside or name.startswith(f"{outside}.") for outside in OUTSIDE_CODE_IDENTITY):
+            continue
+        path = source(name)
+        if path is None:  # an attribute (``from core.nlstm import NestedLSTM``), not a module
+            continue
+        seen[name] = path
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                pending += [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                pending += [node.module, *(f"{node.module}.{alias.name}" for alias in node.names)]
+    digest = hashlib.sha256()
+    for name in sorted(seen):
+        digest.update(name.encode())
+        digest.update(seen[name].read_bytes())
+    return digest.hexdigest()

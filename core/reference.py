@@ -120,3 +120,15 @@ def fit_reference(
     if rounds is None or rounds < 1:
         raise ValueError(f"a refit needs the selected number of rounds (>= 1), got {rounds!r}")
     return fitted(lgb.train(params, train, num_boost_round=rounds), rounds, None)
+
+
+def load_booster(path: str | os.PathLike[str]) -> ReferenceFit:
+    """A booster saved by :meth:`ReferenceFit.save`, reading the features it was trained on (by name)."""
+    import lightgbm as lgb
+
+    booster = lgb.Booster(model_file=str(path))
+    names = tuple(booster.feature_name())
+    unknown = [name for name in names if name not in feature_room.REGISTRY]
+    if unknown:
+        raise ValueError(f"{path}: trained on features this version does not declare: {unknown}")
+    return ReferenceFit(booster, booster.current_iteration(), None, 0, 0.0, names)

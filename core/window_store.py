@@ -83,7 +83,8 @@ class WindowStore:
         self.train_index: np.ndarray = np.load(self.dir / "train_index.npy")
         self.holdout_index: np.ndarray = np.load(self.dir / "holdout_index.npy")
         self.validation_index: np.ndarray = np.load(self.dir / "validation_index.npy")
-        self.validation_month: int | None = self.meta.get("validation_month")
+        #: The months that choose (core.protocol.select), oldest first; the selection trains on the months before.
+        self.validation_months: list[int] = [int(m) for m in self.meta.get("validation_months") or []]
         self.forecast_index: np.ndarray = np.load(self.dir / "forecast_index.npy")
         self.grid: dict[str, np.ndarray] = {name: np.load(self.dir / f"{name}.npy") for name in GRID_ARRAYS}
         self.item_family: np.ndarray = np.load(self.dir / "item_family.npy")
@@ -245,7 +246,7 @@ class WindowStore:
         return _dataset_class()(self, self.holdout_index, batch_size, with_y=True, shuffle=False, **kwargs)
 
     def validation_dataset(self, batch_size: int, **kwargs: Any) -> Any:
-        """Validation-month batches with targets, in ``validation_frame()`` order."""
+        """Validation batches with targets (every validation month), in ``validation_frame()`` order."""
         return _dataset_class()(self, self.validation_index, batch_size, with_y=True, shuffle=False, **kwargs)
 
     def forecast_dataset(self, batch_size: int, **kwargs: Any) -> Any:
@@ -257,8 +258,14 @@ class WindowStore:
         """One row per holdout-grid pair: ids, ``actual``, baselines ``prev`` and ``mean3``, segments."""
         return self._holdout_frame.copy()
 
+    @property
+    def validation_start(self) -> int | None:
+        """The first validation month (the selection stage trains on the targets before it); None: none."""
+        return self.validation_months[0] if self.validation_months else None
+
     def validation_frame(self) -> pd.DataFrame:
-        """The validation month's grid, with the same columns as :meth:`holdout_frame`."""
+        """The validation months' grids one after the other (``date_block_num`` says which), with the same
+        columns as :meth:`holdout_frame`."""
         return self._validation_frame.copy()
 
     def forecast_frame(self) -> pd.DataFrame:

@@ -62,7 +62,8 @@ from core.files import atomic_path, file_sha256, read_json, recorded_file_proble
 from core.lake import WINDOWS_META_FILE, LakePaths
 
 STORE_FILES = "files"  # in meta.json: file name -> sha256 of every array and table of the store
-WINDOWS_VERSION = "5"  # 2: grid masks, validation month; 3: target-encoded means; 4: item name families; 5: universe
+#: 2: grid masks, validation month; 3: target-encoded means; 4: item name families; 5: universe; 6: validation months
+WINDOWS_VERSION = "6"
 
 # (name, level, scaled). Order is the channel order of every window.
 CHANNEL_SPECS: tuple[tuple[str, str, bool], ...] = (
@@ -111,7 +112,7 @@ class WindowsSummary:
     holdout_month: int
     forecast_month: int
     sample_policy: str
-    validation_month: int | None = None
+    validation_months: list[int] = field(default_factory=list)
     sample_counts: dict[str, int] = field(default_factory=dict)
     bytes_on_disk: int = 0
     seconds: float = 0.0
@@ -276,7 +277,7 @@ def _summary(windows_dir: Path, meta: dict[str, Any], skipped: bool, seconds: fl
         lookback=meta["lookback"],
         last_month=meta["last_month"],
         holdout_month=meta["holdout_month"],
-        validation_month=meta.get("validation_month"),
+        validation_months=list(meta.get("validation_months") or []),
         forecast_month=meta["forecast_month"],
         sample_policy=meta["sample_policy"],
         sample_counts=meta["sample_counts"],
@@ -383,6 +384,7 @@ class _Timeline:
     last_month: int
     holdout: int
     train_months: tuple[int, ...]  # target months of the training samples; never empty
+    n_validation: int = 2  # months before the holdout that choose (windows.validation_months)
 
     @property
     def n_months(self) -> int:
@@ -393,10 +395,11 @@ class _Timeline:
         return self.last_month + 1
 
     @property
-    def validation(self) -> int:
-        # The month before the holdout picks epochs, boosting rounds, blend weights and the gate, and is
-        # trained on only by the refit (core.model.train_forecaster stages).
-        return self.holdout - 1
+    def validation(self) -> tuple[int, ...]:
+        # The months before the holdout pick epochs, boosting rounds, blend weights and the gate, and are
+        # trained on only by the refit (core.protocol): several, so that one odd month cannot swing a choice.
+        months = range(self.holdout - self.n_validation, self.holdout)
+        return tuple(m for m in months if m >= self.train_months[0])
 
     @property
     def has_holdout(self) -> bool:
@@ -410,7 +413,7 @@ def _timeline(config: NestcastConfig, holdout_month: int | None, month: np.ndarr
     train_months = tuple(range(max(first_train, 1), holdout))
     if not train_months:
         raise ValueError(f"no training months before holdout {holdout} (min_train_month={first_train})")
-    return _Timeline(last_month, holdout, train_months)
+    return _Timeline(last_month, holdout, train_months, config.windows.validation_months)
 
 
 @dataclass(frozen=True)
@@ -750,6 +753,7 @@ def _grid_split(m: int, timeline: _Timeline, grid: _Grid, series: _Series, pairs
     samples = series.of_grid(grid, m) if has_data else np.zeros(0, dtype=np.int32)
     frame = pa.table(
         {
+            "date_block_num": np.full(samples.size, m, dtype=np.int16),
             "series_idx": samples.astype(np.int32),
             **series.ids(samples),
             "actual": pairs.clipped(samples, m),
@@ -760,6 +764,15 @@ def _grid_split(m: int, timeline: _Timeline, grid: _Grid, series: _Series, pairs
         }
     )
     return _Split(frame, _samples(samples, m))
+
+
+def _grid_splits(months: tuple[int, ...], timeline: _Timeline, grid: _Grid, series: _Series,
+                 pairs: _PairLevel) -> _Split:  # fmt: skip
+    """The grids of several months, one after the other (the validation months)."""
+    splits = [_grid_split(m, timeline, grid, series, pairs) for m in months]
+    if not splits:
+        return _grid_split(-1, timeline, grid, series, pairs)
+    return _Split(pa.concat_tables([s.frame for s in splits]), np.concatenate([s.index for s in splits]))
 
 
 #: Without test.csv a forecast row's ID is its pair's: ``shop_id * UNIVERSE_ID_STRIDE + item_id``. Derived from the
@@ -873,7 +886,8 @@ def _meta(
         "shop_ids": vocab.shop_ids.tolist(),
         "category_ids": vocab.category_ids.tolist(),
         "sample_policy": wcfg.sample_policy,
-        "validation_month": timeline.validation if sample_counts["validation"] else None,
+        "validation_months": [m for m in timeline.validation if m <= timeline.last_month] if sample_counts[
+            "validation"] else [],
         "sample_counts": sample_counts,
         "forecast_source": "test.parquet" if has_test else _universe_label(wcfg, timeline),
         "static_features": wcfg.static_features,
@@ -941,7 +955,7 @@ def _build(
     train_index = _train_index(wcfg.sample_policy, wcfg.lookback, timeline, grid, series, levels.pair)
     splits = {
         "holdout": _grid_split(timeline.holdout, timeline, grid, series, levels.pair),
-        "validation": _grid_split(timeline.validation, timeline, grid, series, levels.pair),
+        "validation": _grid_splits(timeline.validation, timeline, grid, series, levels.pair),
         "forecast": _forecast_split(refs.test, vocab, timeline, grid, series, levels.pair, config.windows),
     }
     sample_counts = {"train": int(train_index.shape[0])} | {name: int(s.index.shape[0]) for name, s in splits.items()}

@@ -18,10 +18,10 @@ from core.store import data_dir_identity
 from flows.aggregate_months import aggregate_months
 from flows.parameters import OVERRIDES, OVERRIDES_HELP, with_knobs
 from tasks.accountability import publish_history, score_forecasts
-from tasks.champion import challenge_champion
 from tasks.common import flow_run_url, name_flow_run, step_options
 from tasks.evaluate import evaluate_model
 from tasks.export import export_forecast
+from tasks.gate import decide_export
 from tasks.ingest import ingest_raw_files
 from tasks.train import refit_models, select_models
 from tasks.windows import build_windows
@@ -44,8 +44,8 @@ def sales_forecast(*, overrides: dict[str, Any] | None = None, **knobs: Any) -> 
     """Forecast next month's sales for every test.csv pair and export a checked submission; score the earlier
     forecasts whose month this run's data brought (accountability) and show their history.
 
-    Protocol (README "Training protocol"): the epoch count, the reference's rounds, the blend weight and the
-    gate are chosen on the validation month M-2; the reported score is the holdout month M-1, seen by none of
+    Protocol (README "Training protocol"): the epoch count, the boosting rounds, the blend weights and the export
+    are chosen on the validation months before M-1; the reported score is the holdout month M-1, seen by none of
     those choices; the exported forecast of M comes from the same models refitted on every month through M-1.
     """
     config = build_config(**knobs, overrides=overrides)
@@ -64,11 +64,9 @@ def sales_forecast(*, overrides: dict[str, Any] | None = None, **knobs: Any) -> 
     selection = select_models.with_options(**options)(config, windows, run_dir)
     holdout_fit = refit_models.with_options(**options)(config, windows, selection, run_dir, stage="holdout")
     final_fit = refit_models.with_options(**options)(config, final_windows, selection, run_dir, stage="final")
-    evaluation = evaluate_model.with_options(**options)(
-        config, windows, final_windows, selection, run_dir, [holdout_fit, final_fit]
-    )
-    evaluation = challenge_champion.with_options(**options)(config, windows, final_windows, run_dir, evaluation)
-    exported = export_forecast.with_options(**options)(config, final_windows, run_dir, evaluation)
+    scores = evaluate_model.with_options(**options)(config, windows, final_windows, run_dir, [holdout_fit, final_fit])
+    decision = decide_export.with_options(**options)(config, windows, final_windows, run_dir, selection, scores)
+    exported = export_forecast.with_options(**options)(config, final_windows, run_dir, decision)
     history = publish_history.with_options(**options)(config, run_dir, scored, exported)
 
     summary = {
@@ -78,21 +76,20 @@ def sales_forecast(*, overrides: dict[str, Any] | None = None, **knobs: Any) -> 
         "rows_quarantined": ingested["rows_quarantined"],
         "months": monthly["months"],
         "forecast_month": forecast_month,
-        "train_samples": windows["sample_counts"]["train"],
+        "train_samples": windows.sample_counts["train"],
         "sample_budget": config.train.sample_budget,
         "run_dir": run_dir,
-        "validation_month": selection["validation_month"],
-        "holdout_month": evaluation["holdout_month"],
-        "epochs": selection["epochs"],
-        "model_rmse": evaluation["model_rmse"],
-        "ensemble_rmse": evaluation.get("ensemble_rmse"),
-        "reference_rmse": evaluation.get("reference_rmse"),
-        "baseline_rmse": evaluation["baseline_rmse"],
-        "beats_baseline": evaluation["beats_baseline"],
-        "exported": exported["exported"],
-        "exported_rmse": evaluation["exported_rmse"],
+        "validation_months": selection.validation_months,
+        "holdout_month": scores.holdout_month,
+        "epochs": selection.epochs,
+        "holdout_rmse": scores.rmse,
+        **{f"{name}_rmse": value for name, value in scores.rmse.items()},
+        "exported": decision.exported,
+        "exported_rmse": decision.exported_rmse,
+        "beaten_by": decision.beaten_by,
+        "reason": decision.reason,
         "submission": exported["submission"],
-        "report": evaluation["report"],
+        "report": decision.report,
         "accountability": history["records"],
         "accountability_months": scored["months"],
         "flow_run_url": flow_run_url(),

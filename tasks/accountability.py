@@ -41,10 +41,10 @@ def _publish(result: Mapping[str, Any], parameters: Mapping[str, Any]) -> None:
         description="Every exported forecast, scored once its month's actuals arrived: RMSE of the exported "
         "forecast, of the previous period (each pair's sales the month before) and of the raw model",
     )
-    plot = Path(result["plot"])
+    markdown = inline_images(result["markdown"], Path(result["plot"]).parent) if result["plot"] else result["markdown"]
     create_markdown_artifact(
         key="accountability-history",
-        markdown=inline_images(result["markdown"], plot.parent) + f"\n`{Path(result['records']).resolve()}`\n",
+        markdown=markdown + f"\n`{Path(result['records']).resolve()}`\n",
         description="Accuracy over the months: exported vs previous period",
     )
 

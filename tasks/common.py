@@ -316,3 +316,13 @@ def jsonable(result: Any) -> Any:
     if dataclasses.is_dataclass(result) and not isinstance(result, type):
         return json.loads(json.dumps(dataclasses.asdict(result), default=str))
     return json.loads(json.dumps(result, default=str))
+
+
+def flow_run_record() -> dict[str, Any]:
+    """Which flow run made a file: its id, name, page in the UI (when there is one) and the time, for sidecars."""
+    from datetime import UTC, datetime
+
+    from prefect.runtime import flow_run
+
+    return {"flow_run": {"id": flow_run.get_id(), "name": flow_run.get_name(), "url": flow_run_url(),
+                         "written_at": datetime.now(UTC).isoformat(timespec="seconds")}}  # fmt: skip

@@ -12,7 +12,9 @@ from prefect.artifacts import create_markdown_artifact
 
 from core import export as export_step
 from core.config import NestcastConfig
-from tasks.common import nestcast_task
+from core.gate import ExportDecision
+from core.windows import WindowsSummary
+from tasks.common import flow_run_record, nestcast_task
 
 HEAD_ROWS = 10
 
@@ -39,10 +41,9 @@ def _publish(result: Mapping[str, Any], parameters: Mapping[str, Any]) -> None:
 
 @nestcast_task("export", tags=["io"], publish=_publish)
 def export_forecast(
-    config: NestcastConfig, windows: dict[str, Any], run_dir: str, evaluation: dict[str, Any]
+    config: NestcastConfig, windows: WindowsSummary, run_dir: str, decision: ExportDecision
 ) -> dict[str, Any]:
     """Write submissions/<month>.csv (the forecast the gate chose) and its JSON sidecar, after its checks."""
-    result = export_step.export_run(config, windows["windows_dir"], run_dir, evaluation)
-    get_run_logger().info("exported the %s forecast to %s (%s)", evaluation["exported"], result.csv_path,
-                          evaluation["reason"])
-    return {**result.to_dict(), "submission": str(result.csv_path), "exported": evaluation["exported"]}
+    result = export_step.export_run(config, windows.windows_dir, run_dir, decision, extra=flow_run_record())
+    get_run_logger().info("exported the %s forecast to %s (%s)", decision.exported, result.csv_path, decision.reason)
+    return {**result.to_dict(), "submission": str(result.csv_path), "exported": decision.exported}

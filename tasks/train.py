@@ -1,7 +1,7 @@
 """Step 4 as Prefect tasks: the training protocol's stages (``core.protocol``), with progress in the UI.
 
-``select`` fixes the epoch count, the reference's boosting rounds and the blend weight on the validation
-month; ``refit`` retrains with them, once on the store that holds out the last month (its holdout score is
+``select`` fixes the epoch count, the boosting rounds, the launch scales and the blend weights on the validation
+months; ``refit`` retrains with them, once on the store that holds out the last month (its holdout score is
 the run's reported score) and once on the store without a holdout (its forecast is exported). Tagged ``gpu``
 so a tag concurrency limit (`prefect concurrency-limit create gpu 1`) keeps one training per GPU. The flow
 calls them directly (not ``.submit``) so their timeout can interrupt them.
@@ -21,6 +21,7 @@ from core.config import NestcastConfig
 from core.files import read_json
 from core.lake import FORECAST_FILE, SELECTION_FILE, LakePaths
 from core.progress import TrainingProgress, describe_device, epoch_table
+from core.windows import WindowsSummary
 from tasks.common import artifact_key, content_cache_key, nestcast_task
 
 #: What each refit stage predicts, the file that says it finished.
@@ -64,13 +65,13 @@ def _publish_epochs(stage: str, stage_dir: Path) -> None:
     )
 
 
-def _publish_selection(selection: Mapping[str, Any], parameters: Mapping[str, Any]) -> None:
+def _publish_selection(selection: protocol.Selection, parameters: Mapping[str, Any]) -> None:
     if "run_dir" in parameters:
         _publish_epochs("select", LakePaths.stage_dir(parameters["run_dir"], "select"))
 
 
-def _publish_refit(result: Mapping[str, Any], parameters: Mapping[str, Any]) -> None:
-    _publish_epochs(f"refit-{parameters.get('stage', '')}", Path(result["stage_dir"]))
+def _publish_refit(result: protocol.RefitResult, parameters: Mapping[str, Any]) -> None:
+    _publish_epochs(f"refit-{parameters.get('stage', '')}", Path(result.stage_dir))
 
 
 @nestcast_task(
@@ -81,18 +82,19 @@ def _publish_refit(result: Mapping[str, Any], parameters: Mapping[str, Any]) -> 
                        *protocol.artifact_paths(LakePaths.stage_dir(p["run_dir"], "select"))],
     publish=_publish_selection,
 )
-def select_models(config: NestcastConfig, windows: dict[str, Any], run_dir: str) -> dict[str, Any]:
-    """Epochs, boosting rounds and blend weight, early-stopped on the validation month (the month before the
-    holdout); the validation-month RMSEs the gate decides on."""
+def select_models(config: NestcastConfig, windows: WindowsSummary, run_dir: str) -> protocol.Selection:
+    """Epochs, boosting rounds, launch scales and blend weights from the validation months (the months before the
+    holdout); the validation RMSEs the gate decides on."""
     on_epoch = _progress("select", config.train.epochs)
-    selection = protocol.select(config, windows["windows_dir"], LakePaths.stage_dir(run_dir, "select"), on_epoch,
+    selection = protocol.select(config, windows.windows_dir, LakePaths.stage_dir(run_dir, "select"), on_epoch,
                                 callbacks=[_terminal_progress("select")])  # fmt: skip
+    blend = selection.blend
     get_run_logger().info(
-        "selected on month %s: %s epochs, %s boosting rounds, model weight %s in the ensemble (%s for launch items), "
-        "launch scales %s; validation RMSE %s",
-        selection["validation_month"], selection["epochs"], selection["rounds"], selection["blend_weight"],
-        selection.get("launch_blend_weight"), selection.get("launch_scales"),
-        ", ".join(f"{k} {v:.4f}" for k, v in selection["validation_rmse"].items()),
+        "selected on months %s: %s epochs, boosting rounds %s, model weight %s in the ensemble (%s for launch items), "
+        "launch scales %s; mean validation RMSE %s",
+        selection.validation_months, selection.epochs, selection.rounds or "—", blend and blend.known,
+        blend and blend.launch, selection.launch_scales or "—",
+        ", ".join(f"{k} {v:.4f}" for k, v in selection.validation_rmse.items()),
     )  # fmt: skip
     return selection
 
@@ -106,16 +108,15 @@ def select_models(config: NestcastConfig, windows: dict[str, Any], run_dir: str)
                        *protocol.artifact_paths(LakePaths.stage_dir(p["run_dir"], p["stage"]))],
     publish=_publish_refit,
 )
-def refit_models(
-    config: NestcastConfig, windows: dict[str, Any], selection: dict[str, Any], run_dir: str, stage: str
-) -> dict[str, Any]:
+def refit_models(config: NestcastConfig, windows: WindowsSummary, selection: protocol.Selection, run_dir: str,
+                 stage: str) -> protocol.RefitResult:  # fmt: skip
     """Retrain on every training month of ``windows`` with the selected epochs and rounds; predict."""
-    on_epoch = _progress(f"refit-{stage}", int(selection["epochs"]))
-    result = protocol.refit(config, windows["windows_dir"], LakePaths.stage_dir(run_dir, stage), selection, on_epoch,
+    on_epoch = _progress(f"refit-{stage}", int(selection.epochs))
+    result = protocol.refit(config, windows.windows_dir, LakePaths.stage_dir(run_dir, stage), selection, on_epoch,
                             callbacks=[_terminal_progress(f"refit-{stage}")])  # fmt: skip
     get_run_logger().info(
-        "refit (%s): %d epochs in %.0f s, reference %s s; predicted %s",
-        stage, result["epochs"], result["model_seconds"],
-        "—" if result["reference_seconds"] is None else f"{result['reference_seconds']:.0f}", ", ".join(result["sets"]),
+        "refit (%s): %d epochs in %.0f s, LightGBM %s s; predicted %s",
+        stage, result.epochs, result.model_seconds,
+        "—" if result.reference_seconds is None else f"{result.reference_seconds:.0f}", ", ".join(result.sets),
     )  # fmt: skip
     return result

@@ -10,7 +10,7 @@ from core import windows as windows_step
 from core.config import NestcastConfig
 from core.ingest import recover_lake
 from core.lake import LakePaths
-from tasks.common import content_cache_key, jsonable, nestcast_task
+from tasks.common import content_cache_key, nestcast_task
 
 
 @nestcast_task(
@@ -20,7 +20,8 @@ from tasks.common import content_cache_key, jsonable, nestcast_task
     cache_key=content_cache_key("aggregate", "windows", input_trees=lambda config: [LakePaths.of(config).reference]),
     outputs=lambda p: windows_step.store_files(LakePaths.of(p["config"]).windows_dir(p["purpose"])),
 )
-def build_windows(config: NestcastConfig, monthly: dict[str, Any], purpose: str = "evaluation") -> dict[str, Any]:
+def build_windows(config: NestcastConfig, monthly: dict[str, Any],
+                  purpose: str = "evaluation") -> windows_step.WindowsSummary:  # fmt: skip
     """Features [series, month, channel] + (series, target month) samples, split by time.
 
     ``purpose="evaluation"``: the last month is the holdout (``lake/windows``); ``"final"``: no holdout, every
@@ -32,10 +33,9 @@ def build_windows(config: NestcastConfig, monthly: dict[str, Any], purpose: str 
         built = windows_step.build_windows(config, holdout_month=max(monthly["months"]) + 1, windows_dir=target)
     else:
         built = windows_step.build_windows(config, windows_dir=target)
-    summary = jsonable(built)
     get_run_logger().info(
-        "windows (%s): %s series, samples %s, validation month %s, holdout month %s, forecast month %s%s",
-        purpose, summary["n_series"], summary["sample_counts"], summary.get("validation_month"),
-        summary["holdout_month"], summary["forecast_month"], " (unchanged, reused)" if summary["skipped"] else "",
+        "windows (%s): %s series, samples %s, validation months %s, holdout month %s, forecast month %s%s",
+        purpose, built.n_series, built.sample_counts, built.validation_months, built.holdout_month,
+        built.forecast_month, " (unchanged, reused)" if built.skipped else "",
     )  # fmt: skip
-    return summary
+    return built

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from core.gate import BlendWeights, Decision, blend, blend_weight, decide, rmse
+from core.blend import BlendWeights, blend, blend_weight, rmse
+from core.gate import Decision, decide
 
 
 def test_the_blend_weight_is_the_grid_point_with_the_lowest_rmse() -> None:
@@ -67,13 +68,15 @@ def test_without_launch_rows_both_segments_share_the_single_blend_weight() -> No
 
 
 def test_the_gate_exports_the_best_candidate_that_beats_the_previous_period() -> None:
-    decision = decide({"model": 1.5, "ensemble": 1.4, "baseline": 2.0}, validation_month=27, blend_weight=0.6)
+    decision = decide({"model": 1.5, "ensemble": 1.4, "baseline": 2.0}, validation_months=[26, 27], blend_weight=0.6)
     assert decision.exported == "ensemble" and decision.blend_weight == 0.6
-    assert "month 27" in decision.reason and "ensemble 1.4000" in decision.reason
+    assert "months 26 and 27" in decision.reason and "ensemble 1.4000" in decision.reason
     assert decide({"model": 1.3, "ensemble": 1.4, "baseline": 2.0}).exported == "model"
-    # a tie goes to the plain model
+    # the LightGBM booster is a candidate too: a run never hides a better forecaster it made
+    assert decide({"model": 1.5, "reference": 1.3, "ensemble": 1.4, "baseline": 2.0}).exported == "reference"
+    # a tie goes to the first candidate of the table (the plain model)
     assert decide({"model": 1.4, "ensemble": 1.4, "baseline": 2.0}).exported == "model"
-    # without a reference there is no ensemble and no weight
+    # without a booster there is no ensemble and no weight
     alone = decide({"model": 1.4, "baseline": 2.0}, blend_weight=0.5)
     assert alone.exported == "model" and alone.blend_weight is None
 
@@ -91,6 +94,49 @@ def test_the_gate_falls_back_when_nothing_beats_the_previous_period() -> None:
 
 
 def test_a_decision_survives_json() -> None:
-    decision = decide({"model": 1.0, "ensemble": 0.9, "baseline": 2.0}, validation_month=3, blend_weight=0.25,
+    decision = decide({"model": 1.0, "ensemble": 0.9, "baseline": 2.0}, validation_months=[2, 3], blend_weight=0.25,
                       launch_blend_weight=0.0)  # fmt: skip
     assert Decision.from_dict(decision.to_dict()) == decision and decision.launch_blend_weight == 0.0
+
+
+def two_months_one_of_extreme_launches(seed: int = 7) -> dict[str, np.ndarray]:
+    """Two validation months of 3,000 pairs each. In month 1 the launch rows sold as usual and both forecasters
+    err alike on them; in month 2 launches sold ten times as much, which the booster half saw and the model not
+    at all."""
+    rng = np.random.default_rng(seed)
+    n = 3000
+    months = np.repeat([1, 2], n)
+    launch = rng.random(2 * n) < 0.03
+    actual = rng.poisson(1.5, 2 * n).astype(float)
+    extreme = launch & (months == 2)
+    actual[extreme] = 15.0 + rng.poisson(3.0, extreme.sum())
+    usual = np.where(launch, 1.5, actual)
+    model = usual + rng.normal(0, 0.8, 2 * n)
+    booster = np.where(extreme, 8.0, usual) + rng.normal(0, 0.8, 2 * n)
+    return {"actual": actual, "model": np.clip(model, 0, 20), "booster": np.clip(booster, 0, 20), "launch": launch,
+            "months": months}  # fmt: skip
+
+
+def test_one_month_of_extreme_launches_cannot_move_a_choice_to_its_bound() -> None:
+    from core.calibration import SCALES, launch_scale
+    from core.config import NestcastConfig
+    from core.protocol import choose
+
+    d = two_months_one_of_extreme_launches()
+    odd = d["months"] == 2
+    # Alone, the odd month drives both choices to the edge of their ranges ...
+    alone = BlendWeights.fit(d["actual"][odd], d["model"][odd], d["booster"][odd], d["launch"][odd])
+    assert alone.launch == 0.0
+    assert launch_scale(d["actual"][odd], d["model"][odd], d["launch"][odd], (0, 20)) == SCALES.max()
+    # ... and pooled into one sample with the usual month it still would: its squared errors dominate.
+    pooled = BlendWeights.fit(d["actual"], d["model"], d["booster"], d["launch"])
+    assert pooled.launch == 0.0
+    # Each month counting alike, it moves them by its share only.
+    config = NestcastConfig().with_overrides(launch_calibration=True)
+    raw = {"model": d["model"], "reference": d["booster"]}
+    scales, weights = choose(d["actual"], raw, d["launch"], d["months"], config, (0.0, 20.0))
+    assert weights is not None and 0.0 < weights.launch < 1.0
+    usual = launch_scale(d["actual"][~odd], d["model"][~odd], d["launch"][~odd], (0, 20))
+    assert scales["model"] == pytest.approx(np.sqrt(usual * SCALES.max()), abs=0.006)
+    assert scales["model"] < SCALES.max()
+    assert 0.0 < weights.known < 1.0
