@@ -185,14 +185,16 @@ class ReferenceConfig(_Section):
     """
 
     reference_enabled: bool = Field(True, description="Train the LightGBM forecaster (and with it the ensemble).")
-    boost_learning_rate: float = Field(0.05, gt=0, le=1)
+    boost_learning_rate: float = Field(0.03, gt=0, le=1)
     num_leaves: int = Field(63, ge=2)
-    min_data_in_leaf: int = Field(50, ge=1)
+    min_data_in_leaf: int = Field(100, ge=1)
     feature_fraction: float = Field(0.8, gt=0, le=1)
     bagging_fraction: float = Field(0.8, gt=0, le=1)
     lambda_l2: float = Field(1.0, ge=0)
-    max_rounds: int = Field(1000, ge=1, description="Boosting rounds at most in the selection stage.")
-    early_stopping_rounds: int = Field(50, ge=1, description="Stop when the validation RMSE has not improved.")
+    max_rounds: int = Field(5000, ge=1, description="Boosting rounds at most in the selection stage.")
+    early_stopping_rounds: int = Field(
+        200, ge=1, description="Stop when the validation months' RMSE has not improved for this many rounds."
+    )
     boost_threads: int | None = Field(None, ge=1, description="LightGBM threads (None: every core).")
     ensemble_segments: Literal["launch", "none"] = Field(
         "launch",

@@ -329,6 +329,14 @@ def _launch_mean(t: FeatureTables, s: Samples, group: str, rows: np.ndarray, mon
 
 _LAUNCH_NAMES = (
     declare("item_is_new", lambda t, s: (t.item_first[s.rows["item"]] >= s.target).astype(np.float32), head="plain"),
+    # The month the item first sold (T itself for a launch): the trees read the launch cohort it belongs to, and a
+    # launch is forecast like the newest cohorts. Absolute time: kept out of the network, which would extrapolate.
+    declare("item_first_sale_month",
+            lambda t, s: np.minimum(t.item_first[s.rows["item"]], s.target).astype(np.float32), head=None),
+    # What launches sold chain-wide per grid cell, last month and over the last three: the launch level as a
+    # trend, which a network can scale from.
+    declare("all_launch_mean_lag_1", lambda t, s: _launch_mean(t, s, "all", np.zeros_like(s.series), 1)),
+    declare("all_launch_mean_3", lambda t, s: _launch_mean(t, s, "all", np.zeros_like(s.series), 3)),
     declare("category_launch_mean_lag_1", lambda t, s: _launch_mean(t, s, "category", s.rows["category"], 1)),
     declare("category_launch_mean_past", lambda t, s: _launch_mean(t, s, "category", s.rows["category"], None)),
     declare("shop_launch_mean_past", lambda t, s: _launch_mean(t, s, "shop", s.rows["shop"], None)),

@@ -56,8 +56,7 @@ def test_one_row_per_origin_with_model_baselines_and_cost(result):
     res, origins, _ = result
     assert [o.origin for o in res.origins] == origins
     for o in res.origins:
-        assert set(o.rmse) == {"model", "ensemble", "reference", "trees", "baseline", "mean3", "zeros",
-                               "reference_calibrated", "model_uncalibrated"}  # fmt: skip
+        assert set(o.rmse) == {"model", "ensemble", "reference", "baseline", "mean3", "zeros"}
         assert all(np.isfinite(v) and v >= 0 for v in o.rmse.values())
         assert o.params > 0 and o.train_seconds > 0 and o.reference_seconds > 0
         assert o.epochs_run == 2, "one selection epoch, then a refit of the selected one"
@@ -88,25 +87,25 @@ def test_each_origin_trains_only_on_earlier_months_in_its_own_windows_dir(result
         store = WindowStore.open(o.windows_dir)
         assert store.holdout_month == o.origin
         assert int(store.train_index[:, 1].max()) < o.origin
-        # The protocol: select below the month before the origin, early-stopped on it; refit through it.
+        # The protocol: select below the two months before the origin, early-stopped on them; refit through them.
         select = json.loads((Path(o.run_dir) / "select" / "metadata.json").read_text())
         refit = json.loads((Path(o.run_dir) / "refit" / "metadata.json").read_text())
-        assert o.selection["validation_month"] == select["validation_month"] == o.origin - 1
-        assert select["trained_below_month"] == o.origin - 1 and select["stage"] == "select"
-        assert refit["trained_below_month"] == o.origin and refit["validation_month"] is None
+        assert o.selection["validation_months"] == select["validation_months"] == [o.origin - 2, o.origin - 1]
+        assert select["trained_below_month"] == o.origin - 2 and select["stage"] == "select"
+        assert refit["trained_below_month"] == o.origin and refit["validation_months"] is None
         assert refit["epochs_run"] == o.selection["epochs"]
-        assert 0.0 <= o.selection["blend_weight"] <= 1.0 and o.selection["rounds"] >= 1
-        assert 0.0 <= o.selection["launch_blend_weight"] <= 1.0
-        assert set(o.selection["launch_scales"]) == {"model", "trees", "reference"}
-        # the holdout's model column is its unscaled twin with the selected scale on the launch rows only
+        blend = o.selection["blend"]
+        assert 0.0 <= blend["known"] <= 1.0 and 0.0 <= blend["launch"] <= 1.0
+        assert o.selection["rounds"]["reference"] >= 1
+        assert set(o.selection["validation_rmse_by_month"]["model"]) == {str(o.origin - 2), str(o.origin - 1)}
+        # the ensemble column is the selected blend of the model and the booster, launch rows weighted apart
         holdout = pd.read_parquet(Path(o.run_dir) / "refit" / "holdout.parquet")
         launch = store.holdout_frame()["new_item"].to_numpy()
-        scale = o.selection["launch_scales"]["model"]
-        raw = holdout["model_uncalibrated"].to_numpy()
-        expected = np.where(launch, np.clip(raw * scale, 0, 20), raw)
-        np.testing.assert_allclose(holdout["model"], expected, rtol=1e-6)
+        weight = np.where(launch, blend["launch"], blend["known"])
+        expected = np.clip(weight * holdout["model"] + (1 - weight) * holdout["reference"], 0, 20)
+        np.testing.assert_allclose(holdout["ensemble"], expected, rtol=1e-5, atol=1e-5)
         for stage in ("select", "refit"):
-            for name in ("model.keras", "reference.txt", "trees.txt"):
+            for name in ("model.keras", "reference.txt"):
                 assert (Path(o.run_dir) / stage / name).exists(), (stage, name)
 
 
@@ -124,10 +123,10 @@ def test_report_and_json_are_written(result, lake):
     # The verdict comes first: mean RMSEs against the previous month and the reference, computed here again.
     model, baseline, reference = (np.mean([o.rmse[p] for o in res.origins]) for p in ("model", "baseline", "reference"))
     verdict = f"- **model {model:.4f}**: {_said(model, baseline)} the previous month ({baseline:.4f}), " \
-              f"{_said(model, reference)} the LightGBM reference ({reference:.4f})"  # fmt: skip
+              f"{_said(model, reference)} the LightGBM ({reference:.4f})"  # fmt: skip
     assert verdict in report.split("| origin |")[0], report[:800]
     for o in res.origins:
-        scores = " | ".join(f"{o.rmse[p]:.4f}" for p in ("model", "ensemble", "reference", "trees", "baseline"))
+        scores = " | ".join(f"{o.rmse[p]:.4f}" for p in ("model", "reference", "ensemble", "baseline"))
         assert f"| {o.origin} | {o.rows:,} | {scores} |" in report
     saved = BacktestResult.from_dict(json.loads((lake / "runs" / "bt" / RESULT_FILE).read_text()))
     assert saved.mean_ratio == pytest.approx(res.mean_ratio)
@@ -239,7 +238,7 @@ def copy_without_runs(lake: Path, target: Path) -> Path:
 
 
 #: Scored by the NLSTM, whose training is not reproducible while another training runs beside it (README).
-NLSTM_PREDICTORS = ("model", "model_uncalibrated", "ensemble")
+NLSTM_PREDICTORS = ("model", "ensemble")
 
 
 def test_origins_run_on_dask_worker_processes_and_score_as_on_threads(result, lake, dask_cluster, tmp_path_factory):

@@ -32,8 +32,8 @@ def flow_calls(monkeypatch) -> list[dict[str, Any]]:
         calls.append(parameters)
         return {
             "submission": "s.csv", "exported": "model", "report": "r.md", "run_dir": "runs/x",
-            "model_rmse": 1.0, "baseline_rmse": 2.0, "beats_baseline": True,
-            "holdout_month": 33, "validation_month": 32, "exported_rmse": 1.0,
+            "holdout_rmse": {"model": 1.0, "baseline": 2.0}, "baseline_rmse": 2.0,
+            "holdout_month": 33, "validation_months": [31, 32], "exported_rmse": 1.0,
         }  # fmt: skip
 
     module = types.ModuleType("flows.sales_forecast")

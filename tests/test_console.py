@@ -42,7 +42,7 @@ def test_a_tiny_cli_run_prints_no_native_logs_one_aggregation_line_and_the_verdi
     assert not [line for line in lines if "{'" in line and "data_dir" in line], "a raw dict was printed"
     assert len([line for line in lines if "training on CPU, no GPU found" in line]) == 3  # select, 2 refits
     summary = result.stdout.strip().splitlines()
-    assert summary[0].startswith("Exported the ") and " than the previous month (" in summary[0]
+    assert summary[0].startswith("Exported ") and " than the previous month (" in summary[0]
     assert any(line.startswith("lake:       2013-01 – ") for line in summary)
     renamed = f"Flow run 'forecast-{summary[0].split(' for ')[1][:7]}-nlstm'"
     assert f"{renamed} - Finished in state Completed()" in result.stderr, "run not renamed to the end"
@@ -83,15 +83,18 @@ def test_numbers_read_as_four_decimals_calendar_months_and_better_or_worse():
 
 
 def test_the_summary_puts_the_verdict_first_and_the_flow_run_url_last():
-    summary = {"exported": "ensemble", "exported_rmse": 1.41262, "baseline_rmse": 1.85791, "model_rmse": 1.4127,
-               "ensemble_rmse": 1.41262, "holdout_month": 33, "validation_month": 32, "forecast_month": 34,
-               "epochs": 2, "months": list(range(34)), "train_samples": 12000, "submission": "/d/s.csv",
-               "report": "/d/r.md", "run_dir": "/d/run",
+    holdout = {"model": 1.4127, "reference": 1.3999, "ensemble": 1.41262, "baseline": 1.85791, "mean3": 1.7}
+    summary = {"exported": "ensemble", "exported_rmse": 1.41262, "baseline_rmse": 1.85791, "holdout_rmse": holdout,
+               "beaten_by": {"reference": 1.3999}, "holdout_month": 33, "validation_months": [31, 32],
+               "forecast_month": 34, "epochs": 2, "months": list(range(34)), "train_samples": 12000,
+               "submission": "/d/s.csv", "report": "/d/r.md", "run_dir": "/d/run",
                "flow_run_url": "http://127.0.0.1:4200/runs/flow-run/x"}  # fmt: skip
     lines = forecast_summary_lines(summary)
-    assert lines[0] == ("Exported the ensemble forecast for 2015-11: on the holdout month 2015-10 it scored RMSE "
-                        "1.4126, 24.0 % better than the previous month (1.8579).")  # fmt: skip
-    assert "holdout 2015-10 RMSE: model 1.4127, ensemble 1.4126, previous month 1.8579" in lines
+    assert lines[0] == ("Exported ensemble for 2015-11: holdout 2015-10 RMSE 1.4126, 24.0 % better than the previous "
+                        "month (1.8579). Better on that month: LightGBM 1.3999 (0.9 % better).")  # fmt: skip
+    assert ("holdout 2015-10 RMSE: model 1.4127, LightGBM 1.3999, ensemble 1.4126, previous month 1.8579, "
+            "mean of last 3 1.7000") in lines
+    assert "chosen on:  validation months 2015-08, 2015-09, 2 epoch(s)" in lines
     assert lines[-1] == "flow run:   http://127.0.0.1:4200/runs/flow-run/x"
     assert not forecast_summary_lines({**summary, "flow_run_url": None})[-1].startswith("flow run")
     assert "lake:       2013-01 – 2015-10 (34 months), 12,000 training samples" in lines

@@ -141,9 +141,9 @@ def test_the_reference_early_stops_on_the_validation_month_then_refits(tmp_path,
     config, store = lake(tmp_path, tiny, holdout=14)
     cfg = config.reference.model_copy(update={"max_rounds": 300, "early_stopping_rounds": 20, "boost_threads": 1})
     tables = FeatureTables.of(store.arrays())
-    selected = fit_reference(store, tables, cfg, seed=1, before_month=store.validation_month, validate=True)
+    selected = fit_reference(store, tables, cfg, seed=1, before_month=store.validation_start, validate=True)
     assert 1 <= selected.rounds <= 300 and selected.best_validation_rmse is not None
-    assert selected.train_samples == int((store.train_index[:, 1] < store.validation_month).sum())
+    assert selected.train_samples == int((store.train_index[:, 1] < store.validation_start).sum())
     refit = fit_reference(store, tables, cfg, seed=1, rounds=selected.rounds)
     assert refit.train_samples == store.train_index.shape[0] and refit.rounds == selected.rounds
     holdout = store.holdout_frame()
@@ -180,7 +180,7 @@ def test_the_models_static_inputs_are_the_reference_features_of_the_target_month
 
 
 def test_launch_rows_are_the_samples_whose_item_never_sold_before_the_target_month(tmp_path, tiny) -> None:
-    from core.protocol import _launch_rows
+    from core.protocol import launch_rows
 
     config, store = lake(tmp_path, tiny, holdout=14)
     monthly = read_monthly(LakePaths.of(config))
@@ -189,6 +189,6 @@ def test_launch_rows_are_the_samples_whose_item_never_sold_before_the_target_mon
         index = getattr(store, f"{name}_index")
         items = store.series["item_id"].to_numpy()[index[:, 0]]
         expected = [first_sale.get(int(i), 1 << 30) >= int(t) for i, t in zip(items, index[:, 1], strict=True)]
-        np.testing.assert_array_equal(_launch_rows(store, index), expected, err_msg=name)
-    assert _launch_rows(store, store.holdout_index).any(), "the tiny data must launch items in month 14"
-    np.testing.assert_array_equal(_launch_rows(store, store.holdout_index), store.holdout_frame()["new_item"])
+        np.testing.assert_array_equal(launch_rows(store, index), expected, err_msg=name)
+    assert launch_rows(store, store.holdout_index).any(), "the tiny data must launch items in month 14"
+    np.testing.assert_array_equal(launch_rows(store, store.holdout_index), store.holdout_frame()["new_item"])

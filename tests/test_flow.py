@@ -131,8 +131,8 @@ def test_transient_errors_are_retried_data_errors_are_not_and_a_rerun_resumes_fr
         assert key in artifacts, f"{key} missing from the cached rerun; has {sorted(artifacts)}"
     report = artifacts["evaluation-report"].data
     assert "](data:image/png;base64,iVBORw0KGgo" in report and "file://" not in report
-    assert [row["predictor"] for row in table(artifacts["evaluation"])][:1] == ["model (Nested LSTM)"]
-    shown = {row["predictor"] for row in table(artifacts["evaluation"])}
+    assert [row["forecaster"] for row in table(artifacts["evaluation"])][:1] == ["model (Nested LSTM)"]
+    shown = {row["forecaster"] for row in table(artifacts["evaluation"])}
     assert {"previous month (baseline)", "mean of last 3 months"} <= shown
     assert all("vs previous month" in row for row in table(artifacts["evaluation"]))
     epochs = [row["epoch"] for row in table(artifacts["training-epochs-select"])]
@@ -152,15 +152,15 @@ def test_transient_errors_are_retried_data_errors_are_not_and_a_rerun_resumes_fr
                  "select/validation.parquet", "holdout/holdout.parquet", "final/forecast.parquet"):  # fmt: skip
         assert (run_dir / name).exists(), name
     for stage in ("select", "holdout", "final"):
-        for name in ("model.keras", "reference.txt", "trees.txt"):
+        for name in ("model.keras", "reference.txt"):
             assert (run_dir / stage / name).exists(), (stage, name)
-    # The protocol: selection below the validation month, the reported score on the holdout, the forecast from
+    # The protocol: selection below the validation months, the reported score on the holdout, the forecast from
     # models trained through the last month.
     months = summary["months"]
-    assert summary["validation_month"] == months[-2] and summary["holdout_month"] == months[-1]
+    assert summary["validation_months"] == months[-3:-1] and summary["holdout_month"] == months[-1]
     stages = ("select", "holdout", "final")
     meta = {stage: json.loads((run_dir / stage / "metadata.json").read_text()) for stage in stages}
-    assert meta["select"]["trained_below_month"] == months[-2]
+    assert meta["select"]["trained_below_month"] == months[-3]
     assert meta["holdout"]["trained_below_month"] == months[-1]
     assert meta["final"]["trained_below_month"] == months[-1] + 1
     assert meta["holdout"]["epochs_run"] == meta["final"]["epochs_run"] == summary["epochs"]

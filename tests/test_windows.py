@@ -383,8 +383,21 @@ def test_split_boundaries(tmp_path: Path, tiny: dict[str, pd.DataFrame]) -> None
     assert sorted(set(store.train_index[:, 1].tolist())) == list(range(3, last))
     assert set(store.holdout_index[:, 1].tolist()) == {last}
     assert set(store.forecast_index[:, 1].tolist()) == {last + 1}
-
+    # the validation months: the two before the holdout, each its whole grid, oldest first
+    assert store.validation_months == [last - 2, last - 1] and store.validation_start == last - 2
+    validation = store.validation_frame()
+    np.testing.assert_array_equal(validation["date_block_num"], store.validation_index[:, 1])
+    assert validation["date_block_num"].is_monotonic_increasing
     monthly = read_monthly(LakePaths(config.data_dir))
+    for month in (last - 2, last - 1):
+        rows = monthly[monthly["date_block_num"] == month]
+        cells = {(s, i) for s in set(rows["shop_id"]) for i in set(rows["item_id"])}
+        part = validation[validation["date_block_num"] == month]
+        assert set(zip(part["shop_id"], part["item_id"], strict=True)) == cells and len(part) == len(cells)
+    one = WindowStore.open(build_windows(tiny_lake(tmp_path / "one", tiny, min_train_month=3, validation_months=1))
+                           .windows_dir)  # fmt: skip
+    assert one.validation_months == [last - 1]
+
     holdout = store.holdout_frame()
     rows = monthly[monthly["date_block_num"] == last]
     grid = {(s, i) for s in set(rows["shop_id"]) for i in set(rows["item_id"])}
