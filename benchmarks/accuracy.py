@@ -94,7 +94,8 @@ def recipe_column(recipe: Path, origin: int, holdout: pd.DataFrame) -> np.ndarra
     by_pair = truth.set_index(["shop_id", "item_id"])["item_cnt_month"]
     values = by_pair.reindex(pd.MultiIndex.from_frame(holdout[["shop_id", "item_id"]].astype(int)))
     if values.isna().any():
-        raise ValueError(f"{cut}: the recipe's submission misses {int(values.isna().sum())} grid pairs of origin {origin}")
+        missing = int(values.isna().sum())
+        raise ValueError(f"{cut}: the recipe's submission misses {missing} grid pairs of origin {origin}")
     return np.clip(values.to_numpy(np.float64), 0, 20)
 
 

@@ -23,9 +23,7 @@ from typing import Any
 import numpy as np
 
 from core.files import read_json, write_json_atomic
-from core.lake import SELECTION_FILE, LakePaths
-
-INDEX_FILE = "index.json"  # runs/index.json
+from core.lake import INDEX_FILE, SELECTION_FILE, LakePaths
 
 
 def index_path(paths: LakePaths) -> Path:

@@ -261,7 +261,7 @@ def export_run(config: Any, windows_dir: str | Path, run_dir: str | Path, decisi
     the sidecar as is (the flow run that exported it).
     """
     from core.files import read_json
-    from core.lake import FORECAST_FILE, METRICS_FILE, LakePaths
+    from core.lake import FORECAST_FILE, METADATA_FILE, METRICS_FILE, LakePaths
     from core.window_store import WindowStore
 
     paths = LakePaths.of(config)
@@ -277,7 +277,7 @@ def export_run(config: Any, windows_dir: str | Path, run_dir: str | Path, decisi
     sidecar = {
         "run_id": run_dir.name,
         "run_dir": paths.run_name(run_dir),
-        "model": read_json(run_dir / "holdout" / "metadata.json", default={}).get(
+        "model": read_json(run_dir / "holdout" / METADATA_FILE, default={}).get(
             "model_config", {"kind": config.model.kind}
         ),
         "holdout_month": decision.holdout_month,

@@ -20,6 +20,7 @@ import dataclasses
 from typing import Literal
 
 from core import features
+from core.lake import BOOSTER_FILE, NETWORK_FILE
 
 Role = Literal["network", "booster", "blend", "baseline"]
 
@@ -40,9 +41,9 @@ class Forecaster:
 
 FORECASTERS: tuple[Forecaster, ...] = (
     Forecaster("model", "model (Nested LSTM)", "model", "#d62728", "network", candidate=True,
-               artifact="model.keras"),
+               artifact=NETWORK_FILE),
     Forecaster("reference", "LightGBM (recipe and launch features)", "LightGBM", "#8c564b", "booster",
-               candidate=True, features=features.BOOSTER, artifact="reference.txt"),
+               candidate=True, features=features.BOOSTER, artifact=BOOSTER_FILE),
     Forecaster("ensemble", "ensemble (model + LightGBM)", "ensemble", "#ff7f0e", "blend", candidate=True),
     Forecaster("baseline", "previous month (baseline)", "previous month", "#1f77b4", "baseline"),
     Forecaster("mean3", "mean of last 3 months", "mean of last 3", "#2ca02c", "baseline"),

@@ -24,7 +24,11 @@ BACKTEST_DIR = "backtest"  # under lake/: the per-origin windows of backtests
 FORECAST_RUN_PREFIX = "forecast-"
 #: A forecast run directory: one folder per stage of ``core.protocol``, then the run's own files.
 RUN_STAGES: tuple[str, ...] = ("select", "holdout", "final")
-SELECTION_FILE = "selection.json"  # select/: what the validation month chose
+SELECTION_FILE = "selection.json"  # select/: what the validation months chose
+METADATA_FILE = "metadata.json"  # each stage: what it trained on, how long, its model files' sha256
+NETWORK_FILE = "model.keras"  # each stage: the trained network
+BOOSTER_FILE = "reference.txt"  # each stage: the trained LightGBM booster
+INDEX_FILE = "index.json"  # runs/: the champion and its history
 FORECAST_FILE = "forecast.parquet"  # the run's export candidates (``core.evaluate``), and a stage's forecast set
 METRICS_FILE = "metrics.json"  # a run's scores, the gate's decision and the plots' names
 REPORT_FILE = "report.md"  # a run's evaluation report

@@ -33,6 +33,7 @@ import numpy as np
 from core.encoders import build_encoder, import_all
 from core.errors import DeviceUnavailableError
 from core.files import read_json, write_json_atomic
+from core.lake import METADATA_FILE, NETWORK_FILE
 from core.sampling import EpochShuffled
 
 if TYPE_CHECKING:  # the config pulls in pydantic-settings; the GPU benchmark runs without it
@@ -40,7 +41,6 @@ if TYPE_CHECKING:  # the config pulls in pydantic-settings; the GPU benchmark ru
 
 INPUT_NAMES = ("sequence", "shop", "category")
 CHECKPOINT_STATE = "state.json"
-MODEL_FILE = "model.keras"
 EpochCallback = Callable[[int, dict[str, float]], None]
 #: The loss as a sample-weighted metric; its epoch mean replaces keras' ``loss`` log (see ``_loss_and_objective``).
 OBJECTIVE = "objective"
@@ -306,7 +306,8 @@ def _as_dataset(data: Any, batch_size: int, *, shuffle: bool, seed: int) -> Any:
     """Tuples of arrays become ``ArrayBatches`` (last batch padded); datasets (PyDataset, tf.data) pass through."""
     if isinstance(data, tuple) and len(data) in (1, 2) and isinstance(data[0], dict):
         y = data[1] if len(data) == 2 else None
-        return ArrayBatches(data[0], y, batch_size, shuffle=shuffle, seed=seed, pad_last=y is not None)
+        return ArrayBatches(data[0], y, batch_size, shuffle=shuffle, seed=seed, pad_last=y is not None,
+                            endless=shuffle)  # fmt: skip
     return data
 
 
@@ -514,6 +515,7 @@ def _fit(
             validation_data=val,
             epochs=train_cfg.epochs,
             initial_epoch=initial_epoch,
+            steps_per_epoch=len(train) if getattr(train, "endless", False) else None,
             # Datasets reshuffle themselves from (seed, epoch); keras' own batch shuffling draws
             # from a global RNG that a resumed run cannot replay.
             shuffle=False,
@@ -544,7 +546,7 @@ def _train_result(
         params=int(model.count_params()),
         device=device.to_dict(),
         model_path=str(model_path),
-        metadata_path=str(run_dir / "metadata.json"),
+        metadata_path=str(run_dir / METADATA_FILE),
     )
 
 
@@ -648,10 +650,10 @@ def train_model(
     if best.exists():
         model.load_weights(best)
 
-    model_path = save_model_atomic(model, run_dir / MODEL_FILE)
+    model_path = save_model_atomic(model, run_dir / NETWORK_FILE)
     seconds = checkpoint.epoch_seconds
     result = _train_result(model, state, resumed_from, seconds, started, device, model_path, run_dir)
-    _write_metadata(run_dir / "metadata.json", model, device, train_cfg, result, seconds, extra_metadata)
+    _write_metadata(run_dir / METADATA_FILE, model, device, train_cfg, result, seconds, extra_metadata)
     return result
 
 

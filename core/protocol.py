@@ -42,7 +42,7 @@ from core.blend import BlendWeights, blend, rmse
 from core.calibration import apply_launch_scale, launch_scale
 from core.errors import ModelIntegrityError
 from core.files import atomic_path, file_sha256, read_json, recorded_file_problems, write_json_atomic
-from core.lake import SELECTION_FILE
+from core.lake import METADATA_FILE, SELECTION_FILE
 
 if TYPE_CHECKING:
     from core.config import NestcastConfig
@@ -50,7 +50,6 @@ if TYPE_CHECKING:
 
 EpochCallback = Callable[[int, dict[str, float]], None]
 PREDICTION_SETS: tuple[str, ...] = ("validation", "holdout", "forecast")
-METADATA_FILE = "metadata.json"
 ARTIFACTS_KEY = "artifacts"  # in metadata.json: file name -> sha256 of the stage's model files
 
 

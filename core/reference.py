@@ -26,7 +26,6 @@ if TYPE_CHECKING:
     from core.features import FeatureTables
     from core.window_store import WindowStore
 
-MODEL_FILE = "reference.txt"
 
 
 @dataclasses.dataclass

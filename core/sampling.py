@@ -15,17 +15,24 @@ import numpy as np
 
 
 class EpochShuffled:
-    """Batches in an order drawn from ``(seed, epoch)`` alone.
+    """Batches in an order drawn from ``(seed, epoch)`` alone, whatever keras does around them.
 
-    Because the order depends on nothing but the epoch number, a run resumed at epoch k (``set_epoch(k)``)
-    sees exactly the batches an uninterrupted run would have seen, however many times keras happened to
-    call ``on_epoch_end`` before.
+    ``endless`` (training): one stream of batches across epochs, batch ``i`` of the stream being batch
+    ``i % len(self)`` of epoch ``first_epoch + i // len(self)``. So what a batch holds depends on its position
+    alone. keras creates the next epoch's iterator -- and tf.data starts prefetching from it -- before any
+    epoch callback runs; a dataset told its epoch by a callback served the first batches of each epoch in the
+    previous epoch's order, as many as the prefetcher happened to fetch in time, so a seeded training gave other
+    weights whenever another process slowed it (issue 29). ``fit`` then needs ``steps_per_epoch=len(dataset)``.
+    A run resumed at epoch k starts its stream there (``set_epoch(k)`` before ``fit``).
 
-    ``pad_last``: the last batch is filled up to ``batch_size`` with repeats of its own rows, weighted 0
-    (``batch_weights``), so that a compiled train step sees one batch shape only: a short last batch would
+    Finite (validation, prediction): batch ``i`` of the epoch ``set_epoch`` set.
+
+    ``pad_last``: the last batch of an epoch is filled up to ``batch_size`` with repeats of its own rows, weighted
+    0 (``batch_weights``), so that a compiled train step sees one batch shape only: a short last batch would
     otherwise cost a fresh XLA compile inside the first epoch (and again in validation).
 
-    ``sample_weights``: one weight per sample (a weighted draw's ``1 / rate``), given with every batch.
+    ``sample_weights``: one weight per sample (a weighted draw's ``1 / rate``), given with every batch;
+    a subclass whose samples change with the epoch overrides :meth:`epoch_weights`.
     """
 
     def __init__(
@@ -37,6 +44,7 @@ class EpochShuffled:
         seed: int = 0,
         pad_last: bool = False,
         sample_weights: np.ndarray | None = None,
+        endless: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)  # keras.utils.PyDataset's workers / queue settings
@@ -50,30 +58,60 @@ class EpochShuffled:
         self.shuffle = shuffle
         self.seed = seed
         self.pad_last = pad_last
-        self.set_epoch(0)
+        self.endless = endless
+        self.epoch = 0
+        self._streaming = False  # an endless stream has served a batch: its start is fixed
+        self._order: tuple[int, np.ndarray] | None = None
 
     def set_epoch(self, epoch: int) -> None:
-        """Use ``epoch``'s sample order from now on."""
-        self.epoch = epoch
-        if self.shuffle:
-            self._order = np.random.default_rng([self.seed, epoch]).permutation(self.n_samples)
-        else:
-            self._order = np.arange(self.n_samples)
+        """Finite: serve ``epoch`` from now on. Endless: start the stream at ``epoch`` (before ``fit``); keras'
+        and the callbacks' later calls cannot move a stream that is already being read."""
+        if not (self.endless and self._streaming):
+            self.epoch = int(epoch)
 
     def on_epoch_end(self) -> None:
-        self.set_epoch(self.epoch + 1)
+        if not self.endless:
+            self.set_epoch(self.epoch + 1)
 
     def __len__(self) -> int:
         return math.ceil(self.n_samples / self.batch_size)
 
-    def batch_positions(self, i: int) -> np.ndarray:
-        """Positions in the sample list of batch ``i`` of the current epoch (padded when ``pad_last``)."""
+    @property
+    def num_batches(self) -> int | None:
+        """keras' length of an epoch; None for an endless stream (``fit`` is given ``steps_per_epoch``)."""
+        return None if self.endless else len(self)
+
+    def locate(self, i: int) -> tuple[int, int]:
+        """(epoch, batch within the epoch) of batch ``i``."""
+        if self.endless:
+            if i < 0:
+                raise IndexError(i)
+            self._streaming = True
+            epoch, batch = divmod(i, len(self))
+            return self.epoch + epoch, batch
         if not 0 <= i < len(self):
             raise IndexError(i)
-        positions = self._order[i * self.batch_size : (i + 1) * self.batch_size]
+        return self.epoch, i
+
+    def order(self, epoch: int) -> np.ndarray:
+        """The sample order of ``epoch`` (the last one asked for is kept)."""
+        if self._order is None or self._order[0] != epoch:
+            order = (np.random.default_rng([self.seed, epoch]).permutation(self.n_samples) if self.shuffle
+                     else np.arange(self.n_samples))  # fmt: skip
+            self._order = (epoch, order)
+        return self._order[1]
+
+    def batch_positions(self, i: int) -> np.ndarray:
+        """Positions in the sample list of batch ``i`` (padded when ``pad_last``)."""
+        epoch, batch = self.locate(i)
+        positions = self.order(epoch)[batch * self.batch_size : (batch + 1) * self.batch_size]
         if self.pad_last and len(positions) < self.batch_size:
             positions = np.resize(positions, self.batch_size)  # repeats the batch's own rows
         return positions
+
+    def epoch_weights(self, epoch: int) -> np.ndarray | None:
+        """Each sample's weight in ``epoch`` (None: all 1)."""
+        return self.sample_weights
 
     @property
     def weighted(self) -> bool:
@@ -81,14 +119,13 @@ class EpochShuffled:
         return self.pad_last or self.sample_weights is not None
 
     def batch_weights(self, i: int) -> np.ndarray:
-        """Sample weights of batch ``i``: each real row's weight (1 without ``sample_weights``), 0 for the padding
+        """Sample weights of batch ``i``: each real row's weight (1 without sample weights), 0 for the padding
         ``pad_last`` added."""
-        real = min(self.batch_size, self.n_samples - i * self.batch_size)
+        epoch, batch = self.locate(i)
+        real = min(self.batch_size, self.n_samples - batch * self.batch_size)
         weights = np.zeros(self.batch_size if self.pad_last else real, dtype=np.float32)
-        if self.sample_weights is None:
-            weights[:real] = 1.0
-        else:
-            weights[:real] = self.sample_weights[self.batch_positions(i)[:real]]
+        sample = self.epoch_weights(epoch)
+        weights[:real] = 1.0 if sample is None else sample[self.batch_positions(i)[:real]]
         return weights
 
 

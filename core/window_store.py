@@ -18,7 +18,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 
 from core.features import HEAD, FeatureTables, StoreArrays, head_inputs
-from core.lake import WINDOWS_META_FILE
+from core.lake import FORECAST_FILE, WINDOWS_META_FILE
 from core.sampling import BudgetDraws, EpochShuffled
 from core.windows import CHANNELS, GRID_ARRAYS, LEVEL_SLICES, LEVELS, ROW_COLUMNS, STORED_LEVELS, pair_channels
 
@@ -91,7 +91,7 @@ class WindowStore:
         # Read now, not on demand: a rebuild swaps the directory, and a store must stay one snapshot.
         self._holdout_frame = pq.read_table(self.dir / "holdout.parquet").to_pandas()
         self._validation_frame = pq.read_table(self.dir / "validation.parquet").to_pandas()
-        self._forecast_frame = pq.read_table(self.dir / "forecast.parquet").to_pandas()
+        self._forecast_frame = pq.read_table(self.dir / FORECAST_FILE).to_pandas()
         self.cube = CubeView(self)
         self.n_static = len(HEAD) if self.meta.get("static_features") else 0
         self._tables: FeatureTables | None = None
@@ -235,11 +235,12 @@ class WindowStore:
         validation month). ``max_samples`` keeps a seeded random subset; ``budget`` then a weighted draw of at
         most that many, drawn afresh every epoch (``BudgetDraws``): epoch k trains on ``budget_draw``'s sample
         for ``(seed, k)``, so three epochs see up to three times as many distinct windows as one fixed draw for
-        the same compute. ``kwargs`` go to ``EpochShuffled`` (``pad_last``) and ``PyDataset``.
+        the same compute. The batches are one endless stream across epochs (``EpochShuffled``): ``fit`` needs
+        ``steps_per_epoch=len(dataset)``. ``kwargs`` go to ``EpochShuffled`` (``pad_last``) and ``PyDataset``.
         """
         index, draws = self._budget_draws(before_month, max_samples, seed, budget)
         return _dataset_class()(self, index, batch_size, with_y=True, shuffle=shuffle, seed=seed, draws=draws,
-                                **kwargs)  # fmt: skip
+                                **{"endless": True, **kwargs})  # fmt: skip
 
     def holdout_dataset(self, batch_size: int, **kwargs: Any) -> Any:
         """Holdout batches with targets, in ``holdout_frame()`` order."""
@@ -279,7 +280,8 @@ def _dataset_class() -> type:
     import keras
 
     class WindowDataset(EpochShuffled, keras.utils.PyDataset):
-        """Batches of windows cut from a ``WindowStore`` at draw time (nothing is pre-materialised)."""
+        """Batches of windows cut from a ``WindowStore`` at draw time (nothing is pre-materialised); with ``draws``,
+        each epoch's samples are that epoch's budget draw."""
 
         def __init__(
             self,
@@ -297,17 +299,19 @@ def _dataset_class() -> type:
             self.index = np.asarray(index, dtype=np.int32).reshape(-1, 2)
             self.with_y = with_y
             n_samples = self.index.shape[0] if draws is None else draws.size
-            weights = None if draws is None else np.ones(n_samples, dtype=np.float32)  # set_epoch replaces it
+            weights = None if draws is None else np.ones(n_samples, dtype=np.float32)  # epoch_weights draws them
             super().__init__(n_samples, batch_size, shuffle=shuffle, seed=seed, sample_weights=weights, **kwargs)
 
-        def set_epoch(self, epoch: int) -> None:
-            if self.draws is not None:
-                index, self.sample_weights = self.draws.draw(epoch)
-                self.index = index.astype(np.int32, copy=False)
-            super().set_epoch(epoch)
+        def epoch_samples(self, epoch: int) -> np.ndarray:
+            """The ``[n, 2]`` samples of ``epoch`` (its budget draw, or every sample)."""
+            return self.index if self.draws is None else self.draws.draw(epoch)[0].astype(np.int32, copy=False)
+
+        def epoch_weights(self, epoch: int) -> np.ndarray | None:
+            return self.sample_weights if self.draws is None else self.draws.draw(epoch)[1]
 
         def __getitem__(self, i: int) -> Any:
-            rows = self.index[self.batch_positions(i)]
+            epoch, _ = self.locate(i)
+            rows = self.epoch_samples(epoch)[self.batch_positions(i)]
             inputs = self.store.inputs(rows[:, 0], rows[:, 1])
             if not self.with_y:
                 return (inputs,)

@@ -19,7 +19,7 @@ from prefect.artifacts import create_progress_artifact, create_table_artifact, u
 from core import protocol
 from core.config import NestcastConfig
 from core.files import read_json
-from core.lake import FORECAST_FILE, SELECTION_FILE, LakePaths
+from core.lake import FORECAST_FILE, METADATA_FILE, SELECTION_FILE, LakePaths
 from core.progress import TrainingProgress, describe_device, epoch_table
 from core.windows import WindowsSummary
 from tasks.common import artifact_key, content_cache_key, nestcast_task
@@ -51,7 +51,7 @@ def _terminal_progress(label: str) -> TrainingProgress:
 def _publish_epochs(stage: str, stage_dir: Path) -> None:
     """The stage's per-epoch table (epoch, loss, validation RMSE, seconds), read back from its metadata.json,
     so that a cached stage shows it as well."""
-    metadata = read_json(stage_dir / "metadata.json")
+    metadata = read_json(stage_dir / METADATA_FILE)
     if not metadata:
         return
     device = describe_device({"kind": metadata.get("device"), "devices": metadata.get("devices"),

@@ -192,6 +192,27 @@ def test_batch_order_depends_on_seed_and_epoch_only():
         ordered[len(ordered)]
 
 
+def test_a_training_batch_is_fixed_by_its_place_in_the_stream_not_by_when_the_epoch_callback_runs():
+    # keras opens the next epoch's iterator, and tf.data prefetches from it, before any epoch callback runs: a
+    # batch fetched "early" must hold what it holds when fetched late (issue 29: seeded runs under load).
+    x, y = make_data(100, seed=0)
+    early = ArrayBatches(x, y, batch_size=32, seed=4, endless=True)
+    first_of_epoch_1 = early[len(early)][1]  # fetched before anyone said epoch 1 began
+    late = ArrayBatches(x, y, batch_size=32, seed=4, endless=True)
+    late[0]
+    for epoch in range(2):
+        late.on_epoch_end()
+        late.set_epoch(epoch + 1)  # keras and the checkpoint callback both move it; the stream stays put
+    np.testing.assert_array_equal(late[len(late)][1], first_of_epoch_1)
+    walked = ArrayBatches(x, y, batch_size=32, seed=4)  # a finite dataset positioned on epoch 1
+    walked.set_epoch(1)
+    np.testing.assert_array_equal(walked[0][1], first_of_epoch_1)
+    assert early.num_batches is None and walked.num_batches == len(walked) == 4
+    resumed = ArrayBatches(x, y, batch_size=32, seed=4, endless=True)
+    resumed.set_epoch(1)  # a run resumed at epoch 1 starts its stream there
+    np.testing.assert_array_equal(resumed[0][1], first_of_epoch_1)
+
+
 def test_seeded_runs_are_identical(tmp_path):
     train, val = make_data(256, 0), make_data(64, 1)
     cfg = TrainConfig(epochs=2, batch_size=32, seed=3)
