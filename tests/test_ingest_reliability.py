@@ -6,6 +6,7 @@ rows in (counted here from the file's bytes) = rows accepted + rows quarantined.
 
 from __future__ import annotations
 
+import json
 import logging
 import subprocess
 import sys
@@ -247,6 +248,22 @@ def test_the_task_logs_each_warning(tmp_path: Path, monkeypatch) -> None:
     task_module.ingest_raw_files.fn(config)
     assert warned == ["sales_train.csv: 1 of 8 rows quarantined (12.5%); top rules: item_price_positive 1; "
                       "above the warning level ingest.warn_quarantined_share = 0.05"]
+
+
+def test_a_manifest_entry_that_is_not_a_raw_file_name_is_refused_and_nothing_is_deleted(tmp_path: Path) -> None:
+    """On an object store anyone who can write to the bucket can write lake/manifest.json: a name in it is where
+    ingest deletes a removed file's outputs (``sales_/../items.csv`` has items.csv's stem)."""
+    config = _write_raw(tmp_path)
+    ingest(config)
+    paths = LakePaths(tmp_path)
+    manifest = json.loads(paths.manifest.read_text())
+    manifest["files"]["sales_/../items.csv"] = manifest["files"]["sales_train.csv"]
+    paths.manifest.write_text(json.dumps(manifest))
+    before = {p: p.read_bytes() for p in paths.lake.rglob("*") if p.is_file()}
+    with pytest.raises(DataValidationError, match="refused") as refused:
+        ingest(config)
+    assert "'sales_/../items.csv'" in str(refused.value) and "manifest.json" in str(refused.value)
+    assert {p: p.read_bytes() for p in paths.lake.rglob("*") if p.is_file()} == before
 
 
 def test_cli_demo_data_with_a_stray_quote_runs_ingest_to_the_end(tiny_raw: Path, tmp_path: Path) -> None:
