@@ -17,6 +17,7 @@ from core.errors import UnsafePathError
 from core.expectations import COLUMNS, kind_of
 from core.ingest.columns import REFERENCE_SCHEMAS, SALES_SCHEMA
 from core.ingest.docs import stem
+from core.ingest.plan import owners_of
 from core.ingest.quarantine import empty_quarantine
 from core.lake import LakePaths, path_problem, read_json
 
@@ -108,7 +109,8 @@ def read_manifest(paths: PathLike) -> dict[str, Any]:
     bucket could have written the manifest."""
     target = lake_paths(paths).manifest
     manifest = read_json(target, None) or {"version": MANIFEST_VERSION, "files": {}, "months": {}}
-    for name in [*manifest.get("files", {}), *manifest.get("months", {}).values()]:
+    owners = [name for value in manifest.get("months", {}).values() for name in owners_of(value)]
+    for name in [*manifest.get("files", {}), *owners]:
         if kind_of(name) is None or name != Path(name).name or path_problem(name) is not None:
             raise UnsafePathError(f"{target}: entry {name!r} refused (not the plain name of a raw file nestcast "
                                   f"ingests); nothing was written or deleted")
