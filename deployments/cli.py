@@ -55,6 +55,9 @@ Verbose = Annotated[bool, typer.Option("--verbose", help=VERBOSE_HELP)]
 # Batch runs are often offline: the temporary server's telemetry would log an ERROR every 10 minutes.
 # An explicit PREFECT_SERVER_ANALYTICS_ENABLED still wins.
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+# core/ logs with the standard library (it never imports prefect): its warnings (a model file rebuilt from its
+# checkpoints) also go to the run's log in the UI. Read when prefect is first imported, which is after this line.
+os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "core")
 
 app = typer.Typer(
     help="nestcast: next month's unit sales for every (shop, item) pair with a Nested LSTM, orchestrated by Prefect.",
