@@ -151,6 +151,21 @@ def test_a_sales_file_with_every_row_rejected_fails_ingest_naming_file_and_rule(
     assert not (LakePaths(tmp_path).lake / "manifest.json").exists()
 
 
+def test_a_file_of_iso_dates_is_rejected_saying_the_format_expected_and_pointing_to_nothing_unwritten(
+    tmp_path: Path,
+) -> None:
+    rows = ["2013-01-02,0,0,0,999.0,1.0", "2013-01-03,0,1,1,199.0,2.0", "2013-02-15,1,2,2,349.0,1.0"]
+    config = _write_raw(tmp_path, sales_train=_sales(rows=rows))
+    with pytest.raises(DataValidationError) as caught:
+        ingest(config)
+    message = str(caught.value)
+    assert message.startswith("sales_train.csv: 3 of 3 rows quarantined (100.0%); top rules: date_format 3")
+    assert "date_format (date is written dd.mm.yyyy): line 2 reads '2013-01-02,0,0,0,999.0,1.0'" in message
+    assert message.endswith("Nothing was written to the lake"), message
+    assert "lake/quarantine" not in message and "lake/validation" not in message
+    assert not LakePaths(tmp_path).lake.exists()
+
+
 def test_the_share_threshold_is_configurable_and_a_share_above_the_warning_level_warns(tmp_path: Path) -> None:
     extra = ["05.01.2013,0,0,0,-1,1.0", "05.01.2013,0,99,0,5.0,1.0"]  # 2 of 9 rows: 22 %
     config = _write_raw(tmp_path, sales_train=_sales(*extra))

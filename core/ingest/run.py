@@ -148,7 +148,7 @@ def _validate_planned(ctx: IngestContext, plan: IngestPlan, raw_files: Mapping[s
             report, outcomes[name] = outcome.report, outcome
             if kind != "sales" and kind != "test":
                 ids[kind] = outcome.accepted.column(ID_COLUMN[kind]).to_pylist()
-        report.warnings = quarantined_share_warnings(report, ctx.config.ingest)
+        report.warnings = quarantined_share_warnings(report, ctx.config.ingest, outcomes.get(name))
         reports.append(report)
     return reports, outcomes
 
