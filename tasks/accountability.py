@@ -28,7 +28,7 @@ def score_forecasts(config: NestcastConfig, monthly: dict[str, Any]) -> dict[str
     if summary.scored_now:
         logger.info("accountability: scored the forecasts of month(s) %s", summary.scored_now)
     for note in summary.unresolved_notes:  # the run goes on: the month's record is kept as unresolved
-        logger.warning("accountability: the forecast of %s cannot be scored (kept as unresolved in "
+        logger.warning("accountability: cannot score the forecast of %s (kept as unresolved in "
                        "lake/accountability/records.parquet)", note)  # fmt: skip
     return summary.to_dict()
 
