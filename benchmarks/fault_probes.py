@@ -962,6 +962,196 @@ def p7f_env_unknown(ctx: Context, probe: Probe):
     return outcome, ok, why, run.seconds
 
 
+# --- issue 29: paths from outside, drops of one month, hand-edited submissions, smaller items --------------
+PART1, PART2 = "sales_2014-04_part1.csv", "sales_2014-04_part2.csv"
+
+
+class MotoServer:
+    """moto's standalone S3 server on a free loopback port (as tests/test_object_store.py starts it), with a bucket,
+    and the environment a `nestcast` process needs to use it. Started without the probe's marker: the reaping after
+    each command must not take it."""
+
+    def __init__(self, ctx: Context, probe: str) -> None:
+        import socket
+
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        self.process = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+        self.env = {"AWS_ACCESS_KEY_ID": "probe", "AWS_SECRET_ACCESS_KEY": "probe", "AWS_DEFAULT_REGION": "us-east-1",
+                    "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+                    "NESTCAST_STORE_CACHE": str(ctx.root / f"p{probe}-cache")}  # fmt: skip
+        self.url = f"s3://probe-{probe}/lake"
+        shutil.rmtree(self.env["NESTCAST_STORE_CACHE"], ignore_errors=True)
+        os.environ.update(self.env)  # for this process's own s3fs
+        import fsspec
+        import httpx
+
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                httpx.get(self.env["AWS_ENDPOINT_URL"], timeout=1)
+                break
+            except httpx.HTTPError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError("moto_server did not start") from None
+                time.sleep(0.2)
+        self.fs = fsspec.filesystem("s3", skip_instance_cache=True)
+        self.fs.mkdir(f"probe-{probe}")
+
+    def demo_data(self, ctx: Context, probe: str) -> Run:
+        return ctx.nestcast(probe, "demo-data", self.url, "--scale", "tiny", env=self.env)
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(timeout=30)
+        for name in self.env:
+            os.environ.pop(name, None)
+
+
+def p8a_s3_key_escapes(ctx: Context, probe: Probe):
+    server = MotoServer(ctx, probe.id)
+    try:
+        server.demo_data(ctx, probe.id)
+        target = ctx.root / f"p{probe.id}-escaped" / "ESCAPED_sales.csv"  # raw/ of the working copy: 4 levels below
+        key = f"{server.url.removeprefix('s3://')}/raw/../../../../{target.parent.name}/{target.name}"
+        server.fs.pipe_file(key, b"date,date_block_num,shop_id,item_id,item_price,item_cnt_day\n")
+        run = ctx.nestcast(probe.id, "run", "--data-dir", server.url, *TINY, env=server.env)
+    finally:
+        server.stop()
+    copy_raw = list(Path(server.env["NESTCAST_STORE_CACHE"]).rglob("raw/*"))
+    outcome, ok, why = _one_line_error(run, "/raw/../../../../", "refused")
+    outcome += f"; {target.name} {'WRITTEN' if target.exists() else 'not written'}; working copy raw/: " \
+               f"{len(copy_raw)} files"  # fmt: skip
+    ok, why = ok and not target.exists() and not copy_raw, why or "a file was written"
+    return outcome, ok, why, run.seconds
+
+
+def p8b_s3_manifest_escapes(ctx: Context, probe: Probe):
+    import hashlib as hashes
+
+    server = MotoServer(ctx, probe.id)
+    try:
+        server.demo_data(ctx, probe.id)
+        target = ctx.root / f"p{probe.id}-escaped" / "evil.txt"  # the working copy's root: 3 levels below
+        rel = "%2e%2e/%2e%2e/%2e%2e/" + f"{target.parent.name}/{target.name}"  # '..' percent-encoded
+        base = server.url.removeprefix("s3://")
+        server.fs.pipe_file(f"{base}/_nestcast/tx/hand/evil", b"evil")
+        entry = {"sha256": hashes.sha256(b"evil").hexdigest(), "size": 4, "object": "tx/hand/evil"}
+        server.fs.pipe_file(f"{base}/_nestcast/commits/0000000001.json",
+                            json.dumps({"version": 1, "files": {rel: entry}}).encode())  # fmt: skip
+        run = ctx.nestcast(probe.id, "run", "--data-dir", server.url, *TINY, env=server.env)
+    finally:
+        server.stop()
+    outcome, ok, why = _failed_run(run, repr(rel), "refused")
+    outcome += f"; {target.name} {'WRITTEN' if target.exists() else 'not written'}"
+    return outcome, ok and not target.exists(), why or "a file was written", run.seconds
+
+
+def p8c_parts_of_one_month(ctx: Context, probe: Probe):
+    d = ctx.warm(probe.id)
+    template = sales_months(d)
+    header, *rows = (d / "raw" / "sales_train.csv").read_text().strip("\n").split("\n")
+    month = [row for row in rows if row.split(",")[1] == "15"]
+    parts = {PART1: [r for r in month if int(r.split(",")[2]) % 2 == 0],
+             PART2: [r for r in month if int(r.split(",")[2]) % 2 == 1]}  # fmt: skip
+    for name, lines in parts.items():
+        (d / "raw" / name).write_text("\n".join([header, *lines]) + "\n")
+    run = ctx.nestcast(probe.id, "run", "--data-dir", str(d), *TINY)
+    logged = run.ingested()
+    accepted = sum(logged.get(name, (0, 0, 0))[1] for name in parts)
+    quarantined = sum(logged.get(name, (0, 0, 0))[2] for name in parts)
+    lines = sum(data_lines(d / "raw" / name) for name in parts)
+    owners = json.loads((d / "lake" / "manifest.json").read_text())["months"].get("15")
+    after = sales_months(d).get(15, 0)
+    shared = run.grep(r"holds months \[15\] together with")
+    outcome = (f"{full_run_outcome(run)}; {PART1} {logged.get(PART1)}, {PART2} {logged.get(PART2)} (rows in, "
+               f"accepted, quarantined); lake month 15: {after} rows (sales_train.csv's: {template.get(15)}); "
+               f"manifest owners {owners}; log `{clip(shared[0].split(' - ', 1)[-1], 110) if shared else 'none'}`")
+    ok, why = verdict([(run.rc == 0, f"exit {run.rc}"), (lines == accepted + quarantined, "rows in != acc + quar"),
+                       (after == accepted, "the lake's month is not every part's accepted rows"),
+                       (owners == [PART1, PART2], "manifest does not name both"), (bool(shared), "no log line")])
+    return outcome, ok, why, run.seconds
+
+
+def p8d_bad_submission_value(ctx: Context, probe: Probe):
+    d = ctx.warm(probe.id)
+    submission = Path(ctx.template_run.summary_line("submission:").removeprefix("submission:").strip()
+                      if ctx.template_run else "")  # fmt: skip
+    submission = d / "submissions" / submission.name
+    lines = submission.read_text().split("\n")
+    lines[2] = lines[2].split(",")[0] + ",abc"  # line 3
+    submission.write_text("\n".join(lines))
+    header, *rows = (d / "raw" / "sales_train.csv").read_text().strip("\n").split("\n")
+    drop = [f"{r.split(',')[0][:2]}.05.2014,16,{','.join(r.split(',')[2:])}" for r in rows if r.split(",")[1] == "15"]
+    (d / "raw" / f"sales_{submission.stem}.csv").write_text("\n".join([header, *drop]) + "\n")
+    run = ctx.nestcast(probe.id, "run", "--data-dir", str(d), *TINY)
+    import pandas as pd
+
+    records = d / "lake" / "accountability" / "records.parquet"
+    record = pd.read_parquet(records).set_index("month_label").loc[submission.stem] if records.exists() else None
+    warned = run.grep(r"accountability: cannot score the forecast of")
+    outcome = (f"{full_run_outcome(run)}; record {submission.stem}: "
+               f"{'none' if record is None else record['status'] + ' / ' + repr(record['note'])}; "
+               f"log `{clip(warned[0].split(' - ', 1)[-1], 150) if warned else 'no warning'}`")  # fmt: skip
+    ok, why = verdict([(run.rc == 0, f"exit {run.rc}"), (record is not None and record["status"] == "unresolved"
+                       and "line 3" in record["note"] and "'abc'" in record["note"], "no unresolved record naming "
+                       "line and value"), (bool(warned), "no warning")])  # fmt: skip
+    return outcome, ok, why, run.seconds
+
+
+def p8e_escape_bytes(ctx: Context, probe: Probe):
+    d = ctx.fresh(probe.id)
+    items = d / "raw" / "items.csv"
+    lines = items.read_bytes().split(b"\n")
+    lines[5] = b"\x1b[2J\x07caf\xe9 " + lines[5]
+    items.write_bytes(b"\n".join(lines))
+    run = ctx.nestcast(probe.id, "run", "--data-dir", str(d), *TINY)
+    outcome, ok, why = _failed_run(run, "items.csv", "line 6", "\\x1b[2J\\x07")
+    raw_control = "\x07" in run.text or "\x1b[2J" in run.text
+    outcome += f"; raw ESC/BEL on the console: {'YES' if raw_control else 'none'}"
+    return outcome, ok and not raw_control, why or "raw control characters printed", run.seconds
+
+
+def p8f_iso_dates(ctx: Context, probe: Probe):
+    d = ctx.fresh(probe.id)
+    edit_csv(d / "raw" / "sales_train.csv",
+             lambda n, f: ["-".join(reversed(f[0].split("."))), *f[1:]])  # dd.mm.yyyy -> yyyy-mm-dd  # fmt: skip
+    run = ctx.nestcast(probe.id, "run", "--data-dir", str(d), *TINY)
+    outcome, ok, why = _failed_run(run, "sales_train.csv", "dd.mm.yyyy", "Nothing was written")
+    pointer = "lake/quarantine" in run.first_error() or "lake/validation" in run.first_error()
+    written = [p.name for p in (d / "lake").rglob("*") if p.is_file()] if (d / "lake").exists() else []
+    outcome += f"; points to lake/: {'YES' if pointer else 'no'}; lake files: {len(written)}"
+    return outcome, ok and not pointer and not written, why or "points to files never written", run.seconds
+
+
+def p8g_model_rebuilt_logged(ctx: Context, probe: Probe):
+    outcome, ok, why, seconds = _garbage_model(ctx, probe, remove_forecast=False)
+    logs = ctx.logs.glob(f"{probe.id}-*.err")
+    line = next((ln for path in logs for ln in path.read_text(errors="replace").splitlines()
+                 if "rebuilt from the checkpoints" in ln), "")  # fmt: skip
+    outcome += f"; log `{clip(ANSI.sub('', line).split(' - ', 1)[-1], 160) if line else 'no line'}`"
+    return outcome, ok and bool(line), why or "no log line about the repair", seconds
+
+
+def p8h_backtest_runs_deleted(ctx: Context, probe: Probe):
+    d = ctx.fresh(probe.id)
+    args = ["backtest", "--data-dir", str(d), "--origins", "15", *TINY]
+    first = ctx.nestcast(probe.id, *args)
+    shutil.rmtree(d / "runs", ignore_errors=True)
+    second = ctx.nestcast(probe.id, *args)
+    result = next((d / "runs").glob("backtest-*/backtest.json"), None)
+    origins = json.loads(result.read_text())["origins"] if result else []
+    gone = [o["run_dir"] for o in origins if not (Path(o["run_dir"]) / "refit" / "holdout.parquet").exists()]
+    states = second.task_states()
+    outcome = (f"first exit {first.rc}, after `rm -rf runs` exit {second.rc}; backtest-origin "
+               f"{states.get('backtest-origin', '?')}; origin run dirs missing: {gone or 'none'}")
+    ok, why = verdict([(first.rc == 0 and second.rc == 0, f"exit {first.rc}/{second.rc}"), (bool(origins), "no "
+                       "backtest.json"), (not gone, "links gone run directories")])  # fmt: skip
+    return outcome, ok, why, first.seconds + second.seconds
+
+
 RUN = "nestcast run --data-dir D $TINY"
 PROBES = [
     Probe(
@@ -1106,6 +1296,57 @@ PROBES = [
         "unknown `NESTCAST_*` variable silently ignored",
         f"after a run: `NESTCAST_EPOCHS=3 {RUN}`",
         p7f_env_unknown,
+    ),
+    Probe(
+        "8a",
+        "object key `raw/../../…` on S3: `nestcast run` (rc 0) wrote the file outside the working copy",
+        "moto server; `nestcast demo-data s3://B/lake`; put `raw/../../../../ESCAPED_sales.csv`; "
+        "`nestcast run --data-dir s3://B/lake $TINY`",
+        p8a_s3_key_escapes,
+    ),
+    Probe(
+        "8b",
+        "a store manifest entry with `..` is written where it points; percent-encoded, it lands under a folder "
+        "named `%2e%2e`, exit 0, no word",
+        "moto server; demo data; a hand-made commit naming `%2e%2e/%2e%2e/%2e%2e/…/evil.txt`; "
+        "`nestcast run --data-dir s3://B/lake $TINY`",
+        p8b_s3_manifest_escapes,
+    ),
+    Probe(
+        "8c",
+        "two drop files for one month: both log all rows accepted, the lake keeps only the second",
+        f"after a run: month 15 split by shop parity into `raw/{PART1}` and `{PART2}`; `{RUN}`",
+        p8c_parts_of_one_month,
+    ),
+    Probe(
+        "8d",
+        "`abc` in a hand-edited submission: 85-line traceback, no forecast until fixed by hand",
+        f"after a run: line 3 of `submissions/2014-05.csv` -> `ID,abc`; add the month's drop; `{RUN}`",
+        p8d_bad_submission_value,
+    ),
+    Probe(
+        "8e",
+        "ESC/BEL from a file's bytes reach the terminal in the final `error:` line",
+        f"`\\x1b[2J\\x07caf\\xe9` (ESC, BEL, a non-UTF-8 byte) at the start of line 6 of items.csv; `{RUN}`",
+        p8e_escape_bytes,
+    ),
+    Probe(
+        "8f",
+        "an all-ISO-dates sales file: no word of the expected format; points to lake/quarantine, never written",
+        f"every sales_train.csv date rewritten yyyy-mm-dd; `{RUN}`",
+        p8f_iso_dates,
+    ),
+    Probe(
+        "8g",
+        "a damaged model.keras is repaired from checkpoints without a log line",
+        f"after a run: `echo garbage > runs/forecast-*/final/model.keras`; `{RUN}`",
+        p8g_model_rebuilt_logged,
+    ),
+    Probe(
+        "8h",
+        "a backtest rerun after `runs/` was deleted is served from the cache, linking gone run directories",
+        "`nestcast backtest --data-dir D --origins 15 $TINY`; `rm -rf runs`; the same again",
+        p8h_backtest_runs_deleted,
     ),
 ]
 

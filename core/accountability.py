@@ -8,16 +8,18 @@ and the run's raw model forecast. One record per forecast month in ``lake/accoun
 
 Idempotent: a record is only recomputed when what it was scored from changed (the submission, its pairs, the
 month's or the previous month's monthly partition), so a rerun on the same lake rewrites nothing and keeps
-``scored_at``. A forecast whose pairs cannot be resolved any more is kept as an ``unresolved`` record with the
-reason, never dropped.
+``scored_at``. A forecast whose pairs cannot be resolved any more, or whose submission (edited by hand) holds a
+value that is not a number, empty or outside the clip range, is kept as an ``unresolved`` record with the reason
+(the file, line and value), never dropped, and never stops the run.
 """
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -74,10 +76,10 @@ def read_records(paths: LakePaths) -> pd.DataFrame:
 def exported_forecasts(paths: LakePaths) -> list[Forecast]:
     """Every submission with its sidecar, by forecast month (a CSV without one was not written by export)."""
     found = []
-    for csv in sorted(paths.submissions.glob("*.csv")):
-        sidecar = read_json(csv.with_suffix(".json"))
+    for path in sorted(paths.submissions.glob("*.csv")):
+        sidecar = read_json(path.with_suffix(".json"))
         if isinstance(sidecar, dict) and "forecast_month" in sidecar:
-            found.append(Forecast(int(sidecar["forecast_month"]), csv.stem, csv, sidecar))
+            found.append(Forecast(int(sidecar["forecast_month"]), path.stem, path, sidecar))
     return sorted(found, key=lambda forecast: forecast.month)
 
 
@@ -99,6 +101,69 @@ def _on_pairs(pairs: pd.DataFrame, values: pd.DataFrame) -> np.ndarray:
 
 def _rmse(predicted: np.ndarray, actual: np.ndarray) -> float:
     return float(np.sqrt(np.mean((predicted - actual) ** 2))) if actual.size else math.nan
+
+
+# --- reading a submission, which a person may have edited -------------------------------------------------
+SUBMISSION_COLUMNS = ("ID", "item_cnt_month")
+
+
+@dataclass(frozen=True)
+class Submission:
+    """A submission's rows as numbers (``ID``, ``item_cnt_month``), or None and why (``problem``)."""
+
+    frame: pd.DataFrame | None
+    problem: str
+    rows: int
+
+
+def read_submission(paths: LakePaths, forecast: Forecast, clip: tuple[float, float]) -> Submission:
+    """The submission's IDs and values, checked as export wrote them: an integer ID once each, a number within
+    ``clip`` -- or the first problem, naming the file, the line and the value as written."""
+    name = f"{paths.submissions.name}/{forecast.csv.name}"
+    try:
+        text = pd.read_csv(forecast.csv, dtype=str, keep_default_na=False)
+    except (ValueError, UnicodeDecodeError) as error:  # pandas' ParserError is a ValueError
+        return Submission(None, f"{name}: not readable as a CSV file ({' '.join(str(error).split())})", 0)
+    missing = [column for column in SUBMISSION_COLUMNS if column not in text.columns]
+    if missing:
+        return Submission(None, f"{name}: the header has no column {', '.join(missing)}", len(text))
+    ids = pd.to_numeric(text["ID"], errors="coerce")
+    values = pd.to_numeric(text["item_cnt_month"], errors="coerce")
+    bad = (ids.isna() | (ids != np.floor(ids)) | ids.duplicated(keep="first") | ~np.isfinite(values)
+           | (values < clip[0]) | (values > clip[1])).to_numpy()  # fmt: skip
+    if bad.any():
+        row = int(np.flatnonzero(bad)[0])
+        why = _value_problem(text.iloc[row], ids, row, clip)
+        return Submission(None, f"{name} line {_line_of(forecast.csv, row)}: {why}", len(text))
+    return Submission(pd.DataFrame({"ID": ids.astype(np.int64), "item_cnt_month": values.astype(np.float64)}),
+                      "", len(text))  # fmt: skip
+
+
+def _value_problem(row: pd.Series, ids: pd.Series, index: int, clip: tuple[float, float]) -> str:
+    """What is wrong with one row: its ID, else its value (as written)."""
+    raw_id, raw_value = row["ID"], row["item_cnt_month"]
+    if pd.isna(pd.to_numeric(raw_id, errors="coerce")) or float(ids.iloc[index]) != math.floor(ids.iloc[index]):
+        return f"ID {raw_id!r} is not an integer" if raw_id.strip() else "ID is empty"
+    if ids.duplicated(keep="first").iloc[index]:
+        return f"ID {raw_id} is there twice"
+    if not raw_value.strip():
+        return "item_cnt_month is empty"
+    value = pd.to_numeric(raw_value, errors="coerce")
+    if pd.isna(value) or not math.isfinite(value):
+        return f"item_cnt_month {raw_value!r} is not a number"
+    return f"item_cnt_month {float(value)} is outside [{clip[0]:g}, {clip[1]:g}], the range export writes"
+
+
+def _line_of(path: Path, index: int) -> int:
+    """The line a CSV data record starts on (``index`` counts records after the header; blank lines hold none)."""
+    with open(path, newline="", encoding="utf-8") as handle:
+        reader = csv.reader(handle)
+        next(reader, None)
+        records = (reader.line_num for row in reader if any(cell.strip() for cell in row))
+        for number, line in enumerate(records):
+            if number == index:
+                return line
+    return index + 2
 
 
 # --- resolving a forecast's pairs --------------------------------------------------------------------
@@ -145,10 +210,13 @@ def _model_forecast(paths: LakePaths, run_dir: str, ids: np.ndarray) -> np.ndarr
 
 
 def score_forecast(
-    paths: LakePaths, forecast: Forecast, pairs: pd.DataFrame, clip: tuple[float, float]
+    paths: LakePaths, forecast: Forecast, pairs: pd.DataFrame, clip: tuple[float, float],
+    submission: pd.DataFrame | None = None,
 ) -> dict[str, Any]:
-    """RMSEs of the exported, previous-period and model forecasts of one month on the submission's pairs."""
-    submission = pd.read_csv(forecast.csv)
+    """RMSEs of the exported, previous-period and model forecasts of one month on the submission's pairs
+    (``submission``: its rows as :func:`read_submission` checked them; read here when not given)."""
+    if submission is None:
+        submission = pd.read_csv(forecast.csv)
     frame = pairs.merge(submission, on="ID", how="inner", validate="1:1").sort_values("ID")
     actual = _on_pairs(frame, _clipped_month(paths, forecast.month, clip))
     previous = _on_pairs(frame, _clipped_month(paths, forecast.month - 1, clip))
@@ -166,8 +234,11 @@ def score_forecast(
 def _record(paths: LakePaths, forecast: Forecast, clip: tuple[float, float], known: Mapping[str, Any] | None
             ) -> dict[str, Any]:  # fmt: skip
     """The month's record: the one already kept if its inputs are unchanged, else scored (or unresolved) now."""
-    ids = pd.read_csv(forecast.csv, usecols=["ID"])["ID"]
-    pairs, source = resolve_pairs(paths, forecast, ids)
+    submission = read_submission(paths, forecast, clip)
+    if submission.frame is None:
+        pairs, source = None, submission.problem
+    else:
+        pairs, source = resolve_pairs(paths, forecast, submission.frame["ID"])
     inputs = _inputs_sha256(paths, forecast, source if pairs is not None else "")
     if known is not None and known["inputs_sha256"] == inputs:
         return dict(known)
@@ -179,8 +250,9 @@ def _record(paths: LakePaths, forecast: Forecast, clip: tuple[float, float], kno
     }  # fmt: skip
     if pairs is None:
         return base | {"status": "unresolved", "rmse_exported": math.nan, "rmse_previous_period": math.nan,
-                       "rmse_model": math.nan, "n_pairs": len(ids), "n_pairs_sold": 0, "note": source}  # fmt: skip
-    return base | {"status": "scored"} | score_forecast(paths, forecast, pairs, clip)
+                       "rmse_model": math.nan, "n_pairs": submission.rows, "n_pairs_sold": 0,
+                       "note": source}  # fmt: skip
+    return base | {"status": "scored"} | score_forecast(paths, forecast, pairs, clip, submission.frame)
 
 
 @dataclass(frozen=True)
@@ -192,6 +264,8 @@ class AccountabilitySummary:
     scored_now: list[int]
     unresolved: list[int]
     written: bool
+    #: ``<month label>: <note>`` of each unresolved month, for the run's log
+    unresolved_notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return dict(vars(self))
@@ -225,6 +299,8 @@ def update_accountability(config: NestcastConfig) -> AccountabilitySummary:
         scored_now=fresh,
         unresolved=[int(m) for m in frame.loc[frame["status"] == "unresolved", "forecast_month"]],
         written=changed,
+        unresolved_notes=[f"{row['month_label']}: {row['note']}"
+                          for row in frame[frame["status"] == "unresolved"].to_dict("records")],  # fmt: skip
     )
 
 

@@ -25,8 +25,8 @@ from core import forecasters
 from core.config import FLAT_FIELDS, NestcastConfig
 from core.display import four, month_label, month_range, versus
 from core.evaluate import OPTIONAL_PREDICTORS, PREDICTORS, evaluate
-from core.files import write_json_atomic, write_text_atomic
-from core.lake import LakePaths
+from core.files import read_json, write_json_atomic, write_text_atomic
+from core.lake import SELECTION_FILE, WINDOWS_META_FILE, LakePaths
 from core.window_store import WindowStore
 from core.windows import build_windows
 
@@ -219,7 +219,7 @@ def backtest_origin(
     if built.holdout_month != origin or built.sample_counts["holdout"] == 0:
         raise ValueError(f"origin {origin} has no data to score (last month in the lake: {built.last_month})")
     store = WindowStore.open(built.windows_dir)
-    run_dir = Path(root) / f"origin-{origin}-{store.meta['build_hash'][:10]}"
+    run_dir = origin_run_dir(root, origin, store.meta["build_hash"])
     selection = protocol.select(config, built.windows_dir, run_dir / "select", on_epoch)
     refitted = protocol.refit(config, built.windows_dir, run_dir / "refit", selection, on_epoch)
     predictions = protocol.read_predictions(run_dir / "refit", "holdout")
@@ -243,6 +243,26 @@ def backtest_origin(
         selection=selection.to_dict(),
         reference_seconds=reference_seconds if selection.rounds else None,
     )
+
+
+def origin_run_dir(root: str | Path, origin: int, build_hash: str) -> Path:
+    """``root/origin-<m>-<windows build hash>``: where one origin's stages train."""
+    return Path(root) / f"origin-{origin}-{build_hash[:10]}"
+
+
+def origin_outputs(config: NestcastConfig, origin: int, root: str | Path) -> list[Path]:
+    """What a finished origin leaves behind: its windows' meta, the selection and model files of its stages and its
+    holdout predictions (a cached origin is served only while they are as it left them; with its windows gone,
+    the run directory is not even known, and the meta alone, missing, says so)."""
+    from core import protocol
+
+    meta_file = windows_dir_for(config, origin) / WINDOWS_META_FILE
+    build_hash = (read_json(meta_file) or {}).get("build_hash")
+    if build_hash is None:
+        return [meta_file]
+    run_dir = origin_run_dir(root, origin, build_hash)
+    return [meta_file, run_dir / "select" / SELECTION_FILE, *protocol.artifact_paths(run_dir / "select"),
+            run_dir / "refit" / "holdout.parquet", *protocol.artifact_paths(run_dir / "refit")]  # fmt: skip
 
 
 def backtest(

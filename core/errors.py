@@ -15,6 +15,13 @@ class DataValidationError(NestcastError):
     """
 
 
+class UnsafePathError(DataValidationError):
+    """A path taken from outside (an object key, a manifest entry, a raw file's name) that would lead out of the
+    folder it belongs in: ``..``, an absolute path, either percent-encoded, a link out. Refused before anything
+    is written or deleted; the message names it. A data error: retrying cannot help.
+    """
+
+
 class ExportCheckError(NestcastError):
     """A submission frame failed a check before it was written."""
 

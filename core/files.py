@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import shutil
+import urllib.parse
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -118,3 +119,46 @@ def read_json(path: str | os.PathLike[str], default: Any = None) -> Any:
         return default
     return json.loads(path.read_text(encoding="utf-8"))
 
+
+def _fully_unquoted(text: str) -> str:
+    """``text`` percent-decoded until nothing changes (``%252e`` is ``%2e`` is ``.``): what any layer could make
+    of it."""
+    while (decoded := urllib.parse.unquote(text)) != text:
+        text = decoded
+    return text
+
+
+def path_problem(rel: str) -> str | None:
+    """Why the relative path ``rel`` (``/``-separated, taken from outside) could lead out of the folder it is
+    joined to, or None."""
+    decoded = _fully_unquoted(rel)
+    if not rel or not decoded.strip("/"):
+        return "it is empty"
+    if decoded.startswith("/"):
+        return "it is absolute" + ("" if rel.startswith("/") else " once percent-decoded")
+    if ".." in decoded.split("/"):
+        return "it climbs out with '..'" + ("" if ".." in rel.split("/") else " once percent-decoded")
+    if "\\" in decoded or "\0" in decoded:
+        return "it holds a backslash or a NUL byte"
+    return None
+
+
+def path_inside(root: str | os.PathLike[str], rel: str, what: str) -> Path:
+    """``root / rel`` for a relative path taken from outside (an object key, a manifest entry), after checking that
+    it stays inside ``root`` -- lexically, percent-decoded, and once links are resolved. Raises
+    :class:`core.errors.UnsafePathError` naming ``what`` otherwise.
+
+    Example: ``path_inside(copy, "lake/a.parquet", "manifest entry")`` is ``copy/lake/a.parquet``;
+    ``path_inside(copy, "../../tmp/x", "object key 'b/raw/../../tmp/x'")`` raises.
+    """
+    from core.errors import UnsafePathError
+
+    root = Path(root)
+    problem = path_problem(rel)
+    target = root / rel
+    if problem is None and not Path(os.path.realpath(target)).is_relative_to(os.path.realpath(root)):
+        problem = "it leads through a link out of the folder"
+    if problem is not None:
+        raise UnsafePathError(f"{what}: refused ({problem}); a path taken from outside must stay inside {root}; "
+                              f"nothing was written or deleted")
+    return target

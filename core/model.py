@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import math
 import os
 import platform
@@ -597,6 +598,12 @@ def _schedule(train_cfg: TrainConfig, epochs: int, train: Any) -> list[keras.cal
     return [CosineLearningRate(train_cfg.learning_rate, epochs, steps, train_cfg.learning_rate_floor)]
 
 
+def _rebuilt_line(model_path: Path, epoch: int, epochs: int) -> str:
+    there = f"replacing the {model_path.stat().st_size:,}-byte file there" if model_path.exists() else "it was missing"
+    return (f"{model_path}: rebuilt from the checkpoints of its finished training (epoch {epoch} of {epochs}), "
+            f"{there}; no epoch retrained")
+
+
 def train_model(
     model: keras.Model,
     train_data: Any,
@@ -646,6 +653,8 @@ def train_model(
     schedule = _schedule(train_cfg, schedule_epochs or train_cfg.epochs, train)
     if not (state["stopped_early"] or resumed_from >= train_cfg.epochs):
         _fit(model, train, val, train_cfg, device, checkpoint, resumed_from, [*schedule, *callbacks])
+    else:  # a finished stage run again: its model file was missing or damaged (or the cache forgot it)
+        logging.getLogger(__name__).warning(_rebuilt_line(run_dir / NETWORK_FILE, resumed_from, train_cfg.epochs))
     best = _weights_file(ckpt_dir, "best")
     if best.exists():
         model.load_weights(best)

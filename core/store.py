@@ -21,6 +21,10 @@ create the same version: the loser re-reads the newest manifest, puts its change
 ``raw/`` is the input, written by users or ``nestcast demo-data`` straight to ``<url>/raw/``: ``pull`` mirrors it
 (new, changed and removed files alike) and nothing commits it.
 
+Keys and manifest entries come from whoever can write to the bucket: each is checked to stay inside the working
+copy (``..``, absolute, percent-encoded, a link out: ``core.lake.path_inside``) before a pull writes or deletes
+anything, and a manifest entry must name a staged object outside ``raw/``; anything else fails the pull naming it.
+
 Credentials and endpoints come from the filesystem's usual configuration: for S3 the AWS variables
 (``AWS_ACCESS_KEY_ID``, ``AWS_ENDPOINT_URL`` for an S3-compatible server, ...) or fsspec's ``FSSPEC_S3_*``.
 """
@@ -41,8 +45,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from core.errors import StoreError
-from core.files import atomic_path, file_sha256, read_json, write_json_atomic
+from core.errors import StoreError, UnsafePathError
+from core.files import atomic_path, file_sha256, path_inside, path_problem, read_json, write_json_atomic
 
 #: Where the store keeps its own objects, under the data directory's URL.
 STORE_DIR = "_nestcast"
@@ -189,6 +193,11 @@ class ObjectStoreLake:
         if not raw:
             return (f"{self.url}/{RAW_DIR}/ holds no files (or the bucket does not exist): put the competition CSVs "
                     f"there or run `nestcast demo-data {self.url}`")  # fmt: skip
+        for rel in sorted(raw):
+            try:
+                self._raw_target(rel)
+            except UnsafePathError as error:
+                return str(error)
         return None
 
     # --- the working copy ----------------------------------------------------------------------------------
@@ -232,27 +241,45 @@ class ObjectStoreLake:
 
     def _pull_raw(self, state: dict[str, Any]) -> None:
         remote = self.raw_objects()
+        targets = {rel: self._raw_target(rel) for rel in remote}  # every key checked before the first write
         known: dict[str, Any] = state["raw"]
         for rel, info in remote.items():
-            target = self.root / RAW_DIR / rel
-            if known.get(rel) == info and target.exists():
+            if known.get(rel) == info and targets[rel].exists():
                 continue
-            self._download(self.key(RAW_DIR, rel), target)
+            self._download(self.key(RAW_DIR, rel), targets[rel])
             known[rel] = info
         for rel in sorted(set(known) - set(remote)):  # removed from the store: removed here (test.csv taken away)
-            (self.root / RAW_DIR / rel).unlink(missing_ok=True)
+            _unlink_inside(self.root / RAW_DIR, rel)
             del known[rel]
 
+    def _raw_target(self, rel: str) -> Path:
+        return path_inside(self.root / RAW_DIR, rel, f"object {self.url + '/' + RAW_DIR + '/' + rel!r}")
+
     def _pull_files(self, head: Manifest, state: dict[str, Any]) -> None:
+        targets = {rel: self._manifest_target(rel, entry) for rel, entry in head.files.items()}  # checked first
         known: dict[str, Any] = state["files"]
         for rel, entry in head.files.items():
-            target = self.root / rel
+            target = targets[rel]
             if not (target.exists() and self._matches(target, known.get(rel), entry["sha256"])):
                 self._download(self.key(STORE_DIR, entry["object"]), target, entry["sha256"])
             known[rel] = {"sha256": entry["sha256"], **_stat(target)}
         for rel in sorted(set(known) - set(head.files)):  # deleted by a commit
-            (self.root / rel).unlink(missing_ok=True)
+            _unlink_inside(self.root, rel)
             del known[rel]
+
+    def _manifest_target(self, rel: str, entry: dict[str, Any]) -> Path:
+        """Where a manifest entry goes in the working copy: inside it, never into ``raw/`` (the input, which no
+        commit writes); and its object must be a staged one (under ``tx/``)."""
+        what = f"manifest entry {rel!r} of {self.url}"
+        target = path_inside(self.root, rel, what)
+        if rel.split("/", 1)[0] == RAW_DIR:
+            raise UnsafePathError(f"{what}: refused ({RAW_DIR}/ is the input, which no commit writes); nothing was "
+                                  f"written or deleted")
+        obj = str(entry.get("object", ""))
+        if obj.split("/", 1)[0] != STAGING_DIR or path_problem(obj) is not None:
+            raise UnsafePathError(f"{what}: refused (its object {obj!r} is not a staged object under "
+                                  f"{STORE_DIR}/{STAGING_DIR}/); nothing was written or deleted")
+        return target
 
     @staticmethod
     def _matches(path: Path, known: dict[str, Any] | None, sha256: str) -> bool:
@@ -380,6 +407,13 @@ class ObjectStoreLake:
         for rel in names:
             self.fs.put_file(str(local_raw / rel), self.key(RAW_DIR, rel))
         return names
+
+
+def _unlink_inside(root: Path, rel: str) -> None:
+    """Remove a file the working copy's state lists, unless its path leads out of ``root`` (a state written before
+    keys were checked): that one is only forgotten, never deleted."""
+    with contextlib.suppress(UnsafePathError):
+        path_inside(root, rel, rel).unlink(missing_ok=True)
 
 
 def _stat(path: Path) -> dict[str, int]:

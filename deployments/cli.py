@@ -55,6 +55,9 @@ Verbose = Annotated[bool, typer.Option("--verbose", help=VERBOSE_HELP)]
 # Batch runs are often offline: the temporary server's telemetry would log an ERROR every 10 minutes.
 # An explicit PREFECT_SERVER_ANALYTICS_ENABLED still wins.
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+# core/ logs with the standard library (it never imports prefect): its warnings (a model file rebuilt from its
+# checkpoints) also go to the run's log in the UI. Read when prefect is first imported, which is after this line.
+os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "core")
 
 app = typer.Typer(
     help="nestcast: next month's unit sales for every (shop, item) pair with a Nested LSTM, orchestrated by Prefect.",
@@ -135,7 +138,7 @@ def _knob_values(options: dict[str, Any]) -> dict[str, Any]:
 
 
 def _fail(message: str, code: int = 2) -> NoReturn:
-    typer.secho(f"error: {message}", err=True, fg=typer.colors.RED)
+    typer.secho(f"error: {console.printable(message)}", err=True, fg=typer.colors.RED)
     raise typer.Exit(code)
 
 
@@ -144,7 +147,7 @@ def _check_environment() -> None:
     if _ENVIRONMENT_ERROR is not None:
         _fail(str(_ENVIRONMENT_ERROR))
     for line in environment_warnings():
-        typer.secho(f"warning: {line}", err=True, fg=typer.colors.YELLOW)
+        typer.secho(f"warning: {console.printable(line)}", err=True, fg=typer.colors.YELLOW)
 
 
 def _parse_sets(pairs: list[str]) -> dict[str, Any]:
@@ -642,12 +645,12 @@ def _one_line(error: BaseException) -> str:
 
 def main() -> None:
     if _ENVIRONMENT_ERROR is not None:  # before typer: `NESTCAST_TRAIN__EPOCHS=abc nestcast --help` too
-        typer.secho(f"error: {_ENVIRONMENT_ERROR}", err=True, fg=typer.colors.RED)
+        typer.secho(f"error: {console.printable(str(_ENVIRONMENT_ERROR))}", err=True, fg=typer.colors.RED)
         sys.exit(2)
     try:
         app()
     except (ValidationError, ValueError, NestcastError) as error:
-        typer.secho(f"error: {_one_line(error)}", err=True, fg=typer.colors.RED)
+        typer.secho(f"error: {console.printable(_one_line(error))}", err=True, fg=typer.colors.RED)
         sys.exit(2)
 
 

@@ -17,15 +17,26 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import sys
 from collections.abc import Iterator
 
 from core.errors import NestcastError
 
+#: Characters a terminal acts on instead of showing: C0 and C1 controls (ESC starts a screen-clearing sequence, BEL
+#: rings), DEL, and the bidirectional overrides that make a line read differently from what it holds.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+
 #: The CLI's flag that keeps every library's console output (checked before any import, see ``wants_verbose``).
 VERBOSE_FLAG = "--verbose"
 #: Task runs whose completion line is dropped on the console: one per month, summed up by finish-aggregation.
 FAN_OUT_TASKS: tuple[str, ...] = ("aggregate-month",)
+
+
+def printable(text: str) -> str:
+    """``text`` with every control character spelt as its escape (``\\x1b``, ``\\x07``, ``\\u202e``): a message may
+    quote a file's bytes, and what the CLI prints must not drive the terminal."""
+    return _CONTROL.sub(lambda match: ascii(match.group())[1:-1], text)
 
 
 def wants_verbose(argv: list[str] | None = None) -> bool:

@@ -27,9 +27,9 @@ def score_forecasts(config: NestcastConfig, monthly: dict[str, Any]) -> dict[str
     logger = get_run_logger()
     if summary.scored_now:
         logger.info("accountability: scored the forecasts of month(s) %s", summary.scored_now)
-    if summary.unresolved:
-        logger.warning("accountability: the forecasts of month(s) %s cannot be scored: their pairs no longer "
-                       "resolve (lake/accountability/records.parquet, column note)", summary.unresolved)  # fmt: skip
+    for note in summary.unresolved_notes:  # the run goes on: the month's record is kept as unresolved
+        logger.warning("accountability: cannot score the forecast of %s (kept as unresolved in "
+                       "lake/accountability/records.parquet)", note)  # fmt: skip
     return summary.to_dict()
 
 

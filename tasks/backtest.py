@@ -7,6 +7,7 @@ The origin and trial tasks train, so they carry the ``gpu`` tag like the forecas
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,12 @@ def _log_epochs(label: str, epochs: int) -> Any:
     return on_epoch
 
 
-@nestcast_task("backtest-origin", tags=["gpu"], cache_key=content_cache_key("windows", "model", "train"))
+@nestcast_task(
+    "backtest-origin",
+    tags=["gpu"],
+    cache_key=content_cache_key("windows", "model", "train"),
+    outputs=lambda p: backtest_step.origin_outputs(p["config"], p["origin"], p["root"]),
+)
 def backtest_origin(config: NestcastConfig, origin: int, root: str, monthly: dict[str, Any]) -> dict[str, Any]:
     """Windows with ``origin`` held out, the model trained on the months before, the origin's grid scored.
 
@@ -61,12 +67,28 @@ def backtest_report(config: NestcastConfig, origins: list[dict[str, Any]], root:
     return {"report": str(report), "mean_ratio": result.mean_ratio, "rows": result.rows()}
 
 
-@nestcast_task("search-trial", tags=["gpu"], cache_key=content_cache_key("windows", "model", "train"))
+def _trial_root(root: str, number: int) -> Path:
+    return Path(root) / f"trial-{number:03d}"
+
+
+def _trial_outputs(parameters: Mapping[str, Any]) -> list[Path]:
+    """A trial's backtest result and what each of its origins left (as ``backtest-origin``'s outputs)."""
+    root = _trial_root(parameters["root"], parameters["number"])
+    origins = [backtest_step.origin_outputs(parameters["config"], origin, root) for origin in parameters["origins"]]
+    return [root / backtest_step.RESULT_FILE, *(path for paths in origins for path in paths)]
+
+
+@nestcast_task(
+    "search-trial",
+    tags=["gpu"],
+    cache_key=content_cache_key("windows", "model", "train"),
+    outputs=_trial_outputs,
+)
 def search_trial(
     config: NestcastConfig, number: int, origins: list[int], root: str, monthly: dict[str, Any]
 ) -> dict[str, Any]:
     """One hyperparameter trial: a backtest of ``config`` over ``origins``; its mean ratio is the objective."""
-    result = backtest_step.backtest(config, origins, Path(root) / f"trial-{number:03d}", prepare=False)
+    result = backtest_step.backtest(config, origins, _trial_root(root, number), prepare=False)
     get_run_logger().info(
         "trial %d: mean model / previous %.4f, %d parameters, %.0f s training",
         number, result.mean_ratio, result.params, result.train_seconds,

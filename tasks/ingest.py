@@ -75,6 +75,9 @@ def ingest_raw_files(config: NestcastConfig) -> dict[str, Any]:
                 "%s replaced %s rows of months %s that earlier files had written",
                 result["file"], result.get("rows_replaced", 0), result.get("months_replaced", []),
             )  # fmt: skip
+        if result.get("months_shared"):
+            logger.info("%s holds months %s together with %s: the lake keeps the rows of every part",
+                        result["file"], result["months_shared"], ", ".join(result["shares_months_with"]))  # fmt: skip
     for removed in summary.get("removed") or []:
         logger.info("%s", ingest_step.RemovedFile(**removed).message())
     for warning in summary.get("warnings") or []:

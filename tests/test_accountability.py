@@ -4,6 +4,7 @@ arrives, the next run scores that forecast; a rerun adds nothing. One module-sco
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from pathlib import Path
 from typing import Any
@@ -163,3 +164,62 @@ def test_the_history_table_shows_status_and_note_only_when_a_month_needs_them():
     wide = accountability.history_markdown(pd.DataFrame([scored, unresolved]), "plot.png")
     assert "| month | exported | status | RMSE exported |" in wide and wide.rstrip().count("| note |") == 1
     assert "| 2014-05 | model | unresolved |  | 2.0000 |  |  | 1,234 | no pairs file |" in wide
+
+
+# --- a submission edited by hand (issue 29) ----------------------------------------------------------------
+@pytest.fixture(scope="module")
+def lake_with_a_submission(tmp_path_factory) -> Path:
+    """The actuals of DROP_MONTH in the lake (ingest and aggregation, no training) and a submission for that month
+    as export writes it: the CSV (every test pair at 1.0), its sidecar and its pairs file."""
+    from core.backtest import prepare_lake
+    from core.export import export_submission
+    from core.lake import forecast_month_label
+
+    root = write_tiny_data(tmp_path_factory.mktemp("hand-edited"), seed=5)
+    prepare_lake(NestcastConfig(data_dir=root))
+    paths = LakePaths(root)
+    test = pd.read_parquet(paths.reference_table("test"))
+    label = forecast_month_label(DROP_MONTH)
+    export_submission(pd.DataFrame({"ID": test["ID"], "item_cnt_month": 1.0}), test, paths.submissions, label,
+                      {"forecast_month": DROP_MONTH, "exported": "model", "run_dir": str(root / "runs" / "gone")})
+    test[["ID", "shop_id", "item_id"]].to_parquet(paths.submission_pairs(label), index=False)
+    return root
+
+
+BAD_VALUES = {"not a number": ("abc", "'abc' is not a number"), "empty": ("", "is empty"),
+              "out of range": ("25", "25.0 is outside [0, 20]"), "infinite": ("inf", "'inf' is not a number")}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_VALUES))
+def test_a_bad_value_in_a_hand_edited_submission_leaves_its_month_unresolved_with_a_warning_and_the_run_goes_on(
+    lake_with_a_submission, tmp_path, case
+):
+    from tasks.accountability import score_forecasts
+
+    root = tmp_path / "lake"
+    shutil.copytree(lake_with_a_submission, root)
+    submission = LakePaths(root).submission("2014-04")
+    lines = submission.read_text().splitlines()
+    row_id = lines[2].split(",")[0]
+    lines[2] = f"{row_id},{BAD_VALUES[case][0]}"  # line 3
+    submission.write_text("\n".join(lines) + "\n")
+
+    warnings: list[str] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: warnings.append(record.getMessage())  # type: ignore[method-assign]
+    logging.getLogger("prefect.task_runs").addHandler(handler)
+    try:
+        summary = score_forecasts(NestcastConfig(data_dir=root), monthly={})  # a real task run: it completes
+    finally:
+        logging.getLogger("prefect.task_runs").removeHandler(handler)
+    assert summary["unresolved"] == [DROP_MONTH]
+    record = accountability.read_records(LakePaths(root)).iloc[0]
+    assert record["status"] == "unresolved" and np.isnan(record["rmse_exported"])
+    expected = f"submissions/2014-04.csv line 3: item_cnt_month {BAD_VALUES[case][1]}"
+    assert record["note"].startswith(expected), record["note"]
+    assert any(expected in warning and "2014-04" in warning for warning in warnings), warnings
+
+    lines[2] = f"{row_id},1.0"  # fixed by hand: the next run scores the month
+    submission.write_text("\n".join(lines) + "\n")
+    assert accountability.update_accountability(NestcastConfig(data_dir=root)).unresolved == []
+    assert accountability.read_records(LakePaths(root)).iloc[0]["status"] == "scored"

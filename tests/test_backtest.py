@@ -156,18 +156,21 @@ def search_flow_on(lake: Path, **placement):
     return search_flow(data_dir=str(lake), trials=2, origins=[last], overrides={**SEARCH_OVERRIDES, **placement})
 
 
+def backtest_flow_on(lake: Path, origin: int) -> dict:
+    from flows.backtest import backtest as backtest_flow
+
+    overrides = {k: v for k, v in SMALL.items() if k not in FLOW_KNOBS}
+    return backtest_flow(
+        data_dir=str(lake), origins=[origin], units=4, depth=1, lookback=4, epochs=1, batch_size=256,
+        overrides=overrides,
+    )  # fmt: skip
+
+
 @pytest.fixture(scope="module")
 def thread_flows(harness, result, lake) -> dict:
     """The backtest and search flows on the default task runner (threads), once for the tests below."""
-    from flows.backtest import backtest as backtest_flow
-
     _, origins, _ = result
-    overrides = {k: v for k, v in SMALL.items() if k not in FLOW_KNOBS}
-    summary = backtest_flow(
-        data_dir=str(lake), origins=[origins[-1]], units=4, depth=1, lookback=4, epochs=1, batch_size=256,
-        overrides=overrides,
-    )  # fmt: skip
-    return {"backtest": summary, "search": search_flow_on(lake)}
+    return {"backtest": backtest_flow_on(lake, origins[-1]), "search": search_flow_on(lake)}
 
 
 def test_backtest_and_search_flows_write_reports_and_table_artifacts(thread_flows, result):
@@ -188,6 +191,20 @@ def test_backtest_and_search_flows_write_reports_and_table_artifacts(thread_flow
     with get_client(sync_client=True) as client:
         keys = {a.key for a in client.read_artifacts()}
     assert {"backtest", "search-trials"} <= keys
+
+
+def test_a_backtest_rerun_after_its_run_directory_was_deleted_trains_again_instead_of_linking_gone_runs(
+    thread_flows, result, lake
+):
+    _, origins, _ = result
+    first = thread_flows["backtest"]
+    (before,) = json.loads((Path(first["run_dir"]) / RESULT_FILE).read_text())["origins"]
+    shutil.rmtree(first["run_dir"])
+    again = backtest_flow_on(lake, origins[-1])
+    assert again["run_dir"] == first["run_dir"]
+    (origin,) = json.loads((Path(again["run_dir"]) / RESULT_FILE).read_text())["origins"]
+    assert (Path(origin["run_dir"]) / "refit" / "holdout.parquet").exists(), "served from the cache: the run is gone"
+    assert origin["run_dir"] == before["run_dir"] and origin["rmse"]["baseline"] == before["rmse"]["baseline"]
 
 
 # --- the same flows on a real Dask cluster: scheduler and workers in their own processes -------------

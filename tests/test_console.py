@@ -160,3 +160,17 @@ def test_a_data_error_after_the_flow_started_ends_in_one_error_line_and_no_trace
     assert "Finished in state Failed" in result.stderr  # the engine's own line still says what failed
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("error: test.csv: ") and "line 10" in last, last
+
+
+def test_the_final_error_line_spells_out_the_control_characters_a_file_s_bytes_hold(tmp_path, tiny_data):
+    root = tiny_data(tmp_path / "D", seed=1)
+    items = root / "raw" / "items.csv"
+    lines = items.read_bytes().split(b"\n")
+    lines[5] = b"\x1b[2J\x07caf\xe9 " + lines[5]  # clear the screen, ring the bell, then a byte that is not UTF-8
+    items.write_bytes(b"\n".join(lines))
+    result = nestcast("run", "--data-dir", "D", *TINY_OPTIONS, cwd=tmp_path)
+    assert result.returncode == 1, result.stderr[-3000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: items.csv: ") and "line 6" in last, last
+    assert "\\x1b[2J\\x07caf\\xe9" in last, last  # spelt out, as Prefect's own lines spell them
+    assert "\x07" not in result.stderr + result.stdout and "\x1b[2J" not in result.stderr + result.stdout

@@ -380,6 +380,71 @@ def test_a_new_drop_adds_and_replaces_only_its_months(tmp_path: Path) -> None:
     assert read_sales(paths, months=[2]).column("item_price").to_pylist() == [7.0]
 
 
+# --- several drop files for one month (issue 29) ----------------------------------------------------------
+PART1, PART2 = "sales_2013-04_part1.csv", "sales_2013-04_part2.csv"
+# Month 3 split in two: part 1 holds one row ingest quarantines (price -1), part 2 also a row of month 2.
+PART1_ROWS = ["10.04.2013,3,0,0,5.0,1.0", "11.04.2013,3,1,1,6.0,2.0", "12.04.2013,3,2,2,-1,1.0"]
+PART2_ROWS = ["13.04.2013,3,2,2,7.0,3.0", "14.04.2013,3,0,3,8.0,1.0", "20.03.2013,2,0,1,7.0,4.0"]
+
+
+def _month_rows(paths: LakePaths, month: int) -> list[tuple]:
+    table = read_sales(paths, months=[month])
+    return sorted(zip(*(table.column(c).to_pylist() for c in ("shop_id", "item_id", "item_price")), strict=True))
+
+
+def test_two_drop_files_of_one_month_are_both_ingested_and_every_row_is_counted(tmp_path: Path) -> None:
+    config = _write_raw(tmp_path)
+    ingest(config)
+    paths = LakePaths(tmp_path)
+    (paths.raw / PART1).write_bytes(_sales(rows=PART1_ROWS))
+    (paths.raw / PART2).write_bytes(_sales(rows=PART2_ROWS))
+    summary = ingest(config)
+    _check_invariant(summary)
+    one, two = summary.file(PART1), summary.file(PART2)
+    assert (one.rows_in, one.rows_accepted, one.rows_quarantined) == (3, 2, 1)
+    assert (two.rows_in, two.rows_accepted, two.rows_quarantined) == (3, 3, 0)
+    # Rows in = accepted + quarantined across the drops: month 3 holds every accepted row of both.
+    assert _month_rows(paths, 3) == [(0, 0, 5.0), (0, 3, 8.0), (1, 1, 6.0), (2, 2, 7.0)]
+    assert _month_rows(paths, 2) == [(0, 1, 7.0)]  # part 2 alone restates month 2 of sales_train.csv
+    assert read_manifest(paths)["months"]["3"] == [PART1, PART2]
+    assert (two.months_shared, two.shares_months_with) == ([3], [PART1])
+
+
+def test_a_part_arriving_a_run_later_joins_its_month_and_a_removed_part_takes_only_its_rows(tmp_path: Path
+                                                                                          ) -> None:  # fmt: skip
+    config = _write_raw(tmp_path)
+    paths = LakePaths(tmp_path)
+    (paths.raw / PART1).write_bytes(_sales(rows=PART1_ROWS))
+    ingest(config)
+    (paths.raw / PART2).write_bytes(_sales(rows=PART2_ROWS))
+    summary = ingest(config)
+    _check_invariant(summary)
+    assert summary.file(PART1).skipped and not summary.file(PART2).skipped
+    assert _month_rows(paths, 3) == [(0, 0, 5.0), (0, 3, 8.0), (1, 1, 6.0), (2, 2, 7.0)]
+    (paths.raw / PART1).unlink()
+    summary = ingest(config)
+    _check_invariant(summary)
+    assert _month_rows(paths, 3) == [(0, 3, 8.0), (2, 2, 7.0)]
+    assert read_manifest(paths)["months"]["3"] == PART2
+
+
+def test_two_drop_files_of_one_month_sharing_rows_are_refused_naming_both_and_nothing_is_written(tmp_path: Path
+                                                                                                ) -> None:  # fmt: skip
+    config = _write_raw(tmp_path)
+    paths = LakePaths(tmp_path)
+    (paths.raw / PART1).write_bytes(_sales(rows=PART1_ROWS))
+    ingest(config)
+    before = _snapshot(paths.lake)
+    restated = "sales_2013-04_fixed.csv"  # part 1 again with one price corrected: a restatement, not a part
+    (paths.raw / restated).write_bytes(_sales(rows=[*PART1_ROWS[:2], "12.04.2013,3,2,2,1.0,1.0"]))
+    with pytest.raises(DataValidationError) as refused:
+        ingest(config)
+    message = str(refused.value)
+    assert PART1 in message and restated in message and "month 3 (2013-04)" in message, message
+    assert "2 identical rows" in message and "nothing was written" in message, message
+    assert _snapshot(paths.lake) == before
+
+
 def test_new_reference_files_revalidate_the_sales(tmp_path: Path) -> None:
     config = _write_raw(tmp_path)
     ingest(config)

@@ -6,6 +6,7 @@ rows in (counted here from the file's bytes) = rows accepted + rows quarantined.
 
 from __future__ import annotations
 
+import json
 import logging
 import subprocess
 import sys
@@ -150,6 +151,21 @@ def test_a_sales_file_with_every_row_rejected_fails_ingest_naming_file_and_rule(
     assert not (LakePaths(tmp_path).lake / "manifest.json").exists()
 
 
+def test_a_file_of_iso_dates_is_rejected_saying_the_format_expected_and_pointing_to_nothing_unwritten(
+    tmp_path: Path,
+) -> None:
+    rows = ["2013-01-02,0,0,0,999.0,1.0", "2013-01-03,0,1,1,199.0,2.0", "2013-02-15,1,2,2,349.0,1.0"]
+    config = _write_raw(tmp_path, sales_train=_sales(rows=rows))
+    with pytest.raises(DataValidationError) as caught:
+        ingest(config)
+    message = str(caught.value)
+    assert message.startswith("sales_train.csv: 3 of 3 rows quarantined (100.0%); top rules: date_format 3")
+    assert "date_format (date is written dd.mm.yyyy): line 2 reads '2013-01-02,0,0,0,999.0,1.0'" in message
+    assert message.endswith("Nothing was written to the lake"), message
+    assert "lake/quarantine" not in message and "lake/validation" not in message
+    assert not LakePaths(tmp_path).lake.exists()
+
+
 def test_the_share_threshold_is_configurable_and_a_share_above_the_warning_level_warns(tmp_path: Path) -> None:
     extra = ["05.01.2013,0,0,0,-1,1.0", "05.01.2013,0,99,0,5.0,1.0"]  # 2 of 9 rows: 22 %
     config = _write_raw(tmp_path, sales_train=_sales(*extra))
@@ -247,6 +263,22 @@ def test_the_task_logs_each_warning(tmp_path: Path, monkeypatch) -> None:
     task_module.ingest_raw_files.fn(config)
     assert warned == ["sales_train.csv: 1 of 8 rows quarantined (12.5%); top rules: item_price_positive 1; "
                       "above the warning level ingest.warn_quarantined_share = 0.05"]
+
+
+def test_a_manifest_entry_that_is_not_a_raw_file_name_is_refused_and_nothing_is_deleted(tmp_path: Path) -> None:
+    """On an object store anyone who can write to the bucket can write lake/manifest.json: a name in it is where
+    ingest deletes a removed file's outputs (``sales_/../items.csv`` has items.csv's stem)."""
+    config = _write_raw(tmp_path)
+    ingest(config)
+    paths = LakePaths(tmp_path)
+    manifest = json.loads(paths.manifest.read_text())
+    manifest["files"]["sales_/../items.csv"] = manifest["files"]["sales_train.csv"]
+    paths.manifest.write_text(json.dumps(manifest))
+    before = {p: p.read_bytes() for p in paths.lake.rglob("*") if p.is_file()}
+    with pytest.raises(DataValidationError, match="refused") as refused:
+        ingest(config)
+    assert "'sales_/../items.csv'" in str(refused.value) and "manifest.json" in str(refused.value)
+    assert {p: p.read_bytes() for p in paths.lake.rglob("*") if p.is_file()} == before
 
 
 def test_cli_demo_data_with_a_stray_quote_runs_ingest_to_the_end(tiny_raw: Path, tmp_path: Path) -> None:

@@ -4,6 +4,7 @@ selection and the run's metadata."""
 from __future__ import annotations
 
 import json
+import logging
 
 import keras
 import numpy as np
@@ -125,6 +126,22 @@ def test_checkpoint_resume_after_interruption_equals_uninterrupted(tmp_path):
     # A finished run resumed again trains no further.
     again = train_model(build(), train, val, cfg, tmp_path / "run", device=CPU_NO_JIT)
     assert again.resumed_from == 4 and again.epochs_run == 4 and again.seconds_per_epoch is None
+
+
+def test_a_damaged_model_file_rebuilt_from_the_checkpoints_of_a_finished_training_is_logged(tmp_path, caplog):
+    train, val = make_data(256, 0), make_data(64, 1)
+    cfg = TrainConfig(epochs=2, batch_size=64, patience=0, seed=5)
+    first = train_model(build(), train, val, cfg, tmp_path, device=CPU_NO_JIT)
+    model_file = tmp_path / "model.keras"
+    expected = load_model(model_file).predict(val[0], verbose=0)
+    model_file.write_bytes(b"garbage")
+    with caplog.at_level(logging.WARNING, logger="core.model"):
+        again = train_model(build(seed=99), train, val, cfg, tmp_path, device=CPU_NO_JIT)
+    assert again.resumed_from == again.epochs_run == first.epochs_run == 2 and again.seconds_per_epoch is None
+    (line,) = [r.getMessage() for r in caplog.records if r.name == "core.model"]
+    assert line == (f"{model_file}: rebuilt from the checkpoints of its finished training (epoch 2 of 2), replacing "
+                    f"the 7-byte file there; no epoch retrained")
+    np.testing.assert_allclose(load_model(model_file).predict(val[0], verbose=0), expected, atol=1e-6)
 
 
 class RatesSeen(keras.callbacks.Callback):

@@ -3,6 +3,7 @@ on 127.0.0.1 by this module, spoken to over HTTP by s3fs as any S3 endpoint woul
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import socket
@@ -176,6 +177,86 @@ def test_raw_is_mirrored_from_the_store_including_a_file_taken_away(bucket_url):
     assert [p.name for p in (store.root / "raw").iterdir()] == ["sales_train.csv"]
     assert (store.root / "raw" / "sales_train.csv").read_bytes().endswith(b"01.01.2013,0\n")
     assert store.commit("raw is input") is None  # nothing commits raw/
+
+
+# --- keys and manifest entries that would leave the working copy (issue 29) ------------------------------------
+def _escape_spellings(target: Path, depth: int) -> dict[str, str]:
+    """Three spellings of a path that leads from a folder ``depth`` levels below ``target.parent.parent`` to
+    ``target``: ``..`` segments, an absolute path, and ``..`` percent-encoded (twice, as a proxy or a second
+    decoder would see it)."""
+    below = target.relative_to(target.parent.parent).as_posix()
+    return {"dotdot": "../" * depth + below, "absolute": str(target),
+            "percent-encoded": "%252e%252E/" * depth + below}  # fmt: skip
+
+
+@pytest.mark.parametrize("spelling", ["dotdot", "absolute", "percent-encoded"])
+def test_a_raw_key_that_would_leave_the_working_copy_is_refused_naming_it_and_nothing_is_written(
+    bucket_url, tmp_path, spelling
+):
+    from core.errors import DataValidationError
+
+    store = ObjectStoreLake(bucket_url)
+    target = tmp_path / "escaped" / "sales_2014-05.csv"  # raw/ is four levels below tmp_path: data, copy, cache
+    rel = _escape_spellings(target, depth=4)[spelling]
+    store.fs.pipe_file(store.key("raw", "items.csv"), b"item_name,item_id,item_category_id\n")
+    store.fs.pipe_file(store.key("raw", rel), b"date,date_block_num,shop_id,item_id,item_price,item_cnt_day\n")
+    assert store.raw_objects().keys() == {"items.csv", rel}, "the server keeps the key as it was written"
+
+    with pytest.raises(DataValidationError) as refused:
+        store.pull()
+    assert repr(f"{bucket_url}/raw/{rel}") in str(refused.value) and "refused" in str(refused.value)
+    assert not target.exists() and not target.parent.exists()
+    assert not (store.root / "raw").exists() or not any((store.root / "raw").rglob("*")), "nothing written"
+    assert "refused" in (store.raw_problem() or ""), "the CLI's check names it before a flow starts"
+
+
+def _commit_by_hand(store: ObjectStoreLake, version: int, files: dict[str, bytes], objects: dict[str, str]
+                    ) -> None:  # fmt: skip
+    """A manifest written as anyone with access to the bucket could write one: each file's bytes staged under
+    ``objects[path]`` (default ``tx/hand/<path>``), the manifest created as version ``version``."""
+    entries = {}
+    for rel, data in files.items():
+        obj = objects.get(rel, f"{store_module.STAGING_DIR}/hand/{rel}")
+        store.fs.pipe_file(store.key(store_module.STORE_DIR, obj), data)
+        entries[rel] = {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data), "object": obj}
+    manifest = {"version": version, "parent": version - 1, "files": entries, "changed": sorted(files), "deleted": []}
+    store.create_exclusive(store._commit_key(version), json.dumps(manifest).encode())
+
+
+@pytest.mark.parametrize("spelling", ["dotdot", "absolute", "percent-encoded"])
+def test_a_manifest_entry_that_would_leave_the_working_copy_is_refused_and_nothing_is_written_or_deleted(
+    bucket_url, tmp_path, monkeypatch, spelling
+):
+    from core.errors import DataValidationError
+
+    writer = ObjectStoreLake(bucket_url)
+    writer.pull()
+    (writer.root / "lake").mkdir()
+    (writer.root / "lake" / "a.txt").write_text("kept")
+    assert writer.commit("v1") == 1
+    reader = fresh_copy(bucket_url, tmp_path / "reader", monkeypatch)
+    target = tmp_path / "escaped" / "evil.txt"  # the working copy's root is three levels below tmp_path
+    rel = _escape_spellings(target, depth=3)[spelling]
+    _commit_by_hand(writer, 2, {rel: b"evil", "lake/b.txt": b"new"}, {})  # lake/a.txt left out: a deletion
+
+    with pytest.raises(DataValidationError) as refused:
+        reader.pull()
+    assert repr(rel) in str(refused.value) and "refused" in str(refused.value)
+    assert not target.exists()
+    assert tree(reader.root) == {"lake/a.txt": file_sha256(writer.root / "lake" / "a.txt")}, "nothing changed"
+
+
+@pytest.mark.parametrize("obj", ["tx/../../raw/items.csv", "/etc/passwd", "other/lake/b.txt"])
+def test_a_manifest_entry_whose_object_lies_outside_the_staging_area_is_refused(bucket_url, tmp_path, obj):
+    from core.errors import DataValidationError
+
+    writer = ObjectStoreLake(bucket_url)
+    _commit_by_hand(writer, 1, {"lake/b.txt": b"x"}, {"lake/b.txt": obj})
+    reader = ObjectStoreLake(bucket_url)
+    with pytest.raises(DataValidationError, match="refused") as refused:
+        reader.pull()
+    assert repr(obj) in str(refused.value)
+    assert not (reader.root / "lake").exists()
 
 
 def test_a_store_url_stays_a_url_in_the_config_and_its_lake_paths_are_the_working_copy(bucket_url):

@@ -36,7 +36,9 @@ Incremental rules, decided per file from ``lake/manifest.json`` (:func:`core.ing
   ``items.csv`` revalidates every sales file: a sale of an item that disappeared must now be
   quarantined, one of a newly listed item accepted.
 - sales files are applied in arrival order (``sales_train.csv`` first, new drops by name), each
-  replacing the months it contains. When only new drops arrive, only their months are written;
+  replacing the months it contains -- except that drops holding the same month are its parts, and the
+  month keeps every part's rows (parts sharing identical rows are refused, naming both). When only new
+  drops arrive, only their months are written;
   when a known sales file must be revalidated, all sales files are re-applied and months no present
   file contains any more are removed.
 

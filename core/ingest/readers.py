@@ -13,10 +13,12 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from core.errors import UnsafePathError
 from core.expectations import COLUMNS, kind_of
-from core.files import read_json
+from core.files import path_problem, read_json
 from core.ingest.columns import REFERENCE_SCHEMAS, SALES_SCHEMA
 from core.ingest.docs import stem
+from core.ingest.plan import owners_of
 from core.ingest.quarantine import empty_quarantine
 from core.lake import LakePaths
 
@@ -103,4 +105,14 @@ def validation_page(paths: PathLike, file_name: str) -> Path:
 
 
 def read_manifest(paths: PathLike) -> dict[str, Any]:
-    return read_json(lake_paths(paths).manifest, None) or {"version": MANIFEST_VERSION, "files": {}, "months": {}}
+    """``lake/manifest.json`` (empty when there is none), after checking that every file it names is a raw file's
+    plain name: the lake's output paths are built from them, and on an object store anyone who can write to the
+    bucket could have written the manifest."""
+    target = lake_paths(paths).manifest
+    manifest = read_json(target, None) or {"version": MANIFEST_VERSION, "files": {}, "months": {}}
+    owners = [name for value in manifest.get("months", {}).values() for name in owners_of(value)]
+    for name in [*manifest.get("files", {}), *owners]:
+        if kind_of(name) is None or name != Path(name).name or path_problem(name) is not None:
+            raise UnsafePathError(f"{target}: entry {name!r} refused (not the plain name of a raw file nestcast "
+                                  f"ingests); nothing was written or deleted")
+    return manifest

@@ -22,6 +22,9 @@ class FileReport(BaseModel):
     months: list[int] = Field(default_factory=list, description="Months with accepted rows (sales).")
     rows_replaced: int = Field(0, description="Lake rows of other sales files this file's months replaced.")
     months_replaced: list[int] = Field(default_factory=list, description="Months taken over from another file.")
+    months_shared: list[int] = Field(default_factory=list, description="Months held together with other drops "
+                                     "(parts of one month: the lake holds every part's rows).")
+    shares_months_with: list[str] = Field(default_factory=list, description="The drops holding those months too.")
     warnings: list[str] = Field(default_factory=list)
     timings: dict[str, float] = Field(default_factory=dict)
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -25,13 +26,13 @@ from core.ingest.commit import Transaction, exclusive, recover, transaction
 from core.ingest.context import IngestContext
 from core.ingest.docs import index_html, stem, validation_doc
 from core.ingest.outcome import Outcome, quarantined_share_warnings
-from core.ingest.plan import IngestPlan, plan_ingest
+from core.ingest.plan import IngestPlan, Owners, owners_of, plan_ingest, recorded_owners
 from core.ingest.read import read_records
 from core.ingest.readers import MANIFEST_VERSION, partition, quarantine_file, read_manifest, validation_page
 from core.ingest.reference import validate_reference, validate_test
 from core.ingest.report import FileReport, IngestSummary, RemovedFile
 from core.ingest.sales import validate_sales
-from core.lake import LakePaths, partition_month
+from core.lake import LakePaths, forecast_month_label, partition_month
 
 PARTITION_HASHES = "partition_sha256"  # in the manifest: month -> sha256 of lake/sales/date_block_num=<month>
 # Thresholds decide whether a run may go on, not what a row is: changing them revalidates nothing.
@@ -57,11 +58,13 @@ def _run(ctx: IngestContext) -> IngestSummary:
     owners = plan.month_owners({n: o.report.months for n, o in outcomes.items() if o.report.kind == "sales"})
     deleted = plan.deleted_months(owners)
     _count_replaced(ctx.paths, plan, owners, outcomes)
+    _note_shared(plan, owners, outcomes)
+    months = month_tables(ctx, outcomes, owners)  # refuses parts of a month that share rows, before any write
     removed = _removed_files(ctx.paths, plan, owners)
     with transaction(ctx.paths.lake) as tx:
         if outcomes or deleted or removed:
             with ctx.clock.phase("write"):
-                _stage(ctx, tx, plan, outcomes, owners, deleted, manifest)
+                _stage(ctx, tx, plan, outcomes, owners, months, deleted, manifest)
                 tx.commit()
     ctx.clock.seconds["total"] = time.perf_counter() - start
     summary = _summary(ctx, reports, tx, sorted(int(m) for m in manifest["months"]))
@@ -98,8 +101,9 @@ def rules_sha(config: NestcastConfig) -> str:
 def _outputs_by_file(paths: LakePaths, manifest: Mapping[str, Any]) -> dict[str, list[Path]]:
     """Each file the manifest records -> the lake files it wrote (a sales file's month partitions, or a table)."""
     owned: dict[str, list[int]] = {}
-    for month, owner in manifest.get("months", {}).items():
-        owned.setdefault(owner, []).append(int(month))
+    for month, recorded in manifest.get("months", {}).items():
+        for owner in owners_of(recorded):
+            owned.setdefault(owner, []).append(int(month))
     return {name: [partition(paths, m) for m in sorted(owned.get(name, []))] if kind_of(name) == "sales"
             else [paths.reference_table(kind_of(name))] for name in manifest.get("files", {})}  # fmt: skip
 
@@ -145,7 +149,7 @@ def _validate_planned(ctx: IngestContext, plan: IngestPlan, raw_files: Mapping[s
             report, outcomes[name] = outcome.report, outcome
             if kind != "sales" and kind != "test":
                 ids[kind] = outcome.accepted.column(ID_COLUMN[kind]).to_pylist()
-        report.warnings = quarantined_share_warnings(report, ctx.config.ingest)
+        report.warnings = quarantined_share_warnings(report, ctx.config.ingest, outcomes.get(name))
         reports.append(report)
     return reports, outcomes
 
@@ -187,7 +191,7 @@ def _validate_file(ctx: IngestContext, name: str, path: Path, sha: str, ids: Map
     return outcome
 
 
-def _count_replaced(paths: LakePaths, plan: IngestPlan, owners: Mapping[int, str],
+def _count_replaced(paths: LakePaths, plan: IngestPlan, owners: Mapping[int, Owners],
                     outcomes: Mapping[str, Outcome]) -> None:
     """How many lake rows each sales file's months replace (rows another file had put there)."""
     for name, months in plan.replaced_months(owners).items():
@@ -204,7 +208,61 @@ def _file_outputs(paths: LakePaths, name: str) -> list[Path]:
     return ([] if kind == "sales" else [paths.reference_table(kind)]) + docs
 
 
-def _removed_files(paths: LakePaths, plan: IngestPlan, owners: Mapping[int, str]) -> list[RemovedFile]:
+def _note_shared(plan: IngestPlan, owners: Mapping[int, Owners], outcomes: Mapping[str, Outcome]) -> None:
+    """Each validated drop's months that it holds together with other drops, and those drops (for the log)."""
+    for name, months in plan.shared_months(owners).items():
+        report = outcomes[name].report
+        report.months_shared = sorted(months)
+        report.shares_months_with = sorted({other for others in months.values() for other in others})
+
+
+def month_tables(ctx: IngestContext, outcomes: Mapping[str, Outcome], owners: Mapping[int, Owners]
+                 ) -> dict[int, pa.Table]:  # fmt: skip
+    """The new partition of every month a validated sales file owns: its owners' rows in arrival order (the rows
+    of owners not validated now, joined by a new part, are the month's partition as it stands). Parts that share
+    identical rows are refused: one restates the other, and ingest cannot tell which is out of date."""
+    slices: dict[int, dict[str, pa.Table]] = {}
+    for name, outcome in outcomes.items():
+        if outcome.report.kind == "sales":
+            for month, table in _month_slices(outcome):
+                if name in owners.get(month, ()):
+                    slices.setdefault(month, {})[name] = table
+    tables = {}
+    for month, fresh in sorted(slices.items()):
+        standing = [name for name in owners[month] if name not in fresh]
+        parts = ({", ".join(standing): pq.read_table(partition(ctx.paths, month))} if standing else {}) | fresh
+        _refuse_shared_rows(ctx, month, parts)
+        tables[month] = pa.concat_tables(parts.values())
+    return tables
+
+
+def _month_slices(outcome: Outcome) -> list[tuple[int, pa.Table]]:
+    """A sales file's accepted rows (sorted by month) cut per month, without the month column."""
+    table, months = outcome.accepted, outcome.report.months
+    bounds = np.append(np.searchsorted(table.column("date_block_num").to_numpy(), months), table.num_rows)
+    return [(month, table.slice(bounds[i], bounds[i + 1] - bounds[i]).drop_columns(["date_block_num"]))
+            for i, month in enumerate(months)]
+
+
+def _refuse_shared_rows(ctx: IngestContext, month: int, parts: Mapping[str, pa.Table]) -> None:
+    if len(parts) < 2:
+        return
+    frames = [table.to_pandas().drop_duplicates().assign(_file=name) for name, table in parts.items()]
+    rows = pd.concat(frames, ignore_index=True)
+    shared = rows[rows.duplicated(subset=[c for c in rows.columns if c != "_file"], keep=False)]
+    if shared.empty:
+        return
+    files = sorted(set(shared["_file"]))
+    values = shared.drop(columns="_file").drop_duplicates()
+    example = ", ".join(f"{column}={value}" for column, value in values.iloc[0].items())
+    label = forecast_month_label(month, ctx.config.ingest.first_month)
+    raise DataValidationError(
+        f"month {month} ({label}) is in {' and '.join(files)}, and they share {len(values):,} identical rows "
+        f"(e.g. {example}): one looks like a restatement of the other, not another part of the month. Remove the "
+        f"file that is out of date (or the repeated rows) and run again; nothing was written")
+
+
+def _removed_files(paths: LakePaths, plan: IngestPlan, owners: Mapping[int, Owners]) -> list[RemovedFile]:
     """The files gone from raw/ since they were ingested: what of theirs leaves the lake."""
     months = plan.removed_months(owners)
     removed = []
@@ -212,7 +270,7 @@ def _removed_files(paths: LakePaths, plan: IngestPlan, owners: Mapping[int, str]
         entry = months.get(name, {"deleted": [], "restored": []})
         rows = sum(pq.read_metadata(partition(paths, m)).num_rows for m in entry["deleted"]
                    if partition(paths, m).exists())
-        restored_from = sorted({owners[m] for m in entry["restored"]})
+        restored_from = sorted({owner for m in entry["restored"] for owner in owners[m]})
         removed.append(RemovedFile(
             file=name, outputs=[p.relative_to(paths.lake).as_posix() for p in _file_outputs(paths, name)
                                 if p.exists()],
@@ -222,14 +280,13 @@ def _removed_files(paths: LakePaths, plan: IngestPlan, owners: Mapping[int, str]
 
 
 def _stage(ctx: IngestContext, tx: Transaction, plan: IngestPlan, outcomes: Mapping[str, Outcome],
-           owners: Mapping[int, str], deleted: list[int], manifest: dict[str, Any]) -> None:
+           owners: Mapping[int, Owners], months: Mapping[int, pa.Table], deleted: list[int],
+           manifest: dict[str, Any]) -> None:  # fmt: skip
     """Write every output of the run to staging, and the new manifest last."""
     now = datetime.now(UTC).isoformat(timespec="seconds")
-    sales_jobs: list[tuple[Path, pa.Table]] = []
+    sales_jobs = [(partition(ctx.paths, month), table) for month, table in months.items()]
     for name, outcome in outcomes.items():
-        if outcome.report.kind == "sales":
-            sales_jobs.extend(_owned_partitions(ctx.paths, name, outcome, owners))
-        else:
+        if outcome.report.kind != "sales":
             tx.parquet(ctx.paths.reference_table(outcome.report.kind), outcome.accepted)
         tx.parquet(quarantine_file(ctx.paths, name), outcome.quarantine)
         payload, page = validation_doc(name, outcome.validation, outcome.report)
@@ -246,29 +303,19 @@ def _stage(ctx: IngestContext, tx: Transaction, plan: IngestPlan, outcomes: Mapp
         for path in _file_outputs(ctx.paths, name):
             if path.exists():
                 tx.delete(path)
-    manifest["months"] = {str(m): f for m, f in sorted(owners.items())}
+    manifest["months"] = {str(m): recorded_owners(names) for m, names in sorted(owners.items())}
     manifest[PARTITION_HASHES] = _partition_hashes(manifest, owners, written)
     manifest["version"] = MANIFEST_VERSION
     tx.text(ctx.paths.validation / "index.html", index_html(manifest))
     tx.json(ctx.paths.manifest, manifest)
 
 
-def _partition_hashes(manifest: Mapping[str, Any], owners: Mapping[int, str], written: Mapping[int, str]
+def _partition_hashes(manifest: Mapping[str, Any], owners: Mapping[int, Owners], written: Mapping[int, str]
                       ) -> dict[str, str]:  # fmt: skip
     """Month -> sha256 of its partition: this run's for the months it wrote, the manifest's for the rest."""
     before = manifest.get(PARTITION_HASHES, {})
     hashes = {str(m): written.get(m, before.get(str(m))) for m in sorted(owners)}
     return {month: sha for month, sha in hashes.items() if sha is not None}
-
-
-def _owned_partitions(paths: LakePaths, name: str, outcome: Outcome, owners: Mapping[int, str]
-                      ) -> list[tuple[Path, pa.Table]]:
-    """The month slices of a sales file's accepted rows (sorted by month) that this file owns."""
-    table, months = outcome.accepted, outcome.report.months
-    bounds = np.append(np.searchsorted(table.column("date_block_num").to_numpy(), months), table.num_rows)
-    return [(partition(paths, month),
-             table.slice(bounds[i], bounds[i + 1] - bounds[i]).drop_columns(["date_block_num"]))
-            for i, month in enumerate(months) if owners.get(month) == name]
 
 
 def _manifest_entry(report: FileReport, plan: IngestPlan, rules: str, now: str) -> dict[str, Any]:
