@@ -171,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         f"Data: {described}; origins {', '.join(map(str, origins))}; seeds {args.seeds}. "
         f"Machine: {platform.node()}, {os.cpu_count()} CPU cores, no GPU; {time.perf_counter() - started:.0f} s.",
         f"Shared settings: units {cfg['units']}, head {cfg['head_units']}, embeddings {cfg['embeddings']}, "
-        f"lookback {cfg['lookback']}, {cfg['sample_policy']} samples (max {cfg['max_train_samples']}), "
+        f"lookback {cfg['lookback']}, {cfg['sample_policy']} samples (at most {cfg['sample_budget']} an epoch), "
         f"epochs {cfg['epochs']}, batch {cfg['batch_size']}, lr {cfg['learning_rate']}, loss {cfg['loss']}.",
         "Protocol: at origin m, epochs / boosting rounds / blend weights / launch scales chosen on month m-1 (trained "
         "on months < m-1), "

@@ -45,7 +45,7 @@ if not NESTCAST.exists():
 
 # The small model of tests/test_console.py (one epoch, 8 units, 100 boosting rounds, no XLA, no retry delay).
 TINY = ["--epochs", "1", "--units", "8", "--lookback", "6", "--batch-size", "256",
-        "--set", "head_units=8", "--set", "max_train_samples=3000", "--set", "jit_compile=off",
+        "--set", "head_units=8", "--set", "sample_budget=3000", "--set", "jit_compile=off",
         "--set", "max_rounds=100", "--set", "retry_delay_seconds=0"]  # fmt: skip
 TINY_NO_EPOCHS = TINY[2:]
 SERVER_MARK = "prefect.server.api.server:create_app"  # the CLI's temporary Prefect server (deployments/cli.py)

@@ -7,7 +7,7 @@ the flow run that published it (the replay's last child run, `replay-accountabil
 `build/screenshots/`:
 
     .venv/bin/python benchmarks/replay_screenshots.py --data-dir /tmp/real --from-month 20 --to-month 28 -- \
-        --epochs 1 --units 16 --depth 1 --set max_train_samples=20000 --set head_units=8 --set max_rounds=100
+        --epochs 1 --units 16 --depth 1 --set sample_budget=20000 --set head_units=8 --set max_rounds=100
 """
 
 from __future__ import annotations

@@ -233,7 +233,7 @@ def backtest_origin(
         rows=scored.rows,
         rmse={p: scored.overall[p].rmse for p in scored.predictors},
         mae={p: scored.overall[p].mae for p in scored.predictors},
-        train_samples=min(store.train_index.shape[0], config.train.max_train_samples or store.train_index.shape[0]),
+        train_samples=min(store.train_index.shape[0], config.train.sample_budget or store.train_index.shape[0]),
         epochs_run=int(selection.epochs_run) + int(refitted.epochs),
         seconds_per_epoch=refitted.seconds_per_epoch,
         train_seconds=selection.model_seconds + refitted.model_seconds,
@@ -332,7 +332,7 @@ _HEADERS = {
     "train_s": "train s",
 }
 _SHOWN_CONFIG = ("kind", "units", "depth", "lookback", "sample_policy", "epochs", "batch_size", "learning_rate",
-                 "learning_rate_schedule", "loss", "max_train_samples", "sample_budget", "embeddings", "head_units",
+                 "learning_rate_schedule", "loss", "sample_budget", "embeddings", "head_units",
                  "seed")  # fmt: skip
 
 

@@ -157,12 +157,9 @@ class TrainConfig(_Section):
         description="Data-parallel replicas: None = every visible GPU (one CPU device without a GPU); N = the "
         "first N GPUs, or N logical CPU devices on a host without one (MirroredStrategy / keras DataParallel).",
     )
-    max_train_samples: int | None = Field(
-        None, ge=1, description="Subsample training windows to at most this many (None: all)."
-    )
     sample_budget: int | None = Field(
         600_000,
-        ge=1000,
+        ge=1,
         description="Training windows per epoch at most, for the network and the boosters alike (None: every "
         "window): the non-zero targets first, then zero-target windows drawn to fill it, each kept window "
         "weighted by 1 / its draw rate (core.sampling.budget_draw); the network draws afresh every epoch. The "

@@ -755,7 +755,6 @@ def train_forecaster(
     train = store.train_dataset(
         train_cfg.batch_size,
         seed=train_cfg.seed,
-        max_samples=train_cfg.max_train_samples,
         budget=train_cfg.sample_budget,
         before_month=before,
         pad_last=True,

@@ -276,8 +276,8 @@ def _fit_booster(config: NestcastConfig, store: WindowStore, booster: forecaster
     from core.reference import fit_reference
 
     return fit_reference(
-        store, store.feature_tables(), config.reference, seed=config.train.seed,
-        max_samples=config.train.max_train_samples, budget=config.train.sample_budget, features=booster.features,
+        store, store.feature_tables(), config.reference, seed=config.train.seed, budget=config.train.sample_budget,
+        features=booster.features,
         **kwargs,
     )  # fmt: skip
 

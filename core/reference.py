@@ -77,7 +77,6 @@ def fit_reference(
     before_month: int | None = None,
     rounds: int | None = None,
     validate: bool = False,
-    max_samples: int | None = None,
     budget: int | None = None,
     features: Sequence[str] = feature_room.RECIPE,
 ) -> ReferenceFit:
@@ -91,7 +90,7 @@ def fit_reference(
     started = time.perf_counter()
     names = tuple(features)
     clip = tuple(float(v) for v in store.meta["target_clip"])
-    samples, weights = store.weighted_training_samples(before_month, max_samples, seed, budget)
+    samples, weights = store.weighted_training_samples(before_month, seed, budget)
     if samples.shape[0] == 0:
         raise ValueError(f"no training samples before month {before_month}")
     y = store.targets(samples[:, 0], samples[:, 1])

@@ -183,38 +183,24 @@ class WindowStore:
         return inputs
 
     # Datasets ------------------------------------------------------------------------------------
-    def training_samples(
-        self, before_month: int | None = None, max_samples: int | None = None, seed: int = 0
-    ) -> np.ndarray:
-        """``train_index`` rows whose target month is before ``before_month`` (None: every training month).
-
-        ``max_samples`` keeps a subset drawn from ``seed``: the network and the boosters of one run, given the
-        same seed, train on the same samples.
-        """
-        index = self.train_index if before_month is None else self.train_index[self.train_index[:, 1] < before_month]
-        if max_samples is not None and max_samples < index.shape[0]:
-            keep = np.sort(np.random.default_rng(seed).choice(index.shape[0], size=max_samples, replace=False))
-            index = index[keep]
-        return index
+    def training_samples(self, before_month: int | None = None) -> np.ndarray:
+        """``train_index`` rows whose target month is before ``before_month`` (None: every training month)."""
+        return self.train_index if before_month is None else self.train_index[self.train_index[:, 1] < before_month]
 
     def weighted_training_samples(
-        self,
-        before_month: int | None = None,
-        max_samples: int | None = None,
-        seed: int = 0,
-        budget: int | None = None,
+        self, before_month: int | None = None, seed: int = 0, budget: int | None = None
     ) -> tuple[np.ndarray, np.ndarray | None]:
         """``training_samples``, then at most ``budget`` of them by ``budget_draw`` (non-zero targets first, the
         zero-target windows drawn to fill it), with each kept window's weight; weights are None when every
-        window is kept."""
-        index, draws = self._budget_draws(before_month, max_samples, seed, budget)
+        window is kept. The network and the boosters of one run, given the same seed, train on the same draw."""
+        index, draws = self._budget_draws(before_month, seed, budget)
         return (index, None) if draws is None else draws.draw(0)
 
     def _budget_draws(
-        self, before_month: int | None, max_samples: int | None, seed: int, budget: int | None
+        self, before_month: int | None, seed: int, budget: int | None
     ) -> tuple[np.ndarray, BudgetDraws | None]:
         """``training_samples`` and, when they outnumber ``budget``, the draws from them (None: keep them all)."""
-        index = self.training_samples(before_month, max_samples, seed)
+        index = self.training_samples(before_month)
         if budget is None or index.shape[0] <= budget:
             return index, None
         return index, BudgetDraws(index, self.targets(index[:, 0], index[:, 1]) > 0, budget, seed)
@@ -224,7 +210,6 @@ class WindowStore:
         batch_size: int,
         seed: int = 0,
         shuffle: bool = True,
-        max_samples: int | None = None,
         before_month: int | None = None,
         budget: int | None = None,
         **kwargs: Any,
@@ -232,13 +217,12 @@ class WindowStore:
         """Training batches (``keras.utils.PyDataset``), reshuffled every epoch from ``seed``.
 
         ``before_month`` keeps the targets before that month (the protocol's selection stage trains below the
-        validation month). ``max_samples`` keeps a seeded random subset; ``budget`` then a weighted draw of at
-        most that many, drawn afresh every epoch (``BudgetDraws``): epoch k trains on ``budget_draw``'s sample
-        for ``(seed, k)``, so three epochs see up to three times as many distinct windows as one fixed draw for
-        the same compute. The batches are one endless stream across epochs (``EpochShuffled``): ``fit`` needs
-        ``steps_per_epoch=len(dataset)``. ``kwargs`` go to ``EpochShuffled`` (``pad_last``) and ``PyDataset``.
+        validation months). ``budget``: a weighted draw of at most that many windows, drawn afresh every epoch
+        (``BudgetDraws``): epoch k trains on ``budget_draw``'s sample for ``(seed, k)``, so three epochs see up to
+        three times as many distinct windows as one fixed draw for the same compute. The batches are one endless
+        stream across epochs (``EpochShuffled``): ``fit`` needs ``steps_per_epoch=len(dataset)``. ``kwargs`` go to ``EpochShuffled`` (``pad_last``) and ``PyDataset``.
         """
-        index, draws = self._budget_draws(before_month, max_samples, seed, budget)
+        index, draws = self._budget_draws(before_month, seed, budget)
         return _dataset_class()(self, index, batch_size, with_y=True, shuffle=shuffle, seed=seed, draws=draws,
                                 **{"endless": True, **kwargs})  # fmt: skip
 

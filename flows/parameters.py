@@ -62,4 +62,4 @@ def with_knobs(knobs: Sequence[str], *, defaults: NestcastConfig, extra: Sequenc
 OVERRIDES = inspect.Parameter(
     "overrides", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=dict[str, Any] | None
 )
-OVERRIDES_HELP = {"overrides": "Any other config field by its flat name, e.g. {\"max_train_samples\": 4000}."}
+OVERRIDES_HELP = {"overrides": "Any other config field by its flat name, e.g. {\"sample_budget\": 4000}."}

@@ -25,7 +25,7 @@ pytestmark = pytest.mark.usefixtures("harness")
 #: The smallest run that still trains every stage: one epoch of a 4-unit NLSTM, no LightGBM.
 CHEAP_RUN: dict[str, Any] = {
     "epochs": 1, "units": 4, "depth": 1, "lookback": 3, "batch_size": 512,
-    "overrides": {"head_units": 0, "max_train_samples": 1000, "retry_delay_seconds": 0, "jit_compile": "off",
+    "overrides": {"head_units": 0, "sample_budget": 1000, "retry_delay_seconds": 0, "jit_compile": "off",
                   "max_rounds": 10, "reference_enabled": False},
 }  # fmt: skip
 DROP_MONTH = 15

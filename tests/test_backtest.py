@@ -27,7 +27,7 @@ from core.window_store import WindowStore
 REPO = Path(__file__).resolve().parents[1]
 SMALL = {
     "units": 4, "depth": 2, "lookback": 4, "epochs": 1, "batch_size": 256, "head_units": 4,
-    "embedding_dim": 2, "max_train_samples": 2000, "retries": 0, "jit_compile": "off",
+    "embedding_dim": 2, "sample_budget": 2000, "retries": 0, "jit_compile": "off",
 }  # fmt: skip
 
 
@@ -60,7 +60,7 @@ def test_one_row_per_origin_with_model_baselines_and_cost(result):
         assert all(np.isfinite(v) and v >= 0 for v in o.rmse.values())
         assert o.params > 0 and o.train_seconds > 0 and o.reference_seconds > 0
         assert o.epochs_run == 2, "one selection epoch, then a refit of the selected one"
-        assert o.train_samples <= SMALL["max_train_samples"]
+        assert o.train_samples <= SMALL["sample_budget"]
     rows = res.rows()
     assert [r["origin"] for r in rows] == [str(m) for m in origins] + ["mean"]
     assert rows[-1]["model_rmse"] == pytest.approx(np.mean([o.rmse["model"] for o in res.origins]), abs=1e-4)

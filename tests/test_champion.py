@@ -24,7 +24,7 @@ from core.windows import build_windows
 
 SMALL: dict[str, Any] = {
     "units": 4, "depth": 1, "lookback": 4, "epochs": 1, "batch_size": 256, "head_units": 4, "embedding_dim": 2,
-    "max_train_samples": 2000, "jit_compile": "off", "max_rounds": 60, "early_stopping_rounds": 10,
+    "sample_budget": 2000, "jit_compile": "off", "max_rounds": 60, "early_stopping_rounds": 10,
 }  # fmt: skip
 
 

@@ -16,7 +16,7 @@ from deployments.console import ConsoleNoise, wants_verbose
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_OPTIONS = ["--epochs", "1", "--units", "8", "--lookback", "6", "--batch-size", "256",
-                "--set", "head_units=8", "--set", "max_train_samples=3000", "--set", "jit_compile=off",
+                "--set", "head_units=8", "--set", "sample_budget=3000", "--set", "jit_compile=off",
                 "--set", "max_rounds=100", "--set", "retry_delay_seconds=0"]  # fmt: skip
 
 

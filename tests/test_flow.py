@@ -30,7 +30,7 @@ TINY_RUN: dict[str, Any] = {
     "lookback": 6,
     "batch_size": 256,
     # XLA compiles cost more than they save on tiny data; 100 boosting rounds are plenty for it.
-    "overrides": {"head_units": 8, "max_train_samples": 3000, "retry_delay_seconds": 0, "retries": 2,
+    "overrides": {"head_units": 8, "sample_budget": 3000, "retry_delay_seconds": 0, "retries": 2,
                   "jit_compile": "off", "max_rounds": 100},  # fmt: skip
 }
 STEPS = ("ingest", "build-windows-evaluation", "build-windows-final", "select", "refit-holdout", "refit-final",

@@ -141,7 +141,7 @@ def test_manual_deployment_runs_to_completion_with_artifacts_and_a_ui_page(serve
 
     params = {
         "data_dir": str(data_dir), "epochs": 1, "units": 8, "lookback": 6, "batch_size": 256,
-        "overrides": {"head_units": 8, "max_train_samples": 4000, "retry_delay_seconds": 0, "jit_compile": "off",
+        "overrides": {"head_units": 8, "sample_budget": 4000, "retry_delay_seconds": 0, "jit_compile": "off",
                       "max_rounds": 100},
     }  # fmt: skip
     triggered = subprocess.run(
@@ -207,7 +207,7 @@ def test_manual_deployment_runs_to_completion_with_artifacts_and_a_ui_page(serve
 
 TINY_RUN = {
     "epochs": 1, "units": 4, "depth": 1, "lookback": 4, "batch_size": 256,
-    "overrides": {"head_units": 4, "embedding_dim": 2, "max_train_samples": 2000, "retry_delay_seconds": 0,
+    "overrides": {"head_units": 4, "embedding_dim": 2, "sample_budget": 2000, "retry_delay_seconds": 0,
                   "jit_compile": "off", "max_rounds": 20},
 }  # fmt: skip
 CONCURRENT_RUNS = 4

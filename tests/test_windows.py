@@ -462,24 +462,25 @@ def test_datasets_feed_keras(tmp_path: Path, tiny: dict[str, pd.DataFrame]) -> N
     import keras
 
     store = WindowStore.open(build_windows(tiny_lake(tmp_path, tiny)).windows_dir)
-    train = store.train_dataset(batch_size=64, seed=1, max_samples=300)
+    train = store.train_dataset(batch_size=64, seed=1, budget=300)
     assert len(train) == 5
-    x, y = train[0]
+    x, y, weights = train[0]  # a budget draw weighs each window by 1 / its draw rate
     assert set(x) == {"sequence", "shop", "category", "static", "month"}
     assert x["static"].shape == (64, store.n_static) and x["month"].dtype == np.int32
     assert x["sequence"].shape == (64, LOOKBACK, len(CHANNELS)) and x["sequence"].dtype == np.float32
     assert x["shop"].dtype == np.int32 and x["category"].dtype == np.int32 and y.shape == (64,)
-    same = store.train_dataset(batch_size=64, seed=1, max_samples=300)
+    assert weights.shape == (64,) and (weights >= 1).all()
+    same = store.train_dataset(batch_size=64, seed=1, budget=300)
     np.testing.assert_array_equal(same[0][0]["sequence"], x["sequence"])
-    train.on_epoch_end()
-    assert not np.array_equal(train[0][1], y) or not np.array_equal(train[0][0]["shop"], x["shop"])
+    next_epoch = train[len(train)]  # the stream goes on into epoch 1: another order (and draw)
+    assert not np.array_equal(next_epoch[1], y) or not np.array_equal(next_epoch[0]["shop"], x["shop"])
     seen = np.concatenate([train[k][1] for k in range(len(train))])
     assert seen.size == 300
 
     # Without the static features the batches are the window and the ids alone.
     shutil.rmtree(tmp_path / "lake" / "windows")
     store = WindowStore.open(build_windows(tiny_lake(tmp_path, tiny, static_features=False)).windows_dir)
-    train = store.train_dataset(batch_size=64, seed=1, max_samples=300)
+    train = store.train_dataset(batch_size=64, seed=1, budget=300)
     assert set(train[0][0]) == {"sequence", "shop", "category"} and store.n_static == 0
 
     seq = keras.Input((LOOKBACK, len(CHANNELS)), name="sequence")
