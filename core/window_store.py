@@ -220,7 +220,8 @@ class WindowStore:
         validation months). ``budget``: a weighted draw of at most that many windows, drawn afresh every epoch
         (``BudgetDraws``): epoch k trains on ``budget_draw``'s sample for ``(seed, k)``, so three epochs see up to
         three times as many distinct windows as one fixed draw for the same compute. The batches are one endless
-        stream across epochs (``EpochShuffled``): ``fit`` needs ``steps_per_epoch=len(dataset)``. ``kwargs`` go to ``EpochShuffled`` (``pad_last``) and ``PyDataset``.
+        stream across epochs (``EpochShuffled``): ``fit`` needs ``steps_per_epoch=len(dataset)``. ``kwargs`` go to
+        ``EpochShuffled`` (``pad_last``) and ``PyDataset``.
         """
         index, draws = self._budget_draws(before_month, seed, budget)
         return _dataset_class()(self, index, batch_size, with_y=True, shuffle=shuffle, seed=seed, draws=draws,
