@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from core.files import read_json, write_json_atomic
-from core.lake import INDEX_FILE, SELECTION_FILE, LakePaths
+from core.lake import INDEX_FILE, SELECTION_FILE, LakePaths, forecast_month_label
 
 
 def index_path(paths: LakePaths) -> Path:
@@ -111,7 +111,8 @@ def score_champion(config: Any, holdout_month: int, windows_dir: str | Path,
     stage = scoring_stage(int(champion["forecast_month"]), holdout_month)
     if stage is None:
         return ChampionScore(champion, None, None,
-                             f"every model of the champion {champion['run_dir']} saw holdout month {holdout_month}")
+                             f"every model of the champion {champion['run_dir']} saw the holdout month "
+                             f"{forecast_month_label(holdout_month, config.ingest.first_month)}")
     try:
         columns = reapply(config, paths.run_path(champion["run_dir"]), champion, stage, windows_dir,
                           final_windows_dir)  # fmt: skip

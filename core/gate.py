@@ -46,13 +46,16 @@ class Decision:
         return cls(**{field.name: data[field.name] for field in dataclasses.fields(cls) if field.name in data})
 
 
-def months_text(months: list[int] | tuple[int, ...]) -> str:
-    """``month 27`` or ``months 26 and 27`` (or ``the validation months`` when there are none)."""
-    if not months:
+def months_text(months: list[int] | tuple[int, ...], first_month: str = "2013-01") -> str:
+    """``month 2015-04`` or ``months 2015-03 and 2015-04`` (``the validation months`` when there are none)."""
+    from core.lake import forecast_month_label
+
+    labels = [forecast_month_label(int(m), first_month) for m in months]
+    if not labels:
         return "the validation months"
-    if len(months) == 1:
-        return f"month {months[0]}"
-    return "months " + ", ".join(str(m) for m in months[:-1]) + f" and {months[-1]}"
+    if len(labels) == 1:
+        return f"month {labels[0]}"
+    return "months " + ", ".join(labels[:-1]) + f" and {labels[-1]}"
 
 
 def decide(
@@ -62,6 +65,7 @@ def decide(
     validation_months: list[int] | tuple[int, ...] = (),
     blend_weight: float | None = None,
     launch_blend_weight: float | None = None,
+    first_month: str = "2013-01",
 ) -> Decision:
     """Pick the export from mean validation RMSEs of the candidates present (``model`` at least) and ``baseline``."""
     if fallback not in ("baseline", "model"):
@@ -70,7 +74,7 @@ def decide(
     if missing:
         raise ValueError(f"the gate needs validation RMSEs of {missing}")
     scores = {name: float(value) for name, value in validation_rmse.items()}
-    where = f"validation {months_text(list(validation_months))}"
+    where = f"validation {months_text(list(validation_months), first_month)}"
     present = [name for name in CANDIDATES if name in scores]
     best = min(present, key=lambda name: (scores[name], present.index(name)))
     baseline = scores["baseline"]
@@ -109,10 +113,12 @@ def challenge(
     tolerance: float = 0.0,
     month: int | None = None,
     why_no_champion: str = "there is no champion yet",
+    first_month: str = "2013-01",
 ) -> ChampionDecision:
     """The champion stays only when the challenger is worse than ``(1 + tolerance) x`` the champion on ``month``
     (the newest month with actuals: both were trained without it). No comparable champion: the challenger wins."""
-    where = f"holdout month {month}" if month is not None else "the holdout month"
+    where = months_text([month], first_month).replace("month", "the holdout month") if month is not None \
+        else "the holdout month"
     if champion_rmse is None or not math.isfinite(champion_rmse):
         return ChampionDecision(False, f"the challenger becomes the champion: {why_no_champion}",
                                 challenger_rmse, None, month)  # fmt: skip
@@ -173,7 +179,8 @@ def gate_run(config: Any, windows_dir: str | Path, final_windows_dir: str | Path
     blend = selection.blend
     decision = decide(candidates, fallback=config.export.fallback, validation_months=selection.validation_months,
                       blend_weight=None if blend is None else blend.known,
-                      launch_blend_weight=None if blend is None else blend.launch)  # fmt: skip
+                      launch_blend_weight=None if blend is None else blend.launch,
+                      first_month=config.ingest.first_month)  # fmt: skip
     exported, reason, exported_rmse = decision.exported, decision.reason, float(scores.rmse[decision.exported])
     evaluation = score_holdout(config, windows_dir, run_dir)
     forecast = pd.read_parquet(scores.forecast)
@@ -187,7 +194,8 @@ def gate_run(config: Any, windows_dir: str | Path, final_windows_dir: str | Path
         else:
             score = champions.score_champion(config, scores.holdout_month, windows_dir, final_windows_dir)
             verdict = challenge(exported_rmse, score.rmse, month=scores.holdout_month,
-                                tolerance=config.export.champion_tolerance, why_no_champion=score.why_not)  # fmt: skip
+                                tolerance=config.export.champion_tolerance, why_no_champion=score.why_not,
+                                first_month=config.ingest.first_month)  # fmt: skip
             if verdict.keep_champion and score.columns is not None:
                 forecast["champion"] = score.columns["forecast"]
                 with atomic_path(scores.forecast) as tmp:

@@ -10,6 +10,7 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
+from prefect.states import Completed
 
 from core import display
 from core.config import RUN_KNOBS, NestcastConfig
@@ -94,11 +95,13 @@ def sales_forecast(*, overrides: dict[str, Any] | None = None, **knobs: Any) -> 
         "accountability_months": scored["months"],
         "flow_run_url": flow_run_url(),
     }
-    get_run_logger().info(display.forecast_summary_lines(summary, first_month)[0])
+    verdict = display.verdict(summary, first_month)
+    get_run_logger().info(verdict)
     create_markdown_artifact(
         key="sales-forecast-summary",
         markdown="## Sales forecast\n\n| | |\n|---|---|\n"
         + "\n".join(f"| {name} | {value} |" for name, value in display.summary_rows(summary, first_month)),
         description="What this run read, trained, scored and exported",
     )
-    return summary
+    # The verdict is the run's state message: the UI's run list and page say what was exported, and what beat it.
+    return Completed(message=verdict, data=summary)

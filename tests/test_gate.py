@@ -70,7 +70,7 @@ def test_without_launch_rows_both_segments_share_the_single_blend_weight() -> No
 def test_the_gate_exports_the_best_candidate_that_beats_the_previous_period() -> None:
     decision = decide({"model": 1.5, "ensemble": 1.4, "baseline": 2.0}, validation_months=[26, 27], blend_weight=0.6)
     assert decision.exported == "ensemble" and decision.blend_weight == 0.6
-    assert "months 26 and 27" in decision.reason and "ensemble 1.4000" in decision.reason
+    assert "months 2015-03 and 2015-04" in decision.reason and "ensemble 1.4000" in decision.reason
     assert decide({"model": 1.3, "ensemble": 1.4, "baseline": 2.0}).exported == "model"
     # the LightGBM booster is a candidate too: a run never hides a better forecaster it made
     assert decide({"model": 1.5, "reference": 1.3, "ensemble": 1.4, "baseline": 2.0}).exported == "reference"
