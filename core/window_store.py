@@ -17,10 +17,10 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 
+from core.cube import CHANNELS, GRID_ARRAYS, LEVEL_SLICES, LEVELS, ROW_COLUMNS, STORED_LEVELS, pair_channels
 from core.features import HEAD, FeatureTables, StoreArrays, head_inputs
 from core.lake import FORECAST_FILE, WINDOWS_META_FILE
 from core.sampling import BudgetDraws, EpochShuffled
-from core.windows import CHANNELS, GRID_ARRAYS, LEVEL_SLICES, LEVELS, ROW_COLUMNS, STORED_LEVELS, pair_channels
 
 
 class CubeView:

@@ -18,10 +18,11 @@ from lake_helpers import write_lake
 
 from core.aggregate import aggregate, read_monthly
 from core.config import NestcastConfig
+from core.cube import CHANNEL_SPECS, CHANNELS
 from core.lake import LakePaths
 from core.synthetic import generate
 from core.window_store import WindowStore
-from core.windows import CHANNEL_SPECS, CHANNELS, build_windows
+from core.windows import build_windows
 
 LOOKBACK = 6
 
