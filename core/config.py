@@ -147,7 +147,7 @@ class TrainConfig(_Section):
     )
     learning_rate_floor: float = Field(0.05, ge=0, le=1, description="The cosine's last rate, as a share of the peak.")
     loss: Literal["mse", "huber"] = "mse"
-    patience: int = Field(2, ge=0, description="Early-stopping patience on the holdout loss (0: off).")
+    patience: int = Field(2, ge=0, description="Early-stopping patience on the validation months' loss (0: off).")
     seed: int = 42
     device: Device = "auto"
     jit_compile: Literal["auto", "on", "off"] = "auto"
@@ -169,7 +169,7 @@ class TrainConfig(_Section):
     launch_calibration: bool = Field(
         True,
         description="Scale the model's and the ensemble trees' forecasts of items in their launch month by a factor "
-        "chosen on the validation month (core.calibration); the reference gets a calibrated copy beside it.",
+        "chosen on the validation months (core.calibration: each month's best scale, geometric mean).",
     )
 
 
@@ -195,7 +195,7 @@ class ReferenceConfig(_Section):
     boost_threads: int | None = Field(None, ge=1, description="LightGBM threads (None: every core).")
     ensemble_segments: Literal["launch", "none"] = Field(
         "launch",
-        description="'launch': the ensemble's model weight is chosen on the validation month separately for items "
+        description="'launch': the ensemble's model weight is chosen on the validation months separately for items "
         "in their launch month (no sale before the target month) and for the rest; 'none': one weight for all rows.",
     )
 
@@ -326,7 +326,7 @@ FLAT_FIELDS: dict[str, tuple[str, ...]] = _flat_fields()
 #: still reachable through ``overrides`` / ``--set``.
 RUN_KNOBS: dict[str, str] = {
     "data_dir": "Lake root holding raw/ (input) and lake/, runs/, submissions/.",
-    "epochs": "Training epochs at most; the validation month picks the count the refits use.",
+    "epochs": "Training epochs at most; the validation months pick the count the refits use.",
     "batch_size": "Training batch size.",
     "learning_rate": "Adam learning rate.",
     "lookback": "Months of history in each window.",

@@ -4,7 +4,7 @@ One harness for four encoders (``nlstm`` | ``lstm`` | ``gru`` | ``rnn``) so they
 terms: the window ``sequence`` [b, lookback, channels] goes through the encoder; optional shop and
 category embeddings are concatenated to its last state; a head (Dense relu -> Dense(1), float32)
 outputs next month's count. Training minimises MSE (or Huber) on the clipped target with Adam,
-early-stops on the holdout month (best weights restored), writes a checkpoint after every epoch
+early-stops on the validation months (best weights restored), writes a checkpoint after every epoch
 and resumes from the last one, and records what it ran on in ``metadata.json``.
 
 Device: ``select_device("auto")`` takes every visible GPU (one: the default strategy; several:
@@ -719,8 +719,8 @@ def train_forecaster(
 ) -> TrainResult:
     """One stage of the training protocol on the windows in ``windows_dir``, into ``run_dir``.
 
-    ``select``: train on the targets before the validation month (the month before the holdout) for at most
-    ``train.epochs`` epochs, early-stopped on the validation month's grid (best weights kept); its
+    ``select``: train on the targets before the validation months (the months before the holdout) for at most
+    ``train.epochs`` epochs, early-stopped on the validation months' grids (best weights kept); its
     ``best_epoch`` is the epoch count the refit uses. ``refit``: train on every training target (through
     the month before the holdout; with a store built without a holdout, through the last month) for exactly
     ``epochs`` epochs with no validation data, keeping the last epoch's weights.

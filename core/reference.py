@@ -4,7 +4,7 @@ Two boosters use it: the reported **reference** reads :data:`core.features.RECIP
 competition: pair lags, target encodings of past months, sale timing, price, ids), and the ensemble's **trees** read
 :data:`core.features.BOOSTER` (the recipe and what is known about a launch on its first day). Both are trained
 on exactly the Nested LSTM's samples (the windows store's grid of every training month), early-stop on the
-validation month and refit with the chosen rounds, like the network, on the same clipped target.
+validation months and refit with the chosen rounds, like the network, on the same clipped target.
 """
 
 from __future__ import annotations
@@ -82,7 +82,7 @@ def fit_reference(
 ) -> ReferenceFit:
     """Train on the store's training samples before ``before_month`` (None: all of them), reading ``features``.
 
-    ``validate``: early-stop on the validation month's grid (at most ``cfg.max_rounds``) -- the selection
+    ``validate``: early-stop on the validation months' grids (at most ``cfg.max_rounds``) -- the selection
     stage; otherwise train exactly ``rounds`` rounds (the refit with the selected count).
     """
     import lightgbm as lgb
