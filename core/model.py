@@ -758,6 +758,7 @@ def train_forecaster(
         budget=train_cfg.sample_budget,
         before_month=before,
         pad_last=True,
+        endless=True,  # the batches of every epoch fixed in advance: core.sampling.EpochShuffled
     )
     metadata = {
         "model_config": config.model.model_dump(mode="json"),

@@ -219,13 +219,13 @@ class WindowStore:
         ``before_month`` keeps the targets before that month (the protocol's selection stage trains below the
         validation months). ``budget``: a weighted draw of at most that many windows, drawn afresh every epoch
         (``BudgetDraws``): epoch k trains on ``budget_draw``'s sample for ``(seed, k)``, so three epochs see up to
-        three times as many distinct windows as one fixed draw for the same compute. The batches are one endless
-        stream across epochs (``EpochShuffled``): ``fit`` needs ``steps_per_epoch=len(dataset)``. ``kwargs`` go to
-        ``EpochShuffled`` (``pad_last``) and ``PyDataset``.
+        three times as many distinct windows as one fixed draw for the same compute. ``kwargs`` go to
+        ``EpochShuffled`` (``pad_last``; ``endless=True``, which training uses: one stream across epochs, so
+        ``fit`` needs ``steps_per_epoch=len(dataset)``) and ``PyDataset``.
         """
         index, draws = self._budget_draws(before_month, seed, budget)
         return _dataset_class()(self, index, batch_size, with_y=True, shuffle=shuffle, seed=seed, draws=draws,
-                                **{"endless": True, **kwargs})  # fmt: skip
+                                **kwargs)  # fmt: skip
 
     def holdout_dataset(self, batch_size: int, **kwargs: Any) -> Any:
         """Holdout batches with targets, in ``holdout_frame()`` order."""

@@ -473,7 +473,9 @@ def test_datasets_feed_keras(tmp_path: Path, tiny: dict[str, pd.DataFrame]) -> N
     assert weights.shape == (64,) and (weights >= 1).all()
     same = store.train_dataset(batch_size=64, seed=1, budget=300)
     np.testing.assert_array_equal(same[0][0]["sequence"], x["sequence"])
-    next_epoch = train[len(train)]  # the stream goes on into epoch 1: another order (and draw)
+    stream = store.train_dataset(batch_size=64, seed=1, budget=300, endless=True)  # what training reads
+    np.testing.assert_array_equal(stream[0][0]["sequence"], x["sequence"])
+    next_epoch = stream[len(stream)]  # the stream goes on into epoch 1: another order (and draw)
     assert not np.array_equal(next_epoch[1], y) or not np.array_equal(next_epoch[0]["shop"], x["shop"])
     seen = np.concatenate([train[k][1] for k in range(len(train))])
     assert seen.size == 300
