@@ -43,7 +43,6 @@ from core.window_store import WindowStore  # noqa: E402
 VARIANTS: dict[str, dict[str, Any]] = {
     "default": {},
     "calibrated": {"launch_calibration": True},
-    "uncalibrated": {"launch_calibration": False},
     "one-weight": {"ensemble_segments": "none"},
 }
 

@@ -560,31 +560,33 @@ def test_a_budgeted_dataset_draws_afresh_each_epoch_and_a_resumed_run_redraws_th
     store, everything = store_and_pool(tmp_path, tiny)
     budget = everything.shape[0] // 4
 
-    def epoch_rows(dataset: object) -> set[tuple[int, int]]:
-        rows = np.concatenate([dataset.index[dataset.batch_positions(i)] for i in range(len(dataset))])
+    def epoch_rows(dataset: object, epoch: int) -> set[tuple[int, int]]:
+        start = epoch * len(dataset)  # the stream's batches of that epoch
+        rows = np.concatenate([dataset.epoch_samples(epoch)[dataset.batch_positions(start + i)]
+                               for i in range(len(dataset))])  # fmt: skip
         return set(map(tuple, rows[: dataset.n_samples].tolist()))
 
-    batches = store.train_dataset(batch_size=64, seed=5, budget=budget, pad_last=True)
-    first = epoch_rows(batches)
+    batches = store.train_dataset(batch_size=64, seed=5, budget=budget, pad_last=True, endless=True)
+    first = epoch_rows(batches, 0)
     assert len(first) == budget  # each draw is without replacement
     # The boosters train on the fixed draw, which is the network's first epoch.
     boosters, _ = store.weighted_training_samples(budget=budget, seed=5)
     assert first == set(map(tuple, boosters.tolist()))
-    batches.on_epoch_end()
-    second = epoch_rows(batches)
+    second = epoch_rows(batches, 1)
     assert len(second) == budget and second != first and len(first | second) > budget  # new windows this epoch
 
-    resumed = store.train_dataset(batch_size=64, seed=5, budget=budget, pad_last=True)
-    resumed.set_epoch(1)
+    resumed = store.train_dataset(batch_size=64, seed=5, budget=budget, pad_last=True, endless=True)
+    resumed.set_epoch(1)  # a run resumed at epoch 1 starts its stream there
     for i in (0, len(resumed) - 1):
         x, y, w = resumed[i]
-        x_run, y_run, w_run = batches[i]
+        x_run, y_run, w_run = batches[len(batches) + i]
         np.testing.assert_array_equal(x["sequence"], x_run["sequence"])
         np.testing.assert_array_equal(y, y_run) and np.testing.assert_array_equal(w, w_run)
 
     # Each epoch's draw is weighted on its own: its weights still add up to every window.
-    y_kept = store.targets(batches.index[:, 0], batches.index[:, 1])
-    assert np.sum(batches.sample_weights) == pytest.approx(everything.shape[0], rel=1e-5)
-    assert np.sum(batches.sample_weights * (y_kept == 0)) == pytest.approx(
+    kept, weights = batches.epoch_samples(1), batches.epoch_weights(1)
+    y_kept = store.targets(kept[:, 0], kept[:, 1])
+    assert np.sum(weights) == pytest.approx(everything.shape[0], rel=1e-5)
+    assert np.sum(weights * (y_kept == 0)) == pytest.approx(
         np.sum(store.targets(everything[:, 0], everything[:, 1]) == 0), rel=1e-5
     )
