@@ -81,7 +81,8 @@ def test_a_forecast_is_scored_once_the_drop_of_its_month_arrives_exactly_as_the_
     submission = pd.read_csv(first["submission"])
     test = pd.read_csv(root / "raw" / "test.csv")
     assert record["forecast_month"] == DROP_MONTH and record["status"] == "scored"
-    assert record["exported"] == first["exported"] and record["run_dir"] == first["run_dir"]
+    assert record["exported"] == first["exported"]
+    assert record["run_dir"] == LakePaths(root).run_name(first["run_dir"]) == f"runs/{Path(first['run_dir']).name}"
     assert record["n_pairs"] == len(test)
     assert record["rmse_exported"] == pytest.approx(reference_rmse(cycle["drop_rows"], submission, test), abs=1e-6)
     # The previous-period forecast available then: each pair's month-14 sales, from sales_train.csv's rows.
@@ -137,8 +138,10 @@ def test_a_forecast_whose_pairs_no_longer_resolve_is_reported_not_skipped(cycle,
 
 def test_the_champion_is_kept_and_its_forecast_exported_when_the_challenger_is_worse(cycle):
     third, index = cycle["third"], cycle["index_after_second"]
-    assert index["champion"]["run_dir"] in (cycle["first"]["run_dir"], cycle["second"].result()["run_dir"])
-    assert third["run_dir"] != index["champion"]["run_dir"], "the near-zero learning rate trains another run"
+    paths = LakePaths(cycle["root"])
+    runs = {paths.run_name(run["run_dir"]) for run in (cycle["first"], cycle["second"].result())}
+    assert index["champion"]["run_dir"] in runs and index["champion"]["run_dir"].startswith("runs/")
+    assert paths.run_name(third["run_dir"]) != index["champion"]["run_dir"], "the near-zero learning rate trains another run"
     assert third["exported"] == "champion"
     assert champion.read_index(LakePaths(cycle["root"]))["champion"] == index["champion"], "the champion stays"
     sidecar = json.loads(Path(third["submission"]).with_suffix(".json").read_text())

@@ -273,7 +273,7 @@ def test_a_replaced_model_is_retrained_and_a_removed_test_csv_exports_the_last_m
     run_dir = Path(first.result()["run_dir"])
     for stage in ("select", "holdout", "final"):
         recorded = read_json(run_dir / stage / "metadata.json")["artifacts"]
-        assert set(recorded) == {"model.keras", "reference.txt", "trees.txt"}
+        assert set(recorded) == {"model.keras", "reference.txt"}
         assert recorded["model.keras"] == file_sha256(run_dir / stage / "model.keras")
 
     # A garbage model.keras: the stage that wrote it trains again; the rest is served from cache.
