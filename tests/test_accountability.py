@@ -141,7 +141,7 @@ def test_the_champion_is_kept_and_its_forecast_exported_when_the_challenger_is_w
     paths = LakePaths(cycle["root"])
     runs = {paths.run_name(run["run_dir"]) for run in (cycle["first"], cycle["second"].result())}
     assert index["champion"]["run_dir"] in runs and index["champion"]["run_dir"].startswith("runs/")
-    assert paths.run_name(third["run_dir"]) != index["champion"]["run_dir"], "the near-zero learning rate trains another run"
+    assert paths.run_name(third["run_dir"]) != index["champion"]["run_dir"], "a near-zero learning rate trains anew"
     assert third["exported"] == "champion"
     assert champion.read_index(LakePaths(cycle["root"]))["champion"] == index["champion"], "the champion stays"
     sidecar = json.loads(Path(third["submission"]).with_suffix(".json").read_text())
