@@ -321,6 +321,8 @@ def _start_server() -> tuple[subprocess.Popen[bytes], str]:
         **get_current_settings().to_environment_variables(exclude_unset=True),
     }
     env.pop("PREFECT_API_URL", None)
+    if env.get("PREFECT_LOGGING_SETTINGS_PATH") == str(console.LOGGING_CONFIG):
+        env.pop("PREFECT_LOGGING_SETTINGS_PATH")  # the server runs no flow: no TensorFlow preloaded by that config
     timeout = max(float(PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value()), 60.0)
     for _attempt in range(5):
         port = _free_port()
