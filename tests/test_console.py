@@ -44,7 +44,7 @@ def test_a_tiny_cli_run_prints_no_native_logs_one_aggregation_line_and_the_verdi
     summary = result.stdout.strip().splitlines()
     assert summary[0].startswith("Exported ") and " than the previous month (" in summary[0]
     assert any(line.startswith("lake:       2013-01 – ") for line in summary)
-    renamed = f"Flow run 'forecast-{summary[0].split(' for ')[1][:7]}-nlstm'"
+    renamed = f"Flow run 'forecast-{summary[0].split(' for ')[1][:7]}-nlstm-epochs=1-batch_size=256-lookback=6-units=8'"
     assert f"{renamed} - Finished in state Completed('{summary[0]}')" in result.stderr, "run not renamed to the end"
     data_dir = str((tmp_path / "D").resolve())
     assert f"data directory: {data_dir}" in result.stderr and f"submission: {data_dir}/submissions/" in result.stdout
