@@ -142,6 +142,8 @@ class UiLogNoise(logging.Filter):
         if _hook_line(record):
             return False
         if record.exc_info and isinstance(record.exc_info[1], NestcastError):
+            if record.getMessage().startswith("Engine execution exited with unexpected exception"):
+                return False  # a served run's engine says so of every error; the line before named this one
             # Python 3.11's filters cannot hand a copy on; the mark tells ConsoleNoise, which sees this record next.
             record.exc_info, record.exc_text = None, None
             record.nestcast_expected_error = True

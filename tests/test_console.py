@@ -195,6 +195,9 @@ def test_the_ui_log_keeps_an_expected_error_as_one_line_and_an_unexpected_one_wi
     hook = logging.LogRecord("prefect.flow_runs", logging.INFO, __file__, 1, "Running hook 'publish_artifacts' in "
                              "response to entering state 'Completed'", None, None)  # fmt: skip
     assert not ui.filter(hook)
+    engine = _error_record(DataValidationError("test.csv: line 10"))
+    engine.msg, engine.args = "Engine execution exited with unexpected exception", None
+    assert not ui.filter(engine), "a served run's engine calls every error unexpected"
 
 
 def test_the_logging_config_is_prefect_s_own_with_nestcast_s_filters_on_its_console_and_api_handlers():
