@@ -211,6 +211,9 @@ def test_the_logging_config_is_prefect_s_own_with_nestcast_s_filters_on_its_cons
     assert ours["handlers"]["console"].pop("filters") == ["console_noise"]
     assert ours["handlers"]["api"].pop("filters") == ["ui_log_noise"]
     assert ours == prefects, "Prefect's logging.yml changed: take the new one and add the filters again"
+    from prefect.logging.configuration import load_logging_config
+
+    assert load_logging_config(LOGGING_CONFIG)["handlers"]["api"]["filters"] == ["ui_log_noise"], "Prefect reads it"
 
 
 def test_tensorflow_s_warning_about_one_trace_per_new_model_goes_and_other_retracing_warnings_stay():
