@@ -2,7 +2,9 @@
 
 The submission is the competition's exact format (``ID,item_cnt_month``, one row per ``test.csv`` row,
 sorted by ID). It is checked in memory before anything touches the disk, so a failed check leaves
-no file and no temporary behind.
+no file and no temporary behind. An earlier, different submission of the same month is kept, with its sidecar,
+under ``submissions/history/<month>/<written_at>.csv`` rather than overwritten; the same bytes written again
+(a rerun) keep nothing extra.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import io
 import json
 import re
 from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +33,8 @@ SUBMISSION_COLUMNS: tuple[str, str] = ("ID", "item_cnt_month")
 FLOAT_FORMAT = "%.6f"
 # How many offending IDs an error message quotes; the counts say how many there are in all.
 _QUOTE = 5
-
+#: ``submissions/history/<month>/``: the earlier submissions of a month (accountability reads ``submissions/*.csv``).
+HISTORY_DIR = "history"
 
 
 def _quote(values: Sequence[Any] | np.ndarray) -> str:
@@ -140,9 +144,11 @@ class ExportResult:
     rows: int
     sha256: str
     total: float
+    previous_path: Path | None = None  # where the earlier, different submission of the month was kept
 
     def to_dict(self) -> dict[str, Any]:
         return {
+            "previous_path": None if self.previous_path is None else str(self.previous_path),
             "forecast_month": self.forecast_month,
             "csv_path": str(self.csv_path),
             "sidecar_path": str(self.sidecar_path),
@@ -224,6 +230,7 @@ def export_submission(
         if copy_path.is_dir():
             copy_path = copy_path / csv_path.name
 
+    previous_path = keep_previous_submission(csv_path, sidecar_path, payload)
     write_bytes_atomic(csv_path, payload)
     write_bytes_atomic(sidecar_path, meta_bytes)
     if copy_path is not None:
@@ -236,7 +243,40 @@ def export_submission(
         rows=len(frame),
         sha256=digest,
         total=total,
+        previous_path=previous_path,
     )
+
+
+def _written_stamp(sidecar: Any, csv_path: Path) -> str:
+    """When the earlier submission was written, as a file name (``20141204T113019Z``): its sidecar's
+    ``flow_run.written_at``, else the CSV's modification time."""
+    written = sidecar.get("flow_run", {}).get("written_at") if isinstance(sidecar, dict) else None
+    try:
+        moment = datetime.fromisoformat(written) if written else None
+    except ValueError:
+        moment = None
+    if moment is None:
+        moment = datetime.fromtimestamp(csv_path.stat().st_mtime, UTC)
+    return moment.astimezone(UTC).strftime("%Y%m%dT%H%M%SZ")
+
+
+def keep_previous_submission(csv_path: Path, sidecar_path: Path, payload: bytes) -> Path | None:
+    """Copy the month's current submission (and its sidecar) to ``history/<month>/<written_at>.csv`` before
+    ``payload`` replaces it; nothing when there is none or it holds the same bytes (a rerun). Returns the copy."""
+    if not csv_path.exists():
+        return None
+    earlier = csv_path.read_bytes()
+    if earlier == payload:
+        return None
+    sidecar = sidecar_path.read_bytes() if sidecar_path.exists() else None
+    folder = csv_path.parent / HISTORY_DIR / csv_path.stem
+    target = folder / f"{_written_stamp(json.loads(sidecar) if sidecar else None, csv_path)}.csv"
+    if target.exists() and target.read_bytes() != earlier:  # two submissions written in the same second
+        target = target.with_name(f"{target.stem}-{hashlib.sha256(earlier).hexdigest()[:8]}.csv")
+    write_bytes_atomic(target, earlier)
+    if sidecar is not None:
+        write_bytes_atomic(target.with_suffix(".json"), sidecar)
+    return target
 
 
 def _forecast_universe(paths: Any, store: Any, windows_dir: str | Path) -> pd.DataFrame:

@@ -47,6 +47,31 @@ EpochCallback = Callable[[int, dict[str, float]], None]
 OBJECTIVE = "objective"
 
 
+class FreshModelTracing(logging.Filter):
+    """Drops TensorFlow's "N out of the last N calls to ...make_predict_function... triggered tf.function
+    retracing" warning, which is about new models, not retracing.
+
+    Every training stage builds a new model, and a new model's predict step is a new ``tf.function`` that traces
+    once (``predict`` pads each set's last batch, so one model never sees two shapes). TensorFlow's detector counts
+    traces by the function's *code*, shared by every Keras model in the process, so a process that trains many
+    models and predicts a set or two with each (``nestcast replay``: three stages a month) reads as "5 out of the
+    last 5 calls retraced". Any other retracing warning (a train or evaluate step, a user's function) stays.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not ("triggered tf.function retracing" in message and "make_predict_function" in message)
+
+
+def _quiet_fresh_model_tracing() -> None:
+    logger = logging.getLogger("tensorflow")
+    if not any(isinstance(f, FreshModelTracing) for f in logger.filters):
+        logger.addFilter(FreshModelTracing())
+
+
+_quiet_fresh_model_tracing()
+
+
 # --- device ------------------------------------------------------------------------------------
 @dataclasses.dataclass
 class DeviceInfo:

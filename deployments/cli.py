@@ -112,7 +112,8 @@ def _knob_option(name: str) -> inspect.Parameter:
         (inner,) = [arg for arg in get_args(annotation) if arg is not type(None)]
         annotation = inner | None
     lower = [meta.ge for meta in field.metadata if hasattr(meta, "ge")]
-    bounds = {"min": lower[0]} if lower else {}
+    upper = [meta.le for meta in field.metadata if hasattr(meta, "le")]
+    bounds = ({"min": lower[0]} if lower else {}) | ({"max": upper[0]} if upper else {})  # as the flow's schema
     option = typer.Option(help=RUN_KNOBS[name], **bounds)
     return inspect.Parameter(_OPTION_OF.get(name, name), inspect.Parameter.KEYWORD_ONLY,
                              default=default, annotation=Annotated[annotation, option])  # fmt: skip
@@ -321,6 +322,8 @@ def _start_server() -> tuple[subprocess.Popen[bytes], str]:
         **get_current_settings().to_environment_variables(exclude_unset=True),
     }
     env.pop("PREFECT_API_URL", None)
+    if env.get("PREFECT_LOGGING_SETTINGS_PATH") == str(console.LOGGING_CONFIG):
+        env.pop("PREFECT_LOGGING_SETTINGS_PATH")  # the server runs no flow: no TensorFlow preloaded by that config
     timeout = max(float(PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value()), 60.0)
     for _attempt in range(5):
         port = _free_port()
@@ -489,13 +492,22 @@ def run(
 
 
 @app.command()
-def serve(verbose: Verbose = False) -> None:
+def serve(
+    data_dir: Annotated[
+        str, typer.Option(help="The deployments' default data directory (the form's data_dir; a run may change it).")
+    ] = str(DEFAULTS.data_dir),
+    verbose: Verbose = False,
+) -> None:
     """Serve the 'monthly' (cron) and 'manual' deployments from this process, no worker needed."""
     _check_environment()
+    config = _build_config({"data_dir": data_dir}, {})
+    _check_data_dir(config)
+    default = data_dir_identity(config.data_dir)
     console.quiet_console(verbose)
     from deployments.serve import serve_deployments
 
-    serve_deployments()
+    typer.echo(f"data directory: {default} (the deployments' default data_dir)")
+    serve_deployments({"data_dir": default})
 
 
 # --- backtest and search (issue 8) -----------------------------------------------------------------

@@ -10,6 +10,13 @@ Quiet by default (``--verbose`` turns all of this off, for today's full detail):
   fan-out (``finish-aggregation`` logs one line for all months instead) and the hook bookkeeping lines of
   tasks that republish their artifacts. Failures, retries and everything in the UI's log stay.
 - Great Expectations' INFO notices ("Created temporary directory …") go.
+- The run's log in the UI (Prefect's API handler, :class:`UiLogNoise`) loses the hook bookkeeping lines too, and an
+  error nestcast raised on purpose (``core.errors``) is one line there, its message, not the engine's traceback.
+
+One path for every entry point (``quiet_console``): ``nestcast run``, ``replay``, ``backtest``, ``search`` and
+``serve`` run it, and it points ``PREFECT_LOGGING_SETTINGS_PATH`` at ``deployments/logging.yml`` (Prefect's own
+logging config plus these filters), so the processes Prefect starts from here (a served deployment's flow runs,
+Dask workers) set their logging up the same way.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ import os
 import re
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 from core.errors import NestcastError
 
@@ -31,6 +39,8 @@ _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
 VERBOSE_FLAG = "--verbose"
 #: Task runs whose completion line is dropped on the console: one per month, summed up by finish-aggregation.
 FAN_OUT_TASKS: tuple[str, ...] = ("aggregate-month",)
+#: Prefect's default logging config plus nestcast's filters on its console and API handlers.
+LOGGING_CONFIG = Path(__file__).with_name("logging.yml")
 
 
 def printable(text: str) -> str:
@@ -87,13 +97,29 @@ def preload_tensorflow() -> None:
         pass
 
 
+def _expected_error(record: logging.LogRecord) -> bool:
+    """A record of an error nestcast raised on purpose (``core.errors``): its message says it all."""
+    if getattr(record, "nestcast_expected_error", False):  # its traceback already taken off (UiLogNoise)
+        return True
+    return bool(record.exc_info) and isinstance(record.exc_info[1], NestcastError)
+
+
+def _hook_line(record: logging.LogRecord) -> bool:
+    """Prefect's INFO bookkeeping around hooks (a cached task republishing its artifacts runs one); a hook's
+    failure is an ERROR and stays."""
+    if record.levelno != logging.INFO:
+        return False
+    message = record.getMessage()
+    return message.startswith("Running hook ") or message.endswith("finished running successfully")
+
+
 class ConsoleNoise(logging.Filter):
     """Drops the per-task completion lines of the fan-out and hook bookkeeping, and the engine's traceback of an
     error nestcast raised on purpose (the CLI ends with its one-line message, and the "Finished in state Failed"
     line names it); keeps anything else that is not INFO."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.exc_info and isinstance(record.exc_info[1], NestcastError):
+        if _expected_error(record):
             return False
         if record.levelno != logging.INFO:
             return True
@@ -103,33 +129,67 @@ class ConsoleNoise(logging.Filter):
         task = getattr(record, "task_name", None)
         if task in FAN_OUT_TASKS and message.startswith(("Finished in state Completed", "Finished in state Cached")):
             return False
-        hook_line = message.startswith("Running hook ") or message.endswith("finished running successfully")
-        if task is not None and hook_line:
+        return not _hook_line(record)
+
+
+class UiLogNoise(logging.Filter):
+    """For the log the UI shows (Prefect's API handler): drops the hook bookkeeping lines and keeps an error
+    nestcast raised on purpose as its one-line message ("Encountered exception during execution:
+    DataValidationError('test.csv: ...')") instead of the engine's 80-line traceback through Prefect's internals.
+    An unexpected error keeps its traceback: that is where its cause is."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if _hook_line(record):
             return False
+        if record.exc_info and isinstance(record.exc_info[1], NestcastError):
+            if record.getMessage().startswith("Engine execution exited with unexpected exception"):
+                return False  # a served run's engine says so of every error; the line before named this one
+            # Python 3.11's filters cannot hand a copy on; the mark tells ConsoleNoise, which sees this record next.
+            record.exc_info, record.exc_text = None, None
+            record.nestcast_expected_error = True
         return True
 
 
-def _console_handlers() -> list[logging.Handler]:
-    from prefect.logging.handlers import PrefectConsoleHandler
+def console_noise() -> ConsoleNoise:
+    """The console handler's filter in ``logging.yml``. Prefect sets logging up (at ``import prefect``) before it
+    loads a flow in a process it starts, such as a served deployment's run, where nothing of nestcast's ran
+    earlier: the moment to quiet TensorFlow there too, before the flow's imports load it."""
+    quiet_native_logs()
+    preload_tensorflow()
+    return ConsoleNoise()
 
-    handlers = []
-    for logger in (logging.getLogger(), *(logging.getLogger(n) for n in ("prefect", "prefect.flow_runs",
-                                                                         "prefect.task_runs"))):  # fmt: skip
-        handlers += [h for h in logger.handlers if isinstance(h, PrefectConsoleHandler)]
+
+def _prefect_handlers(kind: str) -> list[logging.Handler]:
+    from prefect.logging.handlers import APILogHandler, PrefectConsoleHandler
+
+    wanted = {"console": PrefectConsoleHandler, "api": APILogHandler}[kind]
+    handlers: list[logging.Handler] = []
+    names = ("prefect", "prefect.flow_runs", "prefect.task_runs", "prefect.extra")
+    for logger in (logging.getLogger(), *(logging.getLogger(name) for name in names)):
+        handlers += [h for h in logger.handlers if isinstance(h, wanted) and h not in handlers]
     return handlers
 
 
 def quiet_prefect_console() -> None:
-    """Add :class:`ConsoleNoise` to Prefect's console handlers (the API log handler keeps every line)."""
-    for handler in _console_handlers():
-        if not any(isinstance(f, ConsoleNoise) for f in handler.filters):
-            handler.addFilter(ConsoleNoise())
+    """Add :class:`ConsoleNoise` to Prefect's console handlers and :class:`UiLogNoise` to its API handlers in this
+    process, whichever logging config Prefect read (``logging.yml`` already has them; a no-op then)."""
+    for kind, noise in (("console", ConsoleNoise), ("api", UiLogNoise)):
+        for handler in _prefect_handlers(kind):
+            if not any(isinstance(f, noise) for f in handler.filters):
+                handler.addFilter(noise())
+
+
+def quiet_child_processes() -> None:
+    """The processes Prefect starts from this one (a served deployment's runs, Dask workers) read
+    ``logging.yml``; a ``PREFECT_LOGGING_SETTINGS_PATH`` set by the user wins."""
+    os.environ.setdefault("PREFECT_LOGGING_SETTINGS_PATH", str(LOGGING_CONFIG))
 
 
 def quiet_console(verbose: bool) -> None:
-    """Everything above, unless ``verbose``."""
+    """Everything above, unless ``verbose``: the one quieting path of every entry point."""
     if verbose:
         return
     quiet_native_logs()
+    quiet_child_processes()
     preload_tensorflow()
     quiet_prefect_console()

@@ -11,7 +11,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any, TypeVar, Union, get_args, get_origin
+from typing import Annotated, Any, TypeVar, Union, get_args, get_origin
 
 from core.config import RUN_KNOBS, NestcastConfig, knob_default, knob_field
 
@@ -27,8 +27,17 @@ def _flow_type(annotation: Any) -> Any:
     return annotation
 
 
+def knob_annotation(name: str) -> Any:
+    """The knob's flow type carrying the config field's bounds (``Annotated[int, Ge(1)]`` for ``epochs``): the
+    deployment's parameter schema (the custom-run form) then has the same ``minimum``/``maximum`` as the config and
+    the CLI, and a run with ``epochs=0`` fails the flow's parameter validation before it starts."""
+    field = knob_field(name)
+    flow_type = _flow_type(field.annotation)
+    return Annotated[flow_type, *field.metadata] if field.metadata else flow_type
+
+
 def knob_parameters(knobs: Iterable[str], defaults: NestcastConfig) -> list[inspect.Parameter]:
-    """One keyword-only parameter per knob, typed and defaulted as in ``defaults``."""
+    """One keyword-only parameter per knob, typed, bounded and defaulted as in ``defaults``."""
     parameters = []
     for name in knobs:
         default = knob_default(name, defaults)
@@ -37,7 +46,7 @@ def knob_parameters(knobs: Iterable[str], defaults: NestcastConfig) -> list[insp
                 name,
                 inspect.Parameter.KEYWORD_ONLY,
                 default=str(default) if isinstance(default, Path) else default,
-                annotation=_flow_type(knob_field(name).annotation),
+                annotation=knob_annotation(name),
             )
         )
     return parameters

@@ -13,12 +13,13 @@ from prefect import flow, get_run_logger
 
 from core import replay as replay_step
 from core.config import RUN_KNOBS, NestcastConfig
-from core.lake import LakePaths
+from core.lake import LakePaths, forecast_month_label
+from core.run_names import replay_run_name
 from flows.aggregate_months import aggregate_months
 from flows.parameters import OVERRIDES, OVERRIDES_HELP, with_knobs
 from flows.sales_forecast import build_config, sales_forecast
 from tasks.accountability import publish_history, score_forecasts
-from tasks.common import step_options
+from tasks.common import name_flow_run, step_options
 from tasks.ingest import ingest_raw_files
 from tasks.replay import stage_replay_month
 
@@ -47,7 +48,8 @@ def _extra_parameters() -> list[Any]:
             inspect.Parameter("workspace", keyword, default=None, annotation=str | None), OVERRIDES]  # fmt: skip
 
 
-@flow(name="replay", log_prints=True, validate_parameters=True)
+# Renamed replay-<first month>-to-<last month> once the history says which months those are.
+@flow(name="replay", flow_run_name="replay-from-{from_month}", log_prints=True, validate_parameters=True)
 @with_knobs(
     tuple(RUN_KNOBS), defaults=DEFAULTS, extra=_extra_parameters(),
     extra_help={"from_month": "First forecast month to replay (date_block_num, at least 4).",
@@ -59,6 +61,8 @@ def replay(*, from_month: int, to_month: int | None = None, workspace: str | Non
     """Replay months K..E of the history in ``data_dir`` as the monthly schedule would have run them."""
     history = build_config(**knobs, overrides=overrides)
     plan = replay_step.plan(history.data_dir, from_month, to_month, workspace)
+    first_month = history.ingest.first_month
+    name_flow_run(replay_run_name(*(forecast_month_label(m, first_month) for m in (plan.months[0], plan.months[-1]))))
     options = step_options(history)
     stage = stage_replay_month.with_options(**options)
     args = (str(history.data_dir), plan.months[0], plan.months[-1], str(plan.workspace))

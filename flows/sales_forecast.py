@@ -14,12 +14,14 @@ from prefect.states import Completed
 
 from core import display
 from core.config import RUN_KNOBS, NestcastConfig
+from core.lake import forecast_month_label
 from core.protocol import forecast_run_dir
+from core.run_names import forecast_run_name
 from core.store import data_dir_identity
 from flows.aggregate_months import aggregate_months
 from flows.parameters import OVERRIDES, OVERRIDES_HELP, with_knobs
 from tasks.accountability import publish_history, score_forecasts
-from tasks.common import flow_run_url, name_flow_run, step_options
+from tasks.common import flow_run_url, name_failed_flow_run, name_flow_run, step_options
 from tasks.evaluate import evaluate_model
 from tasks.export import export_forecast
 from tasks.gate import decide_export
@@ -38,8 +40,19 @@ def build_config(**parameters: Any) -> NestcastConfig:
     return config.with_overrides(data_dir=data_dir_identity(config.data_dir))
 
 
-# Renamed to forecast-<month>-<kind> once the lake says which month is forecast (see name_flow_run).
-@flow(name="sales-forecast", flow_run_name="forecast-{kind}", log_prints=True, validate_parameters=True)
+def initial_run_name() -> str:
+    """``forecast-<kind>[-<knob>=<value>...]`` (``core.run_names``) from the run's parameters; the month is added
+    once the lake says which is forecast, and ``failed`` if the run fails."""
+    from prefect.runtime import flow_run
+
+    try:
+        return forecast_run_name(build_config(**flow_run.parameters), DEFAULTS)
+    except ValueError:  # parameters the config refuses: the run fails at once, under a name that says so
+        return "forecast-failed-parameters"
+
+
+@flow(name="sales-forecast", flow_run_name=initial_run_name, log_prints=True, validate_parameters=True,
+      on_failure=[name_failed_flow_run])  # fmt: skip
 @with_knobs(tuple(RUN_KNOBS), defaults=DEFAULTS, extra=[OVERRIDES], extra_help=OVERRIDES_HELP)
 def sales_forecast(*, overrides: dict[str, Any] | None = None, **knobs: Any) -> dict[str, Any]:
     """Forecast next month's sales for every test.csv pair and export a checked submission; score the earlier
@@ -58,7 +71,7 @@ def sales_forecast(*, overrides: dict[str, Any] | None = None, **knobs: Any) -> 
     monthly = aggregate_months(config, ingested)
     scored = score_forecasts.with_options(**options)(config, monthly)
     forecast_month = max(monthly["months"]) + 1
-    name_flow_run(f"forecast-{display.month_label(forecast_month, first_month)}-{config.model.kind}")
+    name_flow_run(forecast_run_name(config, DEFAULTS, forecast_month_label(forecast_month, first_month)))
     windows = build_windows.with_options(**options)(config, monthly, purpose="evaluation")
     final_windows = build_windows.with_options(**options)(config, monthly, purpose="final")
     run_dir = str(forecast_run_dir(config, windows, final_windows))

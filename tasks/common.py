@@ -293,6 +293,20 @@ def name_flow_run(name: str) -> None:
     renamed_flow_runs().names[str(context.flow_run.id)] = name  # and so do the engine's own
 
 
+def name_failed_flow_run(flow: Any, flow_run: Any, state: State) -> None:
+    """A flow's ``on_failure`` hook: ``forecast-2014-05-nlstm`` becomes ``forecast-failed-2014-05-nlstm``, so a
+    failed run reads as one in the UI's list whenever it failed (before its month was known too)."""
+    from prefect.client.orchestration import get_client
+
+    prefix, _, rest = flow_run.name.partition("-")
+    if not rest or rest.startswith("failed-"):
+        return
+    name = f"{prefix}-failed-{rest}"
+    with get_client(sync_client=True) as client:
+        client.update_flow_run(flow_run.id, name=name)
+    renamed_flow_runs().names[str(flow_run.id)] = name
+
+
 def flow_run_url() -> str | None:
     """The current flow run's page in the UI, when there is a UI (a temporary server has none)."""
     from prefect.runtime import flow_run

@@ -46,4 +46,6 @@ def export_forecast(
     """Write submissions/<month>.csv (the forecast the gate chose) and its JSON sidecar, after its checks."""
     result = export_step.export_run(config, windows.windows_dir, run_dir, decision, extra=flow_run_record())
     get_run_logger().info("exported the %s forecast to %s (%s)", decision.exported, result.csv_path, decision.reason)
+    if result.previous_path is not None:
+        get_run_logger().info("the month's earlier submission is kept as %s", result.previous_path)
     return {**result.to_dict(), "submission": str(result.csv_path), "exported": decision.exported}

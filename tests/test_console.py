@@ -12,7 +12,7 @@ import pytest
 
 from core.display import change, forecast_summary_lines, four, month_range, ratio, versus
 from core.errors import DataValidationError
-from deployments.console import ConsoleNoise, wants_verbose
+from deployments.console import LOGGING_CONFIG, ConsoleNoise, UiLogNoise, wants_verbose
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_OPTIONS = ["--epochs", "1", "--units", "8", "--lookback", "6", "--batch-size", "256",
@@ -44,7 +44,7 @@ def test_a_tiny_cli_run_prints_no_native_logs_one_aggregation_line_and_the_verdi
     summary = result.stdout.strip().splitlines()
     assert summary[0].startswith("Exported ") and " than the previous month (" in summary[0]
     assert any(line.startswith("lake:       2013-01 – ") for line in summary)
-    renamed = f"Flow run 'forecast-{summary[0].split(' for ')[1][:7]}-nlstm'"
+    renamed = f"Flow run 'forecast-{summary[0].split(' for ')[1][:7]}-nlstm-epochs=1-batch_size=256-lookback=6-units=8'"
     assert f"{renamed} - Finished in state Completed('{summary[0]}')" in result.stderr, "run not renamed to the end"
     data_dir = str((tmp_path / "D").resolve())
     assert f"data directory: {data_dir}" in result.stderr and f"submission: {data_dir}/submissions/" in result.stdout
@@ -174,3 +174,56 @@ def test_the_final_error_line_spells_out_the_control_characters_a_file_s_bytes_h
     assert last.startswith("error: items.csv: ") and "line 6" in last, last
     assert "\\x1b[2J\\x07caf\\xe9" in last, last  # spelt out, as Prefect's own lines spell them
     assert "\x07" not in result.stderr + result.stdout and "\x1b[2J" not in result.stderr + result.stdout
+
+
+def _error_record(error: BaseException) -> logging.LogRecord:
+    try:
+        raise error
+    except BaseException:
+        message = "Encountered exception during execution: %r"
+        return logging.LogRecord("prefect.flow_runs", logging.ERROR, __file__, 1, message, (error,), sys.exc_info())
+
+
+def test_the_ui_log_keeps_an_expected_error_as_one_line_and_an_unexpected_one_with_its_traceback():
+    expected, unexpected = _error_record(DataValidationError("test.csv: line 10")), _error_record(KeyError("x"))
+    ui, console = UiLogNoise(), ConsoleNoise()
+    assert ui.filter(expected) and ui.filter(unexpected)
+    one_line = logging.Formatter().format(expected)
+    assert one_line == "Encountered exception during execution: DataValidationError('test.csv: line 10')", one_line
+    assert "Traceback" in logging.Formatter().format(unexpected)
+    assert not console.filter(expected), "the console (next handler) still knows it was expected"
+    hook = logging.LogRecord("prefect.flow_runs", logging.INFO, __file__, 1, "Running hook 'publish_artifacts' in "
+                             "response to entering state 'Completed'", None, None)  # fmt: skip
+    assert not ui.filter(hook)
+    engine = _error_record(DataValidationError("test.csv: line 10"))
+    engine.msg, engine.args = "Engine execution exited with unexpected exception", None
+    assert not ui.filter(engine), "a served run's engine calls every error unexpected"
+
+
+def test_the_logging_config_is_prefect_s_own_with_nestcast_s_filters_on_its_console_and_api_handlers():
+    import prefect
+    import yaml
+
+    ours = yaml.safe_load(LOGGING_CONFIG.read_text())
+    prefects = yaml.safe_load((Path(prefect.__file__).parent / "logging" / "logging.yml").read_text())
+    assert ours.pop("filters") == {"console_noise": {"()": "deployments.console.console_noise"},
+                                   "ui_log_noise": {"()": "deployments.console.UiLogNoise"}}  # fmt: skip
+    assert ours["handlers"]["console"].pop("filters") == ["console_noise"]
+    assert ours["handlers"]["api"].pop("filters") == ["ui_log_noise"]
+    assert ours == prefects, "Prefect's logging.yml changed: take the new one and add the filters again"
+    from prefect.logging.configuration import load_logging_config
+
+    assert load_logging_config(LOGGING_CONFIG)["handlers"]["api"]["filters"] == ["ui_log_noise"], "Prefect reads it"
+
+
+def test_tensorflow_s_warning_about_one_trace_per_new_model_goes_and_other_retracing_warnings_stay():
+    from core.model import FreshModelTracing
+
+    def warning(function: str) -> logging.LogRecord:
+        message = f"5 out of the last 5 calls to <function {function} at 0x7f> triggered tf.function retracing."
+        return logging.LogRecord("tensorflow", logging.WARNING, __file__, 1, message, None, None)
+
+    fresh = FreshModelTracing()
+    assert not fresh.filter(warning("TensorFlowTrainer.make_predict_function.<locals>.one_step_on_data_distributed"))
+    assert fresh.filter(warning("TensorFlowTrainer.make_train_function.<locals>.one_step_on_data"))
+    assert any(isinstance(f, FreshModelTracing) for f in logging.getLogger("tensorflow").filters), "not installed"

@@ -206,3 +206,29 @@ def test_forecast_month_label_rejects_bad_input() -> None:
         forecast_month_label(3, "2013-13")
     with pytest.raises(ValueError):
         export_submission(good_frame(), good_frame(), Path("/nonexistent"), "Nov 2015", {})
+
+
+def test_an_earlier_different_submission_of_the_month_is_kept_in_history_and_a_rerun_keeps_nothing_more(
+    test_frame: pd.DataFrame, tmp_path: Path
+) -> None:
+    from core.accountability import exported_forecasts
+    from core.lake import LakePaths
+
+    submissions = tmp_path / "submissions"
+    first_run = {"forecast_month": 34, "flow_run": {"id": "run-1", "written_at": "2015-11-01T06:00:07+00:00"}}
+    first = export_submission(good_frame(), test_frame, submissions, "2015-11", first_run)
+    first_bytes, first_sidecar = first.csv_path.read_bytes(), first.sidecar_path.read_bytes()
+    assert first.previous_path is None
+
+    rerun_run = {"forecast_month": 34, "flow_run": {"id": "run-2", "written_at": "2015-11-01T07:00:00+00:00"}}
+    rerun = export_submission(good_frame(), test_frame, submissions, "2015-11", rerun_run)
+    assert rerun.previous_path is None and not (submissions / "history").exists(), "the same bytes pile up no copy"
+
+    second_run = {"forecast_month": 34, "flow_run": {"id": "run-3", "written_at": "2015-11-02T06:00:00+00:00"}}
+    second = export_submission(_with("item_cnt_month", 0, 7.0), test_frame, submissions, "2015-11", second_run)
+    kept = submissions / "history" / "2015-11" / "20151101T070000Z.csv"  # written (again) by the rerun
+    assert second.previous_path == kept and kept.read_bytes() == first_bytes
+    assert json.loads(kept.with_suffix(".json").read_text())["flow_run"]["id"] == "run-2"  # the rerun's sidecar
+    assert second.csv_path.read_bytes() != first_bytes and first_sidecar != second.sidecar_path.read_bytes()
+    assert [f.csv.name for f in exported_forecasts(LakePaths(tmp_path))] == ["2015-11.csv"], "history is not read"
+    assert not [p for p in submissions.rglob(".*")], "no temporary left behind"

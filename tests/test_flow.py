@@ -139,7 +139,8 @@ def test_transient_errors_are_retried_data_errors_are_not_and_a_rerun_resumes_fr
     assert epochs and epochs == list(range(1, len(epochs) + 1))
 
     summary = second.result()
-    assert flow_run_name(second.state_details.flow_run_id) == f"forecast-{summary['submission'][-11:-4]}-nlstm"
+    assert flow_run_name(second.state_details.flow_run_id) == (
+        f"forecast-{summary['submission'][-11:-4]}-nlstm-epochs=2-batch_size=256-lookback=6-units=8")
     assert "| months in the lake | 2013-01 – " in artifacts["sales-forecast-summary"].data
     assert summary["rows_in"] == summary["rows_accepted"] + summary["rows_quarantined"]
     submission = pd.read_csv(summary["submission"])
@@ -178,6 +179,9 @@ def test_a_file_level_validation_error_fails_at_once_without_retry(data_dir):
     runs = task_runs(state.state_details.flow_run_id)
     assert runs["ingest"].run_count == 1 and runs["ingest"].state.is_failed()
     assert set(runs) == {"ingest"}, "nothing downstream of a failed ingest runs"
+    # failed before the month was known: named by what it ran with, and as failed
+    named = flow_run_name(state.state_details.flow_run_id)
+    assert named == "forecast-failed-nlstm-epochs=2-batch_size=256-lookback=6-units=8", named
     with pytest.raises(DataValidationError, match="sales_train.csv"):
         state.result()
     failed = artifacts_of(state.state_details.flow_run_id)["validation-failed"]  # the UI says why it stopped

@@ -57,5 +57,8 @@ def test_each_replayed_month_is_its_own_forecast_flow_run_under_the_replay_run(r
             parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[parent])))  # fmt: skip
     names = sorted(run.name for run in parent_task_runs)
     assert [name for name in names if name.startswith("forecast-")] == [
-        f"forecast-{forecast_month_label(m)}-nlstm" for m in MONTHS]
+        f"forecast-{forecast_month_label(m)}-nlstm-epochs=1-batch_size=512-lookback=3-units=4-depth=1" for m in MONTHS]
     assert "replay-accountability" in names
+    with get_client(sync_client=True) as client:
+        assert client.read_flow_run(parent).name == f"replay-{forecast_month_label(MONTHS[0])}-to-" \
+            f"{forecast_month_label(MONTHS[-1])}"

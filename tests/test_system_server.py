@@ -166,6 +166,9 @@ def test_manual_deployment_runs_to_completion_with_artifacts_and_a_ui_page(serve
                 "submission"}  # fmt: skip
     assert expected <= keys
     assert list((data_dir / "submissions").glob("*.csv"))
+    # named by its month, encoder and the knobs that differ from the defaults (core/run_names.py)
+    assert re.fullmatch(r"forecast-\d{4}-\d{2}-nlstm-epochs=1-batch_size=256-lookback=6-units=8", flow_run["name"]), (
+        flow_run["name"])
 
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium is None:
@@ -181,7 +184,6 @@ def test_manual_deployment_runs_to_completion_with_artifacts_and_a_ui_page(serve
     dom = subprocess.run([chromium, *flags, "--dump-dom", page], capture_output=True, text=True, timeout=120).stdout
     assert screenshot.exists() and screenshot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert flow_run["name"] in dom, "the flow-run page does not show the run's name"
-    assert flow_run["name"].startswith("forecast-") and flow_run["name"].endswith("-nlstm"), flow_run["name"]
     assert "Completed" in dom
     saved = REPO / "build" / "screenshots"
     saved.mkdir(parents=True, exist_ok=True)
