@@ -35,6 +35,7 @@ from core.encoders import build_encoder, import_all
 from core.errors import DeviceUnavailableError
 from core.files import read_json, write_json_atomic
 from core.lake import METADATA_FILE, NETWORK_FILE
+from core.nlstm import seeded_initializer
 from core.sampling import EpochShuffled
 
 if TYPE_CHECKING:  # the config pulls in pydantic-settings; the GPU benchmark runs without it
@@ -255,18 +256,34 @@ def build_model(
             inputs["static"] = keras.Input((n_static,), name="static", dtype="float32")
             inputs["month"] = keras.Input((), name="month", dtype="int32")
             features.append(inputs["static"])
-            features.append(keras.layers.Embedding(12, 3, name="month_embedding", dtype=dtype)(inputs["month"]))
+            month = keras.layers.Embedding(
+                12, 3, name="month_embedding", dtype=dtype,
+                embeddings_initializer=seeded_initializer("uniform", seed, "month"),
+            )  # fmt: skip
+            features.append(month(inputs["month"]))
         if model_cfg.embeddings:
             for name, inp, size in (("shop", shop, n_shops), ("category", category, n_categories)):
                 embedded = keras.layers.Embedding(
-                    max(int(size), 1), model_cfg.embedding_dim, name=f"{name}_embedding", dtype=dtype
+                    max(int(size), 1),
+                    model_cfg.embedding_dim,
+                    name=f"{name}_embedding",
+                    dtype=dtype,
+                    embeddings_initializer=seeded_initializer("uniform", seed, f"{name}_embedding"),
                 )(inp)
                 features.append(embedded)
         hidden = features[0] if len(features) == 1 else keras.layers.Concatenate(name="features")(features)
         if model_cfg.head_units > 0:
-            hidden = keras.layers.Dense(model_cfg.head_units, activation="relu", name="head", dtype=dtype)(hidden)
+            hidden = keras.layers.Dense(
+                model_cfg.head_units,
+                activation="relu",
+                name="head",
+                dtype=dtype,
+                kernel_initializer=seeded_initializer("glorot_uniform", seed, "head"),
+            )(hidden)
         # The output stays float32 under mixed precision: the loss is computed on it.
-        output = keras.layers.Dense(1, name="count", dtype="float32")(hidden)
+        output = keras.layers.Dense(
+            1, name="count", dtype="float32", kernel_initializer=seeded_initializer("glorot_uniform", seed, "count")
+        )(hidden)
         model = keras.Model(inputs, output, name=model_cfg.kind)
         optimizer: Any = keras.optimizers.Adam(learning_rate)
         if dtype == "mixed_float16":
@@ -625,8 +642,10 @@ def _schedule(train_cfg: TrainConfig, epochs: int, train: Any) -> list[keras.cal
 
 def _rebuilt_line(model_path: Path, epoch: int, epochs: int) -> str:
     there = f"replacing the {model_path.stat().st_size:,}-byte file there" if model_path.exists() else "it was missing"
-    return (f"{model_path}: rebuilt from the checkpoints of its finished training (epoch {epoch} of {epochs}), "
-            f"{there}; no epoch retrained")
+    return (
+        f"{model_path}: rebuilt from the checkpoints of its finished training (epoch {epoch} of {epochs}), "
+        f"{there}; no epoch retrained"
+    )
 
 
 def train_model(
@@ -794,6 +813,14 @@ def train_forecaster(
     }
     metadata.update(extra_metadata or {})
     return train_model(
-        model, train, val, train_cfg, run_dir, on_epoch, device=device, extra_metadata=metadata, callbacks=callbacks,
+        model,
+        train,
+        val,
+        train_cfg,
+        run_dir,
+        on_epoch,
+        device=device,
+        extra_metadata=metadata,
+        callbacks=callbacks,
         schedule_epochs=config.train.epochs,
     )

@@ -51,6 +51,7 @@ without ``jit_compile`` went from 344–352 s/epoch (3.9–4.0x ``keras.layers.L
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, NamedTuple
@@ -80,6 +81,23 @@ SCAN_UNROLL = 1
 
 
 @keras.saving.register_keras_serializable(package="nestcast")
+def seeded_initializer(initializer: Any, seed: int | None, name: str) -> Any:
+    """``initializer`` with its own seed drawn from ``(seed, name)``; unchanged when ``seed`` is None or it takes
+    no seed (``zeros``) or already has one.
+
+    keras gives an unseeded initializer a seed from python's process-wide ``random`` the moment it is built;
+    ``keras.utils.set_random_seed`` seeds that, but every other thread of the process (Prefect's client, a Dask
+    worker's event loop) draws from it too, so a seeded model built under load started from other weights. A
+    seed of its own per weight makes the start a function of ``seed`` alone.
+    """
+    initializer = initializers.get(initializer)
+    config = initializer.get_config() if hasattr(initializer, "get_config") else {}
+    if seed is None or "seed" not in config or config["seed"] is not None:
+        return initializer
+    derived = zlib.crc32(f"{seed}/{name}".encode()) % (2**31 - 1)
+    return initializer.__class__.from_config({**config, "seed": derived})
+
+
 class NestedLSTMCell(keras.layers.Layer, DropoutRNNCell):
     """One step of a Nested LSTM (see the module docstring for the equations and weight layout).
 
@@ -96,7 +114,7 @@ class NestedLSTMCell(keras.layers.Layer, DropoutRNNCell):
         dropout: fraction of input features dropped (one mask per sequence).
         recurrent_dropout: fraction of each level's recurrent input dropped (one mask per level
             and sequence).
-        seed: seed of the dropout masks.
+        seed: seed of the dropout masks and of the initial weights (``seeded_initializer``).
     """
 
     def __init__(
@@ -164,7 +182,7 @@ class NestedLSTMCell(keras.layers.Layer, DropoutRNNCell):
                 self.add_weight(
                     shape=(input_dim if level == 0 else self.units, 4 * self.units),
                     name=f"kernel{suffix}",
-                    initializer=self.kernel_initializer,
+                    initializer=seeded_initializer(self.kernel_initializer, self.seed, f"kernel{suffix}"),
                     regularizer=self.kernel_regularizer,
                     constraint=self.kernel_constraint,
                 )
@@ -173,7 +191,9 @@ class NestedLSTMCell(keras.layers.Layer, DropoutRNNCell):
                 self.add_weight(
                     shape=(self.units, 4 * self.units),
                     name=f"recurrent_kernel{suffix}",
-                    initializer=self.recurrent_initializer,
+                    initializer=seeded_initializer(
+                        self.recurrent_initializer, self.seed, f"recurrent_kernel{suffix}"
+                    ),  # fmt: skip
                     regularizer=self.recurrent_regularizer,
                     constraint=self.recurrent_constraint,
                 )
@@ -183,17 +203,18 @@ class NestedLSTMCell(keras.layers.Layer, DropoutRNNCell):
                     self.add_weight(
                         shape=(4 * self.units,),
                         name=f"bias{suffix}",
-                        initializer=self._bias_initializer(),
+                        initializer=self._bias_initializer(f"bias{suffix}"),
                         regularizer=self.bias_regularizer,
                         constraint=self.bias_constraint,
                     )
                 )
         self.built = True
 
-    def _bias_initializer(self) -> Any:
+    def _bias_initializer(self, name: str) -> Any:
+        base = seeded_initializer(self.bias_initializer, self.seed, name)
         if not self.unit_forget_bias:
-            return self.bias_initializer
-        units, base = self.units, self.bias_initializer
+            return base
+        units = self.units
 
         def init(_shape: Any, *args: Any, **kwargs: Any) -> Any:
             # Forget gate starts open (bias 1), as Jozefowicz et al. recommend.

@@ -64,8 +64,10 @@ def cycle(tmp_path_factory) -> dict[str, Any]:
     records_path = LakePaths(root).accountability_records
     after_second = (records_path.read_bytes(), records_path.stat().st_mtime_ns)
     index_after_second = champion.read_index(LakePaths(root))
-    # A third run on the same lake: a challenger that cannot learn (learning rate near zero, exported anyway).
-    third = sales_forecast(data_dir=str(root), **{**CHEAP_RUN, "learning_rate": 1e-9, "fallback": "model"},
+    # A third run on the same lake: a challenger that cannot learn. A near-zero rate is no longer clearly worse (one
+    # epoch of the cheap run barely moves the network from its start either); a rate of 1.0 makes Adam collapse the
+    # forecast towards zero, about 10 % worse than the champion on the holdout month.
+    third = sales_forecast(data_dir=str(root), **{**CHEAP_RUN, "learning_rate": 1.0, "fallback": "model"},
                            return_state=True)  # fmt: skip
     return {"root": root, "drop_rows": drop_rows, "first": first, "second": second, "third": third.result(),
             "third_state": third, "before_drop": before_drop, "after_second": after_second,
@@ -141,7 +143,7 @@ def test_the_champion_is_kept_and_its_forecast_exported_when_the_challenger_is_w
     paths = LakePaths(cycle["root"])
     runs = {paths.run_name(run["run_dir"]) for run in (cycle["first"], cycle["second"].result())}
     assert index["champion"]["run_dir"] in runs and index["champion"]["run_dir"].startswith("runs/")
-    assert paths.run_name(third["run_dir"]) != index["champion"]["run_dir"], "a near-zero learning rate trains anew"
+    assert paths.run_name(third["run_dir"]) != index["champion"]["run_dir"], "a different learning rate trains anew"
     assert third["exported"] == "champion"
     assert champion.read_index(LakePaths(cycle["root"]))["champion"] == index["champion"], "the champion stays"
     sidecar = json.loads(Path(third["submission"]).with_suffix(".json").read_text())

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import logging
+import random
+import threading
 
 import keras
 import numpy as np
@@ -40,7 +42,7 @@ def make_data(n: int, seed: int, sign: float = 1.0):
     return {"sequence": seq, "shop": shop, "category": category}, y
 
 
-def build(kind: str = "nlstm", seed: int = 1, **model_kw) -> keras.Model:
+def build(kind: str = "nlstm", seed: int = 1, n_static: int = 0, **model_kw) -> keras.Model:
     cfg = ModelConfig(kind=kind, units=8, depth=2, head_units=8, **model_kw)
     return build_model(
         cfg,
@@ -51,6 +53,7 @@ def build(kind: str = "nlstm", seed: int = 1, **model_kw) -> keras.Model:
         seed=seed,
         train_cfg=TrainConfig(learning_rate=1e-2),
         device=CPU_NO_JIT,
+        n_static=n_static,
     )
 
 
@@ -240,6 +243,31 @@ def test_seeded_runs_are_identical(tmp_path):
         runs.append(weights_of(model))
     for a, b in zip(*runs, strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("kind", ["nlstm", "lstm"])
+def test_a_seeded_model_starts_from_the_same_weights_while_another_thread_draws_from_python_s_random(kind):
+    """keras seeds an unseeded initializer from python's process-wide ``random``; a Dask worker's event loop and
+    Prefect's client draw from it too, which gave a seeded training on a loaded Dask worker other weights."""
+    alone = weights_of(build(kind, seed=3, n_static=2))
+    stop = threading.Event()
+
+    def draw() -> None:
+        while not stop.is_set():
+            random.random()
+
+    drawer = threading.Thread(target=draw)
+    drawer.start()
+    try:
+        beside_a_drawer = [weights_of(build(kind, seed=3, n_static=2)) for _ in range(3)]
+    finally:
+        stop.set()
+        drawer.join()
+    for weights in beside_a_drawer:
+        for a, b in zip(alone, weights, strict=True):
+            np.testing.assert_array_equal(a, b)
+    other_seed = weights_of(build(kind, seed=4, n_static=2))
+    assert not all(np.array_equal(a, b) for a, b in zip(alone, other_seed, strict=True)), "the seed matters"
 
 
 def test_gpu_without_gpu_is_a_clear_error():
