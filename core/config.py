@@ -195,9 +195,10 @@ class ReferenceConfig(_Section):
     )
     boost_threads: int | None = Field(None, ge=1, description="LightGBM threads (None: every core).")
     ensemble_segments: Literal["launch", "none"] = Field(
-        "launch",
-        description="'launch': the ensemble's model weight is chosen on the validation months separately for items "
-        "in their launch month (no sale before the target month) and for the rest; 'none': one weight for all rows.",
+        "none",
+        description="'none': one model weight for all rows, chosen on the validation months; 'launch': one weight for "
+        "items in their launch month (no sale before the target month) and one for the rest. One weight won in both "
+        "halves of the 12-origin backtest (docs/accuracy.md): a launch weight fitted on a few hundred rows swings.",
     )
 
 
