@@ -44,6 +44,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "default": {},
     "calibrated": {"launch_calibration": True},
     "one-weight": {"ensemble_segments": "none"},
+    "launch-weight": {"ensemble_segments": "launch"},
+    "one-weight-calibrated": {"ensemble_segments": "none", "launch_calibration": True},
+    "launch-weight-calibrated": {"ensemble_segments": "launch", "launch_calibration": True},
 }
 
 

@@ -173,9 +173,9 @@ def main(argv: list[str] | None = None) -> int:
         f"Shared settings: units {cfg['units']}, head {cfg['head_units']}, embeddings {cfg['embeddings']}, "
         f"lookback {cfg['lookback']}, {cfg['sample_policy']} samples (at most {cfg['sample_budget']} an epoch), "
         f"epochs {cfg['epochs']}, batch {cfg['batch_size']}, lr {cfg['learning_rate']}, loss {cfg['loss']}.",
-        "Protocol: at origin m, epochs / boosting rounds / blend weights / launch scales chosen on month m-1 (trained "
-        "on months < m-1), "
-        "then refitted on every month < m; month m is scored and chooses nothing.",
+        "Protocol: at origin m, epochs / boosting rounds / blend weights / launch scales chosen on the validation "
+        "months m-2 and m-1 (trained on months < m-2), then refitted on every month < m; month m is scored and "
+        "chooses nothing.",
         "RMSE: mean over origins (and seeds) on each origin's Kaggle-style grid; vs_previous: mean over origins "
         "of RMSE / previous-month RMSE; train_s: training seconds per origin (select + refit).",
         "",
