@@ -17,7 +17,7 @@ from tasks.evaluate import inline_images
 
 # Not cached: the step is cheap (a few Parquet reads per forecast month) and idempotent on its own -- it only
 # rewrites a record whose inputs changed -- and a cache key would have to hash every submission and partition.
-@nestcast_task("score-forecasts", tags=["io"])
+@nestcast_task("score-forecasts")
 def score_forecasts(config: NestcastConfig, monthly: dict[str, Any]) -> dict[str, Any]:
     """Score every exported forecast whose month's actuals the lake now holds (``lake/accountability/``).
 
@@ -49,7 +49,7 @@ def _publish(result: Mapping[str, Any], parameters: Mapping[str, Any]) -> None:
     )
 
 
-@nestcast_task("publish-history", tags=["io"], publish=_publish)
+@nestcast_task("publish-history", publish=_publish)
 def publish_history(config: NestcastConfig, run_dir: str, scored: dict[str, Any], exported: dict[str, Any]
                     ) -> dict[str, Any]:  # fmt: skip
     """The accountability plot and its section in the run's report.md; the artifacts come from ``_publish``.

@@ -27,7 +27,6 @@ def plan_months(config: NestcastConfig, ingested: dict[str, Any]) -> dict[int, s
 
 @nestcast_task(
     "aggregate-month",
-    tags=["io"],
     cache_key=content_cache_key("aggregate"),
     outputs=lambda p: [LakePaths.of(p["config"]).monthly_file(p["month"])],
 )
@@ -36,7 +35,7 @@ def aggregate_month(config: NestcastConfig, month: int, input_hash: str) -> str:
     return str(aggregate_step.aggregate_month(LakePaths.of(config), month, config))
 
 
-@nestcast_task("finish-aggregation", tags=["io"])
+@nestcast_task("finish-aggregation")
 def finish_aggregation(config: NestcastConfig, input_hashes: dict[int, str]) -> dict[str, Any]:
     """Drop monthly partitions whose sales month is gone and record the lake's monthly state."""
     removed = aggregate_step.remove_stale_months(config)

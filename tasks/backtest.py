@@ -51,7 +51,7 @@ def backtest_origin(config: NestcastConfig, origin: int, root: str, monthly: dic
     return result.to_dict()
 
 
-@nestcast_task("backtest-report", tags=["io"])
+@nestcast_task("backtest-report")
 def backtest_report(config: NestcastConfig, origins: list[dict[str, Any]], root: str) -> dict[str, Any]:
     """``backtest.md`` + ``backtest.json`` under ``root``, and the per-origin RMSE table artifact."""
     result = backtest_step.BacktestResult(
@@ -96,7 +96,7 @@ def search_trial(
     return result.to_dict() | {"train_seconds": result.train_seconds, "params": result.params}
 
 
-@nestcast_task("search-report", tags=["io"])
+@nestcast_task("search-report")
 def search_report(
     config: NestcastConfig, rows: list[dict[str, Any]], root: str, best: dict[str, Any]
 ) -> dict[str, Any]:

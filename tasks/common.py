@@ -179,8 +179,9 @@ def nestcast_task(
     task_run_name: str | None = None,
     publish: PublishFn | None = None,
 ) -> Callable[[F], Task[..., Any]]:
-    """Every nestcast step's ``@task``: the tag ``nestcast`` plus ``tags``, the shared retry policy (retries,
-    exponential backoff with jitter, transient errors only), and, with ``cache_key``, caching on content;
+    """Every nestcast step's ``@task``: ``tags`` only where a concurrency limit applies (``gpu``: Prefect asks the
+    server for a slot of every tag before each task run, 0.3 s a task on a local server), the shared retry policy
+    (retries, exponential backoff with jitter, transient errors only), and, with ``cache_key``, caching on content;
     with ``outputs`` as well, a cached result is only served while the files it points at are as the step
     left them. ``publish(result, parameters)`` creates the step's artifacts; it runs as an on-completion hook,
     which Prefect calls for a cached run too, so the newest run's page is complete even when nothing ran."""
@@ -212,7 +213,7 @@ def nestcast_task(
             body,
             name=name,
             task_run_name=task_run_name,
-            tags=["nestcast", *tags],
+            tags=list(tags),
             cache_key_fn=_pulled_first(key_fn) if key_fn is not None else None,
             retry_condition_fn=retry_transient_only,
             on_completion=[_publish_hook(publish)] if publish is not None else None,

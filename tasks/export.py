@@ -39,7 +39,7 @@ def _publish(result: Mapping[str, Any], parameters: Mapping[str, Any]) -> None:
     )
 
 
-@nestcast_task("export", tags=["io"], publish=_publish)
+@nestcast_task("export", publish=_publish)
 def export_forecast(
     config: NestcastConfig, windows: WindowsSummary, run_dir: str, decision: ExportDecision
 ) -> dict[str, Any]:

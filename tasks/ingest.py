@@ -50,7 +50,6 @@ def _publish(summary: dict[str, Any], parameters: Mapping[str, Any]) -> None:
 
 @nestcast_task(
     "ingest",
-    tags=["io"],
     cache_key=content_cache_key("ingest", input_trees=_recovered_first),
     outputs=lambda p: ingest_step.lake_outputs(LakePaths.of(p["config"])),
     publish=_publish,

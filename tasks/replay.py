@@ -6,7 +6,7 @@ from core import replay as replay_step
 from tasks.common import nestcast_task
 
 
-@nestcast_task("stage-replay-month", tags=["io"], task_run_name="stage-replay-month-{month}")
+@nestcast_task("stage-replay-month", task_run_name="stage-replay-month-{month}")
 def stage_replay_month(history: str, from_month: int, to_month: int, workspace: str, month: int,
                        first_month: str) -> str:  # fmt: skip
     """The replay's raw/ as it was before ``month`` (sales_train before ``from_month``, then one drop a month)."""

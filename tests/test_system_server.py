@@ -1,5 +1,5 @@
 """System test: a real `prefect server`, the served deployments, a manual run, its artifacts and its UI page;
-with PostgreSQL installed, the server runs on it and four concurrent runs of the manual deployment keep its limits.
+with PostgreSQL installed, the server runs on it and three concurrent runs of the manual deployment keep its limits.
 
 The server uses a throwaway PostgreSQL cluster (initdb into a temporary directory, as the ``postgres`` user when
 run as root, which PostgreSQL refuses to run as) when Debian's binaries are there (``.ci/run`` installs them), and
@@ -212,7 +212,7 @@ TINY_RUN = {
     "overrides": {"head_units": 4, "embedding_dim": 2, "sample_budget": 2000, "retry_delay_seconds": 0,
                   "jit_compile": "off", "max_rounds": 20},
 }  # fmt: skip
-CONCURRENT_RUNS = 4
+CONCURRENT_RUNS = 3  # one more than RUN_LIMIT
 RUN_LIMIT = 2  # the deployment's limit raised from 1 for this test (the served runner still takes one at a time)
 
 
@@ -238,7 +238,7 @@ def _post(server: dict, path: str, body: dict) -> httpx.Response:
 
 
 @pytest.mark.timeout(1200)
-def test_four_concurrent_manual_runs_on_postgresql_all_complete_within_the_limits(server, served, tmp_path):
+def test_concurrent_manual_runs_on_postgresql_all_complete_within_the_limits(server, served, tmp_path):
     if not server["postgres"]:
         pytest.skip("PostgreSQL binaries not found (initdb under /usr/lib/postgresql/*/bin or on PATH); "
                     ".ci/run installs Debian's postgresql")  # fmt: skip
@@ -260,7 +260,7 @@ def test_four_concurrent_manual_runs_on_postgresql_all_complete_within_the_limit
         done = [r for r in runs if r["state"]["type"] in {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}]
         return runs if len(done) == CONCURRENT_RUNS else None
 
-    runs = wait_until(all_finished, 1100, "four manual runs", interval=3)
+    runs = wait_until(all_finished, 1100, f"{CONCURRENT_RUNS} manual runs", interval=3)
     assert [r["state"]["type"] for r in runs] == ["COMPLETED"] * CONCURRENT_RUNS, (
         (server["home"] / "serve.log").read_text()[-3000:]
     )
