@@ -7,9 +7,12 @@ rows in = rows accepted + rows quarantined for every file.
 
 from __future__ import annotations
 
+import html
 import json
 import os
+import re
 from collections.abc import Callable
+from html.parser import HTMLParser
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +29,7 @@ from core.ingest import (
     read_quarantine,
     read_reference,
     read_sales,
+    validation_page,
 )
 from core.lake import LakePaths
 
@@ -549,6 +553,117 @@ def test_ge_results_are_written_and_agree_with_the_quarantine(tmp_path: Path) ->
     assert sorted(set(frame["rule"])) == sorted(failed)
     html = (paths.validation / "sales_train.html").read_text()
     assert "item_price" in html and "sales_train.csv" in html
+
+
+# --- the validation page works offline and counts rows of the file ---------------------------------
+
+# Lines 9-13: a negative price twice (one distinct value), an unknown shop, a count out of range, a duplicate.
+PAGE_BAD_ROWS = ["05.01.2013,0,0,0,-1,1.0", "06.01.2013,0,0,0,-1,1.0", "05.01.2013,0,99,0,5.0,1.0",
+                 "05.01.2013,0,0,0,5.0,5000", SALES[1]]
+REMOTE_ASSET = re.compile(r"""<(?:link|script|img)\b[^>]*\b(?:href|src)\s*=\s*["']?(?:https?:)?//""", re.IGNORECASE)
+GLYPHS = {"✔": "passed", "✘": "failed", "⚠": "error"}
+
+
+@pytest.fixture(scope="module")
+def pages(tmp_path_factory: pytest.TempPathFactory) -> tuple[IngestSummary, LakePaths]:
+    root = tmp_path_factory.mktemp("pages")
+    return ingest(_write_raw(root, sales_train=_sales(*PAGE_BAD_ROWS))), LakePaths(root)
+
+
+class _StatusCells(HTMLParser):
+    """The text of the first cell of every body row of the tables headed "Status" (GE's expectation rows)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tables: list[dict] = []
+        self.cells: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list) -> None:
+        if tag == "table":
+            self.tables.append({"status": False, "column": -1, "cell": None, "texts": []})
+        elif self.tables and tag == "tr":
+            self.tables[-1]["column"] = -1
+        elif self.tables and tag in ("td", "th"):
+            table = self.tables[-1]
+            table["column"] += 1
+            table["cell"] = tag
+            if tag == "td" and table["status"] and table["column"] == 0:
+                table["texts"].append("")
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag == "table" and self.tables:
+            table = self.tables.pop()
+            self.cells += table["texts"] if table["status"] else []
+
+    def handle_data(self, data: str) -> None:
+        if not self.tables:
+            return
+        table = self.tables[-1]
+        if table["cell"] == "th" and table["column"] == 0 and data.strip() == "Status":
+            table["status"] = True
+        elif table["cell"] == "td" and table["column"] == 0 and table["status"]:
+            table["texts"][-1] += data
+
+
+def _status_cells(page: str) -> list[str]:
+    parser = _StatusCells()
+    parser.feed(page)
+    return [text.strip() for text in parser.cells]
+
+
+def _summary_text(page: str) -> str:
+    section = re.search(r"<section class='nc-summary'>(.*?)</section>", page, re.DOTALL)
+    assert section is not None, "no summary on top of the page"
+    return " ".join(re.sub(r"<[^>]+>", " ", html.unescape(section.group(1))).split())
+
+
+def test_every_validation_page_loads_nothing_from_the_internet_and_carries_its_styles_inline(pages) -> None:
+    summary, paths = pages
+    for report in summary.files:
+        page = validation_page(paths, report.file).read_text(encoding="utf-8")
+        assert REMOTE_ASSET.findall(page) == [], report.file
+        assert "url(http" not in page.replace("'", "").replace('"', ""), report.file
+        styles = re.findall(r"<style>(.*?)</style>", page, re.DOTALL)
+        assert any(".ge-section" in s for s in styles), f"{report.file}: GE's own stylesheet is not inline"
+        assert any("border-collapse" in s for s in styles), f"{report.file}: no table styles without bootstrap"
+        assert 'class="fa' not in page and "fa-" not in page, f"{report.file}: a font-awesome icon is left"
+
+
+def test_every_expectation_row_of_the_page_shows_a_visible_status_glyph(pages) -> None:
+    _, paths = pages
+    payload = json.loads((paths.validation / "sales_train.json").read_text())
+    cells = _status_cells(validation_page(paths, "sales_train.csv").read_text(encoding="utf-8"))
+    assert len(cells) == len(payload["results"]) > 0
+    assert set(cells) <= set(GLYPHS), cells
+    assert cells.count("✘") == sum(not r["success"] for r in payload["results"]) == 4
+
+
+def test_the_page_summary_counts_rows_of_the_file_and_names_each_failed_rule_with_its_first_line(pages) -> None:
+    summary, paths = pages
+    report = summary.file("sales_train.csv")
+    text = _summary_text(validation_page(paths, "sales_train.csv").read_text(encoding="utf-8"))
+    assert (report.rows_in, report.rows_accepted, report.rows_quarantined) == (12, 7, 5)
+    assert (f"{report.rows_in} rows in the file" in text and f"{report.rows_accepted} accepted" in text
+            and f"{report.rows_quarantined} quarantined" in text), text
+    for rule, count in report.failed_rules.items():
+        assert rule in text and f"{rule} {count} " in text, (rule, text)
+    assert f"item_price_positive 2 {FIRST_BAD}" in text and f"no_duplicate_rows 1 {FIRST_BAD + 4}" in text
+    assert "count distinct values of a column, not rows of the file" in text
+    shops = _summary_text(validation_page(paths, "shops.csv").read_text(encoding="utf-8"))
+    assert "No row was quarantined" in shops and "distinct values" not in shops
+
+
+def test_a_page_ge_cannot_render_falls_back_to_the_summary_and_the_error(tmp_path: Path, monkeypatch) -> None:
+    import core.expectations
+
+    def broken(result: object) -> str:
+        raise ValueError("renderer broke")
+
+    monkeypatch.setattr(core.expectations, "render_data_docs", broken)
+    summary = ingest(_write_raw(tmp_path, sales_train=_sales(PAGE_BAD_ROWS[0])))
+    page = validation_page(LakePaths(tmp_path), "sales_train.csv").read_text(encoding="utf-8")
+    assert "Data Docs rendering failed: renderer broke" in page
+    assert f"{summary.file('sales_train.csv').rows_quarantined} quarantined" in _summary_text(page)
 
 
 def test_summary_rows_match_the_lake_on_synthetic_data(tmp_path: Path) -> None:

@@ -24,7 +24,7 @@ from core.files import file_sha256
 from core.ingest.columns import ID_COLUMN, check_structure
 from core.ingest.commit import Transaction, exclusive, recover, transaction
 from core.ingest.context import IngestContext
-from core.ingest.docs import index_html, stem, validation_doc
+from core.ingest.docs import first_lines, index_html, stem, validation_doc
 from core.ingest.outcome import Outcome, quarantined_share_warnings
 from core.ingest.plan import IngestPlan, Owners, owners_of, plan_ingest, recorded_owners
 from core.ingest.read import read_records
@@ -289,7 +289,7 @@ def _stage(ctx: IngestContext, tx: Transaction, plan: IngestPlan, outcomes: Mapp
         if outcome.report.kind != "sales":
             tx.parquet(ctx.paths.reference_table(outcome.report.kind), outcome.accepted)
         tx.parquet(quarantine_file(ctx.paths, name), outcome.quarantine)
-        payload, page = validation_doc(name, outcome.validation, outcome.report)
+        payload, page = validation_doc(name, outcome.validation, outcome.report, first_lines(outcome.quarantine))
         tx.json(ctx.paths.validation / f"{stem(name)}.json", payload)
         tx.text(validation_page(ctx.paths, name), page)
         manifest["files"][name] = _manifest_entry(outcome.report, plan, rules_sha(ctx.config), now)
