@@ -47,7 +47,7 @@ from core.config import (
 from core.errors import NestcastError
 from core.store import data_dir_identity
 
-#: Every run the CLI starts carries these tags (deployment runs carry the deployments' ``nestcast``).
+#: The flow run every command starts carries these tags (deployment runs carry the deployments' ``nestcast``).
 CLI_TAGS = ("nestcast", "cli")
 VERBOSE_HELP = "Show every library's console output (TensorFlow, each task run's state), as before."
 Verbose = Annotated[bool, typer.Option("--verbose", help=VERBOSE_HELP)]
@@ -373,14 +373,25 @@ _SERVER: tuple[subprocess.Popen[bytes], str] | None = None  # one per process, r
 
 @contextmanager
 def cli_run(verbose: bool) -> Iterator[str | None]:
-    """What every flow the CLI starts runs inside: the Prefect API, the CLI's tags, and (unless ``verbose``)
-    the console filters, added again here because importing the flows may set Prefect's logging up anew."""
-    from prefect import tags
-
+    """What every flow the CLI starts runs inside: the Prefect API and (unless ``verbose``) the console filters,
+    added again here because importing the flows may set Prefect's logging up anew."""
     if not verbose:
         console.quiet_prefect_console()
-    with prefect_api() as api_url, tags(*CLI_TAGS):
+    with prefect_api() as api_url:
         yield api_url
+
+
+def cli_tagged(flow: Any) -> Any:
+    """``flow`` with ``CLI_TAGS`` put on its flow run once it runs. Not ``prefect.tags``: that tags every task run
+    too, and Prefect asks the server for a concurrency slot of each task tag before every task run."""
+
+    def tag_flow_run(_flow: Any, flow_run: Any, _state: Any) -> None:
+        from prefect import get_client
+
+        with get_client(sync_client=True) as client:
+            client.update_flow_run(flow_run.id, tags=sorted({*flow_run.tags, *CLI_TAGS}))
+
+    return flow.with_options(on_running=[*flow.on_running_hooks, tag_flow_run])
 
 
 @contextmanager
@@ -483,7 +494,7 @@ def run(
 
     try:
         with cli_run(verbose):
-            summary = sales_forecast(**parameters, overrides=overrides)
+            summary = cli_tagged(sales_forecast)(**parameters, overrides=overrides)
     except NestcastError as error:
         _fail(_one_line(error), code=1)
     typer.echo("")
@@ -546,7 +557,7 @@ def backtest(
 
     try:
         with cli_run(verbose):
-            summary = backtest_flow(**parameters, origins=months, overrides=overrides)
+            summary = cli_tagged(backtest_flow)(**parameters, origins=months, overrides=overrides)
     except NestcastError as error:
         _fail(_one_line(error), code=1)
     typer.echo("")
@@ -582,7 +593,7 @@ def search(
 
     try:
         with cli_run(verbose):
-            summary = search_flow(
+            summary = cli_tagged(search_flow)(
                 data_dir=_plain(parameters["data_dir"]), trials=trials, origins=months, seed=seed, overrides=overrides
             )
     except NestcastError as error:
@@ -632,9 +643,10 @@ def replay(
 
     try:
         with cli_run(verbose):
-            summary = replay_flow(**parameters, from_month=from_month, to_month=to_month,
-                                  workspace=None if work_dir is None else str(work_dir.resolve()),
-                                  overrides=overrides)  # fmt: skip
+            summary = cli_tagged(replay_flow)(
+                **parameters, from_month=from_month, to_month=to_month,
+                workspace=None if work_dir is None else str(work_dir.resolve()), overrides=overrides,
+            )  # fmt: skip
     except NestcastError as error:
         _fail(_one_line(error), code=1)
     typer.echo("")

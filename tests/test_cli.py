@@ -79,3 +79,29 @@ def test_replay_checks_its_months_against_the_history_before_any_flow_starts(tmp
     assert not (tmp_path / "replay-12-16").exists()
     help_text = runner.invoke(app, ["replay", "--help"]).output
     assert "--from-month" in help_text and "--to-month" in help_text and "--epochs" in help_text
+
+
+def test_the_flow_run_a_command_starts_carries_the_cli_tags_and_its_task_runs_none(harness):
+    """A task tag costs a concurrency-slot request to the server before every task run; the CLI's tags are for
+    finding its runs in the UI, so they go on the flow run alone."""
+    from prefect import flow, get_client, task
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    from deployments.cli import CLI_TAGS, cli_tagged
+
+    @task
+    def step() -> int:
+        return 1
+
+    @flow
+    def tiny() -> int:
+        return step()
+
+    state = cli_tagged(tiny)(return_state=True)
+    assert state.is_completed() and state.result() == 1
+    flow_run_id = state.state_details.flow_run_id
+    with get_client(sync_client=True) as client:
+        tags = client.read_flow_run(flow_run_id).tags
+        task_runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    assert set(CLI_TAGS) <= set(tags)
+    assert task_runs and all(not run.tags for run in task_runs), [run.tags for run in task_runs]

@@ -276,12 +276,18 @@ def _cli(*args: str, env: dict[str, str], cwd: Path) -> subprocess.CompletedProc
                           env={**clean, "PYTHONPATH": str(REPO), **env}, timeout=600)  # fmt: skip
 
 
+#: TINY_OPTIONS (tests/test_console.py) as config fields: what the CLI runs below were given.
+TINY_KNOBS = {"epochs": 1, "units": 8, "lookback": 6, "batch_size": 256, "head_units": 8, "sample_budget": 3000,
+              "jit_compile": "off", "max_rounds": 100, "retry_delay_seconds": 0}  # fmt: skip
+
+
 @pytest.mark.slow
 def test_the_whole_flow_runs_on_an_s3_data_dir_and_a_crash_before_a_commit_loses_nothing(
     bucket_url, s3_endpoint, tmp_path, monkeypatch
 ):
     """``nestcast demo-data s3://...`` and ``nestcast run --data-dir s3://...`` as a user runs them; then a run that
-    dies at its export step's commit leaves the store as the steps before it committed, and a rerun finishes."""
+    dies at its export step's commit leaves the store as the steps before it committed, and a rerun finishes; another
+    working copy of the bucket finds the champion the rerun crowned."""
     from tests.test_console import TINY_OPTIONS
 
     env = {**CREDENTIALS, "AWS_ENDPOINT_URL": s3_endpoint, "NESTCAST_STORE_CACHE": str(tmp_path / "cache"),
@@ -328,3 +334,18 @@ def test_the_whole_flow_runs_on_an_s3_data_dir_and_a_crash_before_a_commit_loses
                    for v in store.versions() if v > committed_before]  # fmt: skip
     assert not {c["note"] for c in new_commits} & {"ingest", "build-windows", "select", "refit"}, "recomputed"
     assert any(name.startswith("submissions/") for c in new_commits for name in c["changed"])
+
+    # Another machine, a working copy in an empty cache, finds the champion through the store (the index names it
+    # inside the data directory, not by this machine's cache path) and scores it as the run that crowned it did.
+    from core import champion
+    from core.config import NestcastConfig
+    from core.lake import LakePaths
+
+    other = fresh_copy(bucket_url, tmp_path / "another-machine", monkeypatch)
+    config = NestcastConfig(data_dir=bucket_url).with_overrides(**TINY_KNOBS)
+    paths = LakePaths.of(config)
+    record = champion.read_index(paths)["champion"]
+    assert record["run_dir"].startswith("runs/") and paths.run_path(record["run_dir"]).is_relative_to(other.root)
+    score = champion.score_champion(config, paths.monthly_months()[-1], paths.windows, paths.windows_final)
+    sidecar = json.loads((other.root / "submissions" / url.rsplit("/", 1)[1]).with_suffix(".json").read_text())
+    assert score.rmse == pytest.approx(sidecar["exported_rmse"], abs=1e-6), score.why_not
