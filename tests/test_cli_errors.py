@@ -23,6 +23,21 @@ runner = CliRunner()
 NESTCAST = Path(sys.executable).parent / "nestcast"
 
 
+class StandInFlow:
+    """A flow's stand-in: records the parameters the CLI calls it with, and takes the options the CLI adds."""
+
+    on_running_hooks: list[Any] = []
+
+    def __init__(self, result: Any) -> None:
+        self.result = result
+
+    def with_options(self, **_: Any) -> StandInFlow:
+        return self
+
+    def __call__(self, **parameters: Any) -> Any:
+        return self.result(**parameters)
+
+
 @pytest.fixture
 def flow_calls(monkeypatch) -> list[dict[str, Any]]:
     """Stand-ins for the flows (and the temporary server): record what the CLI would start them with."""
@@ -37,7 +52,7 @@ def flow_calls(monkeypatch) -> list[dict[str, Any]]:
         }  # fmt: skip
 
     module = types.ModuleType("flows.sales_forecast")
-    module.sales_forecast = fake_flow  # type: ignore[attr-defined]
+    module.sales_forecast = StandInFlow(fake_flow)  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "flows.sales_forecast", module)
     monkeypatch.setattr(deployments.cli, "prefect_api", contextlib.nullcontext)
     return calls
@@ -125,7 +140,7 @@ def test_backtest_and_search_take_set_of_an_option_field_too(data_dir, monkeypat
     report.write_text("report")
     for name in ("backtest", "search"):
         module = types.ModuleType(f"flows.{name}")
-        setattr(module, name, lambda **kw: calls.append(kw) or {"report": str(report)})
+        setattr(module, name, StandInFlow(lambda **kw: calls.append(kw) or {"report": str(report)}))
         monkeypatch.setitem(sys.modules, f"flows.{name}", module)
     monkeypatch.setattr(deployments.cli, "prefect_api", contextlib.nullcontext)
     assert runner.invoke(app, ["backtest", "--data-dir", str(data_dir), "--set", "epochs=2"]).exit_code == 0
