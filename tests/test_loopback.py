@@ -120,7 +120,7 @@ def test_the_temporary_prefect_server_is_on_loopback_and_dies_with_a_killed_cli(
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux only")
 def test_the_server_launcher_exits_if_its_parent_is_already_gone():
-    from deployments.cli import _DIE_WITH_PARENT
+    from deployments.server import _DIE_WITH_PARENT
 
     # a parent pid that is not our parent: the launcher must give up before starting uvicorn
     result = subprocess.run(
