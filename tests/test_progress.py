@@ -43,7 +43,8 @@ def test_the_epoch_table_has_one_row_per_epoch_with_loss_validation_rmse_and_sec
     train_model(build(), train, val, TrainConfig(epochs=2, batch_size=64, patience=5), tmp_path, device=CPU)
     rows = epoch_table(json.loads((tmp_path / "metadata.json").read_text()))
     assert [row["epoch"] for row in rows] == [1, 2]
-    assert all(row["loss"] > 0 and row["validation RMSE"] > 0 and row["seconds"] > 0 for row in rows)
+    # seconds are rounded to 0.1: an epoch of 4 tiny batches can show 0.0, but never None
+    assert all(row["loss"] > 0 and row["validation RMSE"] > 0 and row["seconds"] >= 0 for row in rows), rows
     # a resumed stage: the timings cover the last epochs only, the first rows say so with None
     resumed = epoch_table({"history": {"loss": [3.0, 2.0, 1.0]}, "timings": {"seconds_per_epoch": [0.5]}})
     assert [row["seconds"] for row in resumed] == [None, None, 0.5]
