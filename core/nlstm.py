@@ -80,7 +80,6 @@ IMPLEMENTATIONS = ("auto", "fused", "fused_unrolled", "unroll", "scan")
 SCAN_UNROLL = 1
 
 
-@keras.saving.register_keras_serializable(package="nestcast")
 def seeded_initializer(initializer: Any, seed: int | None, name: str) -> Any:
     """``initializer`` with its own seed drawn from ``(seed, name)``; unchanged when ``seed`` is None or it takes
     no seed (``zeros``) or already has one.
@@ -98,6 +97,7 @@ def seeded_initializer(initializer: Any, seed: int | None, name: str) -> Any:
     return initializer.__class__.from_config({**config, "seed": derived})
 
 
+@keras.saving.register_keras_serializable(package="nestcast")
 class NestedLSTMCell(keras.layers.Layer, DropoutRNNCell):
     """One step of a Nested LSTM (see the module docstring for the equations and weight layout).
 

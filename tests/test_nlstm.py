@@ -230,6 +230,18 @@ def test_keras_rnn_wrapper_of_the_cell_equals_the_layer(rng):
     np.testing.assert_allclose(_np(naive(x)), expected, atol=ATOL32)
 
 
+def test_the_cell_alone_in_keras_rnn_saves_and_loads_in_safe_mode(tmp_path, rng):
+    """The cell is registered on its own, for users who wrap it in ``keras.layers.RNN`` themselves."""
+    x = rng.normal(size=(4, 5, 3)).astype("float32")
+    inputs = keras.Input((5, 3))
+    model = keras.Model(inputs, keras.layers.RNN(NestedLSTMCell(4, depth=2, seed=1))(inputs))
+    path = tmp_path / "cell.keras"
+    model.save(path)
+    loaded = keras.models.load_model(path, safe_mode=True)
+    assert isinstance(loaded.layers[1].cell, NestedLSTMCell)
+    np.testing.assert_array_equal(loaded.predict(x, verbose=0), model.predict(x, verbose=0))
+
+
 def test_save_load_keras_round_trip_safe_mode(tmp_path, rng):
     x = rng.normal(size=(8, 5, 3)).astype("float32")
     inputs = keras.Input((5, 3))
