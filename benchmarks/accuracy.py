@@ -3,7 +3,7 @@ recombined offline from the backtest's saved predictions.
 
     .venv/bin/python benchmarks/compare_models.py --raw-dir ../shared/data/real-1c-subset --models nlstm2 \\
         --origins 17,18,19,20,21,22,23,24,25,26,27,28 --seeds 42,1 --set launch_calibration=false --keep /tmp/runs
-    .venv/bin/python benchmarks/accuracy.py --runs /tmp/runs [--recipe /tmp/origins] [--variants default,calibrated]
+    .venv/bin/python benchmarks/accuracy.py --runs /tmp/runs [--recipe /tmp/origins] [--variants default,launch-weight]
 
 ``--runs`` is a ``compare_models.py --keep`` directory: per seed and origin, the selection stage's validation
 predictions (``select/validation.parquet``, the validation months) and the refit's holdout predictions
@@ -39,13 +39,11 @@ from core.gate import decide  # noqa: E402
 from core.protocol import choose, combine, launch_rows, read_predictions  # noqa: E402
 from core.window_store import WindowStore  # noqa: E402
 
-#: Variants of the export rules, as config overrides.
+#: Variants of the export rules, as config overrides on the default (one blend weight, no launch calibration).
 VARIANTS: dict[str, dict[str, Any]] = {
     "default": {},
     "calibrated": {"launch_calibration": True},
-    "one-weight": {"ensemble_segments": "none"},
     "launch-weight": {"ensemble_segments": "launch"},
-    "one-weight-calibrated": {"ensemble_segments": "none", "launch_calibration": True},
     "launch-weight-calibrated": {"ensemble_segments": "launch", "launch_calibration": True},
 }
 

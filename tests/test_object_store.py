@@ -276,9 +276,11 @@ def _cli(*args: str, env: dict[str, str], cwd: Path) -> subprocess.CompletedProc
                           env={**clean, "PYTHONPATH": str(REPO), **env}, timeout=600)  # fmt: skip
 
 
-#: TINY_OPTIONS (tests/test_console.py) as config fields: what the CLI runs below were given.
-TINY_KNOBS = {"epochs": 1, "units": 8, "lookback": 6, "batch_size": 256, "head_units": 8, "sample_budget": 3000,
-              "jit_compile": "off", "max_rounds": 100, "retry_delay_seconds": 0}  # fmt: skip
+def option_fields(options: list[str]) -> dict[str, str]:
+    """CLI options (``--batch-size 256``, ``--set head_units=8``) as config fields (the config parses the values)."""
+    pairs = zip(options[::2], options[1::2], strict=True)
+    return dict(value.split("=", 1) if flag == "--set" else (flag[2:].replace("-", "_"), value)
+                for flag, value in pairs)  # fmt: skip
 
 
 @pytest.mark.slow
@@ -342,7 +344,7 @@ def test_the_whole_flow_runs_on_an_s3_data_dir_and_a_crash_before_a_commit_loses
     from core.lake import LakePaths
 
     other = fresh_copy(bucket_url, tmp_path / "another-machine", monkeypatch)
-    config = NestcastConfig(data_dir=bucket_url).with_overrides(**TINY_KNOBS)
+    config = NestcastConfig(data_dir=bucket_url).with_overrides(**option_fields(TINY_OPTIONS))
     paths = LakePaths.of(config)
     record = champion.read_index(paths)["champion"]
     assert record["run_dir"].startswith("runs/") and paths.run_path(record["run_dir"]).is_relative_to(other.root)
