@@ -76,6 +76,7 @@ def _training_rows(run_dir: Path) -> list[dict[str, Any]]:
             "epochs": metadata.get("epochs_run"),
             "s/epoch": timings.get("seconds_per_epoch", []),
             "NLSTM s": timings.get("seconds_total"),
+            "on": f"{metadata.get('backend')} {metadata.get('device')} {metadata.get('precision')}",
         })  # fmt: skip
     return rows
 
@@ -121,11 +122,11 @@ def main() -> None:
     print("| step | seconds |\n|---|---:|")
     for step, value in seconds.items():
         print(f"| {step} | {value:.0f} |")
-    print("\n| training stage | epochs | s/epoch | NLSTM s |\n|---|---:|---|---:|")
+    print("\n| training stage | epochs | s/epoch | NLSTM s | trained on |\n|---|---:|---|---:|---|")
     for row in _training_rows(Path(summary["run_dir"])):
         per_epoch = ", ".join(f"{s:.0f}" for s in row["s/epoch"])
-        print(f"| {row['stage']} | {row['epochs']} | {per_epoch} | {row['NLSTM s']:.0f} |")
-    scores = {k: round(v, 4) for k, v in summary.items() if k.endswith("_rmse") and v is not None}
+        print(f"| {row['stage']} | {row['epochs']} | {per_epoch} | {row['NLSTM s']:.0f} | {row['on']} |")
+    scores = {k: round(v, 4) for k, v in summary.items() if k.endswith("_rmse") and isinstance(v, (int, float))}
     print(f"\nholdout month {summary['holdout_month']} (validation {summary['validation_months']}, "
           f"{summary['train_samples']:,} training windows, {summary['epochs']} epoch(s) selected): {scores}")
 
