@@ -247,7 +247,8 @@ def backtest_origin(
     scored = evaluate(store.holdout_frame(), predictions["model"].to_numpy(), clip, month=origin,
                       first_month=config.ingest.first_month, others=others)  # fmt: skip
     reference_seconds = (selection.reference_seconds or 0.0) + (refitted.reference_seconds or 0.0)
-    ranges = quantiles.origin_ranges(config, store, run_dir, selection.validation_rmse)
+    ranges = quantiles.origin_ranges(config, store, run_dir, exported_name(selection.validation_rmse,
+                                                                           config.export.fallback))
     return OriginResult(
         origin=origin,
         rows=scored.rows,
@@ -264,6 +265,14 @@ def backtest_origin(
         reference_seconds=reference_seconds if selection.rounds else None,
         ranges=ranges,
     )
+
+
+def exported_name(validation_rmse: dict[str, float], fallback: str) -> str:
+    """What the gate would export from a selection's validation scores (the origin's exported column)."""
+    from core.gate import CANDIDATES, decide
+
+    scores = {name: validation_rmse[name] for name in (*CANDIDATES, "baseline") if name in validation_rmse}
+    return decide(scores, fallback=fallback).exported  # type: ignore[arg-type]
 
 
 def origin_run_dir(root: str | Path, origin: int, build_hash: str) -> Path:

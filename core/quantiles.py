@@ -547,14 +547,6 @@ def plot_fan(result: Mapping[str, Any], history: pd.DataFrame, first_month: str)
 
 
 # --- the backtest's ranges ----------------------------------------------------------------------------
-def exported_name(validation_rmse: Mapping[str, float], fallback: str) -> str:
-    """What the gate would export from a selection's validation scores (the backtest's exported column)."""
-    from core.gate import CANDIDATES, decide
-
-    scores = {name: validation_rmse[name] for name in (*CANDIDATES, "baseline") if name in validation_rmse}
-    return decide(scores, fallback=fallback).exported  # type: ignore[arg-type]
-
-
 def holdout_summary(calibration: Calibration, month: Month, clip: tuple[float, float]) -> dict[str, Any]:
     """The flat numbers a backtest row shows: the range's and the naive range's interval coverage, width and
     pinball on the holdout month, and the range's coverage on new-item rows."""
@@ -567,14 +559,12 @@ def holdout_summary(calibration: Calibration, month: Month, clip: tuple[float, f
             "new_item_rows": 0 if new_item is None else new_item["rows"]}  # fmt: skip
 
 
-def origin_ranges(config: Any, store: Any, run_dir: str | Path, validation_rmse: Mapping[str, float]
-                  ) -> dict[str, Any]:  # fmt: skip
-    """A backtest origin's ranges: the gate's pick calibrated on ``run_dir/select``'s validation months and scored
-    on the origin (``run_dir/refit``'s holdout predictions)."""
+def origin_ranges(config: Any, store: Any, run_dir: str | Path, name: str) -> dict[str, Any]:
+    """A backtest origin's ranges: forecaster ``name`` (the gate's pick) calibrated on ``run_dir/select``'s
+    validation months and scored on the origin (``run_dir/refit``'s holdout predictions)."""
     from core.protocol import read_predictions
 
     clip, run_dir = config.windows.clip, Path(run_dir)
-    name = exported_name(validation_rmse, config.export.fallback)
     calibration, _ = calibrate_stage(run_dir / "select", store, name, config.export.quantile_levels, clip)
     frame = store.holdout_frame()
     month = _month(frame, column_of(read_predictions(run_dir / "refit", "holdout"), frame, name, clip))
