@@ -260,3 +260,49 @@ def test_the_report_has_coverage_by_segment_and_a_fan_chart(run) -> None:
     assert segments[0] == "all" and "established" in segments
     chain = ranges["fan"]["holdout"][0]
     assert chain["group"] == "chain" and chain["low"] <= chain["high"]
+
+
+# --- accountability: a forecast month's ranges scored once its actuals arrive -------------------------------------
+def test_accountability_scores_the_kept_quantiles_and_the_naive_range_of_their_time(tmp_path: Path) -> None:
+    from core import accountability
+
+    paths = LakePaths(tmp_path)
+    paths.submissions.mkdir(parents=True)
+    actual, previous = np.array([0.0, 1.0, 5.0, 2.0]), np.array([0.0, 0.0, 4.0, 2.0])
+    ranges = np.array([[0.0, 0.0, 0.5], [0.0, 1.0, 2.0], [3.0, 4.0, 4.5], [1.0, 2.0, 3.0]])
+    quantiles.quantile_frame(np.array([4, 3, 2, 1]), np.zeros(4), np.arange(4), ranges, LEVELS).to_parquet(
+        paths.submission_quantiles("2015-11"), index=False)
+    calibration = quantiles.calibrate(np.array([0.0, 2.0, 1.0] * 100), np.ones(300), np.ones(300),
+                                      np.full(300, 3), LEVELS)  # fmt: skip
+    forecast = accountability.Forecast(34, "2015-11", paths.submission("2015-11"),
+                                       {"quantiles": {"calibration": calibration.to_dict()}})  # fmt: skip
+    scored = accountability.score_ranges(paths, forecast, np.array([4, 3, 2, 1]), actual, previous, CLIP)
+    # IDs 4, 3, 2, 1 are the rows of the file sorted by ID backwards: row i of the arrays is ranges[i].
+    own = quantiles.score(actual, ranges, LEVELS)
+    assert scored["interval_coverage"] == pytest.approx(own["interval_coverage"]) == pytest.approx(3 / 4)
+    assert scored["pinball"] == pytest.approx(np.mean([oracle_pinball(actual.tolist(), ranges[:, j].tolist(), lv)
+                                                       for j, lv in enumerate(LEVELS)]))  # fmt: skip
+    naive = np.clip(previous[:, None] + np.array(calibration.naive)[None, :], *CLIP)
+    assert scored["pinball_naive"] == pytest.approx(quantiles.score(actual, naive, LEVELS)["pinball"])
+    assert json.loads(scored["coverage_levels"]) == pytest.approx({"0.1": 0.25, "0.5": 0.75, "0.9": 0.75})  # by hand
+    without = accountability.Forecast(35, "2015-12", paths.submission("2015-12"), {})
+    assert math.isnan(accountability.score_ranges(paths, without, np.array([1]), actual[:1], previous[:1],
+                                                  CLIP)["pinball"])  # fmt: skip
+
+
+def test_the_history_plot_adds_coverage_against_nominal_once_a_month_has_ranges() -> None:
+    from core import accountability
+
+    records = pd.DataFrame({"forecast_month": [33, 34], "month_label": ["2015-10", "2015-11"],
+                            "exported": ["ensemble"] * 2, "status": ["scored"] * 2, "rmse_exported": [1.0, 1.1],
+                            "rmse_previous_period": [1.2, 1.3], "rmse_model": [1.05, 1.15], "n_pairs": [10, 10],
+                            "note": ["", ""], "coverage_levels": ["", json.dumps({"0.1": 0.2, "0.9": 0.93})],
+                            "interval_coverage": [np.nan, 0.78], "interval_width": [np.nan, 2.0],
+                            "pinball": [np.nan, 0.2], "interval_coverage_naive": [np.nan, 0.7],
+                            "pinball_naive": [np.nan, 0.3]})  # fmt: skip
+    with_ranges = accountability.plot_history(records, "2013-01")
+    without = accountability.plot_history(records.drop(columns=["coverage_levels"]), "2013-01")
+    assert with_ranges[:4] == without[:4] == b"\x89PNG" and with_ranges != without
+    rows = accountability.history_rows(records)
+    assert rows[1]["range coverage"] == 0.78 and rows[0]["range coverage"] is None
+    assert "range coverage" in accountability.history_markdown(records, None)
