@@ -208,23 +208,24 @@ def residual_pools(residual: np.ndarray, codes: np.ndarray, calibration: Calibra
 
 def resampled_totals(point: np.ndarray, codes: np.ndarray, pools: Sequence[np.ndarray], groups: np.ndarray,
                      n_groups: int, clip: tuple[float, float], draws: int = FAN_DRAWS, seed: int = 0,
-                     chunk: int = 25) -> np.ndarray:  # fmt: skip
-    """``[group, draw]`` totals of ``clip(point + r)``, each row's ``r`` drawn from its leaf's pool; groups are
-    ``0..n_groups-1`` (rows of group -1 count in no group). Vectorised over rows; draws go in chunks to bound
-    memory."""
+                     chunk: int = 25) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    """``[group, draw]`` totals of ``clip(point + r)``, each row's ``r`` drawn from its leaf's pool, and ``[draw]``
+    totals of every row (the same draws). Groups are ``0..n_groups-1``; a row of group -1 counts in the total only.
+    Vectorised over rows; the draws go in chunks to bound memory."""
     rng = np.random.default_rng(seed)
     point, codes = np.asarray(point, np.float64), np.asarray(codes, np.int64)
     sizes = np.asarray([max(len(p), 1) for p in pools])
     flat = np.concatenate([p if len(p) else np.zeros(1) for p in pools])
     starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
     keep = (groups >= 0) & (groups < n_groups)
-    totals = np.zeros((n_groups, draws))
+    totals, everything = np.zeros((n_groups, draws)), np.zeros(draws)
     for first in range(0, draws, chunk):
         count = min(chunk, draws - first)
         picks = starts[codes] + (rng.random((count, codes.size)) * sizes[codes]).astype(np.int64)
         values = np.clip(point[None, :] + flat[picks], *clip)
         totals[:, first:first + count] = _group_sums(values[:, keep], groups[keep], n_groups).T
-    return totals
+        everything[first:first + count] = values.sum(axis=1)
+    return totals, everything
 
 
 def _group_sums(values: np.ndarray, groups: np.ndarray, n_groups: int) -> np.ndarray:
@@ -376,13 +377,15 @@ def fan_totals(calibration: Calibration, pools: Sequence[np.ndarray], month: Mon
                clip: tuple[float, float], seed: int = 0) -> list[dict[str, Any]]:  # fmt: skip
     """The chain's and each of ``shops``' total: the sum of the P50s, the 10-90 % range of the resampled total
     and (when known) the actual total."""
-    groups = [("chain", np.zeros(month.point.size, np.int64))]
-    groups += [(f"shop {shop}", np.where(month.shop == shop, 0, -1)) for shop in shops]
+    groups = np.full(month.point.size, -1, np.int64)
+    for index, shop in enumerate(shops):
+        groups[month.shop == shop] = index
+    by_shop, chain = resampled_totals(month.point, month.codes, pools, groups, len(shops), clip, seed=seed)
     middle = apply(month.point, month.codes, calibration, clip)[:, len(calibration.levels) // 2]
     out = []
-    for name, group in groups:
-        totals = resampled_totals(month.point, month.codes, pools, group, 1, clip, seed=seed)[0]
-        rows = group == 0
+    for index, (name, totals) in enumerate([("chain", chain), *((f"shop {s}", t) for s, t in zip(shops, by_shop,
+                                                                                                strict=True))]):
+        rows = np.ones(month.point.size, bool) if index == 0 else groups == index - 1
         out.append({"group": name, "p50_sum": float(middle[rows].sum()), "low": float(np.quantile(totals, 0.1)),
                     "high": float(np.quantile(totals, 0.9)),
                     "actual": None if month.actual is None else float(month.actual[rows].sum())})  # fmt: skip

@@ -142,19 +142,22 @@ def test_resampled_totals_match_a_loop_over_draws_with_the_same_random_numbers()
     rng = np.random.default_rng(7)
     pools = [rng.normal(0, 1 + i, 50 + i) for i in range(len(quantiles.LEAVES))]
     groups = rng.integers(-1, 3, codes.size)
-    totals = quantiles.resampled_totals(rows["point"], codes, pools, groups, 3, CLIP, draws=30, seed=11, chunk=7)
+    totals, everything = quantiles.resampled_totals(rows["point"], codes, pools, groups, 3, CLIP, draws=30, seed=11,
+                                                    chunk=7)  # fmt: skip
     replay = np.random.default_rng(11)
     for first in range(0, 30, 7):
         count = min(7, 30 - first)
         uniforms = replay.random((count, codes.size))
         for d in range(count):
-            expected = [0.0, 0.0, 0.0]
+            expected, total = [0.0, 0.0, 0.0], 0.0
             for i in range(codes.size):
                 pool = pools[codes[i]]
                 value = min(max(rows["point"][i] + pool[int(uniforms[d, i] * len(pool))], 0.0), 20.0)
+                total += value
                 if groups[i] >= 0:
                     expected[groups[i]] += value
             assert totals[:, first + d] == pytest.approx(expected)
+            assert everything[first + d] == pytest.approx(total)
 
 
 # --- the quantiles file -----------------------------------------------------------------------------
