@@ -508,7 +508,8 @@ def ranges_markdown(result: Mapping[str, Any], first_month: str, plot_name: str 
         "## Forecast ranges", "",
         f"Quantiles {levels} of the **{result['exported']}** forecast: split-conformal offsets per segment from the "
         f"residuals of the {calibration.forecaster} forecast on the validation month(s) {calibrated_on}; the "
-        f"holdout month {held} only scores them. Naive: the previous month plus its pooled residual quantiles.",
+        f"holdout month {held} only scores them{scored_note(result['exported'], calibration.forecaster)}. Naive: "
+        "the previous month plus its pooled residual quantiles.",
         "", f"### Holdout month {held}, by segment", "", table(header, rows), "",
         f"### Monthly total: sum of P50, and the 10-90 % range of the total ({FAN_DRAWS} resamples of residuals)",
         "", table(["group", f"actual {held}", f"P50 sum {held}", f"range {held}", f"P50 sum {ahead}",
@@ -517,6 +518,11 @@ def ranges_markdown(result: Mapping[str, Any], first_month: str, plot_name: str 
     if plot_name:
         lines += ["", f"![forecast ranges]({plot_name})"]
     return "\n".join(lines) + "\n"
+
+
+def scored_note(exported: str, forecaster: str) -> str:
+    """Said when the scores below are not the export's own (a champion: its run's holdout predictions are not kept)."""
+    return "" if exported == forecaster else f" (the {forecaster} forecast's range, calibrated the same way)"
 
 
 def plot_fan(result: Mapping[str, Any], history: pd.DataFrame, first_month: str) -> bytes:
