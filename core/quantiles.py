@@ -311,11 +311,14 @@ def frame_codes(frame: pd.DataFrame) -> np.ndarray:
 
 
 def forecast_codes(store: Any) -> np.ndarray:
-    """:func:`leaf_codes` of a store's forecast rows (new item and new pair as the windows step tells them)."""
-    tables = store.feature_tables()
+    """:func:`leaf_codes` of a store's forecast rows: new item and new pair as the windows step tells them (an item
+    in no grid before the month; a pair with no sale before it), read from the store's arrays (no feature tables)."""
     series, month = store.forecast_index[:, 0].astype(np.int64), store.forecast_index[:, 1]
-    new_item = tables.item_first[tables.rows["item"][series]] >= month
-    new_pair = tables.pair_first[tables.rows["pair"][series]] >= month
+    grid_items = np.asarray(store.grid["grid_items"], dtype=bool)
+    seen = grid_items.any(axis=0)
+    item_first = np.where(seen, grid_items.argmax(axis=0), np.iinfo(np.int64).max)
+    new_item = item_first[np.asarray(store.rows_of["item"])[series]] >= month
+    new_pair = np.asarray(store.levels["pair_first"])[np.asarray(store.rows_of["pair"])[series]] >= month
     return leaf_codes(new_item, new_pair, store.forecast_frame()["prev"].to_numpy(np.float64))
 
 

@@ -309,3 +309,22 @@ def test_the_history_plot_adds_coverage_against_nominal_once_a_month_has_ranges(
     rows = accountability.history_rows(records)
     assert rows[1]["range coverage"] == 0.78 and rows[0]["range coverage"] is None
     assert "range coverage" in accountability.history_markdown(records, None)
+
+
+def test_the_forecast_rows_segments_agree_with_the_monthly_sales_before_the_month(run) -> None:
+    from core.aggregate import read_monthly
+    from core.window_store import WindowStore
+
+    paths = LakePaths.of(run["config"])
+    store = WindowStore.open(paths.windows_dir("final"))
+    month = int(store.meta["forecast_month"])
+    frame = store.forecast_frame()
+    monthly = read_monthly(paths)
+    before = monthly[monthly["date_block_num"] < month]
+    sold_items = set(before["item_id"].astype(int))
+    sold_pairs = set(zip(before["shop_id"].astype(int), before["item_id"].astype(int), strict=True))
+    expected = [oracle_leaf(item not in sold_items, (shop, item) not in sold_pairs, prev) for shop, item, prev
+                in zip(frame["shop_id"].astype(int), frame["item_id"].astype(int), frame["prev"], strict=True)]
+    got = [quantiles.LEAVES[c] for c in quantiles.forecast_codes(store)]
+    assert got == expected
+    assert {"new_item", "sold_0"} <= set(got)
