@@ -25,7 +25,6 @@ month's residuals on the same validation months.
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -292,10 +291,6 @@ def write_quantiles(path: str | Path, frame: pd.DataFrame, ids: np.ndarray, leve
 
 def interval_text(calibration: Calibration) -> str:
     return f"P{calibration.levels[0] * 100:g}-P{calibration.levels[-1] * 100:g}"
-
-
-def finite_or_none(value: float) -> float | None:
-    return value if value is not None and math.isfinite(value) else None
 
 
 # --- the step, as the gate calls it ----------------------------------------------------------------
