@@ -35,7 +35,14 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from core import forecasters  # noqa: E402
-from core.backtest import BacktestResult, backtest, markdown_table, parse_origins, prepare_lake  # noqa: E402
+from core.backtest import (  # noqa: E402
+    RANGE_COLUMNS,
+    BacktestResult,
+    backtest,
+    markdown_table,
+    parse_origins,
+    prepare_lake,
+)
 from core.config import NestcastConfig  # noqa: E402
 
 RAW_FILES = ("sales_train.csv", "test.csv", "items.csv", "item_categories.csv", "shops.csv")
@@ -124,6 +131,19 @@ def rows_for(results: dict[str, list[BacktestResult]], origins: list[int]) -> li
     return rows
 
 
+def range_rows(results: dict[str, list[BacktestResult]], origins: list[int]) -> list[dict[str, Any]]:
+    """Per origin and on average, the default model's exported range (``core.quantiles``: calibrated on the
+    validation months, scored on the origin) beside the naive range, mean over seeds."""
+    runs = results.get("nlstm2") or next(iter(results.values()))
+    keys = [key for key in RANGE_COLUMNS if all(o.ranges.get(key) is not None for r in runs for o in r.origins)]
+    if not keys:
+        return []
+    rows = [{"origin": str(m), **{k: sum(r.origins[i].ranges[k] for r in runs) / len(runs) for k in keys}}
+            for i, m in enumerate(origins)]  # fmt: skip
+    rows.append({"origin": "mean", **{k: sum(row[k] for row in rows) / len(rows) for k in keys}})
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     source = parser.add_mutually_exclusive_group()
@@ -162,6 +182,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{name} seed {seed}: mean model / previous {result.mean_ratio:.4f} "
                       f"({result.params:,} params, {result.train_seconds:.0f} s)", flush=True)  # fmt: skip
         rows = rows_for(results, origins)
+        ranges = range_rows(results, origins)
     finally:
         if args.keep is None:
             shutil.rmtree(work, ignore_errors=True)
@@ -181,6 +202,11 @@ def main(argv: list[str] | None = None) -> int:
         "",
         markdown_table(rows),
     ]
+    if ranges:
+        lines += ["", "Ranges of the export (core.quantiles, levels " + ", ".join(map(str, cfg["quantile_levels"]))
+                  + "): calibrated on the validation months, scored on the origin; coverage and width of the outer "
+                  "interval, pinball loss over the levels, beside the naive range (previous month + pooled "
+                  "residual quantiles).", "", markdown_table(ranges, {"origin": "origin", **RANGE_COLUMNS})]
     text = "\n".join(lines) + "\n"
     print("\n" + text)
     if args.out is not None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -43,6 +44,16 @@ RECORD_SCHEMA = pa.schema([
     ("rmse_model", pa.float64()),
     ("n_pairs", pa.int64()),
     ("n_pairs_sold", pa.int64()),
+    # The ranges beside the submission (submissions/<month>.quantiles.parquet) and the naive range, scored alike:
+    # coverage of each level (JSON: level -> share of pairs at or below it), the outer interval's coverage and
+    # mean width, and the mean pinball loss over the levels. NaN when the submission has no quantiles file.
+    ("coverage_levels", pa.string()),
+    ("interval_coverage", pa.float64()),
+    ("interval_width", pa.float64()),
+    ("pinball", pa.float64()),
+    ("interval_coverage_naive", pa.float64()),
+    ("interval_width_naive", pa.float64()),
+    ("pinball_naive", pa.float64()),
     ("run_dir", pa.string()),
     ("submission", pa.string()),
     ("scored_at", pa.string()),
@@ -191,7 +202,8 @@ def resolve_pairs(paths: LakePaths, forecast: Forecast, ids: pd.Series) -> tuple
 def _inputs_sha256(paths: LakePaths, forecast: Forecast, pairs_source: str) -> str:
     """What a record is scored from: the submission, its pairs, the month's and the previous month's actuals."""
     digest = hashlib.sha256(file_sha256(forecast.csv).encode())
-    for path in (Path(pairs_source), paths.monthly_file(forecast.month), paths.monthly_file(forecast.month - 1)):
+    for path in (Path(pairs_source), paths.monthly_file(forecast.month), paths.monthly_file(forecast.month - 1),
+                 paths.submission_quantiles(forecast.label)):  # fmt: skip
         digest.update(file_sha256(path).encode() if path.is_file() else b"missing")
     return digest.hexdigest()
 
@@ -228,7 +240,33 @@ def score_forecast(
         "n_pairs": len(frame),
         "n_pairs_sold": int((actual > 0).sum()),
         "note": "" if model is not None else "run directory gone: no model forecast to score",
-    }
+    } | score_ranges(paths, forecast, frame["ID"].to_numpy(), actual, previous, clip)
+
+
+NO_RANGES: dict[str, Any] = {"coverage_levels": "", **{name: math.nan for name in RECORD_SCHEMA.names
+                                                        if name.startswith(("interval_", "pinball"))}}  # fmt: skip
+
+
+def score_ranges(paths: LakePaths, forecast: Forecast, ids: np.ndarray, actual: np.ndarray, previous: np.ndarray,
+                 clip: tuple[float, float]) -> dict[str, Any]:  # fmt: skip
+    """The submission's quantiles and the naive range of its time (the previous month plus the offsets its
+    sidecar recorded), scored on the month's actuals (:data:`NO_RANGES` without a quantiles file)."""
+    from core import quantiles
+
+    path, recorded = paths.submission_quantiles(forecast.label), forecast.sidecar.get("quantiles")
+    if not path.exists() or not isinstance(recorded, dict):
+        return dict(NO_RANGES)
+    calibration = quantiles.Calibration.from_dict(recorded["calibration"])
+    columns = [quantiles.level_column(level) for level in calibration.levels]
+    table = pd.read_parquet(path).set_index("ID").reindex(ids)
+    if table[columns].isna().any().any():
+        return dict(NO_RANGES)
+    own = quantiles.score(actual, table[columns].to_numpy(np.float64), calibration.levels)
+    naive = quantiles.score(actual, quantiles.apply_naive(previous, calibration, clip), calibration.levels)
+    return {"coverage_levels": json.dumps(own["coverage"]), "interval_coverage": own["interval_coverage"],
+            "interval_width": own["interval_width"], "pinball": own["pinball"],
+            "interval_coverage_naive": naive["interval_coverage"], "interval_width_naive": naive["interval_width"],
+            "pinball_naive": naive["pinball"]}  # fmt: skip
 
 
 def _record(paths: LakePaths, forecast: Forecast, clip: tuple[float, float], known: Mapping[str, Any] | None
@@ -249,9 +287,9 @@ def _record(paths: LakePaths, forecast: Forecast, clip: tuple[float, float], kno
         "inputs_sha256": inputs,
     }  # fmt: skip
     if pairs is None:
-        return base | {"status": "unresolved", "rmse_exported": math.nan, "rmse_previous_period": math.nan,
-                       "rmse_model": math.nan, "n_pairs": submission.rows, "n_pairs_sold": 0,
-                       "note": source}  # fmt: skip
+        return base | NO_RANGES | {"status": "unresolved", "rmse_exported": math.nan, "rmse_previous_period": math.nan,
+                                   "rmse_model": math.nan, "n_pairs": submission.rows, "n_pairs_sold": 0,
+                                   "note": source}  # fmt: skip
     return base | {"status": "scored"} | score_forecast(paths, forecast, pairs, clip, submission.frame)
 
 
@@ -312,10 +350,19 @@ def history_rows(records: pd.DataFrame) -> list[dict[str, Any]]:
         "month": records["month_label"], "exported": records["exported"], "status": records["status"],
         "RMSE exported": records["rmse_exported"].round(4), "RMSE previous period":
         records["rmse_previous_period"].round(4), "RMSE model": records["rmse_model"].round(4),
-        "exported / previous": ratio.round(4), "pairs": records["n_pairs"], "note": records["note"],
+        "exported / previous": ratio.round(4), "range coverage": _column(records, "interval_coverage").round(4),
+        "range width": _column(records, "interval_width").round(3), "pinball": _column(records, "pinball").round(4),
+        "naive coverage": _column(records, "interval_coverage_naive").round(4),
+        "naive pinball": _column(records, "pinball_naive").round(4), "pairs": records["n_pairs"],
+        "note": records["note"],
     })  # fmt: skip
     # None, not NaN, where nothing was scored: the UI's table and JSON show an empty cell.
     return table.astype(object).where(table.notna(), None).to_dict("records")
+
+
+def _column(records: pd.DataFrame, name: str) -> pd.Series:
+    """A record column as numbers (NaN throughout in records written before the column existed)."""
+    return pd.to_numeric(records[name], errors="coerce") if name in records else pd.Series(np.nan, records.index)
 
 
 def plot_history(records: pd.DataFrame, first_month: str) -> bytes | None:
@@ -328,8 +375,9 @@ def plot_history(records: pd.DataFrame, first_month: str) -> bytes | None:
     months = scored["forecast_month"].to_numpy(np.int64)
     if not len(months):
         return None
-    fig = figure(figsize=(9, 4.5))
-    ax = fig.add_subplot()
+    coverage = _coverage_by_level(scored)
+    fig = figure(figsize=(9, 8.5 if coverage else 4.5))
+    ax = fig.add_subplot(2 if coverage else 1, 1, 1)
     for column, label, colour in (("rmse_exported", "exported", EXPORTED_COLOUR),
                                   ("rmse_previous_period", "previous period", forecasters.colour("baseline")),
                                   ("rmse_model", "model", forecasters.colour("model"))):  # fmt: skip
@@ -339,7 +387,35 @@ def plot_history(records: pd.DataFrame, first_month: str) -> bytes | None:
     ax.set_title("Exported forecasts, scored once their month arrived")
     ax.grid(alpha=0.3)
     legend_below(fig, ax, 3)
+    if coverage:
+        plot_coverage(fig.add_subplot(2, 1, 2), months, coverage, first_month)
+        fig.tight_layout()
     return png(fig)
+
+
+def _coverage_by_level(scored: pd.DataFrame) -> dict[float, np.ndarray]:
+    """Level -> each scored month's coverage of that level (NaN where the month had no quantiles file)."""
+    parsed = [json.loads(text) if isinstance(text, str) and text else {}
+              for text in (scored["coverage_levels"] if "coverage_levels" in scored else [])]  # fmt: skip
+    levels = sorted({float(level) for row in parsed for level in row})
+    return {level: np.asarray([row.get(f"{level:g}", np.nan) for row in parsed], np.float64) for level in levels}
+
+
+def plot_coverage(ax: Any, months: np.ndarray, coverage: Mapping[float, np.ndarray], first_month: str) -> None:
+    """Each level's coverage per forecast month against its nominal line (dashed, the same colour)."""
+    from core.report import month_ticks
+
+    colours = ["#1f77b4", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf"]
+    for index, (level, values) in enumerate(coverage.items()):
+        colour = colours[index % len(colours)]
+        ax.plot(months, values, marker="o", color=colour, label=f"P{level * 100:g}")
+        ax.axhline(level, color=colour, linestyle="--", linewidth=1)
+    month_ticks(ax, months, first_month)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("share of pairs at or below the quantile")
+    ax.set_title("Coverage of each quantile level against its nominal line (dashed)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
 
 
 def history_markdown(records: pd.DataFrame, plot_name: str | None) -> str:
@@ -359,8 +435,11 @@ def history_markdown(records: pd.DataFrame, plot_name: str | None) -> str:
 
 
 def _shown_columns(rows: list[dict[str, Any]]) -> list[str]:
-    # The UI's markdown pane cuts a wide table on the right: "status" and "note" only when some row needs them.
-    said = {"status": any(row["status"] != "scored" for row in rows), "note": any(row["note"] for row in rows)}
+    # The UI's markdown pane cuts a wide table on the right: "status" and "note" only when some row needs them,
+    # the range columns only when some month had a quantiles file.
+    ranged = any(row["range coverage"] is not None for row in rows)
+    said = {"status": any(row["status"] != "scored" for row in rows), "note": any(row["note"] for row in rows),
+            **{key: ranged for key in ("range coverage", "range width", "pinball", "naive coverage", "naive pinball")}}
     return [column for column in rows[0] if said.get(column, True)]
 
 

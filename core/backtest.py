@@ -63,6 +63,7 @@ class OriginResult:
     run_dir: str
     selection: dict[str, Any] = field(default_factory=dict)  # core.protocol.Selection, as a dict
     reference_seconds: float | None = None
+    ranges: dict[str, Any] = field(default_factory=dict)  # core.quantiles.origin_ranges: the export's range scores
 
     @property
     def ratio(self) -> float:
@@ -109,7 +110,7 @@ class BacktestResult:
     def rows(self) -> list[dict[str, Any]]:
         """One row per origin and a ``mean`` row: RMSE per predictor, ratio, training cost."""
         rows = [_row(str(o.origin), o.rows, o.rmse, o.ratio, o.train_seconds, o.seconds_per_epoch, o.epochs_run)
-                for o in self.origins]  # fmt: skip
+                | _range_cells(o.ranges) for o in self.origins]  # fmt: skip
         shown = self.predictors
         if self.origins:
             per_epoch = [o.seconds_per_epoch for o in self.origins if o.seconds_per_epoch is not None]
@@ -123,8 +124,15 @@ class BacktestResult:
                     sum(per_epoch) / len(per_epoch) if per_epoch else None,
                     _mean_epochs([o.epochs_run for o in self.origins]),
                 )
+                | _range_cells(self.mean_ranges())
             )
         return rows
+
+    def mean_ranges(self) -> dict[str, float]:
+        """Each range score's mean over the origins that have it (none: an empty dict)."""
+        keys = [key for key in RANGE_COLUMNS if self.origins and all(o.ranges.get(key) is not None
+                                                                     for o in self.origins)]  # fmt: skip
+        return {key: sum(o.ranges[key] for o in self.origins) / len(self.origins) for key in keys}
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -136,6 +144,17 @@ class BacktestResult:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> BacktestResult:
         return cls(config=dict(data["config"]), origins=[OriginResult.from_dict(o) for o in data["origins"]])
+
+
+#: The range scores a backtest row shows (``core.quantiles.holdout_summary``), with their headers.
+RANGE_COLUMNS: dict[str, str] = {"range_coverage": "range coverage", "range_width": "range width",
+                                 "range_pinball": "pinball", "naive_coverage": "naive coverage",
+                                 "naive_width": "naive width", "naive_pinball": "naive pinball",
+                                 "new_item_coverage": "new-item coverage"}  # fmt: skip
+
+
+def _range_cells(ranges: dict[str, Any]) -> dict[str, Any]:
+    return {key: None if ranges.get(key) is None else round(float(ranges[key]), 4) for key in RANGE_COLUMNS}
 
 
 def _mean_epochs(epochs: list[int]) -> float | int:
@@ -213,7 +232,7 @@ def backtest_origin(
     ``root/origin-<m>-<windows build hash>/{select,refit}``: a rerun on the same data resumes (or reuses)
     its checkpoints, and changed data or windows settings get a fresh directory, never stale weights.
     """
-    from core import protocol
+    from core import protocol, quantiles
 
     built = build_windows(config, holdout_month=origin, windows_dir=windows_dir_for(config, origin))
     if built.holdout_month != origin or built.sample_counts["holdout"] == 0:
@@ -228,6 +247,8 @@ def backtest_origin(
     scored = evaluate(store.holdout_frame(), predictions["model"].to_numpy(), clip, month=origin,
                       first_month=config.ingest.first_month, others=others)  # fmt: skip
     reference_seconds = (selection.reference_seconds or 0.0) + (refitted.reference_seconds or 0.0)
+    ranges = quantiles.origin_ranges(config, store, run_dir, exported_name(selection.validation_rmse,
+                                                                           config.export.fallback))
     return OriginResult(
         origin=origin,
         rows=scored.rows,
@@ -242,7 +263,16 @@ def backtest_origin(
         run_dir=str(run_dir),
         selection=selection.to_dict(),
         reference_seconds=reference_seconds if selection.rounds else None,
+        ranges=ranges,
     )
+
+
+def exported_name(validation_rmse: dict[str, float], fallback: str) -> str:
+    """What the gate would export from a selection's validation scores (the origin's exported column)."""
+    from core.gate import CANDIDATES, decide
+
+    scores = {name: validation_rmse[name] for name in (*CANDIDATES, "baseline") if name in validation_rmse}
+    return decide(scores, fallback=fallback).exported  # type: ignore[arg-type]
 
 
 def origin_run_dir(root: str | Path, origin: int, build_hash: str) -> Path:
@@ -330,6 +360,7 @@ _HEADERS = {
     "epochs": "epochs",
     "s_per_epoch": "s/epoch",
     "train_s": "train s",
+    **RANGE_COLUMNS,
 }
 _SHOWN_CONFIG = ("kind", "units", "depth", "lookback", "sample_policy", "epochs", "batch_size", "learning_rate",
                  "learning_rate_schedule", "loss", "sample_budget", "embeddings", "head_units",

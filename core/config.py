@@ -25,6 +25,19 @@ DEFAULT_SHOP_MERGE_MAP: dict[int, int] = {0: 57, 1: 58, 10: 11, 39: 40}
 DEFAULT_CLIP: tuple[float, float] = (0.0, 20.0)
 
 
+def check_levels(levels: Any) -> tuple[float, ...]:
+    """Quantile levels strictly increasing inside (0, 1); a ValueError naming the first bad value otherwise."""
+    values = tuple(float(v) for v in levels)
+    if not values:
+        raise ValueError("quantile_levels needs at least one level")
+    for before, value in zip((None, *values), values, strict=False):
+        if not 0.0 < value < 1.0:
+            raise ValueError(f"quantile level {value:g} is not inside (0, 1)")
+        if before is not None and value <= before:
+            raise ValueError(f"quantile levels must be strictly increasing: {value:g} follows {before:g}")
+    return values
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -221,6 +234,16 @@ class ExportConfig(_Section):
     champion_tolerance: float = Field(
         0.0, ge=0, description="The challenger wins if its holdout RMSE is at most (1 + tolerance) x the champion's.",
     )
+    quantile_levels: tuple[float, ...] = Field(
+        (0.1, 0.5, 0.9), description="Levels of the quantiles written beside the submission "
+        "(submissions/<month>.quantiles.parquet), strictly increasing inside (0, 1); the outer two make the interval "
+        "whose coverage is scored.",
+    )
+
+    @field_validator("quantile_levels")
+    @classmethod
+    def _levels(cls, value: tuple[float, ...]) -> tuple[float, ...]:
+        return check_levels(value)
 
 
 class OrchestrationConfig(_Section):

@@ -23,6 +23,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
+from core import quantiles
 from core.config import DEFAULT_CLIP
 from core.errors import ExportCheckError
 from core.files import write_bytes_atomic, write_parquet_atomic
@@ -145,6 +146,7 @@ class ExportResult:
     sha256: str
     total: float
     previous_path: Path | None = None  # where the earlier, different submission of the month was kept
+    quantiles_path: Path | None = None  # submissions/<month>.quantiles.parquet
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -156,6 +158,7 @@ class ExportResult:
             "rows": self.rows,
             "sha256": self.sha256,
             "total": self.total,
+            "quantiles_path": None if self.quantiles_path is None else str(self.quantiles_path),
         }
 
 
@@ -332,6 +335,13 @@ def export_run(config: Any, windows_dir: str | Path, run_dir: str | Path, decisi
         **dict(extra or {}),
     }
     label = forecast_month_label(int(meta["forecast_month"]), config.ingest.first_month)
+    # The ranges are built and checked before the CSV is written, so a failed check still leaves nothing.
+    calibration = _calibration(decision, run_dir)
+    ranges = quantile_rows(store, forecast["ID"].to_numpy(), values, calibration, clip)
+    quantiles_path = paths.submission_quantiles(label)
+    quantiles.check_quantile_frame(ranges, forecast["ID"].to_numpy(), calibration.levels, clip, quantiles_path.name)
+    sidecar["quantiles"] = {"file": quantiles_path.name, "levels": list(calibration.levels),
+                            "calibration": calibration.to_dict()}  # fmt: skip
     result = export_submission(
         pd.DataFrame({"ID": forecast["ID"].to_numpy(), "item_cnt_month": values}),
         test,
@@ -346,4 +356,25 @@ def export_run(config: Any, windows_dir: str | Path, run_dir: str | Path, decisi
     # still leaves nothing.
     write_parquet_atomic(paths.submission_pairs(label), pa.Table.from_pandas(
         test[["ID", "shop_id", "item_id"]].sort_values("ID").reset_index(drop=True), preserve_index=False))
-    return result
+    quantiles.write_quantiles(quantiles_path, ranges, forecast["ID"].to_numpy(), calibration.levels, clip)
+    return dataclasses.replace(result, quantiles_path=quantiles_path)
+
+
+def _calibration(decision: Any, run_dir: Path) -> quantiles.Calibration:
+    """The ranges' calibration the gate step made (``decision.ranges``, else the run's ``ranges.json``)."""
+    from core.files import read_json
+
+    ranges = getattr(decision, "ranges", None) or read_json(run_dir / quantiles.RANGES_FILE)
+    if not ranges:
+        raise ExportCheckError(f"{run_dir / quantiles.RANGES_FILE} is missing: the gate step calibrates the ranges "
+                               "written beside the submission; rerun the flow")  # fmt: skip
+    return quantiles.Calibration.from_dict(ranges["calibration"])
+
+
+def quantile_rows(store: Any, ids: np.ndarray, values: np.ndarray, calibration: quantiles.Calibration,
+                  clip: tuple[float, float]) -> pd.DataFrame:  # fmt: skip
+    """The quantiles file's frame: each forecast row's exported value plus its segment's offsets, by ID."""
+    frame = store.forecast_frame()
+    ranges = quantiles.apply(values, quantiles.forecast_codes(store), calibration, clip)
+    return quantiles.quantile_frame(ids, frame["shop_id"].to_numpy(), frame["item_id"].to_numpy(), ranges,
+                                    calibration.levels)  # fmt: skip

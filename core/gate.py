@@ -148,6 +148,7 @@ class ExportDecision:
     beaten_by: dict[str, float]  # forecasters that scored better than the export on the holdout month
     report: str
     plots: dict[str, str]
+    ranges: dict[str, Any] = dataclasses.field(default_factory=dict)  # core.quantiles.range_run's result
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -167,7 +168,7 @@ def gate_run(config: Any, windows_dir: str | Path, final_windows_dir: str | Path
     import pandas as pd
 
     from core import champion as champions
-    from core import report
+    from core import quantiles, report
     from core.aggregate import read_monthly
     from core.evaluate import monthly_totals, score_holdout
     from core.files import atomic_path
@@ -215,11 +216,13 @@ def gate_run(config: Any, windows_dir: str | Path, final_windows_dir: str | Path
         champion=None if verdict is None else _champion_text(verdict, before, exported),
         extra=_run_settings(config, selection),
     )  # fmt: skip
+    # The exported forecaster's ranges, calibrated on the validation months and scored on the holdout month.
+    ranges = quantiles.range_run(config, windows_dir, final_windows_dir, run_dir, exported, decision.exported)
     return ExportDecision(
         exported=exported, reason=reason, exported_rmse=exported_rmse, holdout_month=scores.holdout_month,
         forecast_month=scores.forecast_month, decision=decision, champion=verdict, champion_run=before,
         beaten_by=dict(report.better_than(holdout_scores, exported)), report=str(written.pop("report")),
-        plots={name: str(path) for name, path in written.items()},
+        plots={name: str(path) for name, path in written.items()} | {"ranges": ranges["plot"]}, ranges=ranges,
     )  # fmt: skip
 
 

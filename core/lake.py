@@ -34,6 +34,7 @@ METRICS_FILE = "metrics.json"  # a run's scores, the gate's decision and the plo
 REPORT_FILE = "report.md"  # a run's evaluation report
 ACCOUNTABILITY_FILE = "records.parquet"  # lake/accountability/: one row per scored forecast month
 PAIRS_SUFFIX = ".pairs.parquet"  # submissions/<month>.pairs.parquet: the (shop, item) pair of each exported ID
+QUANTILES_SUFFIX = ".quantiles.parquet"  # submissions/<month>.quantiles.parquet: each exported ID's range
 
 
 def partition_name(month: int) -> str:
@@ -196,6 +197,11 @@ class LakePaths:
         """``submissions/<YYYY-MM>.pairs.parquet``: ``ID, shop_id, item_id`` of that submission's rows, kept so
         the forecast can be scored when its month arrives even after ``test.csv`` changed or went away."""
         return self.submissions / f"{month_label}{PAIRS_SUFFIX}"
+
+    def submission_quantiles(self, month_label: str) -> Path:
+        """``submissions/<YYYY-MM>.quantiles.parquet``: ``ID, shop_id, item_id`` and one column a quantile level
+        (``q0.1``...) of that submission's rows (``core.quantiles``)."""
+        return self.submissions / f"{month_label}{QUANTILES_SUFFIX}"
 
     @property
     def accountability_records(self) -> Path:

@@ -8,9 +8,9 @@ from pathlib import Path
 from typing import Any
 
 from prefect import get_run_logger
-from prefect.artifacts import create_markdown_artifact
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from core import gate
+from core import gate, quantiles
 from core.config import NestcastConfig
 from core.evaluate import RunScores
 from core.protocol import Selection
@@ -29,6 +29,13 @@ def _publish(result: gate.ExportDecision, parameters: Mapping[str, Any]) -> None
         markdown=inline_images(report.read_text(encoding="utf-8"), report.parent) + "\n## Files\n\n" + files + "\n",
         description=f"report.md of run {report.parent.name}: exported {result.exported}, plots inline",
     )
+    if result.ranges:
+        create_table_artifact(
+            key="ranges",
+            table=quantiles.segment_table_rows(result.ranges),
+            description=f"The {result.exported} forecast's range on the holdout month, by segment, beside the naive "
+            "range: interval coverage, mean width and pinball loss (report.md has the fan chart)",
+        )
     if result.champion is not None:
         create_markdown_artifact(
             key="champion",

@@ -64,6 +64,14 @@ def test_one_row_per_origin_with_model_baselines_and_cost(result):
     rows = res.rows()
     assert [r["origin"] for r in rows] == [str(m) for m in origins] + ["mean"]
     assert rows[-1]["model_rmse"] == pytest.approx(np.mean([o.rmse["model"] for o in res.origins]), abs=1e-4)
+    # Each origin's range: the gate's pick calibrated on the validation months, scored on the origin.
+    for o, row in zip(res.origins, rows, strict=False):
+        assert o.ranges["exported"] in {"model", "reference", "ensemble", "baseline"}
+        assert 0.0 <= o.ranges["range_coverage"] <= 1.0 and o.ranges["range_width"] >= 0.0
+        assert o.ranges["range_pinball"] > 0 and o.ranges["naive_pinball"] > 0
+        assert row["range_pinball"] == pytest.approx(o.ranges["range_pinball"], abs=1e-4)
+    assert rows[-1]["range_coverage"] == pytest.approx(np.mean([o.ranges["range_coverage"] for o in res.origins]),
+                                                       abs=1e-4)  # fmt: skip
 
 
 def test_baselines_match_an_independent_computation_from_monthly_data(result, lake):

@@ -127,7 +127,7 @@ def test_transient_errors_are_retried_data_errors_are_not_and_a_rerun_resumes_fr
     artifacts = artifacts_of(second.state_details.flow_run_id)
     for key in ("evaluation", "evaluation-report", "training-epochs-select", "training-epochs-refit-holdout",
                 "training-epochs-refit-final", "submission", "sales-forecast-summary",
-                "validation-sales-train-csv"):  # fmt: skip
+                "validation-sales-train-csv", "ranges"):  # fmt: skip
         assert key in artifacts, f"{key} missing from the cached rerun; has {sorted(artifacts)}"
     report = artifacts["evaluation-report"].data
     assert "](data:image/png;base64,iVBORw0KGgo" in report and "file://" not in report
@@ -148,8 +148,13 @@ def test_transient_errors_are_retried_data_errors_are_not_and_a_rerun_resumes_fr
     assert list(submission.columns) == ["ID", "item_cnt_month"]
     assert sorted(submission["ID"]) == sorted(test["ID"])
     assert submission["item_cnt_month"].between(0, 20).all()
+    # The ranges beside it: one row per exported ID, a column per level; the UI shows them by segment.
+    ranges = pd.read_parquet(Path(summary["submission"]).with_suffix(".quantiles.parquet"))
+    assert ranges["ID"].tolist() == sorted(test["ID"]) and list(ranges.columns)[3:] == ["q0.1", "q0.5", "q0.9"]
+    assert table(artifacts["ranges"])[0]["segment"] == "every pair" and "## Forecast ranges" in report
     run_dir = Path(summary["run_dir"])
     for name in ("metrics.json", "report.md", "monthly_totals.png", "forecast.parquet", "select/selection.json",
+                 "ranges.json", "fan.png",
                  "select/validation.parquet", "holdout/holdout.parquet", "final/forecast.parquet"):  # fmt: skip
         assert (run_dir / name).exists(), name
     for stage in ("select", "holdout", "final"):
