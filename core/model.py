@@ -34,8 +34,8 @@ import numpy as np
 from core.encoders import build_encoder, import_all
 from core.errors import DeviceUnavailableError
 from core.files import read_json, write_json_atomic
+from core.initializers import seeded_initializer
 from core.lake import METADATA_FILE, NETWORK_FILE
-from core.nlstm import seeded_initializer
 from core.sampling import EpochShuffled
 
 if TYPE_CHECKING:  # the config pulls in pydantic-settings; the GPU benchmark runs without it
