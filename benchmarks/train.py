@@ -44,7 +44,7 @@ import numpy as np  # noqa: E402
 
 import core.nlstm as nlstm_module  # noqa: E402
 import core.nlstm.loops as nlstm_loops  # noqa: E402
-from core.model import select_device  # noqa: E402
+from core.device import select_device  # noqa: E402
 from core.nlstm import NestedLSTM, NestedLSTMCell  # noqa: E402
 
 SEED_SAMPLES, STEPS, CHANNELS, UNITS, DEPTH = 214_200, 33, 1, 40, 2
