@@ -43,7 +43,8 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 import core.nlstm as nlstm_module  # noqa: E402
-from core.model import select_device  # noqa: E402
+import core.nlstm.loops as nlstm_loops  # noqa: E402
+from core.device import select_device  # noqa: E402
 from core.nlstm import NestedLSTM, NestedLSTMCell  # noqa: E402
 
 SEED_SAMPLES, STEPS, CHANNELS, UNITS, DEPTH = 214_200, 33, 1, 40, 2
@@ -229,7 +230,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
 
     if args.scan_unroll:
-        nlstm_module.SCAN_UNROLL = args.scan_unroll
+        nlstm_loops.SCAN_UNROLL = args.scan_unroll
     device = select_device(args.device)
     precision = args.precision or device.precision
     spe = args.steps_per_execution or (16 if device.kind == "gpu" else 1)
@@ -279,7 +280,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 "jit": "default" if jit is None else jit,
                 "resolved_jit": bool(model.jit_compile),
                 "precision": run_precision,
-                "scan_unroll": nlstm_module.SCAN_UNROLL,
+                "scan_unroll": nlstm_loops.SCAN_UNROLL,
                 "batch": batch,
                 "warmup_s": warm,
                 "s_per_epoch": epoch,

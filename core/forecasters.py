@@ -5,7 +5,7 @@ this table, so a forecaster is added (or removed) here alone, plus its training 
 every predictions file, in ``forecast.parquet`` and in ``metrics.json``.
 
 Roles:
-- ``network``: the Nested LSTM (``core.model``; its encoder comes from ``core.encoders``);
+- ``network``: the Nested LSTM (``core.model``, trained by ``core.training``; its encoder comes from ``core.encoders``);
 - ``booster``: LightGBM on the named features of ``core.features`` (``core.reference``);
 - ``blend``: the network and the booster mixed with weights chosen on the validation months (``core.gate``);
 - ``baseline``: computed from the data alone (last month's sales, the mean of the last three, zeros).

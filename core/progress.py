@@ -1,6 +1,6 @@
 """Signs of life while a model trains: one start line, a terminal progress bar, a per-epoch table.
 
-``TrainingProgress`` is a Keras callback that ``core.model.train_model`` accepts through ``callbacks=``. Before
+``TrainingProgress`` is a Keras callback that ``core.training.train_model`` accepts through ``callbacks=``. Before
 the first epoch's second batch it logs what is being trained on (device, samples, batches, the first batch's
 time, which is mostly graph building and the XLA compile); while an epoch runs it draws a tqdm bar with the
 batch count and ETA, only when the terminal is a TTY (never in CI logs or a worker's captured output).

@@ -296,7 +296,7 @@ def select(
     """Stage 1: epochs, boosting rounds, launch scales and blend weights from the validation months, and every
     forecaster's validation scores. Writes ``stage_dir/selection.json`` and ``stage_dir/validation.parquet``;
     a rerun with the selection in place returns it without training."""
-    from core.model import train_forecaster
+    from core.training import train_forecaster
     from core.window_store import WindowStore
 
     stage_dir = Path(stage_dir)
@@ -367,7 +367,7 @@ def refit(
     """Stage 2: retrain every trained forecaster on every training target with the selection's epochs and rounds;
     write ``holdout.parquet`` (when the store holds a month out) and ``forecast.parquet``, a column per forecaster
     (:func:`apply_stage`)."""
-    from core.model import train_forecaster
+    from core.training import train_forecaster
     from core.window_store import WindowStore
 
     started = time.perf_counter()

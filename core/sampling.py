@@ -1,5 +1,5 @@
 """Which windows train, in which order and with which weights: epoch-seeded batch order with a padded last
-batch (``EpochShuffled``, shared by ``core.model.ArrayBatches`` and the window batches of ``core.window_store``),
+batch (``EpochShuffled``, shared by ``core.batches.ArrayBatches`` and the window batches of ``core.window_store``),
 and the sample budget (``budget_draw``, ``BudgetDraws``).
 
 Nothing here imports keras: the windows are built without TensorFlow, and the keras datasets are defined on first

@@ -13,6 +13,10 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 #: Top-level packages from the top of the import graph down; a package may import only those after it.
 LAYERS: tuple[str, ...] = ("deployments", "flows", "tasks", "core")
+#: The most lines a module in core may have (issue 28: a module past it holds more than one thing).
+MAX_CORE_MODULE_LINES = 600
+#: Modules still over the limit, each a known debt; one that shrinks below it must leave the list.
+OVERSIZED_CORE_MODULES: frozenset[str] = frozenset({"core/synthetic.py"})
 
 
 def module_name(path: Path) -> str:
@@ -88,6 +92,14 @@ def test_core_never_imports_prefect() -> None:
     offenders = sorted(module_name(p) for p in (ROOT / "core").rglob("*.py")
                        if any(m == "prefect" or m.startswith("prefect.") for m in imports_of(p)))  # fmt: skip
     assert offenders == []
+
+
+def test_no_core_module_is_over_the_size_limit_but_the_listed_ones() -> None:
+    lines = {p.relative_to(ROOT).as_posix(): len(p.read_text(encoding="utf-8").splitlines())
+             for p in (ROOT / "core").rglob("*.py")}  # fmt: skip
+    over = {name for name, n in lines.items() if n > MAX_CORE_MODULE_LINES}
+    assert sorted(over - OVERSIZED_CORE_MODULES) == [], "split them along their seams"
+    assert sorted(OVERSIZED_CORE_MODULES - over) == [], "under the limit now: take them off the list"
 
 
 def test_the_circle_finder_finds_a_circle() -> None:

@@ -12,20 +12,14 @@ import keras
 import numpy as np
 import pytest
 
+from core.batches import ArrayBatches
 from core.config import ModelConfig, TrainConfig
+from core.device import DeviceInfo, select_device, visible_gpus
 from core.errors import DeviceUnavailableError
-from core.model import (
-    ArrayBatches,
-    CosineLearningRate,
-    DeviceInfo,
-    build_model,
-    load_model,
-    predict,
-    select_device,
-    train_model,
-    visible_gpus,
-)
+from core.model import build_model, load_model, predict
 from core.sampling import EpochShuffled
+from core.schedule import CosineLearningRate
+from core.training import train_model
 
 LOOKBACK, CHANNELS, SHOPS, CATEGORIES = 6, 2, 4, 3
 # XLA compilation costs seconds per model; these small problems train faster without it.
@@ -138,10 +132,10 @@ def test_a_damaged_model_file_rebuilt_from_the_checkpoints_of_a_finished_trainin
     model_file = tmp_path / "model.keras"
     expected = load_model(model_file).predict(val[0], verbose=0)
     model_file.write_bytes(b"garbage")
-    with caplog.at_level(logging.WARNING, logger="core.model"):
+    with caplog.at_level(logging.WARNING, logger="core.training"):
         again = train_model(build(seed=99), train, val, cfg, tmp_path, device=CPU_NO_JIT)
     assert again.resumed_from == again.epochs_run == first.epochs_run == 2 and again.seconds_per_epoch is None
-    (line,) = [r.getMessage() for r in caplog.records if r.name == "core.model"]
+    (line,) = [r.getMessage() for r in caplog.records if r.name == "core.training"]
     assert line == (f"{model_file}: rebuilt from the checkpoints of its finished training (epoch 2 of 2), replacing "
                     f"the 7-byte file there; no epoch retrained")
     np.testing.assert_allclose(load_model(model_file).predict(val[0], verbose=0), expected, atol=1e-6)

@@ -23,7 +23,9 @@ CHILD = r"""
 import json, sys
 import keras, numpy as np
 from core.config import ModelConfig, TrainConfig
-from core.model import build_model, select_device, train_model
+from core.device import select_device
+from core.model import build_model
+from core.training import train_model
 
 rng = np.random.default_rng(0)
 n, lookback, channels = 1024, 6, 2

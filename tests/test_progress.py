@@ -9,8 +9,9 @@ import keras
 from test_model import build, make_data
 
 from core.config import TrainConfig
-from core.model import DeviceInfo, train_model
+from core.device import DeviceInfo
 from core.progress import TrainingProgress, describe_device, epoch_table
+from core.training import train_model
 
 CPU = DeviceInfo("auto", "cpu", keras.backend.backend(), ["cpu"], "default", "float32", False)
 

@@ -7,7 +7,7 @@ from typing import Any
 
 import keras
 
-from core.nlstm import seeded_initializer
+from core.initializers import seeded_initializer
 
 LAYERS: dict[str, Any] = {"lstm": keras.layers.LSTM, "gru": keras.layers.GRU, "rnn": keras.layers.SimpleRNN}
 
