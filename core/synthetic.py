@@ -24,6 +24,8 @@ the same seed gives byte-identical files.
 ``test.csv`` is built as the competition built it: every shop open in the forecast month (the month
 after the last one in ``sales_train.csv``) crossed with every item sold in that month. The forecast
 month is simulated (its truth is available from :func:`generate`) but never written.
+
+The scale specs and the catalogue (categories, items, shops) live in :mod:`core.synthetic_catalogue`.
 """
 
 from __future__ import annotations
@@ -31,16 +33,21 @@ from __future__ import annotations
 import io
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import pandas as pd
 from pydantic import BaseModel, ConfigDict
 
-from core.config import DEFAULT_SHOP_MERGE_MAP
 from core.files import write_bytes_atomic
-
-Scale = Literal["tiny", "demo", "full"]
+from core.synthetic_catalogue import (
+    SCALES,
+    Scale,
+    ScaleSpec,
+    draw_categories,
+    draw_items,
+    draw_shops,
+    nice_price,
+)
 
 FIRST_DAY = np.datetime64("2013-01-01", "D")
 
@@ -55,107 +62,6 @@ FILE_NAMES = ("sales_train.csv", "test.csv", "items.csv", "item_categories.csv",
 OUTLIER_PRICE = 307980.0
 OUTLIER_NEGATIVE_PRICE = -1.0
 OUTLIER_COUNT = 2169.0
-
-
-@dataclass(frozen=True)
-class ScaleSpec:
-    """Sizes and demand levels of one synthetic data set."""
-
-    name: str
-    shop_ids: tuple[int, ...]
-    """Every shop id in shops.csv, duplicates included (ids need not be contiguous, as in real slices)."""
-    n_items: int
-    n_categories: int
-    n_months: int
-    """Months written to sales_train.csv (0..n_months-1); the forecast month is n_months."""
-    duplicate_pairs: tuple[tuple[int, int], ...]
-    """(duplicate id, canonical id): the duplicate sells the first few months, then the canonical id."""
-    n_closing_shops: int
-    """Shops that close before the forecast month."""
-    n_late_shops: int
-    """Shops that open after month 0."""
-    forecast_items: int | None
-    """Exact number of items sold in the forecast month (test.csv's items); None: as simulated."""
-    base_rate: float
-    """Overall demand level: expected monthly units of an average (shop, item) pair at its floor."""
-    mean_lifetime: float
-    """Mean months an ordinary item stays on sale."""
-    staple_share: float = 0.12
-    """Share of items that never go out of sale (bags, gift cards, evergreen titles)."""
-    preexisting_share: float = 0.35
-    """Share of items already on sale before month 0."""
-    zipf_exponent: float = 1.0
-    carry_share: float = 0.75
-    """Share of (shop, item) pairs the average shop stocks at all."""
-    n_outliers: tuple[int, int, int] = (1, 1, 1)
-    """Rows planted with (a huge price, a price of -1, a daily count over 1000)."""
-    returns_rate: float = 0.0025
-    """Share of daily rows that are returns (negative counts)."""
-
-    @property
-    def n_shops(self) -> int:
-        return len(self.shop_ids)
-
-    @property
-    def forecast_month(self) -> int:
-        return self.n_months
-
-
-def _pairs(*dups: int) -> tuple[tuple[int, int], ...]:
-    return tuple((d, DEFAULT_SHOP_MERGE_MAP[d]) for d in dups)
-
-
-SCALES: dict[str, ScaleSpec] = {
-    # Tests: one December, two duplicate shops, one late and one closing shop; a few thousand rows.
-    "tiny": ScaleSpec(
-        name="tiny",
-        shop_ids=(0, 10, 11, 25, 28, 31, 46, 57),
-        n_items=60,
-        n_categories=6,
-        n_months=16,
-        duplicate_pairs=_pairs(0, 10),
-        n_closing_shops=1,
-        n_late_shops=1,
-        forecast_items=None,
-        base_rate=1.2,
-        mean_lifetime=8.0,
-        staple_share=0.3,
-        carry_share=0.9,
-        zipf_exponent=0.8,
-    ),
-    # `make run`: a monthly grid of ~10-15k (shop, item) pairs, ~200k rows over months 0..33.
-    "demo": ScaleSpec(
-        name="demo",
-        shop_ids=(0, 1, 2, 6, 10, 11, 15, 18, 22, 25, 28, 31, 37, 39, 40, 42, 46, 52, 57, 58),
-        n_items=1500,
-        n_categories=30,
-        n_months=34,
-        duplicate_pairs=_pairs(0, 1, 10, 39),
-        n_closing_shops=2,
-        n_late_shops=2,
-        forecast_items=None,
-        base_rate=0.5,
-        mean_lifetime=16.0,
-        staple_share=0.4,
-        preexisting_share=0.4,
-        zipf_exponent=0.75,
-    ),
-    # Competition size: 60 shops, 22 170 items, 84 categories, ~2.9 M rows, test = 42 shops x 5 100 items.
-    "full": ScaleSpec(
-        name="full",
-        shop_ids=tuple(range(60)),
-        n_items=22170,
-        n_categories=84,
-        n_months=34,
-        duplicate_pairs=_pairs(0, 1, 10, 39),
-        n_closing_shops=14,
-        n_late_shops=6,
-        forecast_items=5100,
-        base_rate=0.222,
-        mean_lifetime=9.0,
-        zipf_exponent=0.75,
-    ),
-}
 
 
 class SyntheticSummary(BaseModel):
@@ -192,42 +98,6 @@ class SyntheticData:
     info: dict[str, object] = field(default_factory=dict)
 
 
-# --- vocabulary ---------------------------------------------------------------------------------
-
-# (group, sub-types, median price, December multiplier, launch spike, decay months, weight of items)
-_GROUPS: tuple[tuple[str, tuple[str, ...], float, float, float, float, float], ...] = (
-    ("Games", ("PS3", "PS4", "XBOX 360", "XBOX ONE", "PC - Standard editions", "PSVita", "PSP"),
-     1500.0, 1.6, 7.0, 1.0, 3.0),
-    ("Movies", ("DVD", "Blu-Ray", "Blu-Ray 3D", "Collector's editions", "Blu-Ray 4K"), 350.0, 1.4, 3.0, 1.5, 4.0),
-    ("Music", ("CD local production", "CD brand production", "Vinyl", "MP3", "Music video", "Gift edition"),
-     300.0, 1.35, 2.5, 2.0, 2.5),
-    ("Books", ("Artbooks, encyclopedias", "Audiobooks", "Comics, manga", "Educational", "Guides", "Fiction"),
-     400.0, 1.4, 2.0, 3.0, 2.0),
-    ("Gifts", ("Board games", "Soft toys", "Figurines", "Bags, albums, mouse pads", "Souvenirs", "Gadgets"),
-     600.0, 1.9, 1.5, 3.0, 2.0),
-    ("Accessories", ("PS3", "PS4", "XBOX 360", "XBOX ONE", "PSVita"), 2200.0, 1.5, 2.0, 3.0, 0.6),
-    ("Game consoles", ("PS3", "PS4", "XBOX 360", "XBOX ONE", "PSVita"), 14000.0, 1.8, 3.0, 3.0, 0.2),
-    ("Programs", ("For home and office", "Educational", "1C:Enterprise 8", "MAC"), 1200.0, 1.2, 2.0, 3.0, 0.8),
-    ("Payment cards", ("PSN", "Xbox Live", "Windows", "Cinema, music, games"), 700.0, 1.3, 1.0, 6.0, 0.1),
-    ("Clean media", ("spire", "piece"), 40.0, 1.1, 0.5, 6.0, 0.1),
-)
-_EDITIONS = ("", " (Digital)", " - Collector's edition", " - Import")
-
-_CITIES = ("Yakutsk", "Adygea", "Balashikha", "Volzhsky", "Vologda", "Voronezh", "Zhukovsky", "Kazan",
-           "Kaluga", "Kolomna", "Krasnoyarsk", "Kursk", "Moscow", "Mytishchi", "N.Novgorod", "Novosibirsk",
-           "Omsk", "Rostov-on-Don", "St. Petersburg", "Samara", "Sergiev Posad", "Surgut", "Tomsk", "Tyumen",
-           "Ufa", "Khimki", "Chekhov", "Yaroslavl")
-_MALLS = ("Central", "Mega", "Galaxy", "Aviapark", "Semenovsky", "Europe", "Atrium", "Raduga", "Parus",
-          "Gorizont", "Rio", "Kristall", "Park House", "Festival", "Piterland", "Gallery")
-_MALL_KINDS = ("TC", "TRC", "SEC", "TK", "MTRC", "Mall")
-_WORDS_A = ("Dark", "Last", "Great", "Little", "Silent", "Lost", "Red", "Golden", "Wild", "Secret", "Ancient",
-            "Final", "Broken", "Crystal", "Iron", "Northern", "Eternal", "Hidden", "Black", "Bright")
-_WORDS_B = ("Kingdom", "Journey", "Legend", "Station", "River", "Empire", "Garden", "Machine", "Winter",
-            "Symphony", "Hunter", "Dragon", "Planet", "Shadow", "City", "Island", "Heart", "Storm", "Road", "Star")
-_SUFFIXES = ("", "", "", " (BD)", " [PC, Digital version]", " (region)", ", part 2", ": Special edition",
-             ' "Deluxe"', " (2CD)", " [PS3, Russian version]", " (mp3-CD) (Jewel)")
-
-
 # --- helpers ------------------------------------------------------------------------------------
 
 def _rng(seed: int, *stream: int) -> np.random.Generator:
@@ -243,14 +113,6 @@ def _days_in_month(month: int) -> int:
     return int((_month_start(month + 1) - _month_start(month)).astype(int))
 
 
-def _nice_price(price: np.ndarray, ending: np.ndarray) -> np.ndarray:
-    """Round to shop-shelf prices (299, 349, 990, 1499 …); ``ending`` is each item's habit (1, 10 or 0 off)."""
-    price = np.maximum(price, 10.0)
-    step = np.where(price < 100, 10.0, np.where(price < 1000, 50.0, 100.0))
-    base = np.ceil(price / step) * step
-    return np.maximum(base - np.minimum(ending, base / 10), 1.0)
-
-
 def _resolve(scale: Scale | ScaleSpec) -> ScaleSpec:
     if isinstance(scale, ScaleSpec):
         return scale
@@ -261,126 +123,6 @@ def _resolve(scale: Scale | ScaleSpec) -> ScaleSpec:
 
 
 # --- the generator ------------------------------------------------------------------------------
-
-def _categories(spec: ScaleSpec, rng: np.random.Generator) -> dict[str, np.ndarray]:
-    # Round-robin over groups so that even a handful of categories spans games, movies, gifts ...
-    order: list[tuple[int, str]] = []
-    depth = max(len(g[1]) for g in _GROUPS)
-    for edition in _EDITIONS:
-        for k in range(depth):
-            for gi, group in enumerate(_GROUPS):
-                if k < len(group[1]):
-                    order.append((gi, f"{group[0]} - {group[1][k]}{edition}"))
-    if spec.n_categories > len(order):
-        raise ValueError(f"at most {len(order)} categories are supported")
-    chosen = order[: spec.n_categories]
-    group = np.array([g for g, _ in chosen])
-    names = np.array([n for _, n in chosen], dtype=object)
-    params = np.array([_GROUPS[g][2:] for g in group])
-    n = spec.n_categories
-    return {
-        "group": group,
-        "name": names,
-        "price": params[:, 0] * rng.lognormal(0.0, 0.3, n),
-        "december": 1.0 + (params[:, 1] - 1.0) * rng.uniform(0.7, 1.3, n),
-        "spike": params[:, 2] * rng.uniform(0.6, 1.4, n),
-        "tau": params[:, 3] * rng.uniform(0.7, 1.3, n),
-        "weight": params[:, 4] * rng.lognormal(0.0, 0.8, n),
-        "effect": rng.lognormal(0.0, 0.4, n),
-        # Platforms rise and fall: a log-linear trend per category.
-        "trend": rng.normal(0.0, 0.025, n),
-    }
-
-
-def _items(spec: ScaleSpec, cats: dict[str, np.ndarray], rng: np.random.Generator) -> dict[str, np.ndarray]:
-    n, f = spec.n_items, spec.forecast_month
-    weight = cats["weight"] / cats["weight"].sum()
-    category = rng.choice(spec.n_categories, size=n, p=weight)
-    category[: spec.n_categories] = rng.permutation(spec.n_categories)  # every category has items
-    rank = rng.permutation(n) + 1
-    pop = rank.astype(float) ** -spec.zipf_exponent
-    pop *= n / pop.sum()
-
-    # Launch month: some items predate the data; launches thin out over time, as the catalogue shrinks.
-    top = rank <= max(3, n // 500)  # the best sellers are evergreen (bags, gift cards): no launch spike
-    pre = (rng.random(n) < spec.preexisting_share) | top
-    launch_weights = np.linspace(1.4, 0.6, f + 1)
-    launch = np.where(pre, -rng.integers(1, 25, n),
-                      rng.choice(f + 1, size=n, p=launch_weights / launch_weights.sum()))
-    staple = (rng.random(n) < spec.staple_share) | top
-    lifetime = np.ceil(rng.exponential(spec.mean_lifetime, n)) + 1
-    # Items that predate the data have a remaining life from month 0 on (lifetimes are memoryless).
-    end = np.where(staple, 10 * f + 100, np.maximum(launch, 0) + lifetime).astype(np.int64)
-    launch_day = rng.random(n)  # fraction of the launch month already gone
-
-    ending = rng.choice(np.array([1.0, 1.0, 1.0, 1.0, 10.0, 0.0]), size=n)
-    price = _nice_price(cats["price"][category] * rng.lognormal(0.0, 0.45, n), ending)
-    markdown_age = rng.integers(3, 18, n)
-
-    # Names: vectorised concatenation of a small vocabulary (quotes and commas as in the real file).
-    a = np.array(_WORDS_A, dtype=object)[rng.integers(0, len(_WORDS_A), n)]
-    b = np.array(_WORDS_B, dtype=object)[rng.integers(0, len(_WORDS_B), n)]
-    s = np.array(_SUFFIXES, dtype=object)[rng.integers(0, len(_SUFFIXES), n)]
-    number = rng.integers(1, 1000, n).astype(str).astype(object)
-    names = a + " " + b + " " + number + s
-    return {
-        "category": category.astype(np.int64),
-        "pop": pop,
-        "launch": launch.astype(np.int64),
-        "end": end,
-        "launch_day": launch_day,
-        "price": price,
-        "ending": ending,
-        "markdown_age": markdown_age,
-        "name": names,
-    }
-
-
-def _shops(spec: ScaleSpec, rng: np.random.Generator) -> dict[str, np.ndarray]:
-    """Physical shops: each sells under one id, or under a duplicate id first and then its canonical id."""
-    dup_of = {canon: dup for dup, canon in spec.duplicate_pairs}
-    dups = set(dup_of.values())
-    canon_ids = np.array([s for s in spec.shop_ids if s not in dups], dtype=np.int64)
-    p = len(canon_ids)
-    early_id = np.array([dup_of.get(int(s), int(s)) for s in canon_ids], dtype=np.int64)
-    switch = np.where(early_id != canon_ids, rng.integers(1, 4, p), 0)
-    f = spec.forecast_month
-    open_m = np.zeros(p, dtype=np.int64)
-    close_m = np.full(p, f + 1, dtype=np.int64)
-    free = np.flatnonzero(early_id == canon_ids)  # duplicate pairs stay open to the end: the merge matters
-    picked = rng.permutation(free)
-    late = picked[: spec.n_late_shops]
-    closing = picked[spec.n_late_shops: spec.n_late_shops + spec.n_closing_shops]
-    if len(late) < spec.n_late_shops or len(closing) < spec.n_closing_shops:
-        raise ValueError("not enough shops for the requested late and closing shops")
-    open_m[late] = rng.integers(2, max(3, f - 2), len(late))
-    close_m[closing] = rng.integers(max(2, f // 3), f, len(closing))
-    both = closing[: len(closing) // 4]
-    open_m[both] = 0
-
-    size = np.clip(rng.lognormal(0.0, 0.45, p), 0.25, 2.5)
-    size[rng.integers(0, p)] = 1.25 * size.max()  # one flagship shop, as the real chain has
-    names = np.empty(len(spec.shop_ids), dtype=object)
-    id_index = {s: k for k, s in enumerate(spec.shop_ids)}
-    city = np.array(_CITIES, dtype=object)[rng.integers(0, len(_CITIES), p)]
-    mall = np.array(_MALLS, dtype=object)[rng.integers(0, len(_MALLS), p)]
-    kind = np.array(_MALL_KINDS, dtype=object)[rng.integers(0, len(_MALL_KINDS), p)]
-    canon_names = city + " " + kind + ' "' + mall + '"'
-    for k in range(p):  # tens of shops
-        names[id_index[int(canon_ids[k])]] = canon_names[k]
-        if early_id[k] != canon_ids[k]:
-            names[id_index[int(early_id[k])]] = "!" + canon_names[k] + " fran"
-    return {
-        "canon_id": canon_ids,
-        "early_id": early_id,
-        "switch": switch,
-        "open": open_m,
-        "close": close_m,
-        "size": size,
-        "trend": rng.normal(-0.01, 0.015, p),
-        "names": names,
-    }
-
 
 def _day_weights(month: int) -> np.ndarray:
     """Weekly cycle (weekend peaks); in December demand climbs towards the holidays."""
@@ -400,9 +142,9 @@ def generate(scale: Scale | ScaleSpec = "demo", seed: int = 0) -> SyntheticData:
     """Simulate months 0..forecast month and build the competition tables (nothing is written)."""
     spec = _resolve(scale)
     f = spec.forecast_month
-    cats = _categories(spec, _rng(seed, 1))
-    items = _items(spec, cats, _rng(seed, 2))
-    shops = _shops(spec, _rng(seed, 3))
+    cats = draw_categories(spec, _rng(seed, 1))
+    items = draw_items(spec, cats, _rng(seed, 2))
+    shops = draw_shops(spec, _rng(seed, 3))
     rng_pairs = _rng(seed, 4)
     n_p = len(shops["canon_id"])
 
@@ -455,14 +197,47 @@ def _simulate_month(
     shop_cat: np.ndarray,
 ) -> dict[str, np.ndarray]:
     """One month's daily rows of every open shop and every item on sale, as arrays."""
+    # One stream for the whole month, drawn in a fixed order (item rates, cells, days): the same seed, same rows.
     rng = _rng(seed, 10, m)
-    n_days = _days_in_month(m)
     shop_idx = np.flatnonzero((shops["open"] <= m) & (m < shops["close"]))
     item_idx = np.flatnonzero((items["launch"] <= m) & (m < items["end"]))
+    item_rate, promo = _item_rates(m, item_idx, cats, items, rng)
+    lam = (spec.base_rate * _shop_rates(m, shop_idx, shops)[:, None] * item_rate[None, :]).astype(np.float32)
+    lam *= affinity[np.ix_(shop_idx, item_idx)]
+    lam *= shop_cat[np.ix_(shop_idx, items["category"][item_idx])].astype(np.float32)
+    lam *= rng.gamma(2.0, 0.5, lam.shape).astype(np.float32)
+    counts = rng.poisson(lam)
+    si, ii = np.nonzero(counts)
+    cell_count = counts[si, ii]
+    cell_shop = shop_idx[si]
+    cell_item = item_idx[ii]
+
+    cell_age = m - items["launch"][cell_item]
+    price = _cell_prices(m, cell_item, cell_age, item_idx[promo], items)
+    row_cell, row_day, row_count = _split_over_days(m, cell_count, cell_age == 0,
+                                                    items["launch_day"][cell_item], rng)
+    shop_id = np.where(m < shops["switch"], shops["early_id"], shops["canon_id"])[cell_shop]
+    return {
+        "month": np.full(len(row_cell), m, dtype=np.int64),
+        "day": row_day,
+        "shop": cell_shop[row_cell],
+        "shop_id": shop_id[row_cell],
+        "item_id": cell_item[row_cell],
+        "price": price[row_cell],
+        "count": row_count.astype(np.float64),
+    }
+
+
+def _item_rates(
+    m: int, item_idx: np.ndarray, cats: dict[str, np.ndarray], items: dict[str, np.ndarray],
+    rng: np.random.Generator,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Item side of the intensity: popularity, launch spike decaying to a floor, season, trend, promotions.
+
+    Returns the rate of each item on sale and which of them are on promotion this month.
+    """
     cat = items["category"][item_idx]
     age = m - items["launch"][item_idx]
-
-    # Item side of the intensity: popularity, launch spike decaying to a floor, season, trend, promotions.
     life = 1.0 + cats["spike"][cat] * np.exp(-age / cats["tau"][cat])
     first = age == 0
     life[first] *= 1.0 - 0.5 * items["launch_day"][item_idx][first]  # launched part-way into the month
@@ -473,38 +248,42 @@ def _simulate_month(
     item_shock = rng.gamma(4.0, 0.25, len(item_idx))
     item_rate = items["pop"][item_idx] * cats["effect"][cat] * life * season * trend * item_shock
     item_rate *= np.where(promo, 1.6, 1.0)
+    return item_rate, promo
 
-    # Shop side: size, trend, ramp-up after opening.
+
+def _shop_rates(m: int, shop_idx: np.ndarray, shops: dict[str, np.ndarray]) -> np.ndarray:
+    """Shop side of the intensity: size, trend, ramp-up after opening."""
     since_open = np.where(shops["open"][shop_idx] > 0, m - shops["open"][shop_idx], 99)  # only new shops ramp up
     shop_rate = shops["size"][shop_idx] * np.exp(shops["trend"][shop_idx] * (m - 16))
     shop_rate *= 1.0 - 0.5 * np.exp(-since_open / 2.0)
+    return shop_rate
 
-    lam = (spec.base_rate * shop_rate[:, None] * item_rate[None, :]).astype(np.float32)
-    lam *= affinity[np.ix_(shop_idx, item_idx)]
-    lam *= shop_cat[np.ix_(shop_idx, cat)].astype(np.float32)
-    lam *= rng.gamma(2.0, 0.5, lam.shape).astype(np.float32)
-    counts = rng.poisson(lam)
-    si, ii = np.nonzero(counts)
-    cell_count = counts[si, ii]
-    cell_shop = shop_idx[si]
-    cell_item = item_idx[ii]
 
-    # Prices: markdown with age, 20 % off in promotions, inflation from 2015 on.
+def _cell_prices(
+    m: int, cell_item: np.ndarray, cell_age: np.ndarray, promo_items: np.ndarray, items: dict[str, np.ndarray]
+) -> np.ndarray:
+    """Prices: markdown with age, 20 % off in promotions, inflation from 2015 on."""
     price = items["price"][cell_item].copy()
-    cell_age = m - items["launch"][cell_item]
     price = np.where(cell_age >= items["markdown_age"][cell_item], price * 0.7, price)
     price = price * (1.0 + 0.012 * max(0, m - 23))
     cell_promo = np.zeros(len(items["pop"]), dtype=bool)
-    cell_promo[item_idx[promo]] = True
+    cell_promo[promo_items] = True
     price = np.where(cell_promo[cell_item], price * 0.8, price)
-    price = np.minimum(_nice_price(price, items["ending"][cell_item]), 59_990.0)  # outliers are planted, not drawn
+    return np.minimum(nice_price(price, items["ending"][cell_item]), 59_990.0)  # outliers are planted, not drawn
 
-    # Split each cell's units over days: mostly spread by the weekly cycle, partly on one busy day
-    # (more so in the launch month); units of a cell on one day form one row, as in the real file.
+
+def _split_over_days(
+    m: int, cell_count: np.ndarray, cell_first: np.ndarray, cell_launch_day: np.ndarray, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Split each cell's units over the days of month ``m``: (row's cell, row's day, row's units).
+
+    Mostly spread by the weekly cycle, partly on one busy day (more so in the launch month); units of
+    a cell on one day form one row, as in the real file.
+    """
+    n_days = _days_in_month(m)
     unit_cell = np.repeat(np.arange(len(cell_count)), cell_count)
     cdf = np.cumsum(_day_weights(m))
-    cell_first = cell_age == 0
-    lo_day = np.where(cell_first, np.floor(items["launch_day"][cell_item] * n_days), 0).astype(np.int64)
+    lo_day = np.where(cell_first, np.floor(cell_launch_day * n_days), 0).astype(np.int64)
     lo_cdf = np.where(lo_day > 0, cdf[np.maximum(lo_day - 1, 0)], 0.0)
     busy = np.minimum(np.searchsorted(cdf, lo_cdf + rng.random(len(cell_count)) * (1 - lo_cdf)), n_days - 1)
     u = lo_cdf[unit_cell] + rng.random(len(unit_cell)) * (1 - lo_cdf[unit_cell])
@@ -513,19 +292,7 @@ def _simulate_month(
     p_busy = np.minimum(np.where(cell_first, 0.5, 0.2), 40.0 / np.maximum(cell_count, 1))[unit_cell]
     day = np.where(rng.random(len(unit_cell)) < p_busy, busy[unit_cell], day)
     key, row_count = np.unique(unit_cell * 32 + day, return_counts=True)
-    row_cell = key // 32
-    row_day = key % 32
-
-    shop_id = np.where(m < shops["switch"], shops["early_id"], shops["canon_id"])[cell_shop]
-    return {
-        "month": np.full(len(key), m, dtype=np.int64),
-        "day": row_day,
-        "shop": cell_shop[row_cell],
-        "shop_id": shop_id[row_cell],
-        "item_id": cell_item[row_cell],
-        "price": price[row_cell],
-        "count": row_count.astype(np.float64),
-    }
+    return key // 32, key % 32, row_count
 
 
 def _force_item_count(
