@@ -200,26 +200,51 @@ def _aggregate_month(
         raise DataValidationError(f"{source}: no sales partition for month {month}")
     input_hash = month_input_hash(paths, month, config)
     table = ds.dataset(source, format="parquet").to_table(columns=["shop_id", "item_id", "item_price", "item_cnt_day"])
-    rows_in = table.num_rows
-    units_in = float(pc.sum(table["item_cnt_day"]).as_py() or 0.0)
+    daily, rows_dropped = _clean_daily(table, config)
+    grouped = _sum_cells(daily)
+    out = _monthly_table(grouped, _item_categories(grouped["item_id"].to_numpy(), categories, source))
+    stats = MonthStats(
+        month=month,
+        rows_in=table.num_rows,
+        rows_dropped_returns=rows_dropped,
+        rows_used=len(daily["cnt"]),
+        rows_out=out.num_rows,
+        units_in=float(pc.sum(table["item_cnt_day"]).as_py() or 0.0),
+        units_used=float(daily["cnt"].sum()),
+        units_out=float(grouped["item_cnt_month"].sum()),
+    )
+    # Provenance travels inside the file so data and hash are renamed into place together.
+    out = out.replace_schema_metadata({HASH_KEY: input_hash.encode(), STATS_KEY: json.dumps(asdict(stats)).encode()})
+    target = monthly_path(paths, month)
+    write_parquet_atomic(target, out)
+    return target, stats
 
+
+def _clean_daily(table: pa.Table, config: NestcastConfig) -> tuple[dict[str, np.ndarray], int]:
+    """The daily rows as arrays (cnt, price, shop, item), shops merged, returns dropped and daily counts
+    capped as configured; and how many rows were dropped as returns."""
     agg = config.aggregate
     cnt = table["item_cnt_day"].to_numpy(zero_copy_only=False).astype(np.float64)
     price = table["item_price"].to_numpy(zero_copy_only=False).astype(np.float64)
     shop = _merge_shops(table["shop_id"].to_numpy(zero_copy_only=False).astype(np.int16), agg.shop_merge_map)
     item = table["item_id"].to_numpy(zero_copy_only=False).astype(np.int32)
-    keep = np.ones(rows_in, dtype=bool)
+    keep = np.ones(table.num_rows, dtype=bool)
     if agg.drop_returns:
         keep &= cnt >= 0
-    rows_dropped = int(rows_in - keep.sum())
+    rows_dropped = int(table.num_rows - keep.sum())
     if agg.daily_count_cap is not None:
         cnt = np.minimum(cnt, agg.daily_count_cap)
-    cnt, price, shop, item = cnt[keep], price[keep], shop[keep], item[keep]
+    return {"cnt": cnt[keep], "price": price[keep], "shop": shop[keep], "item": item[keep]}, rows_dropped
 
+
+def _sum_cells(daily: dict[str, np.ndarray]) -> pd.DataFrame:
+    """One row per (shop, item), sorted: units, revenue, mean price and number of daily rows."""
+    cnt, price = daily["cnt"], daily["price"]
     # mean_price is the plain mean of the daily price points (one per daily row): a daily row is one
     # price observation; weighting by count would let a single bulk day or a return dominate it.
-    frame = pd.DataFrame({"shop_id": shop, "item_id": item, "cnt": cnt, "revenue": price * cnt, "price": price})
-    grouped = (
+    frame = pd.DataFrame({"shop_id": daily["shop"], "item_id": daily["item"], "cnt": cnt, "revenue": price * cnt,
+                          "price": price})
+    return (
         frame.groupby(["shop_id", "item_id"], sort=True)
         .agg(
             item_cnt_month=("cnt", "sum"),
@@ -230,18 +255,24 @@ def _aggregate_month(
         .reset_index()
     )
 
-    out_items = grouped["item_id"].to_numpy()
-    known = out_items < categories.size
-    category = np.full(out_items.size, -1, dtype=np.int16)
-    category[known] = categories[out_items[known]]
-    if (category < 0).any():
-        unknown = np.unique(out_items[category < 0])[:10].tolist()
-        raise DataValidationError(f"{source}: item ids missing from lake/reference/items.parquet: {unknown}")
 
-    out = pa.table(
+def _item_categories(item_ids: np.ndarray, categories: np.ndarray, source: Path) -> np.ndarray:
+    """Each item's category from the items reference; an item the reference lacks fails the month."""
+    known = item_ids < categories.size
+    category = np.full(item_ids.size, -1, dtype=np.int16)
+    category[known] = categories[item_ids[known]]
+    if (category < 0).any():
+        unknown = np.unique(item_ids[category < 0])[:10].tolist()
+        raise DataValidationError(f"{source}: item ids missing from lake/reference/items.parquet: {unknown}")
+    return category
+
+
+def _monthly_table(grouped: pd.DataFrame, category: np.ndarray) -> pa.Table:
+    """The monthly cells in :data:`MONTHLY_SCHEMA`."""
+    return pa.table(
         {
             "shop_id": pa.array(grouped["shop_id"].to_numpy(np.int16)),
-            "item_id": pa.array(out_items.astype(np.int32)),
+            "item_id": pa.array(grouped["item_id"].to_numpy().astype(np.int32)),
             "item_category_id": pa.array(category),
             "item_cnt_month": pa.array(grouped["item_cnt_month"].to_numpy(np.float32)),
             "revenue": pa.array(grouped["revenue"].to_numpy(np.float64)),
@@ -250,21 +281,6 @@ def _aggregate_month(
         },
         schema=MONTHLY_SCHEMA,
     )
-    stats = MonthStats(
-        month=month,
-        rows_in=rows_in,
-        rows_dropped_returns=rows_dropped,
-        rows_used=int(keep.sum()),
-        rows_out=out.num_rows,
-        units_in=units_in,
-        units_used=float(cnt.sum()),
-        units_out=float(grouped["item_cnt_month"].sum()),
-    )
-    # Provenance travels inside the file so data and hash are renamed into place together.
-    out = out.replace_schema_metadata({HASH_KEY: input_hash.encode(), STATS_KEY: json.dumps(asdict(stats)).encode()})
-    target = monthly_path(paths, month)
-    write_parquet_atomic(target, out)
-    return target, stats
 
 
 def _stored_stats(path: Path) -> dict[str, Any] | None:
