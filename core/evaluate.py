@@ -279,6 +279,74 @@ def _named(ids: np.ndarray, names: Mapping[Any, str] | None) -> tuple[list[str],
     return keys, labels
 
 
+def _checked_clip(holdout: pd.DataFrame, clip: tuple[float, float]) -> tuple[float, float]:
+    """The clip range, once the holdout frame has its columns and rows."""
+    missing = [c for c in HOLDOUT_COLUMNS if c not in holdout.columns]
+    if missing:
+        raise ValueError(f"holdout frame lacks column(s) {missing}")
+    if holdout.empty:
+        raise ValueError("holdout frame is empty; nothing to evaluate")
+    low, high = float(clip[0]), float(clip[1])
+    if not high > low:
+        raise ValueError(f"clip must be (low, high) with high > low, got {clip}")
+    return low, high
+
+
+def _checked_forecasts(
+    holdout: pd.DataFrame, model_pred: np.ndarray, others: Mapping[str, np.ndarray] | None
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """``model_pred`` and ``others`` as flat float arrays, one finite value per holdout row each."""
+    pred = np.asarray(model_pred, dtype=np.float64).reshape(-1)
+    if pred.size != len(holdout):
+        raise ValueError(f"model_pred has {pred.size} values for {len(holdout)} holdout rows")
+    extra = {}
+    for name, values in (others or {}).items():
+        if name in BASELINES or name == forecasters.NETWORK.name:
+            raise ValueError(f"{name!r} is scored from the holdout frame or model_pred, not given in others")
+        extra[name] = np.asarray(values, dtype=np.float64).reshape(-1)
+    for name, values in {"model_pred": pred, **extra}.items():
+        if values.size != len(holdout):
+            raise ValueError(f"{name} has {values.size} values for {len(holdout)} holdout rows")
+        if not np.isfinite(values).all():
+            raise ValueError(f"{name} has {int((~np.isfinite(values)).sum())} NaN/inf value(s)")
+    return pred, extra
+
+
+def _checked_actual(holdout: pd.DataFrame) -> np.ndarray:
+    actual = holdout["actual"].to_numpy(dtype=np.float64, na_value=np.nan)
+    if np.isnan(actual).any():
+        raise ValueError(f"holdout actual has {int(np.isnan(actual).sum())} NaN value(s)")
+    return actual
+
+
+def _segments(
+    holdout: pd.DataFrame,
+    actual: np.ndarray,
+    preds: Mapping[str, np.ndarray],
+    category_names: Mapping[Any, str] | None,
+    shop_names: Mapping[Any, str] | None,
+) -> dict[str, list[SegmentRow]]:
+    """Scores by novelty (new item, new pair, known pair), by category and by shop."""
+    new_item = holdout["new_item"].to_numpy(dtype=bool)
+    new_pair = holdout["new_pair"].to_numpy(dtype=bool)
+    novelty = np.where(new_item, 0, np.where(new_pair, 1, 2))
+    segments = {
+        "novelty": _segment_rows(
+            novelty,
+            [key for key, _ in NOVELTY_SEGMENTS],
+            [label for _, label in NOVELTY_SEGMENTS],
+            actual,
+            preds,
+            order_by_rows=False,
+        )
+    }
+    for segment, column, names in (("category", "item_category_id", category_names), ("shop", "shop_id", shop_names)):
+        codes, uniques = pd.factorize(holdout[column].to_numpy(), sort=True)
+        keys, labels = _named(np.asarray(uniques), names)
+        segments[segment] = _segment_rows(codes, keys, labels, actual, preds, order_by_rows=True)
+    return segments
+
+
 def evaluate(
     holdout: pd.DataFrame,
     model_pred: np.ndarray,
@@ -299,32 +367,9 @@ def evaluate(
     Missing ``prev``/``mean3`` values count as 0 (no sales). ``month`` defaults to the frame's
     ``date_block_num`` when it has one. Names label the category and shop segments when given.
     """
-    missing = [c for c in HOLDOUT_COLUMNS if c not in holdout.columns]
-    if missing:
-        raise ValueError(f"holdout frame lacks column(s) {missing}")
-    if holdout.empty:
-        raise ValueError("holdout frame is empty; nothing to evaluate")
-    low, high = float(clip[0]), float(clip[1])
-    if not high > low:
-        raise ValueError(f"clip must be (low, high) with high > low, got {clip}")
-    pred = np.asarray(model_pred, dtype=np.float64).reshape(-1)
-    if pred.size != len(holdout):
-        raise ValueError(f"model_pred has {pred.size} values for {len(holdout)} holdout rows")
-    extra = {}
-    for name, values in (others or {}).items():
-        if name in BASELINES or name == forecasters.NETWORK.name:
-            raise ValueError(f"{name!r} is scored from the holdout frame or model_pred, not given in others")
-        extra[name] = np.asarray(values, dtype=np.float64).reshape(-1)
-    for name, values in {"model_pred": pred, **extra}.items():
-        if values.size != len(holdout):
-            raise ValueError(f"{name} has {values.size} values for {len(holdout)} holdout rows")
-        if not np.isfinite(values).all():
-            raise ValueError(f"{name} has {int((~np.isfinite(values)).sum())} NaN/inf value(s)")
-    actual_raw = holdout["actual"].to_numpy(dtype=np.float64, na_value=np.nan)
-    if np.isnan(actual_raw).any():
-        raise ValueError(f"holdout actual has {int(np.isnan(actual_raw).sum())} NaN value(s)")
-
-    actual = np.clip(actual_raw, low, high)
+    low, high = _checked_clip(holdout, clip)
+    pred, extra = _checked_forecasts(holdout, model_pred, others)
+    actual = np.clip(_checked_actual(holdout), low, high)
     preds = {
         "model": np.clip(pred, low, high),
         **{name: np.clip(values, low, high) for name, values in extra.items()},
@@ -336,25 +381,7 @@ def evaluate(
     for name, values in preds.items():
         error = values - actual
         overall[name] = Metrics(rmse=float(np.sqrt(np.mean(error * error))), mae=float(np.mean(np.abs(error))))
-
-    new_item = holdout["new_item"].to_numpy(dtype=bool)
-    new_pair = holdout["new_pair"].to_numpy(dtype=bool)
-    novelty = np.where(new_item, 0, np.where(new_pair, 1, 2))
-    segments = {
-        "novelty": _segment_rows(
-            novelty,
-            [key for key, _ in NOVELTY_SEGMENTS],
-            [label for _, label in NOVELTY_SEGMENTS],
-            actual,
-            preds,
-            order_by_rows=False,
-        )
-    }
-    for segment, column, names in (("category", "item_category_id", category_names), ("shop", "shop_id", shop_names)):
-        codes, uniques = pd.factorize(holdout[column].to_numpy(), sort=True)
-        keys, labels = _named(np.asarray(uniques), names)
-        segments[segment] = _segment_rows(codes, keys, labels, actual, preds, order_by_rows=True)
-
+    segments = _segments(holdout, actual, preds, category_names, shop_names)
     if month is None and "date_block_num" in holdout.columns:
         months = pd.unique(holdout["date_block_num"])
         month = int(months[0]) if len(months) == 1 else None
