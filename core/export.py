@@ -49,6 +49,22 @@ def check_submission(frame: pd.DataFrame, test: pd.DataFrame, clip: tuple[float,
     Checks: exactly the columns ``ID,item_cnt_month``; integer IDs; numeric values; one row per test ID
     (no duplicate, missing or extra ID); no NaN or inf; every value within ``clip``.
     """
+    _check_columns(frame, test)
+    ids, values = frame["ID"], frame["item_cnt_month"]
+    problems = _dtype_problems(ids, values)
+    if problems:
+        # The ID and value checks below need integers and numbers to mean anything.
+        raise ExportCheckError("submission failed its checks: " + "; ".join(problems))
+    if ids.isna().any():
+        raise ExportCheckError(f"submission failed its checks: {int(ids.isna().sum())} missing (NA) ID value(s)")
+    frame_ids = ids.to_numpy(dtype=np.int64)
+    problems = _id_problems(frame_ids, test) + _value_problems(values, frame_ids, clip)
+    if problems:
+        raise ExportCheckError("submission failed its checks: " + "; ".join(problems))
+
+
+def _check_columns(frame: pd.DataFrame, test: pd.DataFrame) -> None:
+    """A DataFrame of exactly ``ID,item_cnt_month``, against a test frame with IDs; else the first problem."""
     if not isinstance(frame, pd.DataFrame):
         raise ExportCheckError(f"submission must be a pandas DataFrame, got {type(frame).__name__}")
     if "ID" not in getattr(test, "columns", ()):
@@ -68,20 +84,20 @@ def check_submission(frame: pd.DataFrame, test: pd.DataFrame, clip: tuple[float,
             f"submission columns must be exactly {list(SUBMISSION_COLUMNS)}, got {columns} ({'; '.join(detail)})"
         )
 
-    problems: list[str] = []
-    ids, values = frame["ID"], frame["item_cnt_month"]
+
+def _dtype_problems(ids: pd.Series, values: pd.Series) -> list[str]:
+    problems = []
     if not pd.api.types.is_integer_dtype(ids.dtype) or pd.api.types.is_bool_dtype(ids.dtype):
         problems.append(f"ID must have an integer dtype, got {ids.dtype}")
     numeric = pd.api.types.is_numeric_dtype(values.dtype) and not pd.api.types.is_bool_dtype(values.dtype)
     if not numeric:
         problems.append(f"item_cnt_month must have a numeric dtype, got {values.dtype}")
-    if problems:
-        # The ID and value checks below need integers and numbers to mean anything.
-        raise ExportCheckError("submission failed its checks: " + "; ".join(problems))
+    return problems
 
-    if ids.isna().any():
-        raise ExportCheckError(f"submission failed its checks: {int(ids.isna().sum())} missing (NA) ID value(s)")
-    frame_ids = ids.to_numpy(dtype=np.int64)
+
+def _id_problems(frame_ids: np.ndarray, test: pd.DataFrame) -> list[str]:
+    """Duplicate, missing and extra IDs; a row count off from test's when no ID explains it."""
+    problems = []
     test_ids = pd.Index(test["ID"].to_numpy())
     duplicated = pd.Index(frame_ids[pd.Index(frame_ids).duplicated()]).unique()
     if len(duplicated):
@@ -93,9 +109,14 @@ def check_submission(frame: pd.DataFrame, test: pd.DataFrame, clip: tuple[float,
     extra_ids = unique_ids.difference(test_ids)
     if len(extra_ids):
         problems.append(f"{len(extra_ids)} ID(s) not in test.csv: {_quote(extra_ids.to_numpy())}")
-    if len(frame) != len(test) and not (len(duplicated) or len(missing_ids) or len(extra_ids)):
-        problems.append(f"{len(frame)} rows for {len(test)} test rows")
+    if len(frame_ids) != len(test) and not (len(duplicated) or len(missing_ids) or len(extra_ids)):
+        problems.append(f"{len(frame_ids)} rows for {len(test)} test rows")
+    return problems
 
+
+def _value_problems(values: pd.Series, frame_ids: np.ndarray, clip: tuple[float, float]) -> list[str]:
+    """NaN, infinite and out-of-``clip`` values, each quoting the IDs they are at."""
+    problems = []
     array = values.to_numpy(dtype=np.float64, na_value=np.nan)
     nan = np.isnan(array)
     if nan.any():
@@ -111,8 +132,7 @@ def check_submission(frame: pd.DataFrame, test: pd.DataFrame, clip: tuple[float,
             f"{int(outside.sum())} value(s) outside [{low:g}, {high:g}] (min {array[finite].min():g}, "
             f"max {array[finite].max():g}), at ID {_quote(frame_ids[outside])}"
         )
-    if problems:
-        raise ExportCheckError("submission failed its checks: " + "; ".join(problems))
+    return problems
 
 
 def chosen_forecast(forecast: pd.DataFrame, exported: str, clip: tuple[float, float] = DEFAULT_CLIP) -> np.ndarray:
@@ -214,24 +234,8 @@ def export_submission(
     csv_path = out_dir / f"{forecast_month_label}.csv"
     sidecar_path = out_dir / f"{forecast_month_label}.json"
     total = float(frame["item_cnt_month"].to_numpy(dtype=np.float64).sum())
-    meta = dict(sidecar)
-    meta["submission"] = {
-        "file": csv_path.name,
-        "forecast_month": forecast_month_label,
-        "rows": len(frame),
-        "sha256": digest,
-        "total": total,
-        "mean": total / len(frame) if len(frame) else 0.0,
-        "columns": list(SUBMISSION_COLUMNS),
-    }
-    # Serialise up front so an unserialisable sidecar fails before the CSV is written.
-    meta_bytes = (json.dumps(meta, indent=2, sort_keys=True, default=str) + "\n").encode("utf-8")
-
-    copy_path: Path | None = None
-    if copy_to is not None:
-        copy_path = Path(copy_to)
-        if copy_path.is_dir():
-            copy_path = copy_path / csv_path.name
+    meta_bytes = _sidecar_bytes(sidecar, csv_path.name, forecast_month_label, len(frame), digest, total)
+    copy_path = _copy_path(copy_to, csv_path.name)
 
     previous_path = keep_previous_submission(csv_path, sidecar_path, payload)
     write_bytes_atomic(csv_path, payload)
@@ -248,6 +252,30 @@ def export_submission(
         total=total,
         previous_path=previous_path,
     )
+
+
+def _sidecar_bytes(sidecar: Mapping[str, Any], file: str, label: str, rows: int, digest: str, total: float) -> bytes:
+    """The sidecar JSON: ``sidecar`` plus what the export wrote (file, rows, total, content hash)."""
+    meta = dict(sidecar)
+    meta["submission"] = {
+        "file": file,
+        "forecast_month": label,
+        "rows": rows,
+        "sha256": digest,
+        "total": total,
+        "mean": total / rows if rows else 0.0,
+        "columns": list(SUBMISSION_COLUMNS),
+    }
+    # Serialise up front so an unserialisable sidecar fails before the CSV is written.
+    return (json.dumps(meta, indent=2, sort_keys=True, default=str) + "\n").encode("utf-8")
+
+
+def _copy_path(copy_to: str | Path | None, file: str) -> Path | None:
+    """Where the copy of the CSV goes: ``copy_to`` itself, or ``file`` inside it when it is a directory."""
+    if copy_to is None:
+        return None
+    copy_path = Path(copy_to)
+    return copy_path / file if copy_path.is_dir() else copy_path
 
 
 def _written_stamp(sidecar: Any, csv_path: Path) -> str:
@@ -303,38 +331,18 @@ def export_run(config: Any, windows_dir: str | Path, run_dir: str | Path, decisi
     ``windows_dir`` is the store the forecast was made from (the one built without a holdout); ``extra`` goes into
     the sidecar as is (the flow run that exported it).
     """
-    from core.files import read_json
-    from core.lake import FORECAST_FILE, METADATA_FILE, METRICS_FILE, LakePaths
+    from core.lake import FORECAST_FILE, LakePaths
     from core.window_store import WindowStore
 
     paths = LakePaths.of(config)
     run_dir = Path(run_dir)
     clip = config.windows.clip
     store = WindowStore.open(windows_dir)
-    meta = store.meta
     forecast = pd.read_parquet(run_dir / FORECAST_FILE)
-    exported = str(decision.exported)
-    values = chosen_forecast(forecast, exported, clip)
+    values = chosen_forecast(forecast, str(decision.exported), clip)
     test = _forecast_universe(paths, store, windows_dir)
-    scores = read_json(run_dir / METRICS_FILE, default={}).get("overall", {})
-    sidecar = {
-        "run_id": run_dir.name,
-        "run_dir": paths.run_name(run_dir),
-        "model": read_json(run_dir / "holdout" / METADATA_FILE, default={}).get(
-            "model_config", {"kind": config.model.kind}
-        ),
-        "holdout_month": decision.holdout_month,
-        "holdout_rmse": {name: values_["rmse"] for name, values_ in scores.items()},
-        "exported_rmse": decision.exported_rmse,
-        "exported": exported,
-        "reason": decision.reason,
-        "beaten_by": decision.beaten_by,
-        "decision": decision.decision.to_dict(),
-        "forecast_month": int(meta["forecast_month"]),
-        "data": meta.get("input_hashes", {}),
-        **dict(extra or {}),
-    }
-    label = forecast_month_label(int(meta["forecast_month"]), config.ingest.first_month)
+    sidecar = _run_sidecar(config, paths, run_dir, store.meta, decision, extra)
+    label = forecast_month_label(int(store.meta["forecast_month"]), config.ingest.first_month)
     # The ranges are built and checked before the CSV is written, so a failed check still leaves nothing.
     calibration = _calibration(decision, run_dir)
     ranges = quantile_rows(store, forecast["ID"].to_numpy(), values, calibration, clip)
@@ -358,6 +366,32 @@ def export_run(config: Any, windows_dir: str | Path, run_dir: str | Path, decisi
         test[["ID", "shop_id", "item_id"]].sort_values("ID").reset_index(drop=True), preserve_index=False))
     quantiles.write_quantiles(quantiles_path, ranges, forecast["ID"].to_numpy(), calibration.levels, clip)
     return dataclasses.replace(result, quantiles_path=quantiles_path)
+
+
+def _run_sidecar(config: Any, paths: Any, run_dir: Path, meta: Mapping[str, Any], decision: Any,
+                 extra: Mapping[str, Any] | None) -> dict[str, Any]:  # fmt: skip
+    """What the sidecar says of the run: its id and model, the holdout scores, the gate's choice and why, the data."""
+    from core.files import read_json
+    from core.lake import METADATA_FILE, METRICS_FILE
+
+    scores = read_json(run_dir / METRICS_FILE, default={}).get("overall", {})
+    return {
+        "run_id": run_dir.name,
+        "run_dir": paths.run_name(run_dir),
+        "model": read_json(run_dir / "holdout" / METADATA_FILE, default={}).get(
+            "model_config", {"kind": config.model.kind}
+        ),
+        "holdout_month": decision.holdout_month,
+        "holdout_rmse": {name: values_["rmse"] for name, values_ in scores.items()},
+        "exported_rmse": decision.exported_rmse,
+        "exported": str(decision.exported),
+        "reason": decision.reason,
+        "beaten_by": decision.beaten_by,
+        "decision": decision.decision.to_dict(),
+        "forecast_month": int(meta["forecast_month"]),
+        "data": meta.get("input_hashes", {}),
+        **dict(extra or {}),
+    }
 
 
 def _calibration(decision: Any, run_dir: Path) -> quantiles.Calibration:
