@@ -169,53 +169,33 @@ def gate_run(config: Any, windows_dir: str | Path, final_windows_dir: str | Path
 
     from core import champion as champions
     from core import quantiles, report
-    from core.aggregate import read_monthly
-    from core.evaluate import monthly_totals, score_holdout
+    from core.evaluate import score_holdout
     from core.files import atomic_path
     from core.lake import LakePaths
 
     paths, run_dir = LakePaths.of(config), Path(run_dir)
-    candidates = {name: selection.validation_rmse[name] for name in (*CANDIDATES, "baseline")
-                  if name in selection.validation_rmse}  # fmt: skip
-    blend = selection.blend
-    decision = decide(candidates, fallback=config.export.fallback, validation_months=selection.validation_months,
-                      blend_weight=None if blend is None else blend.known,
-                      launch_blend_weight=None if blend is None else blend.launch,
-                      first_month=config.ingest.first_month)  # fmt: skip
+    decision = _validation_decision(config, selection)
     exported, reason, exported_rmse = decision.exported, decision.reason, float(scores.rmse[decision.exported])
     evaluation = score_holdout(config, windows_dir, run_dir)
     forecast = pd.read_parquet(scores.forecast)
     verdict, before = None, None
     if config.export.champion_gate:
-        record = champions.read_index(paths).get("champion")
-        before = record["run_dir"] if record else None
-        if record is not None and paths.run_path(record["run_dir"]).resolve() == run_dir.resolve():
-            verdict = ChampionDecision(False, "this run is the champion", exported_rmse, record.get("holdout_rmse"),
-                                       scores.holdout_month)  # fmt: skip
+        verdict, before, score = _champion_verdict(config, paths, run_dir, windows_dir, final_windows_dir, scores,
+                                                   exported_rmse)  # fmt: skip
+        if score is None:  # this run is the champion: nothing to re-apply, nobody to crown
+            pass
+        elif verdict.keep_champion and score.columns is not None:
+            forecast["champion"] = score.columns["forecast"]
+            with atomic_path(scores.forecast) as tmp:
+                forecast.to_parquet(tmp, index=False)
+            evaluation = score_holdout(config, windows_dir, run_dir, extra={"champion": score.columns["holdout"]})
+            exported, reason, exported_rmse = "champion", verdict.reason, float(score.rmse or 0.0)
         else:
-            score = champions.score_champion(config, scores.holdout_month, windows_dir, final_windows_dir)
-            verdict = challenge(exported_rmse, score.rmse, month=scores.holdout_month,
-                                tolerance=config.export.champion_tolerance, why_no_champion=score.why_not,
-                                first_month=config.ingest.first_month)  # fmt: skip
-            if verdict.keep_champion and score.columns is not None:
-                forecast["champion"] = score.columns["forecast"]
-                with atomic_path(scores.forecast) as tmp:
-                    forecast.to_parquet(tmp, index=False)
-                evaluation = score_holdout(config, windows_dir, run_dir, extra={"champion": score.columns["holdout"]})
-                exported, reason, exported_rmse = "champion", verdict.reason, float(score.rmse or 0.0)
-            else:
-                champions.crown(paths, run_dir, scores.forecast_month, decision.exported, exported_rmse,
-                                verdict.reason)  # fmt: skip
+            champions.crown(paths, run_dir, scores.forecast_month, decision.exported, exported_rmse,
+                            verdict.reason)  # fmt: skip
     holdout_scores = {p: evaluation.overall[p].rmse for p in evaluation.predictors}
-    monthly = read_monthly(paths)
-    written = report.write_report(
-        evaluation, run_dir, exported=exported, reason=reason, forecast_month=scores.forecast_month,
-        history=monthly_totals(monthly[monthly["date_block_num"] < scores.holdout_month], config.windows.clip),
-        forecast_totals={c: float(forecast[c].sum()) for c in forecast.columns if c != "ID"},
-        selection=selection.to_dict(),
-        champion=None if verdict is None else _champion_text(verdict, before, exported),
-        extra=_run_settings(config, selection),
-    )  # fmt: skip
+    written = _write_run_report(config, paths, run_dir, evaluation, exported, reason, scores, forecast, selection,
+                                None if verdict is None else _champion_text(verdict, before, exported))  # fmt: skip
     # The exported forecaster's ranges, calibrated on the validation months and scored on the holdout month.
     ranges = quantiles.range_run(config, windows_dir, final_windows_dir, run_dir, exported, decision.exported)
     return ExportDecision(
@@ -223,6 +203,53 @@ def gate_run(config: Any, windows_dir: str | Path, final_windows_dir: str | Path
         forecast_month=scores.forecast_month, decision=decision, champion=verdict, champion_run=before,
         beaten_by=dict(report.better_than(holdout_scores, exported)), report=str(written.pop("report")),
         plots={name: str(path) for name, path in written.items()} | {"ranges": ranges["plot"]}, ranges=ranges,
+    )  # fmt: skip
+
+
+def _validation_decision(config: Any, selection: Any) -> Decision:
+    """:func:`decide` on the validation months' RMSE of the candidates and the baseline."""
+    candidates = {name: selection.validation_rmse[name] for name in (*CANDIDATES, "baseline")
+                  if name in selection.validation_rmse}  # fmt: skip
+    blend = selection.blend
+    return decide(candidates, fallback=config.export.fallback, validation_months=selection.validation_months,
+                  blend_weight=None if blend is None else blend.known,
+                  launch_blend_weight=None if blend is None else blend.launch,
+                  first_month=config.ingest.first_month)  # fmt: skip
+
+
+def _champion_verdict(config: Any, paths: Any, run_dir: Path, windows_dir: str | Path, final_windows_dir: str | Path,
+                      scores: Any, exported_rmse: float) -> tuple[ChampionDecision, str | None, Any]:  # fmt: skip
+    """The champion gate's verdict, the champion's run (None: no champion yet) and the champion re-applied and
+    scored (None when this run is itself the champion)."""
+    from core import champion as champions
+
+    record = champions.read_index(paths).get("champion")
+    before = record["run_dir"] if record else None
+    if record is not None and paths.run_path(record["run_dir"]).resolve() == run_dir.resolve():
+        return ChampionDecision(False, "this run is the champion", exported_rmse, record.get("holdout_rmse"),
+                                scores.holdout_month), before, None  # fmt: skip
+    score = champions.score_champion(config, scores.holdout_month, windows_dir, final_windows_dir)
+    verdict = challenge(exported_rmse, score.rmse, month=scores.holdout_month,
+                        tolerance=config.export.champion_tolerance, why_no_champion=score.why_not,
+                        first_month=config.ingest.first_month)  # fmt: skip
+    return verdict, before, score
+
+
+def _write_run_report(config: Any, paths: Any, run_dir: Path, evaluation: Any, exported: str, reason: str,
+                      scores: Any, forecast: Any, selection: Any, champion: str | None) -> dict[str, Path]:  # fmt: skip
+    """The run's report (``core.report.write_report``): what was exported and why, beside the holdout's history."""
+    from core import report
+    from core.aggregate import read_monthly
+    from core.evaluate import monthly_totals
+
+    monthly = read_monthly(paths)
+    return report.write_report(
+        evaluation, run_dir, exported=exported, reason=reason, forecast_month=scores.forecast_month,
+        history=monthly_totals(monthly[monthly["date_block_num"] < scores.holdout_month], config.windows.clip),
+        forecast_totals={c: float(forecast[c].sum()) for c in forecast.columns if c != "ID"},
+        selection=selection.to_dict(),
+        champion=champion,
+        extra=_run_settings(config, selection),
     )  # fmt: skip
 
 
