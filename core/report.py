@@ -179,34 +179,46 @@ def render_report(
         overall_table(evaluation, exported, forecast_totals or {}),
     ]
     if selection and selection.get("validation_rmse_by_month"):
-        months = [month_label(m, first) for m in selection.get("validation_months", [])]
-        lines += ["", f"## How the export was chosen: validation months {', '.join(months)}", "",
-                  "Each candidate trained on the months before the first validation month; the gate ranks their "
-                  "mean RMSE over the validation months, each month counting alike. The holdout month took no "
-                  "part.", "", validation_table(selection["validation_rmse_by_month"], first)]  # fmt: skip
-        blend = selection.get("blend")
-        if blend:
-            lines += ["", f"Ensemble: {blend['known']:g} × model + {1 - blend['known']:g} × LightGBM"
-                      + (f"; for items in their launch month {blend['launch']:g} × model + "
-                         f"{1 - blend['launch']:g} × LightGBM" if blend["launch"] != blend["known"] else "")
-                      + " (each validation month's best weight, averaged)."]  # fmt: skip
-        if selection.get("launch_scales"):
-            lines += ["", "Launch scales (geometric mean of each validation month's): " + ", ".join(
-                f"{short(n)} {s:g}" for n, s in selection["launch_scales"].items()) + "."]  # fmt: skip
+        lines += _selection_lines(selection, first)
     if champion:
         lines += ["", "## Champion and challenger", "", champion]
-    columns = segment_columns(evaluation, exported)
-    lines += ["", "## By novelty", "", segment_table(evaluation.segments["novelty"], "segment", columns, exported)]
-    for segment in ("category", "shop"):
-        rows = evaluation.segments[segment]
-        shown = f"top {top} of {len(rows)} by rows" if len(rows) > top + 1 else f"all {len(rows)}"
-        lines += ["", f"## By {segment} ({shown})", "", segment_table(_top(rows, top), segment, columns, exported)]
+    lines += _segment_lines(evaluation, exported, top)
     if extra:
         lines += ["", "## Run", "", table(["field", "value"], [[k, v] for k, v in extra.items()])]
     if plots:
         # Relative image links: report.md renders with its plots beside it; the UI artifact inlines them.
         lines += ["", "## Plots", ""] + [f"![{name}]({name})" for name in plots.values()]
     return "\n".join(lines) + "\n"
+
+
+def _selection_lines(selection: Mapping[str, Any], first: str) -> list[str]:
+    """How the export was chosen: the validation months' table, the blend weights, the launch scales."""
+    months = [month_label(m, first) for m in selection.get("validation_months", [])]
+    lines = ["", f"## How the export was chosen: validation months {', '.join(months)}", "",
+             "Each candidate trained on the months before the first validation month; the gate ranks their "
+             "mean RMSE over the validation months, each month counting alike. The holdout month took no "
+             "part.", "", validation_table(selection["validation_rmse_by_month"], first)]  # fmt: skip
+    blend = selection.get("blend")
+    if blend:
+        lines += ["", f"Ensemble: {blend['known']:g} × model + {1 - blend['known']:g} × LightGBM"
+                  + (f"; for items in their launch month {blend['launch']:g} × model + "
+                     f"{1 - blend['launch']:g} × LightGBM" if blend["launch"] != blend["known"] else "")
+                  + " (each validation month's best weight, averaged)."]  # fmt: skip
+    if selection.get("launch_scales"):
+        lines += ["", "Launch scales (geometric mean of each validation month's): " + ", ".join(
+            f"{short(n)} {s:g}" for n, s in selection["launch_scales"].items()) + "."]  # fmt: skip
+    return lines
+
+
+def _segment_lines(evaluation: Evaluation, exported: str, top: int) -> list[str]:
+    """The novelty segments, then the ``top`` categories and shops by rows."""
+    columns = segment_columns(evaluation, exported)
+    lines = ["", "## By novelty", "", segment_table(evaluation.segments["novelty"], "segment", columns, exported)]
+    for segment in ("category", "shop"):
+        rows = evaluation.segments[segment]
+        shown = f"top {top} of {len(rows)} by rows" if len(rows) > top + 1 else f"all {len(rows)}"
+        lines += ["", f"## By {segment} ({shown})", "", segment_table(_top(rows, top), segment, columns, exported)]
+    return lines
 
 
 def replace_report_section(report: str | Path, key: str, markdown: str) -> Path:
