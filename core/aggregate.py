@@ -32,8 +32,6 @@ from core.config import NestcastConfig
 from core.errors import DataValidationError
 from core.files import file_sha256, read_json, tree_sha256, write_json_atomic, write_parquet_atomic
 from core.ingest.commit import recover_lake
-
-# Bump when the aggregation logic changes, so every month is recomputed once.
 from core.lake import LakePaths
 
 # Bump when the aggregation logic changes, so every month is recomputed once.
