@@ -26,8 +26,8 @@ from core.window_store import WindowStore
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = {
-    "units": 4, "depth": 2, "lookback": 4, "epochs": 1, "batch_size": 256, "head_units": 4,
-    "embedding_dim": 2, "sample_budget": 2000, "retries": 0, "jit_compile": "off",
+    "units": 4, "depth": 1, "lookback": 4, "epochs": 1, "batch_size": 256, "head_units": 4,
+    "embedding_dim": 2, "sample_budget": 2000, "retries": 0, "jit_compile": "off", "max_rounds": 50,
 }  # fmt: skip
 
 

@@ -15,9 +15,9 @@ from core.errors import DataValidationError
 from deployments.console import LOGGING_CONFIG, ConsoleNoise, UiLogNoise, wants_verbose
 
 REPO = Path(__file__).resolve().parents[1]
-TINY_OPTIONS = ["--epochs", "1", "--units", "8", "--lookback", "6", "--batch-size", "256",
-                "--set", "head_units=8", "--set", "sample_budget=3000", "--set", "jit_compile=off",
-                "--set", "max_rounds=100", "--set", "retry_delay_seconds=0"]  # fmt: skip
+TINY_OPTIONS = ["--epochs", "1", "--units", "4", "--lookback", "4", "--batch-size", "256", "--set", "depth=1",
+                "--set", "head_units=4", "--set", "sample_budget=2000", "--set", "jit_compile=off",
+                "--set", "max_rounds=20", "--set", "retry_delay_seconds=0"]  # fmt: skip
 
 
 def nestcast(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
@@ -44,7 +44,8 @@ def test_a_tiny_cli_run_prints_no_native_logs_one_aggregation_line_and_the_verdi
     summary = result.stdout.strip().splitlines()
     assert summary[0].startswith("Exported ") and " than the previous month (" in summary[0]
     assert any(line.startswith("lake:       2013-01 – ") for line in summary)
-    renamed = f"Flow run 'forecast-{summary[0].split(' for ')[1][:7]}-nlstm-epochs=1-batch_size=256-lookback=6-units=8'"
+    month = summary[0].split(" for ")[1][:7]
+    renamed = f"Flow run 'forecast-{month}-nlstm-epochs=1-batch_size=256-lookback=4-units=4-depth=1'"
     assert f"{renamed} - Finished in state Completed('{summary[0]}')" in result.stderr, "run not renamed to the end"
     data_dir = str((tmp_path / "D").resolve())
     assert f"data directory: {data_dir}" in result.stderr and f"submission: {data_dir}/submissions/" in result.stdout

@@ -140,9 +140,9 @@ def test_manual_deployment_runs_to_completion_with_artifacts_and_a_ui_page(serve
     assert monthly["global_concurrency_limit"]["limit"] == 1
 
     params = {
-        "data_dir": str(data_dir), "epochs": 1, "units": 8, "lookback": 6, "batch_size": 256,
-        "overrides": {"head_units": 8, "sample_budget": 4000, "retry_delay_seconds": 0, "jit_compile": "off",
-                      "max_rounds": 100},
+        "data_dir": str(data_dir), "epochs": 1, "units": 4, "depth": 1, "lookback": 4, "batch_size": 256,
+        "overrides": {"head_units": 4, "sample_budget": 2000, "retry_delay_seconds": 0, "jit_compile": "off",
+                      "max_rounds": 20},
     }  # fmt: skip
     triggered = subprocess.run(
         [str(BIN / "prefect"), "deployment", "run", "sales-forecast/manual", "--params", json.dumps(params)],
@@ -167,8 +167,8 @@ def test_manual_deployment_runs_to_completion_with_artifacts_and_a_ui_page(serve
     assert expected <= keys
     assert list((data_dir / "submissions").glob("*.csv"))
     # named by its month, encoder and the knobs that differ from the defaults (core/run_names.py)
-    assert re.fullmatch(r"forecast-\d{4}-\d{2}-nlstm-epochs=1-batch_size=256-lookback=6-units=8", flow_run["name"]), (
-        flow_run["name"])
+    name = r"forecast-\d{4}-\d{2}-nlstm-epochs=1-batch_size=256-lookback=4-units=4-depth=1"
+    assert re.fullmatch(name, flow_run["name"]), flow_run["name"]
 
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium is None:
