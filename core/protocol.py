@@ -341,6 +341,20 @@ def select(
     return selection
 
 
+def refit_epochs(config: NestcastConfig, selection: Selection) -> int:
+    """The epochs a refit trains: ``train.refit_epochs`` from the selection's network, else the selected count."""
+    return config.train.refit_epochs if config.train.refit_from == "selection" else int(selection.epochs)
+
+
+def _refit_start(config: NestcastConfig, stage_dir: str | Path, select_dir: str | Path | None) -> Path | None:
+    """The selection's network a refit continues from (verified against its recorded hash), or None."""
+    if config.train.refit_from != "selection":
+        return None
+    path = Path(select_dir or Path(stage_dir).parent / "select") / forecasters.NETWORK.artifact  # type: ignore[operator]
+    verify_artifact(path)
+    return path
+
+
 @dataclasses.dataclass
 class RefitResult:
     """What a refit stage trained and predicted."""
@@ -363,10 +377,12 @@ def refit(
     selection: Selection,
     on_epoch: EpochCallback | None = None,
     callbacks: Sequence[Any] = (),
+    select_dir: str | Path | None = None,
 ) -> RefitResult:
     """Stage 2: retrain every trained forecaster on every training target with the selection's epochs and rounds;
     write ``holdout.parquet`` (when the store holds a month out) and ``forecast.parquet``, a column per forecaster
-    (:func:`apply_stage`)."""
+    (:func:`apply_stage`). With ``train.refit_from='selection'`` the network continues from the selection stage's
+    (in ``select_dir``; default: the ``select`` directory beside ``stage_dir``) for ``train.refit_epochs`` epochs."""
     from core.training import train_forecaster
     from core.window_store import WindowStore
 
@@ -375,8 +391,9 @@ def refit(
     store = WindowStore.open(windows_dir)
     sets = tuple(name for name in ("holdout", "forecast") if _index(store, name).shape[0])
     trained = train_forecaster(
-        config, windows_dir, stage_dir, on_epoch, stage="refit", epochs=selection.epochs, callbacks=callbacks
-    )
+        config, windows_dir, stage_dir, on_epoch, stage="refit", epochs=refit_epochs(config, selection),
+        callbacks=callbacks, start_from=_refit_start(config, stage_dir, select_dir),
+    )  # fmt: skip
     booster_seconds = None
     for booster in _boosters(config):
         if booster.name in selection.rounds:

@@ -21,7 +21,7 @@ from core.checkpoint import EpochCallback, EpochCheckpoint, resume_state, save_m
 from core.device import DeviceInfo, default_cpu_device, select_device
 from core.files import write_json_atomic
 from core.lake import METADATA_FILE, NETWORK_FILE
-from core.model import build_model
+from core.model import build_model, load_model
 from core.schedule import learning_rate_callbacks
 
 if TYPE_CHECKING:  # the config pulls in pydantic-settings; the GPU benchmark runs without it
@@ -154,6 +154,7 @@ def train_model(
     extra_metadata: dict[str, Any] | None = None,
     callbacks: Sequence[keras.callbacks.Callback] = (),
     schedule_epochs: int | None = None,
+    schedule_offset: int = 0,
 ) -> TrainResult:
     """Fit ``model``; resume from ``run_dir/checkpoints`` if a previous call was interrupted.
 
@@ -165,7 +166,8 @@ def train_model(
     ``callbacks`` (e.g. ``core.progress.TrainingProgress``) run after the checkpoint; one with a
     ``describe(data, device)`` method is first told the training data and the device.
     ``schedule_epochs``: the epochs ``train_cfg.learning_rate_schedule`` spans (default ``train_cfg.epochs``; a
-    refit passes the selection's maximum so that it follows the selection's curve).
+    refit passes the selection's maximum so that it follows the selection's curve); ``schedule_offset``: the epochs
+    of that curve already run before this fit's first (a refit from the selection's network runs the last ones).
     """
     started = time.perf_counter()
     run_dir = Path(run_dir)
@@ -188,7 +190,7 @@ def train_model(
     for callback in callbacks:
         if hasattr(callback, "describe"):
             callback.describe(train, device.to_dict())
-    schedule = learning_rate_callbacks(train_cfg, schedule_epochs or train_cfg.epochs, train)
+    schedule = learning_rate_callbacks(train_cfg, schedule_epochs or train_cfg.epochs, train, schedule_offset)
     if not (state["stopped_early"] or resumed_from >= train_cfg.epochs):
         _fit(model, train, val, train_cfg, device, checkpoint, resumed_from, [*schedule, *callbacks])
     else:  # a finished stage run again: its model file was missing or damaged (or the cache forgot it)
@@ -217,6 +219,7 @@ def train_forecaster(
     epochs: int | None = None,
     extra_metadata: dict[str, Any] | None = None,
     callbacks: Sequence[keras.callbacks.Callback] = (),
+    start_from: str | os.PathLike[str] | None = None,
 ) -> TrainResult:
     """One stage of the training protocol on the windows in ``windows_dir``, into ``run_dir``.
 
@@ -224,24 +227,18 @@ def train_forecaster(
     ``train.epochs`` epochs, early-stopped on the validation months' grids (best weights kept); its
     ``best_epoch`` is the epoch count the refit uses. ``refit``: train on every training target (through
     the month before the holdout; with a store built without a holdout, through the last month) for exactly
-    ``epochs`` epochs with no validation data, keeping the last epoch's weights.
+    ``epochs`` epochs with no validation data, keeping the last epoch's weights. ``start_from`` (a refit): the
+    saved network (weights and optimiser state) it continues from, along the last ``epochs`` epochs of the
+    selection's learning-rate curve, instead of fresh weights along its first.
     """
     from core.window_store import WindowStore
 
     store = WindowStore.open(windows_dir)
     device = select_device(config.train.device, config.train.jit_compile, config.train.replicas)
     train_cfg, before, val = _stage_data(store, config.train, stage, epochs, windows_dir)
-    model = build_model(
-        config.model,
-        lookback=store.lookback,
-        n_channels=store.n_channels,
-        n_shops=int(store.meta["n_shops"]),
-        n_categories=int(store.meta["n_categories"]),
-        seed=train_cfg.seed,
-        train_cfg=train_cfg,
-        device=device,
-        n_static=store.n_static,
-    )
+    if start_from is not None and stage != "refit":
+        raise ValueError(f"only a refit starts from a trained network, not stage {stage!r}")
+    model = _starting_model(config, store, train_cfg, device, start_from)
     train = store.train_dataset(
         train_cfg.batch_size,
         seed=train_cfg.seed,
@@ -251,6 +248,7 @@ def train_forecaster(
         endless=True,  # the batches of every epoch fixed in advance: core.sampling.EpochShuffled
     )
     metadata = _stage_metadata(config, store, windows_dir, stage, before)
+    metadata["started_from"] = None if start_from is None else str(start_from)
     metadata.update(extra_metadata or {})
     return train_model(
         model,
@@ -263,6 +261,28 @@ def train_forecaster(
         extra_metadata=metadata,
         callbacks=callbacks,
         schedule_epochs=config.train.epochs,
+        schedule_offset=0 if start_from is None else max(config.train.epochs - train_cfg.epochs, 0),
+    )
+
+
+def _starting_model(
+    config: NestcastConfig, store: WindowStore, train_cfg: TrainConfig, device: DeviceInfo, start_from: Any
+) -> keras.Model:
+    """The network a stage trains: the saved one at ``start_from``, else fresh weights from the seed."""
+    if start_from is not None:
+        keras.utils.set_random_seed(train_cfg.seed)
+        with device.scope():
+            return load_model(start_from)
+    return build_model(
+        config.model,
+        lookback=store.lookback,
+        n_channels=store.n_channels,
+        n_shops=int(store.meta["n_shops"]),
+        n_categories=int(store.meta["n_categories"]),
+        seed=train_cfg.seed,
+        train_cfg=train_cfg,
+        device=device,
+        n_static=store.n_static,
     )
 
 

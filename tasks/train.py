@@ -110,10 +110,12 @@ def select_models(config: NestcastConfig, windows: WindowsSummary, run_dir: str)
 )
 def refit_models(config: NestcastConfig, windows: WindowsSummary, selection: protocol.Selection, run_dir: str,
                  stage: str) -> protocol.RefitResult:  # fmt: skip
-    """Retrain on every training month of ``windows`` with the selected epochs and rounds; predict."""
-    on_epoch = _progress(f"refit-{stage}", int(selection.epochs))
+    """Retrain on every training month of ``windows`` with the selected rounds, the network from the selection's
+    (or from scratch for the selected epochs: ``train.refit_from``); predict."""
+    on_epoch = _progress(f"refit-{stage}", protocol.refit_epochs(config, selection))
     result = protocol.refit(config, windows.windows_dir, LakePaths.stage_dir(run_dir, stage), selection, on_epoch,
-                            callbacks=[_terminal_progress(f"refit-{stage}")])  # fmt: skip
+                            callbacks=[_terminal_progress(f"refit-{stage}")],
+                            select_dir=LakePaths.stage_dir(run_dir, "select"))  # fmt: skip
     get_run_logger().info(
         "refit (%s): %d epochs in %.0f s, LightGBM %s s; predicted %s",
         stage, result.epochs, result.model_seconds,

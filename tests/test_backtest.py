@@ -59,7 +59,7 @@ def test_one_row_per_origin_with_model_baselines_and_cost(result):
         assert set(o.rmse) == {"model", "ensemble", "reference", "baseline", "mean3", "zeros"}
         assert all(np.isfinite(v) and v >= 0 for v in o.rmse.values())
         assert o.params > 0 and o.train_seconds > 0 and o.reference_seconds > 0
-        assert o.epochs_run == 2, "one selection epoch, then a refit of the selected one"
+        assert o.epochs_run == 2, "one selection epoch, then one refit epoch from the selected network"
         assert o.train_samples <= SMALL["sample_budget"]
     rows = res.rows()
     assert [r["origin"] for r in rows] == [str(m) for m in origins] + ["mean"]
@@ -101,7 +101,8 @@ def test_each_origin_trains_only_on_earlier_months_in_its_own_windows_dir(result
         assert o.selection["validation_months"] == select["validation_months"] == [o.origin - 2, o.origin - 1]
         assert select["trained_below_month"] == o.origin - 2 and select["stage"] == "select"
         assert refit["trained_below_month"] == o.origin and refit["validation_months"] is None
-        assert refit["epochs_run"] == o.selection["epochs"]
+        # The refit continues the selection's network for train.refit_epochs (1) epochs.
+        assert refit["epochs_run"] == 1 and refit["started_from"] == str(Path(o.run_dir) / "select" / "model.keras")
         blend = o.selection["blend"]
         assert 0.0 <= blend["known"] <= 1.0 and 0.0 <= blend["launch"] <= 1.0
         assert o.selection["rounds"]["reference"] >= 1

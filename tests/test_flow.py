@@ -170,7 +170,9 @@ def test_transient_errors_are_retried_data_errors_are_not_and_a_rerun_resumes_fr
     assert meta["select"]["trained_below_month"] == months[-3]
     assert meta["holdout"]["trained_below_month"] == months[-1]
     assert meta["final"]["trained_below_month"] == months[-1] + 1
-    assert meta["holdout"]["epochs_run"] == meta["final"]["epochs_run"] == summary["epochs"]
+    # Both refits continue the selection's network for train.refit_epochs (1) epochs.
+    assert meta["holdout"]["epochs_run"] == meta["final"]["epochs_run"] == 1
+    assert meta["holdout"]["started_from"] == meta["final"]["started_from"] == str(run_dir / "select" / "model.keras")
     sidecar = json.loads(Path(summary["submission"]).with_suffix(".json").read_text())
     assert sidecar["exported"] == summary["exported"] and sidecar["run_id"] == run_dir.name
 

@@ -172,6 +172,11 @@ def test_the_cosine_rate_falls_from_the_peak_to_the_floor_and_a_refit_of_k_epoch
                 schedule_epochs=3)  # fmt: skip
     np.testing.assert_allclose(refit.rates, selection.rates[: 2 * steps], rtol=1e-6)
 
+    warm = RatesSeen()  # a refit from the selection's network: the curve's last epoch, not its first
+    train_model(build(), train, None, cfg.model_copy(update={"epochs": 1}), tmp_path / "warm", device=CPU_NO_JIT,
+                callbacks=[warm], schedule_epochs=3, schedule_offset=2)  # fmt: skip
+    np.testing.assert_allclose(warm.rates, selection.rates[2 * steps :], rtol=1e-6)
+
     constant = RatesSeen()
     train_model(build(), train, None, cfg.model_copy(update={"learning_rate_schedule": "constant"}),
                 tmp_path / "constant", device=CPU_NO_JIT, callbacks=[constant])  # fmt: skip
@@ -181,7 +186,7 @@ def test_the_cosine_rate_falls_from_the_peak_to_the_floor_and_a_refit_of_k_epoch
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [({"peak": 0.0}, "peak must be positive, got 0.0"), ({"epochs": 0}, "epochs and steps must be at least 1"),
-     ({"floor": 1.5}, r"floor must lie in \[0, 1\], got 1.5")],
+     ({"floor": 1.5}, r"floor must lie in \[0, 1\], got 1.5"), ({"offset": -1}, "offset must be at least 0, got -1")],
 )  # fmt: skip
 def test_the_cosine_schedule_names_a_bad_argument(kwargs, message):
     arguments = {"peak": 1e-3, "epochs": 3, "steps": 10, "floor": 0.05} | kwargs
@@ -382,3 +387,36 @@ def test_training_on_padded_batches_equals_training_on_the_short_last_batch(tmp_
         np.testing.assert_allclose(results[True].history[name], results[False].history[name], rtol=1e-5, err_msg=name)
     for padded, short in zip(weights[True], weights[False], strict=True):
         np.testing.assert_allclose(padded, short, atol=1e-5, rtol=1e-5)
+
+
+def test_a_refit_from_the_selection_continues_its_network_and_a_refit_from_scratch_starts_afresh(tmp_path):
+    from lake_helpers import write_lake
+
+    from core.aggregate import aggregate
+    from core.config import NestcastConfig
+    from core.synthetic import generate
+    from core.training import train_forecaster
+    from core.windows import build_windows
+
+    data = generate("tiny", seed=4)
+    write_lake(tmp_path / "lake", data.sales, data.items, data.test, data.shops["shop_id"].tolist())
+    config = NestcastConfig(data_dir=tmp_path / "lake").with_overrides(
+        lookback=4, units=8, head_units=8, epochs=1, batch_size=256, sample_budget=4096, jit_compile="off"
+    )
+    aggregate(config)
+    windows = build_windows(config, holdout_month=14).windows_dir
+    selected = train_forecaster(config, windows, tmp_path / "select", stage="select")
+    # A rate of 1e-12 leaves a refit where it started: the selection's network, or fresh weights.
+    still = config.with_overrides(learning_rate=1e-12)
+    warm = train_forecaster(still, windows, tmp_path / "warm", stage="refit", epochs=1,
+                            start_from=selected.model_path)  # fmt: skip
+    cold = train_forecaster(still, windows, tmp_path / "cold", stage="refit", epochs=1)
+    chosen = weights_of(load_model(selected.model_path))
+    for got, want in zip(weights_of(load_model(warm.model_path)), chosen, strict=True):
+        np.testing.assert_allclose(got, want, atol=1e-6)
+    assert any(not np.allclose(got, want, atol=1e-3)
+               for got, want in zip(weights_of(load_model(cold.model_path)), chosen, strict=True))  # fmt: skip
+    assert json.loads((tmp_path / "warm" / "metadata.json").read_text())["started_from"] == selected.model_path
+    assert json.loads((tmp_path / "cold" / "metadata.json").read_text())["started_from"] is None
+    with pytest.raises(ValueError, match="only a refit starts from a trained network"):
+        train_forecaster(config, windows, tmp_path / "bad", stage="select", start_from=selected.model_path)
