@@ -81,6 +81,17 @@ class FeatureTables:
     family: np.ndarray  # [items]
     family_mean: np.ndarray  # [families, months] clipped sales per grid cell of the family's active items
     grid_items: np.ndarray  # [months, items] bool
+    item_shops_sold: np.ndarray  # [items, months] shops that sold the item (clipped count > 0)
+
+    @functools.cached_property
+    def pair_cumulative(self) -> np.ndarray:
+        """[pair rows, months] clipped sales summed from month 0 through each month."""
+        return np.cumsum(self.pair_clipped, axis=1, dtype=np.float64).astype(np.float32)
+
+    @functools.cached_property
+    def item_cumulative(self) -> np.ndarray:
+        """[items, months] the item's sales per grid cell summed from month 0 through each month."""
+        return np.cumsum(self.means["item"], axis=1, dtype=np.float64).astype(np.float32)
 
     @classmethod
     def of(cls, arrays: StoreArrays) -> FeatureTables:
@@ -101,9 +112,12 @@ class FeatureTables:
         item_cat[rows["item"]] = rows["category"]
         counts = clipped[:n_pairs]
 
-        def group_sum(keys: np.ndarray, size: int) -> np.ndarray:
+        def group_sum_of(keys: np.ndarray, size: int, values: np.ndarray) -> np.ndarray:
             flat = (keys[:, None] * n_months + np.arange(n_months)[None, :]).ravel()
-            return np.bincount(flat, weights=counts.ravel(), minlength=size * n_months).reshape(size, n_months)
+            return np.bincount(flat, weights=values.ravel(), minlength=size * n_months).reshape(size, n_months)
+
+        def group_sum(keys: np.ndarray, size: int) -> np.ndarray:
+            return group_sum_of(keys, size, counts)
 
         grid_shops = grid_shops_by_month.sum(axis=1).astype(np.float64)  # [months]
         cat_items = np.stack([np.bincount(item_cat, weights=g, minlength=n_cats) for g in grid_items])  # [months, cats]
@@ -136,6 +150,7 @@ class FeatureTables:
             family=family,
             family_mean=_divide(group_sum(family[pair_item], n_families), (grid_shops[:, None] * family_items).T),
             grid_items=grid_items,
+            item_shops_sold=group_sum_of(pair_item, n_items, (counts > 0).astype(np.float64)).astype(np.float32),
         )
 
 
@@ -346,6 +361,30 @@ _LAUNCH_NAMES = (
     ),
 )
 
+# An item's and a pair's history beyond the last months: how widely the item sold lately, and the average month
+# since the first sale (a long-run level the short lags and the last three months' means miss for slow sellers).
+def _mean_since_first(cumulative: np.ndarray, rows: np.ndarray, first: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """Per sample, the mean of a monthly series over its months ``first .. T-1`` (its sums before ``first`` are
+    zero); NaN where ``first >= T``."""
+    total = _at(cumulative, rows, target - 1)
+    months = (target - np.maximum(first, 0)).astype(np.float32)
+    out = np.divide(total, months, out=np.full(total.shape, np.nan, dtype=np.float32), where=months > 0)
+    out[first >= target] = np.nan
+    return out
+
+
+_HISTORY_NAMES = (
+    *(
+        declare(f"item_shops_sold_lag_{k}", lambda t, s, k=k: _at(t.item_shops_sold, s.rows["item"], s.target - k),
+                head=None)
+        for k in (1, 2)
+    ),
+    declare("pair_mean_since_first", lambda t, s: _mean_since_first(
+        t.pair_cumulative, s.rows["pair"], t.pair_first[s.rows["pair"]], s.target), head=None),
+    declare("item_mean_since_first", lambda t, s: _mean_since_first(
+        t.item_cumulative, s.rows["item"], t.item_first[s.rows["item"]], s.target), head=None),
+)  # fmt: skip
+
 #: The standard recipe of this competition (lags, target encodings, timing, price, ids): what the reported
 #: LightGBM reference reads.
 RECIPE: tuple[str, ...] = (
@@ -353,8 +392,10 @@ RECIPE: tuple[str, ...] = (
 )  # fmt: skip
 #: What is known about a launch on its first day beyond the recipe.
 LAUNCH: tuple[str, ...] = _LAUNCH_NAMES
-#: The ensemble's booster: the recipe and the launch features.
-BOOSTER: tuple[str, ...] = (*RECIPE, *LAUNCH)
+#: An item's and a pair's longer history (the trees only: the network reads its own sequence).
+HISTORY: tuple[str, ...] = _HISTORY_NAMES
+#: The ensemble's booster: the recipe, the launch features and the longer history.
+BOOSTER: tuple[str, ...] = (*RECIPE, *LAUNCH, *HISTORY)
 #: The network head's ``static`` input, in order: every feature of the booster that the head reads.
 HEAD: tuple[str, ...] = tuple(name for name in BOOSTER if REGISTRY[name].head is not None)
 

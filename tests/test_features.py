@@ -19,7 +19,7 @@ from lake_helpers import write_lake
 
 from core.aggregate import aggregate, read_monthly
 from core.config import NestcastConfig
-from core.features import RECIPE, FeatureTables, matrix
+from core.features import HISTORY, RECIPE, FeatureTables, matrix
 from core.lake import LakePaths
 from core.reference import fit_reference
 from core.synthetic import generate
@@ -90,6 +90,16 @@ def loop_features(monthly: pd.DataFrame, store: WindowStore, shop: int, item: in
     out["pair_months_since_first"] = target - pair_months[0] if pair_months else math.nan
     out["pair_months_since_last"] = target - pair_sold[-1] if pair_sold else math.nan
     out["month_of_year"] = float(target % 12)  # the lake starts in January
+    for k in (1, 2):
+        m = target - k
+        sold_in = sum(clipped(s, item, m) > 0 for s in shops_in[m])
+        out[f"item_shops_sold_lag_{k}"] = float(sold_in) if m >= 0 else math.nan
+    since_pair = range(pair_months[0], target) if pair_months else range(0)
+    out["pair_mean_since_first"] = (sum(clipped(shop, item, m) for m in since_pair) / len(since_pair)
+                                    if since_pair else math.nan)  # fmt: skip
+    since_item = range(item_months[0], target) if item_months else range(0)
+    out["item_mean_since_first"] = (sum(group_mean(m, lambda s, i: i == item) for m in since_item) / len(since_item)
+                                    if since_item else math.nan)  # fmt: skip
     return out
 
 
@@ -100,9 +110,10 @@ def test_every_feature_equals_the_loop_reference(tmp_path: Path, tiny: dict[str,
     rng = np.random.default_rng(0)
     rows = store.train_index[rng.choice(store.train_index.shape[0], 60, replace=False)]
     rows = np.concatenate([rows, store.holdout_index[:20], store.forecast_index[:20]])
-    got = matrix(tables, rows, RECIPE)
-    assert got.shape == (rows.shape[0], len(RECIPE)) and got.dtype == np.float32
-    column = {name: k for k, name in enumerate(RECIPE)}
+    names = (*RECIPE, *HISTORY)
+    got = matrix(tables, rows, names)
+    assert got.shape == (rows.shape[0], len(names)) and got.dtype == np.float32
+    column = {name: k for k, name in enumerate(names)}
     for n, (series, target) in enumerate(rows):
         shop, item = int(store.series["shop_id"][series]), int(store.series["item_id"][series])
         expected = loop_features(monthly, store, shop, item, int(target))
@@ -124,7 +135,7 @@ def test_no_feature_sees_the_target_month_or_later(tmp_path: Path, tiny: dict[st
 
     def keyed(store: WindowStore) -> dict[tuple[int, int, int], np.ndarray]:
         rows = np.concatenate([store.train_index, store.holdout_index])
-        values = matrix(FeatureTables.of(store.arrays()), rows, RECIPE)
+        values = matrix(FeatureTables.of(store.arrays()), rows, (*RECIPE, *HISTORY))
         keys = zip(store.series["shop_id"].to_numpy()[rows[:, 0]], store.series["item_id"].to_numpy()[rows[:, 0]],
                    rows[:, 1], strict=True)  # fmt: skip
         return {tuple(int(v) for v in key): values[n] for n, key in enumerate(keys)}
