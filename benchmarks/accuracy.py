@@ -110,18 +110,18 @@ def scores(runs: Path, recipe: Path | None, config: NestcastConfig) -> pd.DataFr
         launch = holdout["new_item"].to_numpy(bool)
         columns = recombine(run_dir, store, config)
         columns |= {"zeros": np.zeros_like(actual), "previous month": np.clip(holdout["prev"].to_numpy(), 0, 20),
-                    "mean of last 3": np.clip(holdout["mean3"].to_numpy(), 0, 20)}  # fmt: skip
+                    "mean of last 3": np.clip(holdout["mean3"].to_numpy(), 0, 20)}
         if recipe is not None and (peer := recipe_column(recipe, origin, holdout)) is not None:
             columns["recipe"] = peer
         for name, values in columns.items():
             rows.append({"seed": seed, "origin": origin, "forecaster": name, "rmse": rmse(values, actual),
-                         "launch": rmse(values[launch], actual[launch]) if launch.any() else np.nan})  # fmt: skip
+                         "launch": rmse(values[launch], actual[launch]) if launch.any() else np.nan})
     return pd.DataFrame(rows)
 
 
 ORDER = ("zeros", "previous month", "mean of last 3", "recipe", "reference", "model", "ensemble", "export")
 LABELS = {"recipe": "the standard recipe (outside yardstick)", "reference": "LightGBM (core/reference)",
-          "model": "NLSTM", "ensemble": "ensemble", "export": "**exported (the gate's choice)**"}  # fmt: skip
+          "model": "NLSTM", "ensemble": "ensemble", "export": "**exported (the gate's choice)**"}
 
 
 def table(frame: pd.DataFrame, halves: list[list[int]]) -> str:
@@ -131,7 +131,7 @@ def table(frame: pd.DataFrame, halves: list[list[int]]) -> str:
     spans = [("all", origins)] + [(f"{h[0]}-{h[-1]}", [o for o in h if o in origins]) for h in halves]
     spans = [(name, span) for name, span in spans if span]
     header = ["forecaster", *(f"RMSE {s}" for s, _ in spans), *(f"launch {s}" for s, _ in spans),
-              *(str(o) for o in origins)]  # fmt: skip
+              *(str(o) for o in origins)]
     lines = ["| " + " | ".join(header) + " |", "|---" + "|---:" * (len(header) - 1) + "|"]
     for name in names:
         part = by_origin.loc[name]

@@ -56,7 +56,7 @@ MODELS: dict[str, dict[str, Any]] = {
     "nlstm3": {"kind": "nlstm", "depth": 3},
 }
 LABELS = {"rnn": "SimpleRNN", "gru": "GRU", "lstm": "LSTM", "nlstm1": "NLSTM depth 1", "nlstm2": "NLSTM depth 2",
-          "nlstm3": "NLSTM depth 3"}  # fmt: skip
+          "nlstm3": "NLSTM depth 3"}
 
 
 def parse_sets(pairs: list[str]) -> dict[str, Any]:
@@ -94,7 +94,7 @@ def rows_for(results: dict[str, list[BacktestResult]], origins: list[int]) -> li
         mean = sum(rmse.values()) / len(rmse)
         ratio = sum(rmse[m] / previous[m] for m in origins) / len(origins)
         return {"predictor": name, "params": params, "rmse": mean, "vs_previous": ratio,
-                **{f"rmse_{m}": rmse[m] for m in origins}, "s_per_epoch": per_epoch, "train_s": train_s}  # fmt: skip
+                **{f"rmse_{m}": rmse[m] for m in origins}, "s_per_epoch": per_epoch, "train_s": train_s}
 
     def mean_over_seeds(runs: list[BacktestResult], predictor: str) -> dict[int, float]:
         return {m: sum(r.origins[i].rmse[predictor] for r in runs) / len(runs) for i, m in enumerate(origins)}
@@ -111,7 +111,7 @@ def rows_for(results: dict[str, list[BacktestResult]], origins: list[int]) -> li
     booster = forecasters.BLEND_PARTNER.name
     if booster in default[0].predictors:
         rows.append(row(forecasters.label(booster), mean_over_seeds(default, booster), None, None,
-                        seconds(default, "reference_seconds")))  # fmt: skip
+                        seconds(default, "reference_seconds")))
     for name, runs in results.items():
         per_epoch = [o.seconds_per_epoch for r in runs for o in r.origins if o.seconds_per_epoch]
         rows.append(
@@ -127,7 +127,7 @@ def rows_for(results: dict[str, list[BacktestResult]], origins: list[int]) -> li
         model = LABELS.get(next(k for k, v in results.items() if v is default), "model")
         both = round(seconds(default, "train_seconds") + seconds(default, "reference_seconds"), 1)
         rows.append(row(f"ensemble: {model} + {forecasters.short(booster)}",
-                        mean_over_seeds(default, forecasters.BLEND.name), None, None, both))  # fmt: skip
+                        mean_over_seeds(default, forecasters.BLEND.name), None, None, both))
     return rows
 
 
@@ -139,7 +139,7 @@ def range_rows(results: dict[str, list[BacktestResult]], origins: list[int]) -> 
     if not keys:
         return []
     rows = [{"origin": str(m), **{k: sum(r.origins[i].ranges[k] for r in runs) / len(runs) for k in keys}}
-            for i, m in enumerate(origins)]  # fmt: skip
+            for i, m in enumerate(origins)]
     rows.append({"origin": "mean", **{k: sum(row[k] for row in rows) / len(rows) for k in keys}})
     return rows
 
@@ -180,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
                 result = backtest(config, origins, work / "runs" / f"compare-{name}-{seed}", prepare=False)
                 results.setdefault(name, []).append(result)
                 print(f"{name} seed {seed}: mean model / previous {result.mean_ratio:.4f} "
-                      f"({result.params:,} params, {result.train_seconds:.0f} s)", flush=True)  # fmt: skip
+                      f"({result.params:,} params, {result.train_seconds:.0f} s)", flush=True)
         rows = rows_for(results, origins)
         ranges = range_rows(results, origins)
     finally:

@@ -46,7 +46,7 @@ if not NESTCAST.exists():
 # The small model of tests/test_console.py (one epoch, 8 units, 100 boosting rounds, no XLA, no retry delay).
 TINY = ["--epochs", "1", "--units", "8", "--lookback", "6", "--batch-size", "256",
         "--set", "head_units=8", "--set", "sample_budget=3000", "--set", "jit_compile=off",
-        "--set", "max_rounds=100", "--set", "retry_delay_seconds=0"]  # fmt: skip
+        "--set", "max_rounds=100", "--set", "retry_delay_seconds=0"]
 TINY_NO_EPOCHS = TINY[2:]
 SERVER_MARK = "prefect.server.api.server:create_app"  # the CLI's temporary Prefect server (deployments/cli.py)
 MARKER = "FAULT_PROBE_ID"  # in the environment of every process a probe starts: finds what it left running
@@ -167,7 +167,7 @@ def clip(text: str, width: int = 170) -> str:
 
 def base_env(probe: str, extra: dict[str, str] | None = None) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("NESTCAST_", "TF_CPP", "PREFECT_LOGGING", "PREFECT_API_URL"))}  # fmt: skip
+           if not k.startswith(("NESTCAST_", "TF_CPP", "PREFECT_LOGGING", "PREFECT_API_URL"))}
     env[MARKER] = probe
     env.update(extra or {})
     return env
@@ -258,7 +258,7 @@ class Context:
         started = time.monotonic()
         with out_path.open("wb") as out, err_path.open("wb") as err:
             process = subprocess.Popen(argv, stdout=out, stderr=err, cwd=cwd or self.root, env=base_env(probe, env),
-                                       start_new_session=True)  # fmt: skip
+                                       start_new_session=True)
             handle = psutil.Process(process.pid)
             while process.poll() is None:
                 if poll is not None:
@@ -270,13 +270,13 @@ class Context:
                 time.sleep(0.2)
         seconds = time.monotonic() - started
         run = Run(argv, process.returncode, out_path.read_text(errors="replace"), err_path.read_text(errors="replace"),
-                  seconds)  # fmt: skip
+                  seconds)
         run.left_running, run.gone_after = reap_leftovers(probe, grace)
         return run
 
     def demo_data(self, directory: Path) -> None:
         made = subprocess.run([str(NESTCAST), "demo-data", str(directory), "--scale", "tiny"], capture_output=True,
-                              text=True, env=base_env("demo-data"), timeout=300)  # fmt: skip
+                              text=True, env=base_env("demo-data"), timeout=300)
         if made.returncode != 0:
             raise RuntimeError(f"demo-data failed: {made.stderr[-2000:]}")
 
@@ -302,7 +302,7 @@ class Context:
             self._template = self.root / "template"
             shutil.copytree(self.warm_path, self._template, symlinks=True)
             self.notes.append(f"template: one tiny run (`nestcast run --data-dir D $TINY`) took {run.seconds:.0f} s; "
-                              f"{run.summary_line('lake:')}")  # fmt: skip
+                              f"{run.summary_line('lake:')}")
         return self._template
 
     def warm(self, probe: str) -> Path:
@@ -526,7 +526,7 @@ def p3b_half_commit(ctx: Context, probe: Probe):
         [sys.executable, "-c", "import sys; from core.config import NestcastConfig; from core.ingest import ingest; "
          "ingest(NestcastConfig(data_dir=sys.argv[1]))", str(other)],
         cwd=REPO, env=base_env(probe.id), capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+    )
     if made.returncode != 0 or sales_months(other).get(7) != before.get(7, 0) + 1:
         return f"setup failed: {made.stderr[-500:]}", False, "setup", 0.0
     # _crash_half_way of tests/test_lake_integrity.py: journal, staging with the rest, the first sales rename done
@@ -549,7 +549,7 @@ def p3b_half_commit(ctx: Context, probe: Probe):
     run = ctx.nestcast(probe.id, "run", "--data-dir", str(d), *TINY)
     after = sales_months(d)
     leftovers = [p.name for p in lake.glob(".staging-*")] + ([".journal.json"] if (lake / ".journal.json").exists()
-                                                             else [])  # fmt: skip
+                                                             else [])
     states = run.task_states()
     outcome = (
         f"{full_run_outcome(run)}; ingest {states.get('ingest', '?')}; month 7 rows: template {before.get(7)}, "
@@ -726,7 +726,7 @@ def _drop_runs(ctx: Context, probe: Probe) -> dict[str, Any]:
     (d / "raw" / DROP).unlink()
     second = ctx.nestcast("drop", "run", "--data-dir", str(d), *TINY)
     ctx.memo["drop"] = {"template": template, "first": first, "with_drop": with_drop, "second": second,
-                        "after": sales_months(d), "rows": len(month15)}  # fmt: skip
+                        "after": sales_months(d), "rows": len(month15)}
     return ctx.memo["drop"]
 
 
@@ -756,11 +756,11 @@ def p7d_drop_replaced(ctx: Context, probe: Probe):
     replaced = first.grep(r"replaced \d+ rows")
     outcome = (f"{full_run_outcome(first)}; log: " + " / ".join(f"`{clip(line.split(' - ', 1)[-1], 110)}`"
                                                                   for line in replaced)) if replaced else (
-        f"{full_run_outcome(first)}; no log line about replaced rows")  # fmt: skip
+        f"{full_run_outcome(first)}; no log line about replaced rows")
     expected = r["template"].get(15)
     ok, why = verdict([(first.rc == 0, f"exit {first.rc}"), (bool(replaced), "no log line"),
                        (any(f"replaced {expected} rows" in line for line in replaced),
-                        f"the count is not month 15's {expected} rows")])  # fmt: skip
+                        f"the count is not month 15's {expected} rows")])
     return outcome, ok, why, 0.0
 
 
@@ -788,7 +788,7 @@ def _one_line_error(run: Run, *needles: str, code: int = 2) -> tuple[str, bool, 
         (len([line for line in run.err_lines if not line.startswith("warning:")]) == 1, "not one line"),
         *[(needle in error, f"does not name {needle!r}") for needle in needles],
         (not run.left_running, "left processes running"),
-    ])  # fmt: skip
+    ])
     return outcome, ok, why
 
 
@@ -839,7 +839,7 @@ def _failed_run(run: Run, *needles: str) -> tuple[str, bool, str]:
         (not run.traceback, f"a {run.traceback_lines}-line traceback on the console before the error line"),
         *[(needle in error, f"error does not name {needle!r}") for needle in needles],
         (not run.left_running, "left processes running"),
-    ])  # fmt: skip
+    ])
     return run.short(), ok, why
 
 
@@ -855,7 +855,7 @@ def p6i_drop_all_quarantined(ctx: Context, probe: Probe):
     d = ctx.fresh(probe.id)
     rows = [f"{day:02d}.05.2014,16,{shop},99999,349.0,1.0" for day in range(1, 11) for shop in (0, 10)]
     (d / "raw" / DROP).write_text("\n".join(["date,date_block_num,shop_id,item_id,item_price,item_cnt_day", *rows])
-                                  + "\n")  # fmt: skip
+                                  + "\n")
     run = ctx.nestcast(probe.id, "run", "--data-dir", str(d), *TINY)
     outcome, ok, why = _failed_run(run, DROP, "item_id")
     return outcome, ok, why, run.seconds
@@ -902,7 +902,7 @@ def p7a_kill_server(ctx: Context, probe: Probe):
         left = [describe(server)]
         server.kill()
     gone = (f"was gone {run.gone_after:.1f} s after the CLI's death was seen" if run.gone_after
-            else "was already gone when the CLI's death was seen (polled every 0.2 s)")  # fmt: skip
+            else "was already gone when the CLI's death was seen (polled every 0.2 s)")
     outcome = (
         f"CLI killed with SIGKILL (exit {run.rc}); its server (on {sorted(set(found['ips']))}) "
         f"{'STILL RUNNING 20 s later: ' + '; '.join(left) if left else gone}"
@@ -978,10 +978,10 @@ class MotoServer:
             sock.bind(("127.0.0.1", 0))
             port = sock.getsockname()[1]
         self.process = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         self.env = {"AWS_ACCESS_KEY_ID": "probe", "AWS_SECRET_ACCESS_KEY": "probe", "AWS_DEFAULT_REGION": "us-east-1",
                     "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
-                    "NESTCAST_STORE_CACHE": str(ctx.root / f"p{probe}-cache")}  # fmt: skip
+                    "NESTCAST_STORE_CACHE": str(ctx.root / f"p{probe}-cache")}
         self.url = f"s3://probe-{probe}/lake"
         shutil.rmtree(self.env["NESTCAST_STORE_CACHE"], ignore_errors=True)
         os.environ.update(self.env)  # for this process's own s3fs
@@ -1023,7 +1023,7 @@ def p8a_s3_key_escapes(ctx: Context, probe: Probe):
     copy_raw = list(Path(server.env["NESTCAST_STORE_CACHE"]).rglob("raw/*"))
     outcome, ok, why = _one_line_error(run, "/raw/../../../../", "refused")
     outcome += f"; {target.name} {'WRITTEN' if target.exists() else 'not written'}; working copy raw/: " \
-               f"{len(copy_raw)} files"  # fmt: skip
+               f"{len(copy_raw)} files"
     ok, why = ok and not target.exists() and not copy_raw, why or "a file was written"
     return outcome, ok, why, run.seconds
 
@@ -1040,7 +1040,7 @@ def p8b_s3_manifest_escapes(ctx: Context, probe: Probe):
         server.fs.pipe_file(f"{base}/_nestcast/tx/hand/evil", b"evil")
         entry = {"sha256": hashes.sha256(b"evil").hexdigest(), "size": 4, "object": "tx/hand/evil"}
         server.fs.pipe_file(f"{base}/_nestcast/commits/0000000001.json",
-                            json.dumps({"version": 1, "files": {rel: entry}}).encode())  # fmt: skip
+                            json.dumps({"version": 1, "files": {rel: entry}}).encode())
         run = ctx.nestcast(probe.id, "run", "--data-dir", server.url, *TINY, env=server.env)
     finally:
         server.stop()
@@ -1055,7 +1055,7 @@ def p8c_parts_of_one_month(ctx: Context, probe: Probe):
     header, *rows = (d / "raw" / "sales_train.csv").read_text().strip("\n").split("\n")
     month = [row for row in rows if row.split(",")[1] == "15"]
     parts = {PART1: [r for r in month if int(r.split(",")[2]) % 2 == 0],
-             PART2: [r for r in month if int(r.split(",")[2]) % 2 == 1]}  # fmt: skip
+             PART2: [r for r in month if int(r.split(",")[2]) % 2 == 1]}
     for name, lines in parts.items():
         (d / "raw" / name).write_text("\n".join([header, *lines]) + "\n")
     run = ctx.nestcast(probe.id, "run", "--data-dir", str(d), *TINY)
@@ -1078,7 +1078,7 @@ def p8c_parts_of_one_month(ctx: Context, probe: Probe):
 def p8d_bad_submission_value(ctx: Context, probe: Probe):
     d = ctx.warm(probe.id)
     submission = Path(ctx.template_run.summary_line("submission:").removeprefix("submission:").strip()
-                      if ctx.template_run else "")  # fmt: skip
+                      if ctx.template_run else "")
     submission = d / "submissions" / submission.name
     lines = submission.read_text().split("\n")
     lines[2] = lines[2].split(",")[0] + ",abc"  # line 3
@@ -1094,10 +1094,10 @@ def p8d_bad_submission_value(ctx: Context, probe: Probe):
     warned = run.grep(r"accountability: cannot score the forecast of")
     outcome = (f"{full_run_outcome(run)}; record {submission.stem}: "
                f"{'none' if record is None else record['status'] + ' / ' + repr(record['note'])}; "
-               f"log `{clip(warned[0].split(' - ', 1)[-1], 150) if warned else 'no warning'}`")  # fmt: skip
+               f"log `{clip(warned[0].split(' - ', 1)[-1], 150) if warned else 'no warning'}`")
     ok, why = verdict([(run.rc == 0, f"exit {run.rc}"), (record is not None and record["status"] == "unresolved"
                        and "line 3" in record["note"] and "'abc'" in record["note"], "no unresolved record naming "
-                       "line and value"), (bool(warned), "no warning")])  # fmt: skip
+                       "line and value"), (bool(warned), "no warning")])
     return outcome, ok, why, run.seconds
 
 
@@ -1117,7 +1117,7 @@ def p8e_escape_bytes(ctx: Context, probe: Probe):
 def p8f_iso_dates(ctx: Context, probe: Probe):
     d = ctx.fresh(probe.id)
     edit_csv(d / "raw" / "sales_train.csv",
-             lambda n, f: ["-".join(reversed(f[0].split("."))), *f[1:]])  # dd.mm.yyyy -> yyyy-mm-dd  # fmt: skip
+             lambda n, f: ["-".join(reversed(f[0].split("."))), *f[1:]])  # dd.mm.yyyy -> yyyy-mm-dd
     run = ctx.nestcast(probe.id, "run", "--data-dir", str(d), *TINY)
     outcome, ok, why = _failed_run(run, "sales_train.csv", "dd.mm.yyyy", "Nothing was written")
     pointer = "lake/quarantine" in run.first_error() or "lake/validation" in run.first_error()
@@ -1130,7 +1130,7 @@ def p8g_model_rebuilt_logged(ctx: Context, probe: Probe):
     outcome, ok, why, seconds = _garbage_model(ctx, probe, remove_forecast=False)
     logs = ctx.logs.glob(f"{probe.id}-*.err")
     line = next((ln for path in logs for ln in path.read_text(errors="replace").splitlines()
-                 if "rebuilt from the checkpoints" in ln), "")  # fmt: skip
+                 if "rebuilt from the checkpoints" in ln), "")
     outcome += f"; log `{clip(ANSI.sub('', line).split(' - ', 1)[-1], 160) if line else 'no line'}`"
     return outcome, ok and bool(line), why or "no log line about the repair", seconds
 
@@ -1148,7 +1148,7 @@ def p8h_backtest_runs_deleted(ctx: Context, probe: Probe):
     outcome = (f"first exit {first.rc}, after `rm -rf runs` exit {second.rc}; backtest-origin "
                f"{states.get('backtest-origin', '?')}; origin run dirs missing: {gone or 'none'}")
     ok, why = verdict([(first.rc == 0 and second.rc == 0, f"exit {first.rc}/{second.rc}"), (bool(origins), "no "
-                       "backtest.json"), (not gone, "links gone run directories")])  # fmt: skip
+                       "backtest.json"), (not gone, "links gone run directories")])
     return outcome, ok, why, first.seconds + second.seconds
 
 
@@ -1380,10 +1380,10 @@ def main() -> None:
                 outcome, ok, why, seconds = probe.fn(ctx, probe)
             except Exception as error:  # noqa: BLE001 - a probe that cannot run is reported, the rest go on
                 outcome, ok, why, seconds = f"probe failed to run: {type(error).__name__}: {clip(str(error), 300)}", \
-                    False, "probe error", time.monotonic() - t0  # fmt: skip
+                    False, "probe error", time.monotonic() - t0
             results.append(Result(probe.id, probe.before, probe.command, outcome, ok, why, seconds))
             print(f"[{probe.id}] {time.monotonic() - t0:.0f} s: {'handled' if ok else 'NOT handled: ' + why}",
-                  file=sys.stderr, flush=True)  # fmt: skip
+                  file=sys.stderr, flush=True)
         ctx.park()
     finally:
         total = time.monotonic() - started

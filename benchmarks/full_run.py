@@ -77,7 +77,7 @@ def _training_rows(run_dir: Path) -> list[dict[str, Any]]:
             "s/epoch": timings.get("seconds_per_epoch", []),
             "NLSTM s": timings.get("seconds_total"),
             "on": f"{metadata.get('backend')} {metadata.get('device')} {metadata.get('precision')}",
-        })  # fmt: skip
+        })
     return rows
 
 

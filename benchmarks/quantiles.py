@@ -44,11 +44,11 @@ def exported_columns(run_dir: Path, store: Any, config: NestcastConfig) -> tuple
     scales, weights = choose(actual, raw_valid, launch_valid, months, config, clip)
     columns_valid = combine(raw_valid, scales, weights, launch_valid, clip)
     columns_held = combine({name: held[name].to_numpy(np.float64) for name in raw_valid}, scales, weights,
-                           launch_held, clip)  # fmt: skip
+                           launch_held, clip)
     columns_valid["baseline"] = np.clip(frame["prev"].to_numpy(np.float64), *clip)
     columns_held["baseline"] = np.clip(holdout["prev"].to_numpy(np.float64), *clip)
     means = {name: np.mean([rmse(values[months == m], actual[months == m]) for m in np.unique(months)])
-             for name, values in columns_valid.items()}  # fmt: skip
+             for name, values in columns_valid.items()}
     name = decide(means, fallback=config.export.fallback).exported
     return name, columns_valid[name], columns_held[name]
 
@@ -61,10 +61,10 @@ def origin_scores(run_dir: Path, store: Any, config: NestcastConfig) -> dict[str
     calibration = quantiles.calibrate(frame["actual"].to_numpy(np.float64), valid_point,
                                       frame["prev"].to_numpy(np.float64), codes, levels,
                                       months=np.unique(frame["date_block_num"]).tolist(), forecaster=name,
-                                      clip=clip)  # fmt: skip
+                                      clip=clip)
     holdout = store.holdout_frame()
     month = quantiles.Month(held_point, quantiles.frame_codes(holdout), holdout["prev"].to_numpy(np.float64),
-                            holdout["actual"].to_numpy(np.float64), holdout["shop_id"].to_numpy(np.int64))  # fmt: skip
+                            holdout["actual"].to_numpy(np.float64), holdout["shop_id"].to_numpy(np.int64))
     summary = quantiles.holdout_summary(calibration, month, clip)
     naive_new = quantiles.score(month.actual[month.codes == 0],
                                 quantiles.apply_naive(month.prev, calibration, clip)[month.codes == 0], levels)
@@ -74,13 +74,13 @@ def origin_scores(run_dir: Path, store: Any, config: NestcastConfig) -> dict[str
 
 def table(frame: pd.DataFrame, halves: list[list[int]]) -> str:
     columns = ["range_coverage", "naive_coverage", "range_width", "naive_width", "range_pinball", "naive_pinball",
-               "new_item_coverage", "naive_new_item_coverage", "new_item_rows"]  # fmt: skip
+               "new_item_coverage", "naive_new_item_coverage", "new_item_rows"]
     by_origin = frame.groupby("origin")[columns].mean()  # mean over seeds
     by_origin["pinball_gain"] = 1 - by_origin["range_pinball"] / by_origin["naive_pinball"]
     spans = [("all", list(by_origin.index))] + [(f"{h[0]}-{h[-1]}", [o for o in h if o in by_origin.index])
-                                                for h in halves]  # fmt: skip
+                                                for h in halves]
     rows = [(str(o), by_origin.loc[[o]]) for o in by_origin.index] + [(name, by_origin.loc[span])
-                                                                      for name, span in spans if span]  # fmt: skip
+                                                                      for name, span in spans if span]
     header = ["origin", *columns, "pinball_gain"]
     lines = ["| " + " | ".join(header) + " |", "|---" + "|---:" * (len(header) - 1) + "|"]
     for name, part in rows:
@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     frame = pd.DataFrame(rows)
     print(frame[["seed", "origin", "exported", "calibrated_on"]].to_string(index=False))
     print(f"\nlevels {args.levels}; mean over seeds {sorted(frame['seed'].unique())}, then over origins; "
-          f"{time.perf_counter() - started:.0f} s\n")  # fmt: skip
+          f"{time.perf_counter() - started:.0f} s\n")
     print(table(frame, halves))
     return 0
 

@@ -58,7 +58,7 @@ def _screenshot(url: str, path: Path, profile: Path) -> None:
     if chromium is None:
         raise SystemExit("chromium is not installed (Debian: apt-get install chromium)")
     flags = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
-             f"--user-data-dir={profile}", "--window-size=1400,1400", "--virtual-time-budget=20000"]  # fmt: skip
+             f"--user-data-dir={profile}", "--window-size=1400,1400", "--virtual-time-budget=20000"]
     subprocess.run([chromium, *flags, f"--screenshot={path}", url], capture_output=True, timeout=180, check=True)
 
 
@@ -74,10 +74,10 @@ def main() -> None:
     port = _free_port()
     api, ui = f"http://127.0.0.1:{port}/api", f"http://127.0.0.1:{port}"
     env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-           "PREFECT_UI_API_URL": api, "PREFECT_API_URL": api}  # fmt: skip
+           "PREFECT_UI_API_URL": api, "PREFECT_API_URL": api}
     server = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
                               env=env, stdout=open(home / "server.log", "w"), stderr=subprocess.STDOUT,
-                              start_new_session=True)  # fmt: skip
+                              start_new_session=True)
     try:
         _wait_healthy(api)
         started = time.monotonic()
@@ -85,7 +85,7 @@ def main() -> None:
             [str(BIN / "python"), "-m", "deployments.cli", "replay", "--data-dir", args.data_dir,
              "--from-month", str(args.from_month), "--to-month", str(args.to_month), *args.options],
             cwd=REPO, env=env, capture_output=True, text=True,
-        )  # fmt: skip
+        )
         minutes = (time.monotonic() - started) / 60
         if replay.returncode != 0:
             raise SystemExit(f"nestcast replay failed ({replay.returncode}):\n{replay.stderr[-3000:]}")
@@ -94,7 +94,7 @@ def main() -> None:
         SHOTS.mkdir(parents=True, exist_ok=True)
         history = _newest_artifact(api, "accountability-history")
         shots = {"accountability-history": f"{ui}/artifacts/artifact/{history['id']}",
-                 "replay-accountability-run": f"{ui}/runs/flow-run/{history['flow_run_id']}"}  # fmt: skip
+                 "replay-accountability-run": f"{ui}/runs/flow-run/{history['flow_run_id']}"}
         for name, url in shots.items():
             _screenshot(url, SHOTS / f"{name}.png", home / "chromium")
             print(f"{name}: {SHOTS / f'{name}.png'} ({url})")

@@ -304,7 +304,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 with device.scope():
                     row["matmul_floor_s_per_epoch"] = matmul_floor(batch)
                 print(f"{'  matmul-only floor':22s} {'':>13s} {'True':>7s} {batch:6d} {'':>7s}"
-                      f" {row['matmul_floor_s_per_epoch']:8.2f}", flush=True)  # fmt: skip
+                      f" {row['matmul_floor_s_per_epoch']:8.2f}", flush=True)
     print_ratios(rows)
     result = {
         "backend": backend,

@@ -101,7 +101,7 @@ def _clipped_month(paths: LakePaths, month: int, clip: tuple[float, float]) -> p
         return pd.DataFrame({"shop_id": [], "item_id": [], "value": []})
     frame = pd.read_parquet(path, columns=["shop_id", "item_id", "item_cnt_month"])
     return pd.DataFrame({"shop_id": frame["shop_id"], "item_id": frame["item_id"],
-                         "value": np.clip(frame["item_cnt_month"].to_numpy(np.float64), *clip)})  # fmt: skip
+                         "value": np.clip(frame["item_cnt_month"].to_numpy(np.float64), *clip)})
 
 
 def _on_pairs(pairs: pd.DataFrame, values: pd.DataFrame) -> np.ndarray:
@@ -141,13 +141,13 @@ def read_submission(paths: LakePaths, forecast: Forecast, clip: tuple[float, flo
     ids = pd.to_numeric(text["ID"], errors="coerce")
     values = pd.to_numeric(text["item_cnt_month"], errors="coerce")
     bad = (ids.isna() | (ids != np.floor(ids)) | ids.duplicated(keep="first") | ~np.isfinite(values)
-           | (values < clip[0]) | (values > clip[1])).to_numpy()  # fmt: skip
+           | (values < clip[0]) | (values > clip[1])).to_numpy()
     if bad.any():
         row = int(np.flatnonzero(bad)[0])
         why = _value_problem(text.iloc[row], ids, row, clip)
         return Submission(None, f"{name} line {_line_of(forecast.csv, row)}: {why}", len(text))
     return Submission(pd.DataFrame({"ID": ids.astype(np.int64), "item_cnt_month": values.astype(np.float64)}),
-                      "", len(text))  # fmt: skip
+                      "", len(text))
 
 
 def _value_problem(row: pd.Series, ids: pd.Series, index: int, clip: tuple[float, float]) -> str:
@@ -195,7 +195,7 @@ def resolve_pairs(paths: LakePaths, forecast: Forecast, ids: pd.Series) -> tuple
     missing = pd.Index(ids).difference(pd.Index(pairs["ID"]))
     if len(missing) or len(pairs) != len(ids):
         return None, (f"{source.name} does not hold the submission's {len(ids):,} IDs "
-                      f"({len(missing):,} missing, {len(pairs):,} rows)")  # fmt: skip
+                      f"({len(missing):,} missing, {len(pairs):,} rows)")
     return pairs, str(source)
 
 
@@ -203,7 +203,7 @@ def _inputs_sha256(paths: LakePaths, forecast: Forecast, pairs_source: str) -> s
     """What a record is scored from: the submission, its pairs, the month's and the previous month's actuals."""
     digest = hashlib.sha256(file_sha256(forecast.csv).encode())
     for path in (Path(pairs_source), paths.monthly_file(forecast.month), paths.monthly_file(forecast.month - 1),
-                 paths.submission_quantiles(forecast.label)):  # fmt: skip
+                 paths.submission_quantiles(forecast.label)):
         digest.update(file_sha256(path).encode() if path.is_file() else b"missing")
     return digest.hexdigest()
 
@@ -244,11 +244,11 @@ def score_forecast(
 
 
 NO_RANGES: dict[str, Any] = {"coverage_levels": "", **{name: math.nan for name in RECORD_SCHEMA.names
-                                                        if name.startswith(("interval_", "pinball"))}}  # fmt: skip
+                                                        if name.startswith(("interval_", "pinball"))}}
 
 
 def score_ranges(paths: LakePaths, forecast: Forecast, ids: np.ndarray, actual: np.ndarray, previous: np.ndarray,
-                 clip: tuple[float, float]) -> dict[str, Any]:  # fmt: skip
+                 clip: tuple[float, float]) -> dict[str, Any]:
     """The submission's quantiles and the naive range of its time (the previous month plus the offsets its
     sidecar recorded), scored on the month's actuals (:data:`NO_RANGES` without a quantiles file)."""
     from core import quantiles
@@ -266,11 +266,11 @@ def score_ranges(paths: LakePaths, forecast: Forecast, ids: np.ndarray, actual: 
     return {"coverage_levels": json.dumps(own["coverage"]), "interval_coverage": own["interval_coverage"],
             "interval_width": own["interval_width"], "pinball": own["pinball"],
             "interval_coverage_naive": naive["interval_coverage"], "interval_width_naive": naive["interval_width"],
-            "pinball_naive": naive["pinball"]}  # fmt: skip
+            "pinball_naive": naive["pinball"]}
 
 
 def _record(paths: LakePaths, forecast: Forecast, clip: tuple[float, float], known: Mapping[str, Any] | None
-            ) -> dict[str, Any]:  # fmt: skip
+            ) -> dict[str, Any]:
     """The month's record: the one already kept if its inputs are unchanged, else scored (or unresolved) now."""
     submission = read_submission(paths, forecast, clip)
     if submission.frame is None:
@@ -285,11 +285,11 @@ def _record(paths: LakePaths, forecast: Forecast, clip: tuple[float, float], kno
         "exported": str(forecast.sidecar.get("exported", "")), "run_dir": str(forecast.sidecar.get("run_dir", "")),
         "submission": str(forecast.csv), "scored_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "inputs_sha256": inputs,
-    }  # fmt: skip
+    }
     if pairs is None:
         return base | NO_RANGES | {"status": "unresolved", "rmse_exported": math.nan, "rmse_previous_period": math.nan,
                                    "rmse_model": math.nan, "n_pairs": submission.rows, "n_pairs_sold": 0,
-                                   "note": source}  # fmt: skip
+                                   "note": source}
     return base | {"status": "scored"} | score_forecast(paths, forecast, pairs, clip, submission.frame)
 
 
@@ -324,13 +324,13 @@ def update_accountability(config: NestcastConfig) -> AccountabilitySummary:
     # Records of months whose submission is gone stay: the history is not rewritten by a cleanup.
     kept = [row for month, row in known.items() if month not in {forecast.month for forecast in due}]
     fresh = [int(r["forecast_month"]) for r in records
-             if (known.get(int(r["forecast_month"])) or {}).get("inputs_sha256") != r["inputs_sha256"]]  # fmt: skip
+             if (known.get(int(r["forecast_month"])) or {}).get("inputs_sha256") != r["inputs_sha256"]]
     frame = pd.DataFrame(kept + records, columns=RECORD_SCHEMA.names).sort_values("forecast_month")
     frame = frame.reset_index(drop=True)
     changed = bool(fresh) or len(frame) != len(existing)
     if changed:
         write_parquet_atomic(paths.accountability_records,
-                             pa.Table.from_pandas(frame, schema=RECORD_SCHEMA, preserve_index=False))  # fmt: skip
+                             pa.Table.from_pandas(frame, schema=RECORD_SCHEMA, preserve_index=False))
     return AccountabilitySummary(
         records=str(paths.accountability_records),
         months=[int(m) for m in frame["forecast_month"]],
@@ -338,7 +338,7 @@ def update_accountability(config: NestcastConfig) -> AccountabilitySummary:
         unresolved=[int(m) for m in frame.loc[frame["status"] == "unresolved", "forecast_month"]],
         written=changed,
         unresolved_notes=[f"{row['month_label']}: {row['note']}"
-                          for row in frame[frame["status"] == "unresolved"].to_dict("records")],  # fmt: skip
+                          for row in frame[frame["status"] == "unresolved"].to_dict("records")],
     )
 
 
@@ -355,7 +355,7 @@ def history_rows(records: pd.DataFrame) -> list[dict[str, Any]]:
         "naive coverage": _column(records, "interval_coverage_naive").round(4),
         "naive pinball": _column(records, "pinball_naive").round(4), "pairs": records["n_pairs"],
         "note": records["note"],
-    })  # fmt: skip
+    })
     # None, not NaN, where nothing was scored: the UI's table and JSON show an empty cell.
     return table.astype(object).where(table.notna(), None).to_dict("records")
 
@@ -380,7 +380,7 @@ def plot_history(records: pd.DataFrame, first_month: str) -> bytes | None:
     ax = fig.add_subplot(2 if coverage else 1, 1, 1)
     for column, label, colour in (("rmse_exported", "exported", EXPORTED_COLOUR),
                                   ("rmse_previous_period", "previous period", forecasters.colour("baseline")),
-                                  ("rmse_model", "model", forecasters.colour("model"))):  # fmt: skip
+                                  ("rmse_model", "model", forecasters.colour("model"))):
         ax.plot(months, scored[column].to_numpy(np.float64), marker="o", label=label, color=colour)
     month_ticks(ax, months, first_month)
     ax.set_ylabel("RMSE (clipped to [0, 20])")
@@ -396,7 +396,7 @@ def plot_history(records: pd.DataFrame, first_month: str) -> bytes | None:
 def _coverage_by_level(scored: pd.DataFrame) -> dict[float, np.ndarray]:
     """Level -> each scored month's coverage of that level (NaN where the month had no quantiles file)."""
     parsed = [json.loads(text) if isinstance(text, str) and text else {}
-              for text in (scored["coverage_levels"] if "coverage_levels" in scored else [])]  # fmt: skip
+              for text in (scored["coverage_levels"] if "coverage_levels" in scored else [])]
     levels = sorted({float(level) for row in parsed for level in row})
     return {level: np.asarray([row.get(f"{level:g}", np.nan) for row in parsed], np.float64) for level in levels}
 
@@ -427,7 +427,7 @@ def history_markdown(records: pd.DataFrame, plot_name: str | None) -> str:
     else:
         header = _shown_columns(rows)
         align = ["---:" if any(isinstance(row[k], (int, float, np.number)) for row in rows) else "---"
-                 for k in header]  # fmt: skip
+                 for k in header]
         lines += ["| " + " | ".join(header) + " |", "|" + "|".join(align) + "|"]
         lines += ["| " + " | ".join(_history_cell(row[k]) for k in header) + " |" for row in rows]
     plot = ["", f"![accountability history]({plot_name})"] if plot_name else []

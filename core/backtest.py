@@ -110,7 +110,7 @@ class BacktestResult:
     def rows(self) -> list[dict[str, Any]]:
         """One row per origin and a ``mean`` row: RMSE per predictor, ratio, training cost."""
         rows = [_row(str(o.origin), o.rows, o.rmse, o.ratio, o.train_seconds, o.seconds_per_epoch, o.epochs_run)
-                | _range_cells(o.ranges) for o in self.origins]  # fmt: skip
+                | _range_cells(o.ranges) for o in self.origins]
         shown = self.predictors
         if self.origins:
             per_epoch = [o.seconds_per_epoch for o in self.origins if o.seconds_per_epoch is not None]
@@ -131,7 +131,7 @@ class BacktestResult:
     def mean_ranges(self) -> dict[str, float]:
         """Each range score's mean over the origins that have it (none: an empty dict)."""
         keys = [key for key in RANGE_COLUMNS if self.origins and all(o.ranges.get(key) is not None
-                                                                     for o in self.origins)]  # fmt: skip
+                                                                     for o in self.origins)]
         return {key: sum(o.ranges[key] for o in self.origins) / len(self.origins) for key in keys}
 
     def to_dict(self) -> dict[str, Any]:
@@ -150,7 +150,7 @@ class BacktestResult:
 RANGE_COLUMNS: dict[str, str] = {"range_coverage": "range coverage", "range_width": "range width",
                                  "range_pinball": "pinball", "naive_coverage": "naive coverage",
                                  "naive_width": "naive width", "naive_pinball": "naive pinball",
-                                 "new_item_coverage": "new-item coverage"}  # fmt: skip
+                                 "new_item_coverage": "new-item coverage"}
 
 
 def _range_cells(ranges: dict[str, Any]) -> dict[str, Any]:
@@ -245,7 +245,7 @@ def backtest_origin(
     clip = config.windows.clip
     others = {name: predictions[name].to_numpy() for name in OPTIONAL_PREDICTORS if name in predictions}
     scored = evaluate(store.holdout_frame(), predictions["model"].to_numpy(), clip, month=origin,
-                      first_month=config.ingest.first_month, others=others)  # fmt: skip
+                      first_month=config.ingest.first_month, others=others)
     reference_seconds = (selection.reference_seconds or 0.0) + (refitted.reference_seconds or 0.0)
     ranges = quantiles.origin_ranges(config, store, run_dir, exported_name(selection.validation_rmse,
                                                                            config.export.fallback))
@@ -292,7 +292,7 @@ def origin_outputs(config: NestcastConfig, origin: int, root: str | Path) -> lis
         return [meta_file]
     run_dir = origin_run_dir(root, origin, build_hash)
     return [meta_file, run_dir / "select" / SELECTION_FILE, *protocol.artifact_paths(run_dir / "select"),
-            run_dir / "refit" / "holdout.parquet", *protocol.artifact_paths(run_dir / "refit")]  # fmt: skip
+            run_dir / "refit" / "holdout.parquet", *protocol.artifact_paths(run_dir / "refit")]
 
 
 def backtest(
@@ -364,7 +364,7 @@ _HEADERS = {
 }
 _SHOWN_CONFIG = ("kind", "units", "depth", "lookback", "sample_policy", "epochs", "batch_size", "learning_rate",
                  "learning_rate_schedule", "loss", "sample_budget", "embeddings", "head_units",
-                 "seed")  # fmt: skip
+                 "seed")
 
 
 def _cell(value: Any, decimals: int | None = None) -> str:
@@ -423,7 +423,7 @@ def verdict_lines(result: BacktestResult) -> list[str]:
     shown = [p for p in forecasters.PREDICTED if p in result.predictors]
     reference = result.mean_rmse("reference") if "reference" in shown else None
     lines = [f"Mean RMSE over the origins {month_range(origins, first_month)} "
-             f"({', '.join(month_label(o, first_month) for o in origins)}):", ""]  # fmt: skip
+             f"({', '.join(month_label(o, first_month) for o in origins)}):", ""]
     for predictor in shown:
         value = result.mean_rmse(predictor)
         against = [versus(value, baseline, f"the previous month ({four(baseline)})")]

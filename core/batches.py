@@ -41,7 +41,7 @@ def as_dataset(data: Any, batch_size: int, *, shuffle: bool, seed: int) -> Any:
     if isinstance(data, tuple) and len(data) in (1, 2) and isinstance(data[0], dict):
         y = data[1] if len(data) == 2 else None
         return ArrayBatches(data[0], y, batch_size, shuffle=shuffle, seed=seed, pad_last=y is not None,
-                            endless=shuffle)  # fmt: skip
+                            endless=shuffle)
     return data
 
 

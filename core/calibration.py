@@ -39,7 +39,7 @@ def launch_scale(
     if months is not None:
         months = np.asarray(months)
         scales = [_month_scale(actual[rows], prediction[rows], launch[rows], clip)
-                  for rows in (months == m for m in np.unique(months)) if launch[rows].any()]  # fmt: skip
+                  for rows in (months == m for m in np.unique(months)) if launch[rows].any()]
         return round(float(np.exp(np.mean(np.log(scales)))), 2) if scales else 1.0
     return _month_scale(actual, prediction, launch, clip)
 

@@ -36,11 +36,11 @@ def read_index(paths: LakePaths) -> dict[str, Any]:
 
 
 def crown(paths: LakePaths, run_dir: str | Path, forecast_month: int, exported: str, rmse: float,
-          reason: str) -> dict[str, Any]:  # fmt: skip
+          reason: str) -> dict[str, Any]:
     """Make ``run_dir``'s ``exported`` forecaster the champion; returns the new record."""
     index = read_index(paths)
     champion = {"run_dir": paths.run_name(run_dir), "forecast_month": int(forecast_month), "exported": exported,
-                "holdout_rmse": float(rmse), "since": datetime.now(UTC).isoformat(timespec="seconds")}  # fmt: skip
+                "holdout_rmse": float(rmse), "since": datetime.now(UTC).isoformat(timespec="seconds")}
     index["champion"] = champion
     index["history"] = [*index.get("history", []), {**champion, "reason": reason}]
     write_json_atomic(index_path(paths), index)
@@ -57,7 +57,7 @@ def scoring_stage(champion_forecast_month: int, holdout_month: int) -> str | Non
 
 
 def _column(columns: dict[str, np.ndarray], exported: str, previous: np.ndarray,
-            clip: tuple[float, float]) -> np.ndarray:  # fmt: skip
+            clip: tuple[float, float]) -> np.ndarray:
     """The exported forecaster's column (the previous month's sales when it exported the baseline)."""
     if exported == "baseline":
         return np.clip(previous, *clip).astype(np.float32)
@@ -67,7 +67,7 @@ def _column(columns: dict[str, np.ndarray], exported: str, previous: np.ndarray,
 
 
 def reapply(config: Any, champion_dir: Path, champion: dict[str, Any], stage: str, windows_dir: str | Path,
-            final_windows_dir: str | Path) -> dict[str, np.ndarray]:  # fmt: skip
+            final_windows_dir: str | Path) -> dict[str, np.ndarray]:
     """The champion's exported forecaster, as a whole: its ``stage`` on this run's holdout windows and its final
     stage on this run's forecast windows, each with its own selection's weights and scales."""
     from core.protocol import Selection, apply_stage
@@ -99,7 +99,7 @@ class ChampionScore:
 
 
 def score_champion(config: Any, holdout_month: int, windows_dir: str | Path,
-                   final_windows_dir: str | Path) -> ChampionScore:  # fmt: skip
+                   final_windows_dir: str | Path) -> ChampionScore:
     """The current champion re-applied to this run's windows and scored on its holdout month."""
     from core.blend import rmse
     from core.window_store import WindowStore
@@ -115,12 +115,12 @@ def score_champion(config: Any, holdout_month: int, windows_dir: str | Path,
                              f"{forecast_month_label(holdout_month, config.ingest.first_month)}")
     try:
         columns = reapply(config, paths.run_path(champion["run_dir"]), champion, stage, windows_dir,
-                          final_windows_dir)  # fmt: skip
+                          final_windows_dir)
     # A champion whose files are gone, or whose models no longer fit this month's windows (another lookback,
     # other features, new shops), cannot compete: the challenger wins, and the reason says why.
     except Exception as error:  # noqa: BLE001
         first_line = str(error).splitlines()[0][:200] if str(error) else ""
         return ChampionScore(champion, None, None, f"the champion {champion['run_dir']} cannot be re-applied "
-                                                   f"({type(error).__name__}: {first_line})")  # fmt: skip
+                                                   f"({type(error).__name__}: {first_line})")
     actual = WindowStore.open(windows_dir).holdout_frame()["actual"].to_numpy()
     return ChampionScore(champion, columns, rmse(columns["holdout"], actual))

@@ -377,7 +377,7 @@ RUN_KNOBS: dict[str, str] = {
 }
 #: The knobs of a backtest (and of ``nestcast backtest``): the model, data and task-runner ones, no export.
 BACKTEST_KNOBS: tuple[str, ...] = tuple(name for name in RUN_KNOBS if name not in (
-    "fallback", "submission_path"))  # fmt: skip
+    "fallback", "submission_path"))
 
 
 def knob_field(name: str) -> Any:

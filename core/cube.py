@@ -184,7 +184,7 @@ def _grid_means(
         "category": per_cell(total(category, n_categories), (category_items * shops_per_month[:, None]).T),
         "shop": per_cell(total(shop, n_shops), items_per_month[None, :]),
         "shopcat": per_cell(total(shop * n_categories + category, n_shops * n_categories),
-                            np.tile(category_items.T, (n_shops, 1))),  # fmt: skip
+                            np.tile(category_items.T, (n_shops, 1))),
     }
 
 
@@ -547,7 +547,7 @@ def levels(
     means = _grid_means(
         np.clip(sales.count, *clip), sales.shop, sales.item, vocab.item_category, sales.month,
         grid.shops, grid.items, vocab.category_ids.size,
-    )  # fmt: skip
+    )
     return Levels(
         pair=_pair_level(sales, series, timeline, clip),
         item=_item_level(sales, grid, vocab, means, timeline),

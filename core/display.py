@@ -72,7 +72,7 @@ def verdict(summary: Mapping[str, Any], first_month: str = "2013-01") -> str:
     target = f" for {month_label(forecast, first_month)}" if forecast is not None else ""
     exported, value, baseline = summary["exported"], summary["exported_rmse"], summary["baseline_rmse"]
     text = (f"Exported {forecaster_label(exported)}{target}: holdout {holdout} RMSE {four(value)}, "
-            f"{versus(value, baseline, f'the previous month ({four(baseline)})')}.")  # fmt: skip
+            f"{versus(value, baseline, f'the previous month ({four(baseline)})')}.")
     beaten = summary.get("beaten_by") or {}
     if beaten:
         text += " Better on that month: " + ", ".join(
@@ -129,10 +129,10 @@ def summary_rows(summary: Mapping[str, Any], first_month: str = "2013-01") -> li
          f"{summary['rows_in']:,} / {summary['rows_accepted']:,} / {summary['rows_quarantined']:,}"),
         ("training samples", training_samples(summary).removesuffix(" training samples")),
         ("epochs (selected)", str(summary["epochs"])),
-    ]  # fmt: skip
+    ]
     rows += [(f"{name} RMSE", four(value)) for name, value in _scores(summary)]
     rows += [("exported", forecaster_label(summary["exported"])), ("exported RMSE", four(summary["exported_rmse"])),
              ("why", summary.get("reason") or "—"), ("data directory", f"`{summary['data_dir']}`"),
              ("run directory", f"`{summary['run_dir']}`"), ("submission", f"`{summary['submission']}`"),
-             ("report", f"`{summary['report']}`")]  # fmt: skip
+             ("report", f"`{summary['report']}`")]
     return rows

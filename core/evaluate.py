@@ -400,7 +400,7 @@ def evaluate(
         segments=segments,
     )
     evaluation._pairs = {"actual": actual.astype(np.float32)} | {name: values.astype(np.float32)
-                                                                for name, values in preds.items()}  # fmt: skip
+                                                                for name, values in preds.items()}
     return evaluation
 
 
@@ -425,7 +425,7 @@ def _forecast_frame(store: Any, predictions: pd.DataFrame, clip: tuple[float, fl
 
 
 def score_holdout(config: Any, windows_dir: str | Path, run_dir: str | Path,
-                  extra: Mapping[str, np.ndarray] | None = None) -> Evaluation:  # fmt: skip
+                  extra: Mapping[str, np.ndarray] | None = None) -> Evaluation:
     """Every forecaster of the run's holdout refit (``run_dir/holdout``) and the baselines, scored on the holdout
     month's grid (pair-level values kept for the plots); ``extra`` adds more (a re-applied champion)."""
     from core import protocol

@@ -143,7 +143,7 @@ def chosen_forecast(forecast: pd.DataFrame, exported: str, clip: tuple[float, fl
     """
     if exported not in forecast.columns or exported == "ID":
         raise ExportCheckError(f"the gate chose the {exported!r} forecast, which the run's forecast does not hold "
-                               f"(columns: {[c for c in forecast.columns if c != 'ID']})")  # fmt: skip
+                               f"(columns: {[c for c in forecast.columns if c != 'ID']})")
     chosen = forecast[exported].to_numpy(dtype=np.float64)
     bad = ~np.isfinite(chosen)
     if bad.any():
@@ -324,7 +324,7 @@ def _forecast_universe(paths: Any, store: Any, windows_dir: str | Path) -> pd.Da
 
 
 def export_run(config: Any, windows_dir: str | Path, run_dir: str | Path, decision: Any,
-               extra: Mapping[str, Any] | None = None) -> ExportResult:  # fmt: skip
+               extra: Mapping[str, Any] | None = None) -> ExportResult:
     """Check and write the submission of a scored run: the column of ``forecast.parquet`` the gate step chose
     (``decision``: a ``core.gate.ExportDecision``).
 
@@ -349,7 +349,7 @@ def export_run(config: Any, windows_dir: str | Path, run_dir: str | Path, decisi
     quantiles_path = paths.submission_quantiles(label)
     quantiles.check_quantile_frame(ranges, forecast["ID"].to_numpy(), calibration.levels, clip, quantiles_path.name)
     sidecar["quantiles"] = {"file": quantiles_path.name, "levels": list(calibration.levels),
-                            "calibration": calibration.to_dict()}  # fmt: skip
+                            "calibration": calibration.to_dict()}
     result = export_submission(
         pd.DataFrame({"ID": forecast["ID"].to_numpy(), "item_cnt_month": values}),
         test,
@@ -369,7 +369,7 @@ def export_run(config: Any, windows_dir: str | Path, run_dir: str | Path, decisi
 
 
 def _run_sidecar(config: Any, paths: Any, run_dir: Path, meta: Mapping[str, Any], decision: Any,
-                 extra: Mapping[str, Any] | None) -> dict[str, Any]:  # fmt: skip
+                 extra: Mapping[str, Any] | None) -> dict[str, Any]:
     """What the sidecar says of the run: its id and model, the holdout scores, the gate's choice and why, the data."""
     from core.files import read_json
     from core.lake import METADATA_FILE, METRICS_FILE
@@ -401,14 +401,14 @@ def _calibration(decision: Any, run_dir: Path) -> quantiles.Calibration:
     ranges = getattr(decision, "ranges", None) or read_json(run_dir / quantiles.RANGES_FILE)
     if not ranges:
         raise ExportCheckError(f"{run_dir / quantiles.RANGES_FILE} is missing: the gate step calibrates the ranges "
-                               "written beside the submission; rerun the flow")  # fmt: skip
+                               "written beside the submission; rerun the flow")
     return quantiles.Calibration.from_dict(ranges["calibration"])
 
 
 def quantile_rows(store: Any, ids: np.ndarray, values: np.ndarray, calibration: quantiles.Calibration,
-                  clip: tuple[float, float]) -> pd.DataFrame:  # fmt: skip
+                  clip: tuple[float, float]) -> pd.DataFrame:
     """The quantiles file's frame: each forecast row's exported value plus its segment's offsets, by ID."""
     frame = store.forecast_frame()
     ranges = quantiles.apply(values, quantiles.forecast_codes(store), calibration, clip)
     return quantiles.quantile_frame(ids, frame["shop_id"].to_numpy(), frame["item_id"].to_numpy(), ranges,
-                                    calibration.levels)  # fmt: skip
+                                    calibration.levels)

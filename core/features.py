@@ -127,14 +127,14 @@ class FeatureTables:
             "shop": _divide(group_sum(pair_shop, n_shops), grid_items.sum(axis=1).astype(np.float64)[None, :]),
             "category": _divide(group_sum(pair_cat, n_cats), (grid_shops[:, None] * cat_items).T),
             "shopcat": _divide(group_sum(pair_shop * n_cats + pair_cat, n_shops * n_cats),
-                               np.tile(cat_items.T, (n_shops, 1))),  # fmt: skip
+                               np.tile(cat_items.T, (n_shops, 1))),
         }
         item_first = np.where(grid_items.any(axis=0), grid_items.argmax(axis=0), NEVER)
         family = np.asarray(arrays.item_family, dtype=np.int64)
         n_families = int(family.max()) + 1 if family.size else 1
         family_items = np.stack([np.bincount(family, weights=g, minlength=n_families) for g in grid_items])
         launch = _launch_tables(counts, pair_item, pair_shop, item_first, item_cat, family, grid_shops_by_month,
-                                n_cats, n_families)  # fmt: skip
+                                n_cats, n_families)
         return cls(
             pair_clipped=clipped.astype(np.float32),
             pair_last=_last_true(clipped > 0),
@@ -383,13 +383,13 @@ _HISTORY_NAMES = (
         t.pair_cumulative, s.rows["pair"], t.pair_first[s.rows["pair"]], s.target), head=None),
     declare("item_mean_since_first", lambda t, s: _mean_since_first(
         t.item_cumulative, s.rows["item"], t.item_first[s.rows["item"]], s.target), head=None),
-)  # fmt: skip
+)
 
 #: The standard recipe of this competition (lags, target encodings, timing, price, ids): what the reported
 #: LightGBM reference reads.
 RECIPE: tuple[str, ...] = (
     *_PAIR_LAG_NAMES, *_MEAN_LAG_NAMES, *_TIMING_NAMES, MONTH_OF_YEAR, *_PRICE_NAMES, *CATEGORICAL,
-)  # fmt: skip
+)
 #: What is known about a launch on its first day beyond the recipe.
 LAUNCH: tuple[str, ...] = _LAUNCH_NAMES
 #: An item's and a pair's longer history (the trees only: the network reads its own sequence).

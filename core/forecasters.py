@@ -48,7 +48,7 @@ FORECASTERS: tuple[Forecaster, ...] = (
     Forecaster("baseline", "previous month (baseline)", "previous month", "#1f77b4", "baseline"),
     Forecaster("mean3", "mean of last 3 months", "mean of last 3", "#2ca02c", "baseline"),
     Forecaster("zeros", "zeros", "zeros", "#7f7f7f", "baseline"),
-)  # fmt: skip
+)
 BY_NAME: dict[str, Forecaster] = {f.name: f for f in FORECASTERS}
 #: Every name, in report order.
 NAMES: tuple[str, ...] = tuple(BY_NAME)

@@ -89,7 +89,7 @@ def decide(
         reason = f"nothing beats the previous period on {where} ({detail}); the previous-period forecast is exported (fallback=baseline)"  # noqa: E501
     ensemble = "ensemble" in scores
     return Decision(exported, reason, list(validation_months), scores, blend_weight if ensemble else None,
-                    launch_blend_weight if ensemble else None)  # fmt: skip
+                    launch_blend_weight if ensemble else None)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,11 +121,11 @@ def challenge(
         else "the holdout month"
     if champion_rmse is None or not math.isfinite(champion_rmse):
         return ChampionDecision(False, f"the challenger becomes the champion: {why_no_champion}",
-                                challenger_rmse, None, month)  # fmt: skip
+                                challenger_rmse, None, month)
     detail = f"challenger {challenger_rmse:.4f}, champion {champion_rmse:.4f} on {where}, tolerance {tolerance:g}"
     if challenger_rmse <= champion_rmse * (1.0 + tolerance):
         return ChampionDecision(False, f"the challenger is no worse than the champion ({detail})",
-                                challenger_rmse, champion_rmse, month)  # fmt: skip
+                                challenger_rmse, champion_rmse, month)
     return ChampionDecision(True, f"the challenger is worse than the champion ({detail}): the champion's forecaster, "
                             "re-applied to this month's windows, is exported", challenger_rmse, champion_rmse, month)
 
@@ -156,11 +156,11 @@ class ExportDecision:
 
 def _champion_text(champion: ChampionDecision, before: str | None, exported: str) -> str:
     return "\n".join([f"- exported: **{exported}**", f"- {champion.reason}",
-                      f"- champion before this run: `{before or 'none'}`"])  # fmt: skip
+                      f"- champion before this run: `{before or 'none'}`"])
 
 
 def gate_run(config: Any, windows_dir: str | Path, final_windows_dir: str | Path, run_dir: str | Path,
-             selection: Any, scores: Any) -> ExportDecision:  # fmt: skip
+             selection: Any, scores: Any) -> ExportDecision:
     """The one decision of what is exported: the validation months' best candidate (:func:`decide`), then the
     champion gate (:func:`challenge`, the champion re-applied as the whole forecaster it exported). Writes the
     ``champion`` column into ``forecast.parquet`` when the champion stays, crowns a winning challenger in
@@ -181,7 +181,7 @@ def gate_run(config: Any, windows_dir: str | Path, final_windows_dir: str | Path
     verdict, before = None, None
     if config.export.champion_gate:
         verdict, before, score = _champion_verdict(config, paths, run_dir, windows_dir, final_windows_dir, scores,
-                                                   exported_rmse)  # fmt: skip
+                                                   exported_rmse)
         if score is None:  # this run is the champion: nothing to re-apply, nobody to crown
             pass
         elif verdict.keep_champion and score.columns is not None:
@@ -192,10 +192,10 @@ def gate_run(config: Any, windows_dir: str | Path, final_windows_dir: str | Path
             exported, reason, exported_rmse = "champion", verdict.reason, float(score.rmse or 0.0)
         else:
             champions.crown(paths, run_dir, scores.forecast_month, decision.exported, exported_rmse,
-                            verdict.reason)  # fmt: skip
+                            verdict.reason)
     holdout_scores = {p: evaluation.overall[p].rmse for p in evaluation.predictors}
     written = _write_run_report(config, paths, run_dir, evaluation, exported, reason, scores, forecast, selection,
-                                None if verdict is None else _champion_text(verdict, before, exported))  # fmt: skip
+                                None if verdict is None else _champion_text(verdict, before, exported))
     # The exported forecaster's ranges, calibrated on the validation months and scored on the holdout month.
     ranges = quantiles.range_run(config, windows_dir, final_windows_dir, run_dir, exported, decision.exported)
     return ExportDecision(
@@ -203,22 +203,22 @@ def gate_run(config: Any, windows_dir: str | Path, final_windows_dir: str | Path
         forecast_month=scores.forecast_month, decision=decision, champion=verdict, champion_run=before,
         beaten_by=dict(report.better_than(holdout_scores, exported)), report=str(written.pop("report")),
         plots={name: str(path) for name, path in written.items()} | {"ranges": ranges["plot"]}, ranges=ranges,
-    )  # fmt: skip
+    )
 
 
 def _validation_decision(config: Any, selection: Any) -> Decision:
     """:func:`decide` on the validation months' RMSE of the candidates and the baseline."""
     candidates = {name: selection.validation_rmse[name] for name in (*CANDIDATES, "baseline")
-                  if name in selection.validation_rmse}  # fmt: skip
+                  if name in selection.validation_rmse}
     blend = selection.blend
     return decide(candidates, fallback=config.export.fallback, validation_months=selection.validation_months,
                   blend_weight=None if blend is None else blend.known,
                   launch_blend_weight=None if blend is None else blend.launch,
-                  first_month=config.ingest.first_month)  # fmt: skip
+                  first_month=config.ingest.first_month)
 
 
 def _champion_verdict(config: Any, paths: Any, run_dir: Path, windows_dir: str | Path, final_windows_dir: str | Path,
-                      scores: Any, exported_rmse: float) -> tuple[ChampionDecision, str | None, Any]:  # fmt: skip
+                      scores: Any, exported_rmse: float) -> tuple[ChampionDecision, str | None, Any]:
     """The champion gate's verdict, the champion's run (None: no champion yet) and the champion re-applied and
     scored (None when this run is itself the champion)."""
     from core import champion as champions
@@ -227,16 +227,16 @@ def _champion_verdict(config: Any, paths: Any, run_dir: Path, windows_dir: str |
     before = record["run_dir"] if record else None
     if record is not None and paths.run_path(record["run_dir"]).resolve() == run_dir.resolve():
         return ChampionDecision(False, "this run is the champion", exported_rmse, record.get("holdout_rmse"),
-                                scores.holdout_month), before, None  # fmt: skip
+                                scores.holdout_month), before, None
     score = champions.score_champion(config, scores.holdout_month, windows_dir, final_windows_dir)
     verdict = challenge(exported_rmse, score.rmse, month=scores.holdout_month,
                         tolerance=config.export.champion_tolerance, why_no_champion=score.why_not,
-                        first_month=config.ingest.first_month)  # fmt: skip
+                        first_month=config.ingest.first_month)
     return verdict, before, score
 
 
 def _write_run_report(config: Any, paths: Any, run_dir: Path, evaluation: Any, exported: str, reason: str,
-                      scores: Any, forecast: Any, selection: Any, champion: str | None) -> dict[str, Path]:  # fmt: skip
+                      scores: Any, forecast: Any, selection: Any, champion: str | None) -> dict[str, Path]:
     """The run's report (``core.report.write_report``): what was exported and why, beside the holdout's history."""
     from core import report
     from core.aggregate import read_monthly
@@ -250,11 +250,11 @@ def _write_run_report(config: Any, paths: Any, run_dir: Path, evaluation: Any, e
         selection=selection.to_dict(),
         champion=champion,
         extra=_run_settings(config, selection),
-    )  # fmt: skip
+    )
 
 
 def _run_settings(config: Any, selection: Any) -> dict[str, Any]:
     return {"model": config.model.kind, "units": config.model.units, "depth": config.model.depth,
             "lookback": config.windows.lookback, "validation months": ", ".join(map(str, selection.validation_months)),
             "epochs (selected on the validation months)": selection.epochs,
-            "boosting rounds": ", ".join(f"{k} {v}" for k, v in selection.rounds.items()) or None}  # fmt: skip
+            "boosting rounds": ", ".join(f"{k} {v}" for k, v in selection.rounds.items()) or None}

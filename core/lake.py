@@ -113,7 +113,7 @@ class LakePaths:
     def directories(self) -> dict[str, Path]:
         """Every directory the steps write below the root (lake/, runs/, submissions/ and the lake's folders)."""
         return {name: path for name, path in vars(self).items()
-                if isinstance(path, Path) and not path.suffix and name not in ("root", "raw")}  # fmt: skip
+                if isinstance(path, Path) and not path.suffix and name not in ("root", "raw")}
 
     # --- partitioned datasets: lake/sales and lake/monthly ---------------------------------------
     def sales_partition(self, month: int) -> Path:

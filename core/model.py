@@ -109,7 +109,7 @@ def _static_features(inputs: dict[str, Any], n_static: int, seed: int, dtype: st
     month = keras.layers.Embedding(
         12, 3, name="month_embedding", dtype=dtype,
         embeddings_initializer=seeded_initializer("uniform", seed, "month"),
-    )  # fmt: skip
+    )
     return [inputs["static"], month(inputs["month"])]
 
 

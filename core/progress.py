@@ -44,7 +44,7 @@ class TrainingProgress(keras.callbacks.Callback):
     terminal is a TTY)."""
 
     def __init__(self, label: str, log: Log | None = None, *, bar: bool | None = None,
-                 stream: IO[str] | None = None) -> None:  # fmt: skip
+                 stream: IO[str] | None = None) -> None:
         super().__init__()
         self.label = label
         self.log = log
@@ -73,7 +73,7 @@ class TrainingProgress(keras.callbacks.Callback):
 
             epochs = self.params.get("epochs")
             self._bar = tqdm(total=self.params.get("steps"), desc=f"{self.label} epoch {epoch + 1}/{epochs}",
-                             unit="batch", leave=False, file=self.stream, dynamic_ncols=True)  # fmt: skip
+                             unit="batch", leave=False, file=self.stream, dynamic_ncols=True)
 
     def on_train_batch_begin(self, batch: int, logs: dict[str, Any] | None = None) -> None:
         if self._first_batch:

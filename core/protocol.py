@@ -117,7 +117,7 @@ def choose(
 ) -> tuple[dict[str, float], BlendWeights | None]:
     """The launch scales and blend weights the validation months choose, each month counting alike."""
     scales = {name: launch_scale(actual, raw[name], launch, clip, months) for name in forecasters.TRAINED
-              if name in raw and launch is not None and config.train.launch_calibration}  # fmt: skip
+              if name in raw and launch is not None and config.train.launch_calibration}
     calibrated = calibrate(raw, scales, launch, clip)
     partner = forecasters.BLEND_PARTNER.name
     if partner not in calibrated:
@@ -150,10 +150,10 @@ def combine(
 
 
 def scores_by_month(columns: Mapping[str, np.ndarray], actual: np.ndarray,
-                    months: np.ndarray) -> dict[str, dict[str, float]]:  # fmt: skip
+                    months: np.ndarray) -> dict[str, dict[str, float]]:
     """RMSE of each column in each month."""
     return {name: {str(int(m)): rmse(values[months == m], actual[months == m]) for m in np.unique(months)}
-            for name, values in columns.items()}  # fmt: skip
+            for name, values in columns.items()}
 
 
 # --- model files ---------------------------------------------------------------------------------
@@ -164,7 +164,7 @@ def record_artifacts(stage_dir: str | Path) -> dict[str, str]:
     stage_dir = Path(stage_dir)
     metadata = read_json(stage_dir / METADATA_FILE) or {}
     metadata[ARTIFACTS_KEY] = {name: file_sha256(stage_dir / name) for name in forecasters.ARTIFACTS
-                               if (stage_dir / name).exists()}  # fmt: skip
+                               if (stage_dir / name).exists()}
     write_json_atomic(stage_dir / METADATA_FILE, metadata)
     return metadata[ARTIFACTS_KEY]
 
@@ -218,7 +218,7 @@ def _network_predictions(stage_dir: Path, store: WindowStore, batch: int, sets: 
     model = load_verified_model(stage_dir / forecasters.NETWORK.artifact)  # type: ignore[operator]
     low, high = _clip(store)
     datasets = {"validation": store.validation_dataset, "holdout": store.holdout_dataset,
-                "forecast": store.forecast_dataset}  # fmt: skip
+                "forecast": store.forecast_dataset}
     return {name: predict(model, datasets[name](batch), clip_min=low, clip_max=high) for name in sets}
 
 
@@ -266,7 +266,7 @@ def apply_stage(
                 raw[name][booster.name] = values
     return {name: combine(columns, selection.launch_scales, selection.blend,
                           _selected_launch_mask(selection, store, _index(store, name)), _clip(store))
-            for name, columns in raw.items()}  # fmt: skip
+            for name, columns in raw.items()}
 
 
 # --- the stages ----------------------------------------------------------------------------------
@@ -279,7 +279,7 @@ def _fit_booster(config: NestcastConfig, store: WindowStore, booster: forecaster
         store, store.feature_tables(), config.reference, seed=config.train.seed, budget=config.train.sample_budget,
         features=booster.features,
         **kwargs,
-    )  # fmt: skip
+    )
 
 
 def _boosters(config: NestcastConfig) -> tuple[forecasters.Forecaster, ...]:
@@ -321,7 +321,7 @@ def select(
     scales, weights = choose(actual, raw, launch, months, config, _clip(store))
     columns = combine(raw, scales, weights, launch, _clip(store))
     by_month = scores_by_month({**columns, "baseline": np.clip(frame["prev"].to_numpy(np.float64), *_clip(store))},
-                               actual, months)  # fmt: skip
+                               actual, months)
     selection = Selection(
         validation_months=list(store.validation_months),
         epochs=max(trained.best_epoch, 1),
@@ -393,7 +393,7 @@ def refit(
     trained = train_forecaster(
         config, windows_dir, stage_dir, on_epoch, stage="refit", epochs=refit_epochs(config, selection),
         callbacks=callbacks, start_from=_refit_start(config, stage_dir, select_dir),
-    )  # fmt: skip
+    )
     booster_seconds = None
     for booster in _boosters(config):
         if booster.name in selection.rounds:
@@ -444,7 +444,7 @@ def _build_hash(windows: Any) -> str:
 #: Modules whose effect on training is already in a run's identity (the windows builds' content hashes, the config
 #: sections) or that only move files: a change there does not retrain.
 OUTSIDE_CODE_IDENTITY: tuple[str, ...] = ("core.windows", "core.aggregate", "core.ingest", "core.store", "core.files",
-                                          "core.lake", "core.config", "core.errors")  # fmt: skip
+                                          "core.lake", "core.config", "core.errors")
 
 
 def code_identity(*modules: str) -> str:

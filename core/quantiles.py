@@ -140,7 +140,7 @@ def calibration_source(rows: Mapping[str, int], leaf: str, min_rows: int) -> str
 
 def calibrate(actual: np.ndarray, point: np.ndarray, prev: np.ndarray, codes: np.ndarray, levels: Sequence[float],
               *, months: Sequence[int] = (), forecaster: str = "", min_rows: int = MIN_SEGMENT_ROWS,
-              clip: tuple[float, float] = (0.0, 20.0)) -> Calibration:  # fmt: skip
+              clip: tuple[float, float] = (0.0, 20.0)) -> Calibration:
     """Offsets from validation rows: ``actual`` (clipped truth), ``point`` (the exported forecast), ``prev``
     (last month's clipped sales) and ``codes`` (:func:`leaf_codes`)."""
     levels = check_levels(levels)
@@ -148,10 +148,10 @@ def calibrate(actual: np.ndarray, point: np.ndarray, prev: np.ndarray, codes: np
     rows = {s.key: int(members(codes, s.key).sum()) for s in SEGMENTS}
     source = {leaf: calibration_source(rows, leaf, min_rows) for leaf in LEAVES}
     by_segment = {key: conformal_quantiles(residual[members(codes, key)], levels).tolist()
-                  for key in set(source.values())}  # fmt: skip
+                  for key in set(source.values())}
     naive = conformal_quantiles(np.asarray(actual, np.float64) - np.clip(prev, *clip), levels)
     return Calibration(levels, {leaf: by_segment[source[leaf]] for leaf in LEAVES}, source, rows, naive.tolist(),
-                       [int(m) for m in months], forecaster, min_rows)  # fmt: skip
+                       [int(m) for m in months], forecaster, min_rows)
 
 
 def _clip_sorted(values: np.ndarray, clip: tuple[float, float]) -> np.ndarray:
@@ -187,7 +187,7 @@ def score(actual: np.ndarray, quantiles: np.ndarray, levels: Sequence[float]) ->
 
 
 def segment_scores(actual: np.ndarray, quantiles: np.ndarray, naive: np.ndarray, codes: np.ndarray,
-                   levels: Sequence[float]) -> list[dict[str, Any]]:  # fmt: skip
+                   levels: Sequence[float]) -> list[dict[str, Any]]:
     """:func:`score` of the calibrated and the naive range on each segment with rows."""
     out = []
     for segment in SEGMENTS:
@@ -195,7 +195,7 @@ def segment_scores(actual: np.ndarray, quantiles: np.ndarray, naive: np.ndarray,
         if rows.any():
             out.append({"segment": segment.key, "label": segment.label,
                         "range": score(actual[rows], quantiles[rows], levels),
-                        "naive": score(actual[rows], naive[rows], levels)})  # fmt: skip
+                        "naive": score(actual[rows], naive[rows], levels)})
     return out
 
 
@@ -207,7 +207,7 @@ def residual_pools(residual: np.ndarray, codes: np.ndarray, calibration: Calibra
 
 def resampled_totals(point: np.ndarray, codes: np.ndarray, pools: Sequence[np.ndarray], groups: np.ndarray,
                      n_groups: int, clip: tuple[float, float], draws: int = FAN_DRAWS, seed: int = 0,
-                     chunk: int = 25) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+                     chunk: int = 25) -> tuple[np.ndarray, np.ndarray]:
     """``[group, draw]`` totals of ``clip(point + r)``, each row's ``r`` drawn from its leaf's pool, and ``[draw]``
     totals of every row (the same draws). Groups are ``0..n_groups-1``; a row of group -1 counts in the total only.
     Vectorised over rows; the draws go in chunks to bound memory."""
@@ -243,17 +243,17 @@ def level_column(level: float) -> str:
 
 
 def quantile_frame(ids: np.ndarray, shop_id: np.ndarray, item_id: np.ndarray, quantiles: np.ndarray,
-                   levels: Sequence[float]) -> pd.DataFrame:  # fmt: skip
+                   levels: Sequence[float]) -> pd.DataFrame:
     """``ID, shop_id, item_id, q<level>...``, sorted by ID."""
     frame = pd.DataFrame({"ID": np.asarray(ids, np.int64), "shop_id": np.asarray(shop_id, np.int64),
-                          "item_id": np.asarray(item_id, np.int64)})  # fmt: skip
+                          "item_id": np.asarray(item_id, np.int64)})
     for j, level in enumerate(levels):
         frame[level_column(level)] = np.asarray(quantiles[:, j], np.float32)
     return frame.sort_values("ID", kind="stable").reset_index(drop=True)
 
 
 def check_quantile_frame(frame: pd.DataFrame, ids: np.ndarray, levels: Sequence[float],
-                         clip: tuple[float, float], name: str) -> None:  # fmt: skip
+                         clip: tuple[float, float], name: str) -> None:
     """Raise :class:`ExportCheckError` naming ``name``, the first bad row and the rule: one row per exported ID,
     every value finite and within ``clip``, monotone in the level."""
     columns = [level_column(level) for level in levels]
@@ -263,10 +263,10 @@ def check_quantile_frame(frame: pd.DataFrame, ids: np.ndarray, levels: Sequence[
     got, wanted = frame["ID"].to_numpy(np.int64), np.sort(np.asarray(ids, np.int64))
     if got.size != wanted.size or not np.array_equal(got, wanted):
         raise ExportCheckError(f"{name}: {got.size:,} rows for {wanted.size:,} exported IDs; the file needs one row "
-                               "per exported ID, in ID order")  # fmt: skip
+                               "per exported ID, in ID order")
     values = frame[columns].to_numpy(np.float64)
     rules = (("is not a finite number", ~np.isfinite(values)),
-             (f"is outside [{clip[0]:g}, {clip[1]:g}]", (values < clip[0]) | (values > clip[1])))  # fmt: skip
+             (f"is outside [{clip[0]:g}, {clip[1]:g}]", (values < clip[0]) | (values > clip[1])))
     for rule, bad in rules:
         if bad.any():
             row, col = np.argwhere(bad)[0]
@@ -279,7 +279,7 @@ def check_quantile_frame(frame: pd.DataFrame, ids: np.ndarray, levels: Sequence[
 
 
 def write_quantiles(path: str | Path, frame: pd.DataFrame, ids: np.ndarray, levels: Sequence[float],
-                    clip: tuple[float, float]) -> Path:  # fmt: skip
+                    clip: tuple[float, float]) -> Path:
     """Check ``frame`` and write it atomically to ``path`` (nothing is written when a check fails)."""
     import pyarrow as pa
 
@@ -302,7 +302,7 @@ SECTION_KEY = "ranges"
 def frame_codes(frame: pd.DataFrame) -> np.ndarray:
     """:func:`leaf_codes` of a holdout or validation frame (``new_item``, ``new_pair``, ``prev``)."""
     return leaf_codes(frame["new_item"].to_numpy(bool), frame["new_pair"].to_numpy(bool),
-                      frame["prev"].to_numpy(np.float64))  # fmt: skip
+                      frame["prev"].to_numpy(np.float64))
 
 
 def forecast_codes(store: Any) -> np.ndarray:
@@ -344,11 +344,11 @@ class Month:
 def _month(frame: pd.DataFrame, point: np.ndarray, codes: np.ndarray | None = None) -> Month:
     actual = frame["actual"].to_numpy(np.float64) if "actual" in frame else None
     return Month(point, frame_codes(frame) if codes is None else codes, frame["prev"].to_numpy(np.float64), actual,
-                 frame["shop_id"].to_numpy(np.int64))  # fmt: skip
+                 frame["shop_id"].to_numpy(np.int64))
 
 
 def calibrate_stage(select_dir: str | Path, store: Any, name: str, levels: Sequence[float],
-                    clip: tuple[float, float]) -> tuple[Calibration, list[np.ndarray]]:  # fmt: skip
+                    clip: tuple[float, float]) -> tuple[Calibration, list[np.ndarray]]:
     """The calibration from a selection stage's validation predictions, and the residuals behind it."""
     from core.protocol import read_predictions
 
@@ -356,7 +356,7 @@ def calibrate_stage(select_dir: str | Path, store: Any, name: str, levels: Seque
     valid = _month(frame, column_of(read_predictions(select_dir, "validation"), frame, name, clip))
     months = sorted(int(m) for m in np.unique(frame["date_block_num"].to_numpy()))
     calibration = calibrate(valid.actual, valid.point, valid.prev, valid.codes, levels, months=months,
-                            forecaster=name, clip=clip)  # fmt: skip
+                            forecaster=name, clip=clip)
     residual = valid.actual - valid.point
     return calibration, residual_pools(residual, valid.codes, calibration)
 
@@ -368,11 +368,11 @@ def holdout_scores(calibration: Calibration, month: Month, clip: tuple[float, fl
     naive = apply_naive(month.prev, calibration, clip)
     levels = calibration.levels
     return {"range": score(month.actual, ranges, levels), "naive": score(month.actual, naive, levels),
-            "segments": segment_scores(month.actual, ranges, naive, month.codes, levels)}  # fmt: skip
+            "segments": segment_scores(month.actual, ranges, naive, month.codes, levels)}
 
 
 def fan_totals(calibration: Calibration, pools: Sequence[np.ndarray], month: Month, shops: Sequence[int],
-               clip: tuple[float, float], seed: int = 0) -> list[dict[str, Any]]:  # fmt: skip
+               clip: tuple[float, float], seed: int = 0) -> list[dict[str, Any]]:
     """The chain's and each of ``shops``' total: the sum of the P50s, the 10-90 % range of the resampled total
     and (when known) the actual total."""
     groups = np.full(month.point.size, -1, np.int64)
@@ -386,7 +386,7 @@ def fan_totals(calibration: Calibration, pools: Sequence[np.ndarray], month: Mon
         rows = np.ones(month.point.size, bool) if index == 0 else groups == index - 1
         out.append({"group": name, "p50_sum": float(middle[rows].sum()), "low": float(np.quantile(totals, 0.1)),
                     "high": float(np.quantile(totals, 0.9)),
-                    "actual": None if month.actual is None else float(month.actual[rows].sum())})  # fmt: skip
+                    "actual": None if month.actual is None else float(month.actual[rows].sum())})
     return out
 
 
@@ -399,7 +399,7 @@ def biggest_shops(month: Month, count: int = FAN_SHOPS) -> list[int]:
 
 
 def range_run(config: Any, windows_dir: str | Path, final_windows_dir: str | Path, run_dir: str | Path,
-              exported: str, chosen: str) -> dict[str, Any]:  # fmt: skip
+              exported: str, chosen: str) -> dict[str, Any]:
     """Calibrate the exported forecaster on the validation months, score its range on the holdout month, total
     the holdout's and the forecast month's ranges (the fan chart) and put it all in ``ranges.json``, ``fan.png``
     and a section of ``report.md``. ``chosen`` is the validation months' pick (calibrates a champion export)."""
@@ -417,7 +417,7 @@ def range_run(config: Any, windows_dir: str | Path, final_windows_dir: str | Pat
     forecast = pd.read_parquet(run_dir / FORECAST_FILE)
     later = final.forecast_frame()
     ahead = Month(np.clip(forecast[exported].to_numpy(np.float64), *clip), forecast_codes(final),
-                  later["prev"].to_numpy(np.float64), None, later["shop_id"].to_numpy(np.int64))  # fmt: skip
+                  later["prev"].to_numpy(np.float64), None, later["shop_id"].to_numpy(np.int64))
     shops = biggest_shops(holdout)
     holdout_month, forecast_month = int(store.meta["holdout_month"]), int(final.meta["forecast_month"])
     result = {
@@ -425,13 +425,13 @@ def range_run(config: Any, windows_dir: str | Path, final_windows_dir: str | Pat
         "forecast_month": forecast_month, "holdout": holdout_scores(calibration, holdout, clip),
         "fan": {"holdout": fan_totals(calibration, pools, holdout, shops, clip),
                 "forecast": fan_totals(calibration, pools, ahead, shops, clip)},
-    }  # fmt: skip
+    }
     history = shop_history(LakePaths.of(config), shops, holdout_month, clip)
     return result | write_ranges(config, run_dir, result, history)
 
 
 def shop_history(paths: Any, shops: Sequence[int], before: int, clip: tuple[float, float],
-                 months: int = 12) -> pd.DataFrame:  # fmt: skip
+                 months: int = 12) -> pd.DataFrame:
     """``date_block_num, group, actual``: the last ``months`` months' clipped totals of the chain and each shop."""
     from core.aggregate import read_monthly
 
@@ -443,7 +443,7 @@ def shop_history(paths: Any, shops: Sequence[int], before: int, clip: tuple[floa
     shop_id = monthly["shop_id"].to_numpy(np.int64)
     keep = np.isin(shop_id, list(shops))
     by_shop = pd.DataFrame({"date_block_num": month[keep], "group": [f"shop {s}" for s in shop_id[keep]],
-                            "actual": value[keep]})  # fmt: skip
+                            "actual": value[keep]})
     both = pd.concat([chain, by_shop], ignore_index=True)
     return both.groupby(["date_block_num", "group"], as_index=False)["actual"].sum()
 
@@ -469,7 +469,7 @@ def _pct(value: float) -> str:
 def score_row(name: str, scores: Mapping[str, Any]) -> list[str]:
     coverage = " / ".join(_pct(v) for v in scores["coverage"].values())
     return [name, f"{scores['rows']:,}", coverage, _pct(scores["interval_coverage"]),
-            f"{scores['interval_width']:.3f}", f"{scores['pinball']:.4f}"]  # fmt: skip
+            f"{scores['interval_width']:.3f}", f"{scores['pinball']:.4f}"]
 
 
 def segment_table_rows(result: Mapping[str, Any]) -> list[dict[str, Any]]:
@@ -498,10 +498,10 @@ def ranges_markdown(result: Mapping[str, Any], first_month: str, plot_name: str 
     calibrated_on = ", ".join(forecast_month_label(m, first_month) for m in calibration.months)
     header = ["range", "rows", f"coverage of {levels}", f"{interval} coverage", f"{interval} width", "pinball"]
     rows = [score_row(f"{row['label']}{suffix}", row[key]) for row in result["holdout"]["segments"]
-            for key, suffix in (("range", ""), ("naive", ", naive"))]  # fmt: skip
+            for key, suffix in (("range", ""), ("naive", ", naive"))]
     fan = [[f["group"], f"{f['actual']:,.0f}" if f["actual"] is not None else "", f"{f['p50_sum']:,.0f}",
             f"{f['low']:,.0f} – {f['high']:,.0f}", f"{g['p50_sum']:,.0f}", f"{g['low']:,.0f} – {g['high']:,.0f}"]
-           for f, g in zip(result["fan"]["holdout"], result["fan"]["forecast"], strict=True)]  # fmt: skip
+           for f, g in zip(result["fan"]["holdout"], result["fan"]["forecast"], strict=True)]
     lines = [
         "## Forecast ranges", "",
         f"Quantiles {levels} of the **{result['exported']}** forecast: split-conformal offsets per segment from the "
@@ -512,7 +512,7 @@ def ranges_markdown(result: Mapping[str, Any], first_month: str, plot_name: str 
         f"### Monthly total: sum of P50, and the 10-90 % range of the total ({FAN_DRAWS} resamples of residuals)",
         "", table(["group", f"actual {held}", f"P50 sum {held}", f"range {held}", f"P50 sum {ahead}",
                    f"range {ahead}"], fan),
-    ]  # fmt: skip
+    ]
     if plot_name:
         lines += ["", f"![forecast ranges]({plot_name})"]
     return "\n".join(lines) + "\n"
@@ -538,9 +538,9 @@ def plot_fan(result: Mapping[str, Any], history: pd.DataFrame, first_month: str)
         for month, fan in ((held, result["fan"]["holdout"][index]), (ahead, result["fan"]["forecast"][index])):
             first = month == held
             ax.vlines([month], fan["low"], fan["high"], color=EXPORTED_COLOUR, alpha=0.35, linewidth=10,
-                      label="10-90 % of the total" if first else None)  # fmt: skip
+                      label="10-90 % of the total" if first else None)
             ax.scatter([month], [fan["p50_sum"]], marker="D", color=EXPORTED_COLOUR, zorder=4,
-                       label="sum of P50" if first else None)  # fmt: skip
+                       label="sum of P50" if first else None)
             if fan["actual"] is not None:
                 ax.scatter([month], [fan["actual"]], color="#333333", zorder=5)
         months = np.unique(np.concatenate([past["date_block_num"].to_numpy(np.int64), [held, ahead]]))
@@ -563,7 +563,7 @@ def holdout_summary(calibration: Calibration, month: Month, clip: tuple[float, f
             "range_pinball": scored["range"]["pinball"], "naive_coverage": scored["naive"]["interval_coverage"],
             "naive_width": scored["naive"]["interval_width"], "naive_pinball": scored["naive"]["pinball"],
             "new_item_coverage": None if new_item is None else new_item["interval_coverage"],
-            "new_item_rows": 0 if new_item is None else new_item["rows"]}  # fmt: skip
+            "new_item_rows": 0 if new_item is None else new_item["rows"]}
 
 
 def origin_ranges(config: Any, store: Any, run_dir: str | Path, name: str) -> dict[str, Any]:

@@ -95,7 +95,7 @@ def fit_reference(
         raise ValueError(f"no training samples before month {before_month}")
     y = store.targets(samples[:, 0], samples[:, 1])
     train = lgb.Dataset(feature_room.matrix(tables, samples, names), y, weight=weights, feature_name=list(names),
-                        categorical_feature=feature_room.categorical(names), free_raw_data=True)  # fmt: skip
+                        categorical_feature=feature_room.categorical(names), free_raw_data=True)
     params = _params(cfg, seed)
 
     def fitted(booster: Any, rounds: int, score: float | None) -> ReferenceFit:
@@ -108,13 +108,13 @@ def fit_reference(
         valid = lgb.Dataset(
             feature_room.matrix(tables, valid_samples, names),
             np.clip(store.validation_frame()["actual"].to_numpy(), *clip), reference=train,
-        )  # fmt: skip
+        )
         booster = lgb.train(
             params | {"metric": "rmse"}, train, num_boost_round=cfg.max_rounds, valid_sets=[valid],
             callbacks=[lgb.early_stopping(cfg.early_stopping_rounds, verbose=False)],
-        )  # fmt: skip
+        )
         return fitted(booster, int(booster.best_iteration) or cfg.max_rounds,
-                      float(booster.best_score["valid_0"]["rmse"]))  # fmt: skip
+                      float(booster.best_score["valid_0"]["rmse"]))
     if rounds is None or rounds < 1:
         raise ValueError(f"a refit needs the selected number of rounds (>= 1), got {rounds!r}")
     return fitted(lgb.train(params, train, num_boost_round=rounds), rounds, None)

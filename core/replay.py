@@ -51,14 +51,14 @@ def _history_months(raw: Path) -> pd.Series:
 
 
 def plan(history: str | Path, from_month: int, to_month: int | None = None, workspace: str | Path | None = None
-         ) -> ReplayPlan:  # fmt: skip
+         ) -> ReplayPlan:
     """Check the months against the history (K >= 4, E <= its last month) and name the workspace."""
     raw = history_raw(history)
     last = int(_history_months(raw).max())
     end = last if to_month is None else int(to_month)
     if not MIN_FROM_MONTH <= from_month <= end <= last:
         raise ValueError(f"replay months must satisfy {MIN_FROM_MONTH} <= from_month <= to_month <= {last} (the "
-                         f"history's last month); got from_month={from_month}, to_month={end}")  # fmt: skip
+                         f"history's last month); got from_month={from_month}, to_month={end}")
     target = Path(workspace) if workspace is not None else Path(history) / f"replay-{from_month}-{end}"
     return ReplayPlan(raw, target.expanduser().resolve(), list(range(from_month, end + 1)))
 
@@ -92,6 +92,6 @@ def stage_month(replay: ReplayPlan, month: int, first_month: str = "2013-01") ->
 
 
 def stage(history: str | Path, from_month: int, to_month: int, workspace: str | Path, month: int,
-          first_month: str = "2013-01") -> Path:  # fmt: skip
+          first_month: str = "2013-01") -> Path:
     """:func:`stage_month` of the replay :func:`plan` names (what one Prefect task does, from plain values)."""
     return stage_month(plan(history, from_month, to_month, workspace), month, first_month)

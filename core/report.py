@@ -62,11 +62,11 @@ def verdict(scores: Mapping[str, float], exported: str, month: str, forecast_mon
     value, previous = scores[exported], scores["baseline"]
     target = f" for {forecast_month}" if forecast_month else ""
     text = (f"Exported {label(exported)}{target}: on the holdout month {month} it scored RMSE {four(value)}, "
-            f"{versus(value, previous, f'the previous month ({four(previous)})')}.")  # fmt: skip
+            f"{versus(value, previous, f'the previous month ({four(previous)})')}.")
     beaten = better_than(scores, exported)
     if beaten:
         text += " Better on that month: " + "; ".join(
-            f"{label(name)} {four(s)} ({change(s, value)} than the export)" for name, s in beaten) + "."  # fmt: skip
+            f"{label(name)} {four(s)} ({change(s, value)} than the export)" for name, s in beaten) + "."
         text += " The export was chosen on the validation months, before the holdout month was seen."
     else:
         text += " No other forecaster scored better on that month."
@@ -97,7 +97,7 @@ def _pooled(rows: list[SegmentRow]) -> SegmentRow:
         sae = sum(r.metrics[name].mae * r.rows for r in rows)
         metrics[name] = Metrics(rmse=math.sqrt(sse / n), mae=sae / n)
     return SegmentRow(key="other", label=f"all other ({len(rows)})", rows=n,
-                      actual_mean=sum(r.actual_mean * r.rows for r in rows) / n, metrics=metrics)  # fmt: skip
+                      actual_mean=sum(r.actual_mean * r.rows for r in rows) / n, metrics=metrics)
 
 
 def _top(rows: list[SegmentRow], top: int) -> list[SegmentRow]:
@@ -113,9 +113,9 @@ def segment_columns(evaluation: Evaluation, exported: str) -> list[str]:
 
 def segment_table(rows: list[SegmentRow], title: str, columns: list[str], exported: str) -> str:
     header = [title, "rows", "actual mean", *(f"{short(p)} RMSE" + (" (exported)" if p == exported else "")
-                                            for p in columns), "exported vs previous month"]  # fmt: skip
+                                            for p in columns), "exported vs previous month"]
     body = [[r.label, f"{r.rows:,}", f"{r.actual_mean:.3f}", *(four(r.metrics[p].rmse) for p in columns),
-             change(r.metrics[exported].rmse, r.metrics["baseline"].rmse)] for r in rows]  # fmt: skip
+             change(r.metrics[exported].rmse, r.metrics["baseline"].rmse)] for r in rows]
     return table(header, body)
 
 
@@ -128,10 +128,10 @@ def overall_table(evaluation: Evaluation, exported: str, forecast_totals: Mappin
                      "—" if p == "baseline" else change(m.rmse, evaluation.baseline_rmse),
                      "—" if p == exported else change(m.rmse, exported_rmse),
                      f"{evaluation.totals[p]:,.0f}",
-                     f"{forecast_totals[p]:,.0f}" if p in forecast_totals else "—"])  # fmt: skip
+                     f"{forecast_totals[p]:,.0f}" if p in forecast_totals else "—"])
     rows.append(["actual", "", "", "", "", f"{evaluation.totals['actual']:,.0f}", ""])
     return table(["forecaster", "RMSE", "MAE", "vs previous month", "vs exported", "holdout total",
-                  "forecast total"], rows)  # fmt: skip
+                  "forecast total"], rows)
 
 
 def validation_table(by_month: Mapping[str, Mapping[str, float]], first_month: str) -> str:
@@ -139,7 +139,7 @@ def validation_table(by_month: Mapping[str, Mapping[str, float]], first_month: s
     months = sorted({int(m) for scores in by_month.values() for m in scores})
     names = [n for n in (*forecasters.CANDIDATES, "baseline") if n in by_month]
     rows = [[label(n), *(four(by_month[n].get(str(m))) for m in months),
-             four(float(np.mean([by_month[n][str(m)] for m in months])))] for n in names]  # fmt: skip
+             four(float(np.mean([by_month[n][str(m)] for m in months])))] for n in names]
     return table(["candidate", *(month_label(m, first_month) for m in months), "mean"], rows)
 
 
@@ -197,16 +197,16 @@ def _selection_lines(selection: Mapping[str, Any], first: str) -> list[str]:
     lines = ["", f"## How the export was chosen: validation months {', '.join(months)}", "",
              "Each candidate trained on the months before the first validation month; the gate ranks their "
              "mean RMSE over the validation months, each month counting alike. The holdout month took no "
-             "part.", "", validation_table(selection["validation_rmse_by_month"], first)]  # fmt: skip
+             "part.", "", validation_table(selection["validation_rmse_by_month"], first)]
     blend = selection.get("blend")
     if blend:
         lines += ["", f"Ensemble: {blend['known']:g} × model + {1 - blend['known']:g} × LightGBM"
                   + (f"; for items in their launch month {blend['launch']:g} × model + "
                      f"{1 - blend['launch']:g} × LightGBM" if blend["launch"] != blend["known"] else "")
-                  + " (each validation month's best weight, averaged)."]  # fmt: skip
+                  + " (each validation month's best weight, averaged)."]
     if selection.get("launch_scales"):
         lines += ["", "Launch scales (geometric mean of each validation month's): " + ", ".join(
-            f"{short(n)} {s:g}" for n, s in selection["launch_scales"].items()) + "."]  # fmt: skip
+            f"{short(n)} {s:g}" for n, s in selection["launch_scales"].items()) + "."]
     return lines
 
 
@@ -265,7 +265,7 @@ def legend_below(fig: Figure, ax: Any, entries: int) -> None:
 
 
 def plot_totals(evaluation: Evaluation, exported: str, history: pd.DataFrame | None = None,
-                forecast_total: float | None = None) -> bytes:  # fmt: skip
+                forecast_total: float | None = None) -> bytes:
     """Total monthly sales (sum of clipped pair counts): the history, the holdout month's totals of the export and
     the previous month, and the exported forecast's total for the next month."""
     fig = figure(figsize=(9, 5))
@@ -278,16 +278,16 @@ def plot_totals(evaluation: Evaluation, exported: str, history: pd.DataFrame | N
         months += x.tolist()
         ax.plot(x, hist["actual"].to_numpy(), color=ACTUAL_COLOUR, marker=".", label="actual")
     ax.scatter([month], [evaluation.totals["actual"]], color=ACTUAL_COLOUR, s=60, zorder=3,
-               label=None if history is not None and len(history) else "actual")  # fmt: skip
+               label=None if history is not None and len(history) else "actual")
     shown = [exported] + [p for p in ("baseline",) if p != exported]
     for name, marker in zip(shown, ("*", "s"), strict=False):
         ax.scatter([month], [evaluation.totals[name]], color=EXPORTED_COLOUR if name == exported else colour(name),
                    marker=marker, s=110, zorder=4,
-                   label=f"{label(name)}{' (exported)' if name == exported else ''}, holdout")  # fmt: skip
+                   label=f"{label(name)}{' (exported)' if name == exported else ''}, holdout")
     if forecast_total is not None and evaluation.month is not None:
         months.append(month + 1)
         ax.scatter([month + 1], [forecast_total], color=EXPORTED_COLOUR, marker="D", s=70, zorder=4,
-                   label=f"exported forecast, {month_label(month + 1, evaluation.first_month)}")  # fmt: skip
+                   label=f"exported forecast, {month_label(month + 1, evaluation.first_month)}")
     ax.axvline(month, color="#bbbbbb", linewidth=1, zorder=0)
     month_ticks(ax, np.unique(np.asarray(months)), evaluation.first_month)
     ax.set_ylabel("units (sum of pair counts clipped to [0, 20])")
@@ -315,7 +315,7 @@ def plot_pairs(evaluation: Evaluation, exported: str) -> bytes:
     for ax, name in zip(axes, (exported, "baseline"), strict=True):
         y = np.log1p(np.maximum(pairs[name], 0.0))
         hb = ax.hexbin(x, y, gridsize=30, bins="log", mincnt=1, cmap="viridis",
-                       extent=(0.0, extent_max, 0.0, extent_max))  # fmt: skip
+                       extent=(0.0, extent_max, 0.0, extent_max))
         ax.plot([0, extent_max], [0, extent_max], color="#d62728", linewidth=1)
         ax.set_xticks(np.log1p(ticks), [f"{t:g}" for t in ticks])
         ax.set_yticks(np.log1p(ticks), [f"{t:g}" for t in ticks])
@@ -352,7 +352,7 @@ def segments_figure(evaluation: Evaluation, exported: str, top: int = 8) -> Figu
             ax.barh(positions + (i - (len(columns) - 1) / 2) * width, [r.metrics[name].rmse for r in rows],
                     height=width, color=EXPORTED_COLOUR if name == exported else colour(name),
                     label=(f"{short(name)} (exported)" if name == exported else short(name))
-                    if ax is axes[0] else None)  # fmt: skip
+                    if ax is axes[0] else None)
         ax.set_yticks(positions, [f"{row_label(r)}\n(n={r.rows:,})" for r in rows], fontsize=8)
         ax.invert_yaxis()
         ax.set_xlabel("RMSE (clipped)")

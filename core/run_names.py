@@ -19,11 +19,11 @@ def _shown(value: Any) -> str:
 def changed_knobs(config: NestcastConfig, defaults: NestcastConfig) -> list[str]:
     """``name=value`` of each run knob ``config`` sets apart from ``defaults``, in ``RUN_KNOBS`` order (stable)."""
     return [f"{name}={_shown(knob_default(name, config))}" for name in RUN_KNOBS
-            if name not in UNNAMED_KNOBS and knob_default(name, config) != knob_default(name, defaults)]  # fmt: skip
+            if name not in UNNAMED_KNOBS and knob_default(name, config) != knob_default(name, defaults)]
 
 
 def forecast_run_name(config: NestcastConfig, defaults: NestcastConfig, month_label: str | None = None,
-                      *, failed: bool = False) -> str:  # fmt: skip
+                      *, failed: bool = False) -> str:
     """``forecast[-failed][-<YYYY-MM>]-<kind>[-<knob>=<value>...]``: the month once the lake says which is forecast,
     ``failed`` for a run that ended in failure."""
     parts = ["forecast", *(["failed"] if failed else []), *([month_label] if month_label else []), config.model.kind]

@@ -97,7 +97,7 @@ class EpochShuffled:
         """The sample order of ``epoch`` (the last one asked for is kept)."""
         if self._order is None or self._order[0] != epoch:
             order = (np.random.default_rng([self.seed, epoch]).permutation(self.n_samples) if self.shuffle
-                     else np.arange(self.n_samples))  # fmt: skip
+                     else np.arange(self.n_samples))
             self._order = (epoch, order)
         return self._order[1]
 
@@ -159,7 +159,7 @@ def budget_draw(nonzero: np.ndarray, budget: int, seed: int = 0, epoch: int = 0)
     keep = np.sort(np.concatenate([
         rng.choice(positive, kept_positive, replace=False) if kept_positive < positive.size else positive,
         rng.choice(zero, kept_zero, replace=False) if kept_zero < zero.size else zero,
-    ]))  # fmt: skip
+    ]))
     weights = np.where(nonzero[keep], positive.size / max(kept_positive, 1), zero.size / max(kept_zero, 1))
     return keep, weights.astype(np.float32)
 

@@ -69,5 +69,5 @@ def learning_rate_callbacks(
         steps = len(train)
     except TypeError as error:  # a tf.data pipeline of unknown cardinality
         raise ValueError("learning_rate_schedule 'cosine' needs training data of known length (batches per epoch); "
-                         "give a sized dataset or set learning_rate_schedule='constant'") from error  # fmt: skip
+                         "give a sized dataset or set learning_rate_schedule='constant'") from error
     return [CosineLearningRate(train_cfg.learning_rate, epochs, steps, train_cfg.learning_rate_floor, offset)]

@@ -174,7 +174,7 @@ class ObjectStoreLake:
             return {}
         prefix = self.key(RAW_DIR) + "/"
         return {name[len(prefix):]: {"size": int(info.get("size") or 0), "tag": _version_tag(info)}
-                for name, info in found.items() if name.startswith(prefix)}  # fmt: skip
+                for name, info in found.items() if name.startswith(prefix)}
 
     def url_of(self, path: str | os.PathLike[str]) -> str:
         """The store URL of a working-copy path (``.../data/submissions/x.csv`` -> ``s3://b/p/submissions/x.csv``);
@@ -192,7 +192,7 @@ class ObjectStoreLake:
             return f"{self.url}: cannot list {RAW_DIR}/ ({type(error).__name__}: {error})"
         if not raw:
             return (f"{self.url}/{RAW_DIR}/ holds no files (or the bucket does not exist): put the competition CSVs "
-                    f"there or run `nestcast demo-data {self.url}`")  # fmt: skip
+                    f"there or run `nestcast demo-data {self.url}`")
         for rel in sorted(raw):
             try:
                 self._raw_target(rel)
@@ -355,7 +355,7 @@ class ObjectStoreLake:
                 "version": head.version + 1, "parent": head.version, "txid": txid, "note": note,
                 "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
                 "changed": sorted(changed), "deleted": deleted, "files": files,
-            }  # fmt: skip
+            }
             try:
                 self.create_exclusive(self._commit_key(head.version + 1), json.dumps(payload, indent=1).encode())
             except FileExistsError:

@@ -225,7 +225,7 @@ class WindowStore:
         """
         index, draws = self._budget_draws(before_month, seed, budget)
         return _dataset_class()(self, index, batch_size, with_y=True, shuffle=shuffle, seed=seed, draws=draws,
-                                **kwargs)  # fmt: skip
+                                **kwargs)
 
     def holdout_dataset(self, batch_size: int, **kwargs: Any) -> Any:
         """Holdout batches with targets, in ``holdout_frame()`` order."""

@@ -230,7 +230,7 @@ def _grid_split(m: int, timeline: Timeline, grid: Grid, series: Series, pairs: P
 
 
 def _grid_splits(months: tuple[int, ...], timeline: Timeline, grid: Grid, series: Series,
-                 pairs: PairLevel) -> _Split:  # fmt: skip
+                 pairs: PairLevel) -> _Split:
     """The grids of several months, one after the other (the validation months)."""
     splits = [_grid_split(m, timeline, grid, series, pairs) for m in months]
     if not splits:
@@ -249,7 +249,7 @@ def pair_id(shop_id: np.ndarray, item_id: np.ndarray) -> np.ndarray:
     max_shop = np.iinfo(np.int32).max // UNIVERSE_ID_STRIDE  # the IDs stay int32, as test.csv's
     if item.size and (item.max() >= UNIVERSE_ID_STRIDE or shop.max() > max_shop):
         raise DataValidationError(f"item ids must be below {UNIVERSE_ID_STRIDE:,} and shop ids at most {max_shop} "
-                                  "for the stable pair IDs of a forecast without test.csv")  # fmt: skip
+                                  "for the stable pair IDs of a forecast without test.csv")
     return (shop * UNIVERSE_ID_STRIDE + item).astype(np.int32)
 
 
@@ -286,7 +286,7 @@ def _forecast_split(
         ids = pair_id(series.shop_id[samples], series.item_id[samples])
         if not samples.size:
             raise DataValidationError("no test.csv and an empty universe of pairs: nothing to forecast "
-                                      "(raise windows.universe_months or set windows.universe_grid)")  # fmt: skip
+                                      "(raise windows.universe_months or set windows.universe_grid)")
     frame = pa.table(
         {
             "ID": ids,
@@ -442,7 +442,7 @@ def _write_build(build: _WindowsBuild, out_dir: Path) -> None:
         pq.write_table(table, out_dir / f"{name}.parquet", compression="lz4")
     # The store's files and their sha256, so a file deleted or damaged since is rebuilt, not served.
     build.meta[STORE_FILES] = {path.name: file_sha256(path) for path in sorted(out_dir.iterdir())
-                               if path.name != WINDOWS_META_FILE}  # fmt: skip
+                               if path.name != WINDOWS_META_FILE}
     (out_dir / WINDOWS_META_FILE).write_text(json.dumps(build.meta, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 

@@ -113,7 +113,7 @@ def _knob_option(name: str) -> inspect.Parameter:
     bounds = ({"min": lower[0]} if lower else {}) | ({"max": upper[0]} if upper else {})  # as the flow's schema
     option = typer.Option(help=RUN_KNOBS[name], **bounds)
     return inspect.Parameter(_OPTION_OF.get(name, name), inspect.Parameter.KEYWORD_ONLY,
-                             default=default, annotation=Annotated[annotation, option])  # fmt: skip
+                             default=default, annotation=Annotated[annotation, option])
 
 
 def _with_knob_options(knobs: tuple[str, ...]) -> Any:
@@ -209,7 +209,7 @@ def _build_config(parameters: dict[str, Any], sets: dict[str, Any]) -> NestcastC
     one-line error."""
     try:
         return DEFAULTS.with_overrides({name: _plain(value) for name, value in sets.items()},
-                                       **{name: _plain(value) for name, value in parameters.items()})  # fmt: skip
+                                       **{name: _plain(value) for name, value in parameters.items()})
     except (ValidationError, ValueError) as error:
         _fail(_one_line(error))
 
@@ -528,7 +528,7 @@ def replay(
             summary = cli_tagged(replay_flow)(
                 **parameters, from_month=from_month, to_month=to_month,
                 workspace=None if work_dir is None else str(work_dir.resolve()), overrides=overrides,
-            )  # fmt: skip
+            )
     except NestcastError as error:
         _fail(_one_line(error), code=1)
     typer.echo("")

@@ -47,7 +47,7 @@ class Deployment:
         fields: dict[str, Any] = {
             "name": self.name, "description": self.description, "entrypoint": ENTRYPOINT, "tags": list(TAGS),
             "parameters": {}, "concurrency_limit": CONCURRENCY_LIMIT,
-        }  # fmt: skip
+        }
         if self.cron is not None:
             fields["schedules"] = [{"cron": self.cron, "timezone": TIMEZONE, "active": True}]
         return fields
@@ -68,7 +68,7 @@ def build_deployments(parameters: dict[str, Any] | None = None) -> list[RunnerDe
     form shows (and every run uses) one directory whatever the runs' working directory."""
     defaults = {"data_dir": data_dir_identity(NestcastConfig().data_dir)}
     shared = {"parameters": defaults | (parameters or {}), "concurrency_limit": CONCURRENCY_LIMIT,
-              "tags": list(TAGS)}  # fmt: skip
+              "tags": list(TAGS)}
     return [
         sales_forecast.to_deployment(
             name=spec.name,

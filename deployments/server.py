@@ -66,7 +66,7 @@ def _start_server() -> tuple[subprocess.Popen[bytes], str]:
                 "--host", "127.0.0.1", "--port", str(port), "--log-level", "error", "--lifespan", "on",
             ],
             env=env,
-        )  # fmt: skip
+        )
         api_url = f"http://127.0.0.1:{port}/api"
         deadline = time.monotonic() + timeout
         with httpx.Client() as client:

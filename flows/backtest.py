@@ -67,7 +67,7 @@ def _backtest_origins(
 @with_knobs(
     BACKTEST_KNOBS, defaults=DEFAULTS, extra=[ORIGINS, OVERRIDES],
     extra_help={"origins": "Origin months to score (default: the last three months in the lake).", **OVERRIDES_HELP},
-)  # fmt: skip
+)
 def backtest(
     *, origins: list[int] | None = None, overrides: dict[str, Any] | None = None, **knobs: Any
 ) -> dict[str, Any]:
@@ -81,7 +81,7 @@ def backtest(
     ingested = ingest_raw_files.with_options(**options)(config)
     monthly = aggregate_months(config, ingested)
     months = backtest_step.parse_origins(origins if origins else monthly["months"][-3:],
-                                         last_month=max(monthly["months"]))  # fmt: skip
+                                         last_month=max(monthly["months"]))
     root = backtest_step.default_run_dir(config, months)
     runner = training_task_runner(config)
     report = _backtest_origins.with_options(task_runner=runner)(config, months, str(root), monthly)

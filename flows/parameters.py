@@ -53,7 +53,7 @@ def knob_parameters(knobs: Iterable[str], defaults: NestcastConfig) -> list[insp
 
 
 def with_knobs(knobs: Sequence[str], *, defaults: NestcastConfig, extra: Sequence[inspect.Parameter] = (),
-               extra_help: dict[str, str] | None = None) -> Callable[[F], F]:  # fmt: skip
+               extra_help: dict[str, str] | None = None) -> Callable[[F], F]:
     """Give ``fn(**knobs)`` the signature ``fn(*, <knobs>, <extra>)`` and document every parameter."""
 
     def decorate(fn: F) -> F:

@@ -45,7 +45,7 @@ def _extra_parameters() -> list[Any]:
     keyword = inspect.Parameter.KEYWORD_ONLY
     return [inspect.Parameter("from_month", keyword, annotation=int),
             inspect.Parameter("to_month", keyword, default=None, annotation=int | None),
-            inspect.Parameter("workspace", keyword, default=None, annotation=str | None), OVERRIDES]  # fmt: skip
+            inspect.Parameter("workspace", keyword, default=None, annotation=str | None), OVERRIDES]
 
 
 # Renamed replay-<first month>-to-<last month> once the history says which months those are.
@@ -55,9 +55,9 @@ def _extra_parameters() -> list[Any]:
     extra_help={"from_month": "First forecast month to replay (date_block_num, at least 4).",
                 "to_month": "Last forecast month to replay (default: the history's last month).",
                 "workspace": "The replay's data directory (default: <data_dir>/replay-K-E).", **OVERRIDES_HELP},
-)  # fmt: skip
+)
 def replay(*, from_month: int, to_month: int | None = None, workspace: str | None = None,
-           overrides: dict[str, Any] | None = None, **knobs: Any) -> dict[str, Any]:  # fmt: skip
+           overrides: dict[str, Any] | None = None, **knobs: Any) -> dict[str, Any]:
     """Replay months K..E of the history in ``data_dir`` as the monthly schedule would have run them."""
     history = build_config(**knobs, overrides=overrides)
     plan = replay_step.plan(history.data_dir, from_month, to_month, workspace)
@@ -73,6 +73,6 @@ def replay(*, from_month: int, to_month: int | None = None, workspace: str | Non
     data_dir = stage(*args, plan.months[-1] + 1, history.ingest.first_month)
     history_result = replay_accountability(history.with_overrides(data_dir=data_dir))
     get_run_logger().info("replay of months %s-%s: %d accountability record(s) in %s", plan.months[0],
-                          plan.months[-1], len(history_result["rows"]), history_result["records"])  # fmt: skip
+                          plan.months[-1], len(history_result["rows"]), history_result["records"])
     return {"workspace": str(plan.workspace), "months": plan.months, "runs": [r["run_dir"] for r in runs],
-            **history_result}  # fmt: skip
+            **history_result}

@@ -52,7 +52,7 @@ def initial_run_name() -> str:
 
 
 @flow(name="sales-forecast", flow_run_name=initial_run_name, log_prints=True, validate_parameters=True,
-      on_failure=[name_failed_flow_run])  # fmt: skip
+      on_failure=[name_failed_flow_run])
 @with_knobs(tuple(RUN_KNOBS), defaults=DEFAULTS, extra=[OVERRIDES], extra_help=OVERRIDES_HELP)
 def sales_forecast(*, overrides: dict[str, Any] | None = None, **knobs: Any) -> dict[str, Any]:
     """Forecast next month's sales for every test.csv pair and export a checked submission; score the earlier

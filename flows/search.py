@@ -43,7 +43,7 @@ def _run_batch(
         asked.append((trial, search_step.suggest(trial, pinned)))
     options = step_options(config, timeout=False)  # submitted: a timeout could not interrupt a worker thread
     futures = [search_trial.with_options(**options).submit(config.with_overrides(**params), trial.number, **work)
-               for trial, params in asked]  # fmt: skip
+               for trial, params in asked]
     rows = []
     for (trial, params), future in zip(asked, futures, strict=True):
         future.wait()
@@ -63,7 +63,7 @@ def _run_batch(
 def _search_trials(
     config: NestcastConfig, trials: int, concurrent_trials: int, seed: int, pinned: dict[str, Any],
     work: dict[str, Any],
-) -> dict[str, Any]:  # fmt: skip
+) -> dict[str, Any]:
     study = search_step.make_study(seed)
     rows: list[dict[str, Any]] = []
     for done in range(0, trials, concurrent_trials):
@@ -95,7 +95,7 @@ def search(
     months = parse_origins(origins if origins else monthly["months"][-3:], last_month=max(monthly["months"]))
     identity = {k: v for k, v in fixed.items() if k not in PLACEMENT_FIELDS}  # same search, same id, any runner
     key = json.dumps({"fixed": identity, "origins": months, "seed": seed, "trials": trials,
-                      "concurrent_trials": concurrent_trials}, sort_keys=True, default=str)  # fmt: skip
+                      "concurrent_trials": concurrent_trials}, sort_keys=True, default=str)
     root = LakePaths.of(config).run_dir(f"search-{hashlib.sha256(key.encode()).hexdigest()[:10]}")
     pinned = {k: v for k, v in fixed.items() if k in search_step.SPACE}
 

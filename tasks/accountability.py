@@ -29,7 +29,7 @@ def score_forecasts(config: NestcastConfig, monthly: dict[str, Any]) -> dict[str
         logger.info("accountability: scored the forecasts of month(s) %s", summary.scored_now)
     for note in summary.unresolved_notes:  # the run goes on: the month's record is kept as unresolved
         logger.warning("accountability: cannot score the forecast of %s (kept as unresolved in "
-                       "lake/accountability/records.parquet)", note)  # fmt: skip
+                       "lake/accountability/records.parquet)", note)
     return summary.to_dict()
 
 
@@ -51,7 +51,7 @@ def _publish(result: Mapping[str, Any], parameters: Mapping[str, Any]) -> None:
 
 @nestcast_task("publish-history", publish=_publish)
 def publish_history(config: NestcastConfig, run_dir: str, scored: dict[str, Any], exported: dict[str, Any]
-                    ) -> dict[str, Any]:  # fmt: skip
+                    ) -> dict[str, Any]:
     """The accountability plot and its section in the run's report.md; the artifacts come from ``_publish``.
 
     ``scored`` and ``exported`` tie the step to the scoring and to the export (report.md must exist).

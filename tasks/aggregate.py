@@ -44,5 +44,5 @@ def finish_aggregation(config: NestcastConfig, input_hashes: dict[int, str]) -> 
     get_run_logger().info(
         "aggregated %s into lake/monthly%s", month_range(input_hashes, config.ingest.first_month),
         f", removed {len(removed)} stale partition(s)" if removed else "",
-    )  # fmt: skip
+    )
     return {"months": sorted(input_hashes), "input_hashes": input_hashes, "removed": removed, "state": str(state)}

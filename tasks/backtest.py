@@ -47,7 +47,7 @@ def backtest_origin(config: NestcastConfig, origin: int, root: str, monthly: dic
     get_run_logger().info(
         "origin %d: model RMSE %.4f vs previous month %.4f (x%.3f), %d parameters, %.0f s training",
         origin, result.rmse["model"], result.rmse["baseline"], result.ratio, result.params, result.train_seconds,
-    )  # fmt: skip
+    )
     return result.to_dict()
 
 
@@ -92,7 +92,7 @@ def search_trial(
     get_run_logger().info(
         "trial %d: mean model / previous %.4f, %d parameters, %.0f s training",
         number, result.mean_ratio, result.params, result.train_seconds,
-    )  # fmt: skip
+    )
     return result.to_dict() | {"train_seconds": result.train_seconds, "params": result.params}
 
 

@@ -340,4 +340,4 @@ def flow_run_record() -> dict[str, Any]:
     from prefect.runtime import flow_run
 
     return {"flow_run": {"id": flow_run.get_id(), "name": flow_run.get_name(), "url": flow_run_url(),
-                         "written_at": datetime.now(UTC).isoformat(timespec="seconds")}}  # fmt: skip
+                         "written_at": datetime.now(UTC).isoformat(timespec="seconds")}}

@@ -34,7 +34,7 @@ def _publish(result: evaluate_step.RunScores, parameters: Mapping[str, Any]) -> 
     create_table_artifact(
         key="evaluation",
         table=[{"forecaster": forecasters.label(name), "RMSE": round(value, 4), "MAE": round(result.mae[name], 4),
-                "vs previous month": ratio(value, baseline)} for name, value in result.rmse.items()],  # fmt: skip
+                "vs previous month": ratio(value, baseline)} for name, value in result.rmse.items()],
         description=f"Holdout month {result.holdout_month}: every forecaster's RMSE and MAE; 'vs previous month' is "
         "its RMSE over the previous month's (below 1: better). What was exported: the export-decision artifact.",
     )
@@ -47,7 +47,7 @@ def _publish(result: evaluate_step.RunScores, parameters: Mapping[str, Any]) -> 
     publish=_publish,
 )
 def evaluate_model(config: NestcastConfig, windows: WindowsSummary, final_windows: WindowsSummary, run_dir: str,
-                   fits: list[RefitResult]) -> evaluate_step.RunScores:  # fmt: skip
+                   fits: list[RefitResult]) -> evaluate_step.RunScores:
     """RMSE/MAE of every forecaster and baseline on the holdout grid; every candidate forecast side by side.
 
     ``fits`` (the refit stages' results) only tie this step to them, in the cache key and the task graph.

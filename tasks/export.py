@@ -22,7 +22,7 @@ HEAD_ROWS = 10
 def _markdown_table(frame: pd.DataFrame) -> str:
     rows = [" | ".join(map(str, frame.columns)), " | ".join("---:" for _ in frame.columns)]
     rows += [" | ".join(f"{v:.4f}" if isinstance(v, float) else str(v) for v in row)
-             for row in frame.itertuples(index=False)]  # fmt: skip
+             for row in frame.itertuples(index=False)]
     return "\n".join(f"| {row} |" for row in rows)
 
 

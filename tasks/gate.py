@@ -23,7 +23,7 @@ def _publish(result: gate.ExportDecision, parameters: Mapping[str, Any]) -> None
     """The report with its plots inline, and the files' paths to copy."""
     report = Path(result.report)
     files = "\n".join(f"- {name.replace('_', ' ')}: `{Path(path).resolve()}`"
-                      for name, path in {"report": result.report, **result.plots}.items())  # fmt: skip
+                      for name, path in {"report": result.report, **result.plots}.items())
     create_markdown_artifact(
         key="evaluation-report",
         markdown=inline_images(report.read_text(encoding="utf-8"), report.parent) + "\n## Files\n\n" + files + "\n",
@@ -48,7 +48,7 @@ def _publish(result: gate.ExportDecision, parameters: Mapping[str, Any]) -> None
 # Not cached: it reads runs/index.json, which other runs change.
 @nestcast_task("gate", publish=_publish)
 def decide_export(config: NestcastConfig, windows: WindowsSummary, final_windows: WindowsSummary, run_dir: str,
-                  selection: Selection, scores: RunScores) -> gate.ExportDecision:  # fmt: skip
+                  selection: Selection, scores: RunScores) -> gate.ExportDecision:
     """What is exported: the validation months' best candidate, unless the champion beats it on the holdout
     month; the run's report."""
     result = gate.gate_run(config, windows.windows_dir, final_windows.windows_dir, run_dir, selection, scores)

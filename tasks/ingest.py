@@ -45,7 +45,7 @@ def _publish(summary: dict[str, Any], parameters: Mapping[str, Any]) -> None:
         if result["rows_quarantined"]:
             create_markdown_artifact(key=artifact_key("quarantine", result["file"]),
                                      markdown=_quarantine_markdown(paths, result),
-                                     description=f"First quarantined lines of {result['file']}")  # fmt: skip
+                                     description=f"First quarantined lines of {result['file']}")
 
 
 @nestcast_task(
@@ -60,7 +60,7 @@ def ingest_raw_files(config: NestcastConfig) -> dict[str, Any]:
         summary = jsonable(ingest_step.ingest(config))
     except DataValidationError as error:  # the UI shows why the run stopped, not just a failed task
         create_markdown_artifact(key="validation-failed", markdown=_failed_markdown(error),
-                                 description="Ingest stopped: a file failed validation")  # fmt: skip
+                                 description="Ingest stopped: a file failed validation")
         raise
     logger = get_run_logger()
     for result in summary["files"]:
@@ -68,15 +68,15 @@ def ingest_raw_files(config: NestcastConfig) -> dict[str, Any]:
         logger.info(
             "%s %s: %s rows in, %s accepted, %s quarantined",
             verb, result["file"], result["rows_in"], result["rows_accepted"], result["rows_quarantined"],
-        )  # fmt: skip
+        )
         if result.get("rows_replaced") or result.get("months_replaced"):
             logger.info(
                 "%s replaced %s rows of months %s that earlier files had written",
                 result["file"], result.get("rows_replaced", 0), result.get("months_replaced", []),
-            )  # fmt: skip
+            )
         if result.get("months_shared"):
             logger.info("%s holds months %s together with %s: the lake keeps the rows of every part",
-                        result["file"], result["months_shared"], ", ".join(result["shares_months_with"]))  # fmt: skip
+                        result["file"], result["months_shared"], ", ".join(result["shares_months_with"]))
     for removed in summary.get("removed") or []:
         logger.info("%s", ingest_step.RemovedFile(**removed).message())
     for warning in summary.get("warnings") or []:
@@ -92,7 +92,7 @@ def _status(result: dict[str, Any]) -> str:
         return "skipped: same content hash, validated before"
     if result["rows_quarantined"]:
         return (f"failed on {result['rows_quarantined']:,} rows (quarantined); "
-                f"the other {result['rows_accepted']:,} accepted")  # fmt: skip
+                f"the other {result['rows_accepted']:,} accepted")
     return "passed: every row met every expectation"
 
 
@@ -103,10 +103,10 @@ def _quarantine_markdown(paths: LakePaths, result: dict[str, Any], limit: int = 
     lines = [f"# {name}: quarantined lines ({shown})", "", "| line | rule | values as written |", "|---:|---|---|"]
     lines += ["| {} | {} | {} |".format(row["line"], row["rule"], row["values"].replace("|", r"\|")) for row in rows]
     lines += ["", f"All of them: `{ingest_step.quarantine_file(paths, name)}`",
-              f"Great Expectations page: `{ingest_step.validation_page(paths, name)}`"]  # fmt: skip
+              f"Great Expectations page: `{ingest_step.validation_page(paths, name)}`"]
     return "\n".join(lines)
 
 
 def _failed_markdown(error: DataValidationError) -> str:
     return "\n".join(["# Ingest stopped: a file failed validation", "", str(error), "",
-                      "Nothing was written to the lake; fix the file in raw/ and run again."])  # fmt: skip
+                      "Nothing was written to the lake; fix the file in raw/ and run again."])

@@ -56,7 +56,7 @@ def _publish_epochs(stage: str, stage_dir: Path) -> None:
         return
     device = describe_device({"kind": metadata.get("device"), "devices": metadata.get("devices"),
                               "precision": metadata.get("precision"), "jit_compile": metadata.get("jit_compile"),
-                              "requested": (metadata.get("train_config") or {}).get("device")})  # fmt: skip
+                              "requested": (metadata.get("train_config") or {}).get("device")})
     create_table_artifact(
         key=artifact_key("training-epochs", stage),
         table=epoch_table(metadata),
@@ -87,7 +87,7 @@ def select_models(config: NestcastConfig, windows: WindowsSummary, run_dir: str)
     holdout); the validation RMSEs the gate decides on."""
     on_epoch = _progress("select", config.train.epochs)
     selection = protocol.select(config, windows.windows_dir, LakePaths.stage_dir(run_dir, "select"), on_epoch,
-                                callbacks=[_terminal_progress("select")])  # fmt: skip
+                                callbacks=[_terminal_progress("select")])
     blend = selection.blend
     get_run_logger().info(
         "selected on months %s: %s epochs, boosting rounds %s, model weight %s in the ensemble (%s for launch items), "
@@ -95,7 +95,7 @@ def select_models(config: NestcastConfig, windows: WindowsSummary, run_dir: str)
         selection.validation_months, selection.epochs, selection.rounds or "—", blend and blend.known,
         blend and blend.launch, selection.launch_scales or "—",
         ", ".join(f"{k} {v:.4f}" for k, v in selection.validation_rmse.items()),
-    )  # fmt: skip
+    )
     return selection
 
 
@@ -109,16 +109,16 @@ def select_models(config: NestcastConfig, windows: WindowsSummary, run_dir: str)
     publish=_publish_refit,
 )
 def refit_models(config: NestcastConfig, windows: WindowsSummary, selection: protocol.Selection, run_dir: str,
-                 stage: str) -> protocol.RefitResult:  # fmt: skip
+                 stage: str) -> protocol.RefitResult:
     """Retrain on every training month of ``windows`` with the selected rounds, the network from the selection's
     (or from scratch for the selected epochs: ``train.refit_from``); predict."""
     on_epoch = _progress(f"refit-{stage}", protocol.refit_epochs(config, selection))
     result = protocol.refit(config, windows.windows_dir, LakePaths.stage_dir(run_dir, stage), selection, on_epoch,
                             callbacks=[_terminal_progress(f"refit-{stage}")],
-                            select_dir=LakePaths.stage_dir(run_dir, "select"))  # fmt: skip
+                            select_dir=LakePaths.stage_dir(run_dir, "select"))
     get_run_logger().info(
         "refit (%s): %d epochs in %.0f s, LightGBM %s s; predicted %s",
         stage, result.epochs, result.model_seconds,
         "—" if result.reference_seconds is None else f"{result.reference_seconds:.0f}", ", ".join(result.sets),
-    )  # fmt: skip
+    )
     return result

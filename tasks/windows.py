@@ -21,7 +21,7 @@ from tasks.common import content_cache_key, nestcast_task
     outputs=lambda p: windows_step.store_files(LakePaths.of(p["config"]).windows_dir(p["purpose"])),
 )
 def build_windows(config: NestcastConfig, monthly: dict[str, Any],
-                  purpose: str = "evaluation") -> windows_step.WindowsSummary:  # fmt: skip
+                  purpose: str = "evaluation") -> windows_step.WindowsSummary:
     """Features [series, month, channel] + (series, target month) samples, split by time.
 
     ``purpose="evaluation"``: the last month is the holdout (``lake/windows``); ``"final"``: no holdout, every
@@ -37,5 +37,5 @@ def build_windows(config: NestcastConfig, monthly: dict[str, Any],
         "windows (%s): %s series, samples %s, validation months %s, holdout month %s, forecast month %s%s",
         purpose, built.n_series, built.sample_counts, built.validation_months, built.holdout_month,
         built.forecast_month, " (unchanged, reused)" if built.skipped else "",
-    )  # fmt: skip
+    )
     return built

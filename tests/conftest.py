@@ -25,7 +25,7 @@ LONGEST_FIRST = (
     "test_system_server.py", "test_model.py", "test_accountability.py", "test_ingest.py", "test_replay.py",
     "test_nlstm.py", "test_multi_device.py", "test_champion.py", "test_loopback.py", "test_cli.py",
     "test_ingest_reliability.py", "test_quantiles.py", "test_progress.py",
-)  # fmt: skip
+)
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -27,7 +27,7 @@ CHEAP_RUN: dict[str, Any] = {
     "epochs": 1, "units": 4, "depth": 1, "lookback": 3, "batch_size": 512,
     "overrides": {"head_units": 0, "sample_budget": 1000, "retry_delay_seconds": 0, "jit_compile": "off",
                   "max_rounds": 10, "reference_enabled": False},
-}  # fmt: skip
+}
 DROP_MONTH = 15
 DROP = "sales_2014-04.csv"  # date_block_num 15
 
@@ -40,7 +40,7 @@ def split_off_month(raw: Path, month: int) -> pd.DataFrame:
 
 
 def reference_rmse(drop_rows: pd.DataFrame, submission: pd.DataFrame, test: pd.DataFrame,
-                   predicted: pd.Series | None = None) -> float:  # fmt: skip
+                   predicted: pd.Series | None = None) -> float:
     """The competition's score, from the raw CSV rows alone: the ingest's price rule (rows priced at or above
     ``max_item_price`` are quarantined) and shop merges applied, summed per pair, clipped to [0, 20], zero for
     every test pair without a sale."""
@@ -68,10 +68,10 @@ def cycle(tmp_path_factory) -> dict[str, Any]:
     # epoch of the cheap run barely moves the network from its start either); a rate of 1.0 makes Adam collapse the
     # forecast towards zero, about 10 % worse than the champion on the holdout month.
     third = sales_forecast(data_dir=str(root), **{**CHEAP_RUN, "learning_rate": 1.0, "fallback": "model"},
-                           return_state=True)  # fmt: skip
+                           return_state=True)
     return {"root": root, "drop_rows": drop_rows, "first": first, "second": second, "third": third.result(),
             "third_state": third, "before_drop": before_drop, "after_second": after_second,
-            "index_after_second": index_after_second}  # fmt: skip
+            "index_after_second": index_after_second}
 
 
 def test_a_forecast_is_scored_once_the_drop_of_its_month_arrives_exactly_as_the_competition_would(cycle):
@@ -160,9 +160,9 @@ def test_the_champion_is_kept_and_its_forecast_exported_when_the_challenger_is_w
 
 def test_the_history_table_shows_status_and_note_only_when_a_month_needs_them():
     scored = {"month_label": "2014-04", "exported": "model", "status": "scored", "rmse_exported": 1.23456,
-              "rmse_previous_period": 2.0, "rmse_model": 1.3, "n_pairs": 1234, "note": ""}  # fmt: skip
+              "rmse_previous_period": 2.0, "rmse_model": 1.3, "n_pairs": 1234, "note": ""}
     unresolved = {**scored, "month_label": "2014-05", "status": "unresolved", "rmse_exported": np.nan,
-                  "rmse_model": np.nan, "note": "no pairs file"}  # fmt: skip
+                  "rmse_model": np.nan, "note": "no pairs file"}
     narrow = accountability.history_markdown(pd.DataFrame([scored]), "plot.png")
     assert "| month | exported | RMSE exported |" in narrow and "note" not in narrow and "status" not in narrow
     assert "| 2014-04 | model | 1.2346 | 2.0000 | 1.3000 | 0.6173 | 1,234 |" in narrow

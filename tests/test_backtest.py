@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 SMALL = {
     "units": 4, "depth": 1, "lookback": 4, "epochs": 1, "batch_size": 256, "head_units": 4,
     "embedding_dim": 2, "sample_budget": 2000, "retries": 0, "jit_compile": "off", "max_rounds": 50,
-}  # fmt: skip
+}
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +71,7 @@ def test_one_row_per_origin_with_model_baselines_and_cost(result):
         assert o.ranges["range_pinball"] > 0 and o.ranges["naive_pinball"] > 0
         assert row["range_pinball"] == pytest.approx(o.ranges["range_pinball"], abs=1e-4)
     assert rows[-1]["range_coverage"] == pytest.approx(np.mean([o.ranges["range_coverage"] for o in res.origins]),
-                                                       abs=1e-4)  # fmt: skip
+                                                       abs=1e-4)
 
 
 def test_baselines_match_an_independent_computation_from_monthly_data(result, lake):
@@ -132,7 +132,7 @@ def test_report_and_json_are_written(result, lake):
     # The verdict comes first: mean RMSEs against the previous month and the reference, computed here again.
     model, baseline, reference = (np.mean([o.rmse[p] for o in res.origins]) for p in ("model", "baseline", "reference"))
     verdict = f"- **model {model:.4f}**: {_said(model, baseline)} the previous month ({baseline:.4f}), " \
-              f"{_said(model, reference)} the LightGBM ({reference:.4f})"  # fmt: skip
+              f"{_said(model, reference)} the LightGBM ({reference:.4f})"
     assert verdict in report.split("| origin |")[0], report[:800]
     for o in res.origins:
         scores = " | ".join(f"{o.rmse[p]:.4f}" for p in ("model", "reference", "ensemble", "baseline"))
@@ -172,7 +172,7 @@ def backtest_flow_on(lake: Path, origin: int) -> dict:
     return backtest_flow(
         data_dir=str(lake), origins=[origin], units=4, depth=1, lookback=4, epochs=1, batch_size=256,
         overrides=overrides,
-    )  # fmt: skip
+    )
 
 
 @pytest.fixture(scope="module")
@@ -233,13 +233,13 @@ def dask_cluster(tmp_path_factory) -> Iterator[str]:
                       "--no-dashboard"],
         "worker": [dask, "worker", address, "--nworkers", "2", "--nthreads", "1", "--host", "127.0.0.1",
                    "--no-dashboard"],
-    }  # fmt: skip
+    }
     processes = []
     try:
         for name, command in commands.items():
             log = open(logs / f"{name}.log", "w")  # noqa: SIM115 - closed with the process below
             processes.append((subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                               start_new_session=True), log))  # fmt: skip
+                                               start_new_session=True), log))
         with Client(address, timeout=60) as client:
             client.wait_for_workers(2, timeout=120)
         yield address
@@ -271,7 +271,7 @@ def test_origins_run_on_dask_worker_processes_and_score_as_on_threads(result, la
     summary = backtest_flow(
         data_dir=str(lake), origins=origins, **{k: SMALL[k] for k in FLOW_KNOBS}, task_runner="dask",
         dask_address=dask_cluster, overrides={k: v for k, v in SMALL.items() if k not in FLOW_KNOBS},
-    )  # fmt: skip
+    )
     on_dask = BacktestResult.from_dict(json.loads((Path(summary["run_dir"]) / RESULT_FILE).read_text()))
     assert [o.origin for o in on_dask.origins] == origins and on_dask.config["task_runner"] == "dask"
     assert Path(summary["run_dir"]).name == f"backtest-{backtest_id(config, origins)}", "the id ignores the runner"

@@ -25,7 +25,7 @@ from core.windows import build_windows
 SMALL: dict[str, Any] = {
     "units": 4, "depth": 1, "lookback": 4, "epochs": 1, "batch_size": 256, "head_units": 4, "embedding_dim": 2,
     "sample_budget": 2000, "jit_compile": "off", "max_rounds": 60, "early_stopping_rounds": 10,
-}  # fmt: skip
+}
 
 
 def forecast_run(config: NestcastConfig) -> dict[str, Any]:
@@ -42,7 +42,7 @@ def forecast_run(config: NestcastConfig) -> dict[str, Any]:
     decision = gate_run(config, windows.windows_dir, final.windows_dir, run_dir, selection, scores)
     exported = export_run(config, final.windows_dir, run_dir, decision)
     return {"run_dir": run_dir, "selection": selection, "scores": scores, "decision": decision,
-            "submission": exported.csv_path}  # fmt: skip
+            "submission": exported.csv_path}
 
 
 @pytest.fixture(scope="module")

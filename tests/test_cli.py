@@ -32,7 +32,7 @@ def test_help_lists_the_choices_of_every_enumerated_option(command):
     expected = {
         "--kind": "nlstm|lstm|gru|rnn", "--device": "auto|cpu|gpu", "--sample-policy": "grid|active|all",
         "--fallback": "baseline|model", "--task-runner": "thread|dask",
-    }  # fmt: skip
+    }
     if command == "backtest":
         expected = {k: v for k, v in expected.items() if k != "--fallback"}  # origins run on threads or Dask
     for option, choices in expected.items():
@@ -46,7 +46,7 @@ def test_demo_data_writes_the_five_competition_files(tmp_path):
     raw = tmp_path / "raw"
     assert sorted(p.name for p in raw.iterdir()) == [
         "item_categories.csv", "items.csv", "sales_train.csv", "shops.csv", "test.csv",
-    ]  # fmt: skip
+    ]
     assert list(pd.read_csv(raw / "test.csv", nrows=1).columns) == ["ID", "shop_id", "item_id"]
 
 

@@ -49,7 +49,7 @@ def flow_calls(monkeypatch) -> list[dict[str, Any]]:
             "submission": "s.csv", "exported": "model", "report": "r.md", "run_dir": "runs/x",
             "holdout_rmse": {"model": 1.0, "baseline": 2.0}, "baseline_rmse": 2.0,
             "holdout_month": 33, "validation_months": [31, 32], "exported_rmse": 1.0,
-        }  # fmt: skip
+        }
 
     module = types.ModuleType("flows.sales_forecast")
     module.sales_forecast = StandInFlow(fake_flow)  # type: ignore[attr-defined]
@@ -89,7 +89,7 @@ def test_set_of_a_field_with_its_own_option_is_applied_on_top_of_the_default(dat
 
 def test_set_and_an_explicit_option_agreeing_is_fine_disagreeing_names_both(data_dir, flow_calls):
     same = runner.invoke(app, ["run", "--data-dir", str(data_dir), "--learning-rate", "0.001",
-                               "--set", "learning_rate=1e-3"])  # fmt: skip
+                               "--set", "learning_rate=1e-3"])
     assert same.exit_code == 0, same.output
     assert flow_config(flow_calls[0]).train.learning_rate == 0.001
     clash = runner.invoke(app, ["run", "--data-dir", str(data_dir), "--epochs", "3", "--set", "epochs=2"])
@@ -127,7 +127,7 @@ def test_set_of_data_dir_and_submission_path_reach_the_flow_parameters(tmp_path,
         ("target_clip_max=-1", "error: config: Value error, windows.target_clip_max must be greater than "
                                "target_clip_min"),
     ],
-)  # fmt: skip
+)
 def test_bad_set_values_are_one_line_naming_the_field_before_the_flow(data_dir, flow_calls, pair, expected):
     result = runner.invoke(app, ["run", "--data-dir", str(data_dir), "--set", pair])
     assert one_error_line(result) == expected

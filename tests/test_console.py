@@ -17,7 +17,7 @@ from deployments.console import LOGGING_CONFIG, ConsoleNoise, UiLogNoise, wants_
 REPO = Path(__file__).resolve().parents[1]
 TINY_OPTIONS = ["--epochs", "1", "--units", "4", "--lookback", "4", "--batch-size", "256", "--set", "depth=1",
                 "--set", "head_units=4", "--set", "sample_budget=2000", "--set", "jit_compile=off",
-                "--set", "max_rounds=20", "--set", "retry_delay_seconds=0"]  # fmt: skip
+                "--set", "max_rounds=20", "--set", "retry_delay_seconds=0"]
 
 
 def nestcast(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
@@ -26,7 +26,7 @@ def nestcast(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     env.pop("PREFECT_API_URL", None)
     env["PYTHONPATH"] = str(REPO)
     return subprocess.run([sys.executable, "-m", "deployments.cli", *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=600)  # fmt: skip
+                          text=True, timeout=600)
 
 
 @pytest.mark.slow
@@ -79,7 +79,7 @@ def test_numbers_read_as_four_decimals_calendar_months_and_better_or_worse():
     assert versus(3.0205, 3.4147) == "11.5 % better than the previous month"
     assert versus(3.4692, 3.4147) == "1.6 % worse than the previous month"
     assert (change(3.0205, 3.4147), change(3.4692, 3.4147), change(1.0, 1.0002)) == ("11.5 % better", "1.6 % worse",
-                                                                                     "the same")  # fmt: skip
+                                                                                     "the same")
     assert ratio(3.0205, 3.4147) == pytest.approx(0.8846)
 
 
@@ -89,10 +89,10 @@ def test_the_summary_puts_the_verdict_first_and_the_flow_run_url_last():
                "beaten_by": {"reference": 1.3999}, "holdout_month": 33, "validation_months": [31, 32],
                "forecast_month": 34, "epochs": 2, "months": list(range(34)), "train_samples": 12000,
                "submission": "/d/s.csv", "report": "/d/r.md", "run_dir": "/d/run",
-               "flow_run_url": "http://127.0.0.1:4200/runs/flow-run/x"}  # fmt: skip
+               "flow_run_url": "http://127.0.0.1:4200/runs/flow-run/x"}
     lines = forecast_summary_lines(summary)
     assert lines[0] == ("Exported ensemble for 2015-11: holdout 2015-10 RMSE 1.4126, 24.0 % better than the previous "
-                        "month (1.8579). Better on that month: LightGBM 1.3999 (0.9 % better).")  # fmt: skip
+                        "month (1.8579). Better on that month: LightGBM 1.3999 (0.9 % better).")
     assert ("holdout 2015-10 RMSE: model 1.4127, LightGBM 1.3999, ensemble 1.4126, previous month 1.8579, "
             "mean of last 3 1.7000") in lines
     assert "chosen on:  validation months 2015-08, 2015-09, 2 epoch(s)" in lines
@@ -101,7 +101,7 @@ def test_the_summary_puts_the_verdict_first_and_the_flow_run_url_last():
     assert "lake:       2013-01 – 2015-10 (34 months), 12,000 training samples" in lines
     drawn = forecast_summary_lines({**summary, "train_samples": 10_333_657, "sample_budget": 1_000_000})
     assert ("lake:       2013-01 – 2015-10 (34 months), 10,333,657 training samples (1,000,000 drawn afresh each "
-            "epoch, weighted)") in drawn  # fmt: skip
+            "epoch, weighted)") in drawn
 
 
 class Recorded(logging.Handler):
@@ -194,7 +194,7 @@ def test_the_ui_log_keeps_an_expected_error_as_one_line_and_an_unexpected_one_wi
     assert "Traceback" in logging.Formatter().format(unexpected)
     assert not console.filter(expected), "the console (next handler) still knows it was expected"
     hook = logging.LogRecord("prefect.flow_runs", logging.INFO, __file__, 1, "Running hook 'publish_artifacts' in "
-                             "response to entering state 'Completed'", None, None)  # fmt: skip
+                             "response to entering state 'Completed'", None, None)
     assert not ui.filter(hook)
     engine = _error_record(DataValidationError("test.csv: line 10"))
     engine.msg, engine.args = "Engine execution exited with unexpected exception", None
@@ -208,7 +208,7 @@ def test_the_logging_config_is_prefect_s_own_with_nestcast_s_filters_on_its_cons
     ours = yaml.safe_load(LOGGING_CONFIG.read_text())
     prefects = yaml.safe_load((Path(prefect.__file__).parent / "logging" / "logging.yml").read_text())
     assert ours.pop("filters") == {"console_noise": {"()": "deployments.console.console_noise"},
-                                   "ui_log_noise": {"()": "deployments.console.UiLogNoise"}}  # fmt: skip
+                                   "ui_log_noise": {"()": "deployments.console.UiLogNoise"}}
     assert ours["handlers"]["console"].pop("filters") == ["console_noise"]
     assert ours["handlers"]["api"].pop("filters") == ["ui_log_noise"]
     assert ours == prefects, "Prefect's logging.yml changed: take the new one and add the filters again"

@@ -58,7 +58,7 @@ def test_the_deployment_form_has_the_config_s_bounds_and_choices_and_refuses_zer
     for name in ("epochs", "units", "lookback", "batch_size", "depth"):
         field = knob_field(name)
         bounds = {key: getattr(meta, bound) for meta in field.metadata
-                  for key, bound in (("minimum", "ge"), ("maximum", "le")) if hasattr(meta, bound)}  # fmt: skip
+                  for key, bound in (("minimum", "ge"), ("maximum", "le")) if hasattr(meta, bound)}
         assert {key: properties[name][key] for key in ("minimum", "maximum") if key in properties[name]} == bounds
     assert properties["lookback"]["minimum"] == 1 and properties["lookback"]["maximum"] == 60
     for name in ("kind", "sample_policy", "device", "fallback"):
@@ -71,11 +71,11 @@ def test_serve_refuses_a_data_directory_without_raw_in_one_line_before_serving(t
     env = {k: v for k, v in os.environ.items() if not k.startswith(("NESTCAST_", "PREFECT_API_URL"))}
     env["PYTHONPATH"] = str(REPO)
     result = subprocess.run([sys.executable, "-m", "deployments.cli", "serve", "--data-dir", str(tmp_path / "none")],
-                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [f"error: {tmp_path / 'none' / 'raw'} does not exist: put the "
                                                   f"competition CSVs there or run `nestcast demo-data "
-                                                  f"{tmp_path / 'none'}`"]  # fmt: skip
+                                                  f"{tmp_path / 'none'}`"]
 
 
 def test_served_deployments_default_to_the_data_directory_serve_was_given(tmp_path):

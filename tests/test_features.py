@@ -35,7 +35,7 @@ def tiny() -> dict[str, pd.DataFrame]:
     sales = data.sales
     sales = sales[(sales["item_price"] > 0) & (sales["item_price"] < 100_000) & (sales["item_cnt_day"] < 1000)]
     return {"sales": sales.reset_index(drop=True), "items": data.items, "test": data.test,
-            "shops": data.shops["shop_id"].tolist()}  # fmt: skip
+            "shops": data.shops["shop_id"].tolist()}
 
 
 def lake(root: Path, tiny: dict[str, pd.DataFrame], holdout: int) -> tuple[NestcastConfig, WindowStore]:
@@ -58,7 +58,7 @@ def loop_features(monthly: pd.DataFrame, store: WindowStore, shop: int, item: in
         shops_in[m].add(s)
         items_in[m].add(i)
     category_of.update(zip(store.series["item_id"].astype(int), store.series["item_category_id"].astype(int),
-                           strict=True))  # fmt: skip
+                           strict=True))
     c = category_of[item]
 
     def clipped(s: int, i: int, m: int) -> float:
@@ -96,10 +96,10 @@ def loop_features(monthly: pd.DataFrame, store: WindowStore, shop: int, item: in
         out[f"item_shops_sold_lag_{k}"] = float(sold_in) if m >= 0 else math.nan
     since_pair = range(pair_months[0], target) if pair_months else range(0)
     out["pair_mean_since_first"] = (sum(clipped(shop, item, m) for m in since_pair) / len(since_pair)
-                                    if since_pair else math.nan)  # fmt: skip
+                                    if since_pair else math.nan)
     since_item = range(item_months[0], target) if item_months else range(0)
     out["item_mean_since_first"] = (sum(group_mean(m, lambda s, i: i == item) for m in since_item) / len(since_item)
-                                    if since_item else math.nan)  # fmt: skip
+                                    if since_item else math.nan)
     return out
 
 
@@ -119,7 +119,7 @@ def test_every_feature_equals_the_loop_reference(tmp_path: Path, tiny: dict[str,
         expected = loop_features(monthly, store, shop, item, int(target))
         for name, value in expected.items():
             np.testing.assert_allclose(got[n, column[name]], value, rtol=1e-5, atol=1e-6,
-                                       err_msg=f"{name} of shop {shop}, item {item}, month {target}")  # fmt: skip
+                                       err_msg=f"{name} of shop {shop}, item {item}, month {target}")
         assert got[n, column["shop"]] == store.shop_index[series]
         assert got[n, column["category"]] == store.category_index[series]
 
@@ -137,7 +137,7 @@ def test_no_feature_sees_the_target_month_or_later(tmp_path: Path, tiny: dict[st
         rows = np.concatenate([store.train_index, store.holdout_index])
         values = matrix(FeatureTables.of(store.arrays()), rows, (*RECIPE, *HISTORY))
         keys = zip(store.series["shop_id"].to_numpy()[rows[:, 0]], store.series["item_id"].to_numpy()[rows[:, 0]],
-                   rows[:, 1], strict=True)  # fmt: skip
+                   rows[:, 1], strict=True)
         return {tuple(int(v) for v in key): values[n] for n, key in enumerate(keys)}
 
     clean_rows, dirty_rows = keyed(clean), keyed(dirty)
@@ -184,7 +184,7 @@ def test_the_models_static_inputs_are_the_reference_features_of_the_target_month
     np.testing.assert_array_equal(batch["month"], full[:, column["month_of_year"]].astype(np.int32))
     lag1 = HEAD.index("pair_lag_1")
     np.testing.assert_allclose(batch["static"][:, lag1], np.log1p(np.nan_to_num(full[:, column["pair_lag_1"]])),
-                               rtol=1e-6)  # fmt: skip
+                               rtol=1e-6)
     price = HEAD.index("price_last")
     np.testing.assert_allclose(batch["static"][:, price], np.nan_to_num(full[:, column["price_last"]]), rtol=1e-6)
     assert head_inputs(store.feature_tables(), rows)["static"].tobytes() == batch["static"].tobytes()

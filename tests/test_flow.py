@@ -32,10 +32,10 @@ TINY_RUN: dict[str, Any] = {
     # XLA compiles cost more than they save on tiny data. Every stage still trains a network and a booster; what
     # the tests check (retries, the cache, rebuilt and retrained steps, files) does not depend on their size.
     "overrides": {"head_units": 4, "sample_budget": 2000, "retry_delay_seconds": 0, "retries": 2,
-                  "jit_compile": "off", "max_rounds": 20},  # fmt: skip
+                  "jit_compile": "off", "max_rounds": 20},
 }
 STEPS = ("ingest", "build-windows-evaluation", "build-windows-final", "select", "refit-holdout", "refit-final",
-         "evaluate", "export")  # fmt: skip
+         "evaluate", "export")
 NAMED_RUNS = ("build-windows-", "refit-")  # task_run_name templates: the run name is the whole key
 
 
@@ -72,7 +72,7 @@ def artifacts_of(flow_run_id) -> dict[str, Any]:
 
     with get_client(sync_client=True) as client:
         found = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(
-            any_=[flow_run_id])))  # fmt: skip
+            any_=[flow_run_id])))
     return {artifact.key: artifact for artifact in found if artifact.key}
 
 
@@ -128,7 +128,7 @@ def test_transient_errors_are_retried_data_errors_are_not_and_a_rerun_resumes_fr
     artifacts = artifacts_of(second.state_details.flow_run_id)
     for key in ("evaluation", "evaluation-report", "training-epochs-select", "training-epochs-refit-holdout",
                 "training-epochs-refit-final", "submission", "sales-forecast-summary",
-                "validation-sales-train-csv", "ranges"):  # fmt: skip
+                "validation-sales-train-csv", "ranges"):
         assert key in artifacts, f"{key} missing from the cached rerun; has {sorted(artifacts)}"
     report = artifacts["evaluation-report"].data
     assert "](data:image/png;base64,iVBORw0KGgo" in report and "file://" not in report
@@ -156,7 +156,7 @@ def test_transient_errors_are_retried_data_errors_are_not_and_a_rerun_resumes_fr
     run_dir = Path(summary["run_dir"])
     for name in ("metrics.json", "report.md", "monthly_totals.png", "forecast.parquet", "select/selection.json",
                  "ranges.json", "fan.png",
-                 "select/validation.parquet", "holdout/holdout.parquet", "final/forecast.parquet"):  # fmt: skip
+                 "select/validation.parquet", "holdout/holdout.parquet", "final/forecast.parquet"):
         assert (run_dir / name).exists(), name
     for stage in ("select", "holdout", "final"):
         for name in ("model.keras", "reference.txt"):
@@ -211,7 +211,7 @@ def test_the_validation_artifacts_show_the_first_quarantined_lines_and_the_ge_pa
     artifacts = artifacts_of(state.state_details.flow_run_id)
     measures = {row["measure"]: row["value"] for row in table(artifacts["validation-sales-train-csv"])}
     assert measures["status"] == (f"failed on {report['rows_quarantined']:,} rows (quarantined); "
-                                  f"the other {report['rows_accepted']:,} accepted")  # fmt: skip
+                                  f"the other {report['rows_accepted']:,} accepted")
     assert Path(measures["validation page"]).is_file() and measures["validation page"].endswith(".html")
     quarantine = pd.read_parquet(data_dir / "lake" / "quarantine" / "sales_train.parquet").sort_values("line_number")
     markdown = artifacts["quarantine-sales-train-csv"].data

@@ -95,7 +95,7 @@ def test_the_gate_falls_back_when_nothing_beats_the_previous_period() -> None:
 
 def test_a_decision_survives_json() -> None:
     decision = decide({"model": 1.0, "ensemble": 0.9, "baseline": 2.0}, validation_months=[2, 3], blend_weight=0.25,
-                      launch_blend_weight=0.0)  # fmt: skip
+                      launch_blend_weight=0.0)
     assert Decision.from_dict(decision.to_dict()) == decision and decision.launch_blend_weight == 0.0
 
 
@@ -114,7 +114,7 @@ def two_months_one_of_extreme_launches(seed: int = 7) -> dict[str, np.ndarray]:
     model = usual + rng.normal(0, 0.8, 2 * n)
     booster = np.where(extreme, 8.0, usual) + rng.normal(0, 0.8, 2 * n)
     return {"actual": actual, "model": np.clip(model, 0, 20), "booster": np.clip(booster, 0, 20), "launch": launch,
-            "months": months}  # fmt: skip
+            "months": months}
 
 
 def test_one_month_of_extreme_launches_cannot_move_a_choice_to_its_bound() -> None:

@@ -415,7 +415,7 @@ def test_two_drop_files_of_one_month_are_both_ingested_and_every_row_is_counted(
 
 
 def test_a_part_arriving_a_run_later_joins_its_month_and_a_removed_part_takes_only_its_rows(tmp_path: Path
-                                                                                          ) -> None:  # fmt: skip
+                                                                                          ) -> None:
     config = _write_raw(tmp_path)
     paths = LakePaths(tmp_path)
     (paths.raw / PART1).write_bytes(_sales(rows=PART1_ROWS))
@@ -433,7 +433,7 @@ def test_a_part_arriving_a_run_later_joins_its_month_and_a_removed_part_takes_on
 
 
 def test_two_drop_files_of_one_month_sharing_rows_are_refused_naming_both_and_nothing_is_written(tmp_path: Path
-                                                                                                ) -> None:  # fmt: skip
+                                                                                                ) -> None:
     config = _write_raw(tmp_path)
     paths = LakePaths(tmp_path)
     (paths.raw / PART1).write_bytes(_sales(rows=PART1_ROWS))

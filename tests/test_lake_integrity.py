@@ -148,7 +148,7 @@ def test_an_interrupted_commit_is_completed_before_a_cached_ingest_is_served(tmp
 
 
 def test_a_sales_partition_deleted_or_damaged_behind_the_manifest_makes_a_cached_ingest_rewrite_it(
-        tmp_path: Path) -> None:  # fmt: skip
+        tmp_path: Path) -> None:
     config = _write_raw(tmp_path / "a", **{DROP.removesuffix(".csv"): DROP_BYTES})
     paths = LakePaths(config.data_dir)
     assert _ingest_flow(config) == "Completed"

@@ -83,7 +83,7 @@ def test_the_temporary_prefect_server_is_on_loopback_and_dies_with_a_killed_cli(
     cli = subprocess.Popen(
         [str(NESTCAST), "run", "--data-dir", str(tmp_path), "--epochs", "1"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=environ,
-    )  # fmt: skip
+    )
     server: psutil.Process | None = None
     try:
         deadline = time.monotonic() + 120
@@ -130,5 +130,5 @@ def test_the_server_launcher_exits_if_its_parent_is_already_gone():
     started = subprocess.run(
         [sys.executable, "-c", _DIE_WITH_PARENT, str(os.getpid()), "--version"], capture_output=True, text=True,
         timeout=60,
-    )  # fmt: skip
+    )
     assert started.returncode == 0 and "uvicorn" in started.stdout.lower()

@@ -169,17 +169,17 @@ def test_the_cosine_rate_falls_from_the_peak_to_the_floor_and_a_refit_of_k_epoch
     refit = RatesSeen()  # two of the three epochs, on the selection's curve (not squeezed into two epochs)
     refit_cfg = cfg.model_copy(update={"epochs": 2})
     train_model(build(), train, None, refit_cfg, tmp_path / "refit", device=CPU_NO_JIT, callbacks=[refit],
-                schedule_epochs=3)  # fmt: skip
+                schedule_epochs=3)
     np.testing.assert_allclose(refit.rates, selection.rates[: 2 * steps], rtol=1e-6)
 
     warm = RatesSeen()  # a refit from the selection's network: the curve's last epoch, not its first
     train_model(build(), train, None, cfg.model_copy(update={"epochs": 1}), tmp_path / "warm", device=CPU_NO_JIT,
-                callbacks=[warm], schedule_epochs=3, schedule_offset=2)  # fmt: skip
+                callbacks=[warm], schedule_epochs=3, schedule_offset=2)
     np.testing.assert_allclose(warm.rates, selection.rates[2 * steps :], rtol=1e-6)
 
     constant = RatesSeen()
     train_model(build(), train, None, cfg.model_copy(update={"learning_rate_schedule": "constant"}),
-                tmp_path / "constant", device=CPU_NO_JIT, callbacks=[constant])  # fmt: skip
+                tmp_path / "constant", device=CPU_NO_JIT, callbacks=[constant])
     np.testing.assert_allclose(constant.rates, 1e-2, rtol=1e-6)  # untouched: the rate build() compiled with
 
 
@@ -187,7 +187,7 @@ def test_the_cosine_rate_falls_from_the_peak_to_the_floor_and_a_refit_of_k_epoch
     ("kwargs", "message"),
     [({"peak": 0.0}, "peak must be positive, got 0.0"), ({"epochs": 0}, "epochs and steps must be at least 1"),
      ({"floor": 1.5}, r"floor must lie in \[0, 1\], got 1.5"), ({"offset": -1}, "offset must be at least 0, got -1")],
-)  # fmt: skip
+)
 def test_the_cosine_schedule_names_a_bad_argument(kwargs, message):
     arguments = {"peak": 1e-3, "epochs": 3, "steps": 10, "floor": 0.05} | kwargs
     with pytest.raises(ValueError, match=message):
@@ -351,7 +351,7 @@ def test_the_head_learns_from_static_features_and_the_month():
         ModelConfig(kind="nlstm", units=8, depth=2, head_units=16),
         lookback=LOOKBACK, n_channels=CHANNELS, n_shops=SHOPS, n_categories=CATEGORIES, seed=1,
         train_cfg=TrainConfig(learning_rate=1e-2), device=CPU_NO_JIT, n_static=5,
-    )  # fmt: skip
+    )
     assert {"static", "month"} <= set(model.input)
     data = {**inputs, "static": static, "month": month}
     before = float(np.mean((predict(model, data, clip_max=100.0) - y) ** 2))
@@ -409,13 +409,13 @@ def test_a_refit_from_the_selection_continues_its_network_and_a_refit_from_scrat
     # A rate of 1e-12 leaves a refit where it started: the selection's network, or fresh weights.
     still = config.with_overrides(learning_rate=1e-12)
     warm = train_forecaster(still, windows, tmp_path / "warm", stage="refit", epochs=1,
-                            start_from=selected.model_path)  # fmt: skip
+                            start_from=selected.model_path)
     cold = train_forecaster(still, windows, tmp_path / "cold", stage="refit", epochs=1)
     chosen = weights_of(load_model(selected.model_path))
     for got, want in zip(weights_of(load_model(warm.model_path)), chosen, strict=True):
         np.testing.assert_allclose(got, want, atol=1e-6)
     assert any(not np.allclose(got, want, atol=1e-3)
-               for got, want in zip(weights_of(load_model(cold.model_path)), chosen, strict=True))  # fmt: skip
+               for got, want in zip(weights_of(load_model(cold.model_path)), chosen, strict=True))
     assert json.loads((tmp_path / "warm" / "metadata.json").read_text())["started_from"] == selected.model_path
     assert json.loads((tmp_path / "cold" / "metadata.json").read_text())["started_from"] is None
     with pytest.raises(ValueError, match="only a refit starts from a trained network"):

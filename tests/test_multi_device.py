@@ -53,7 +53,7 @@ pytestmark = pytest.mark.slow  # one child process per backend and device layout
 def train_on_one_and_two_devices(backend: str, tmp_path: Path, **env: str) -> dict:
     child_env = os.environ | {"KERAS_BACKEND": backend, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": str(ROOT), **env}
     done = subprocess.run([sys.executable, "-c", CHILD, str(tmp_path)], capture_output=True, text=True,
-                          env=child_env, cwd=ROOT, timeout=300)  # fmt: skip
+                          env=child_env, cwd=ROOT, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     line = next(line for line in done.stdout.splitlines() if line.startswith("RESULT "))
     return json.loads(line.removeprefix("RESULT "))

@@ -36,7 +36,7 @@ def s3_endpoint() -> Iterator[str]:
     """``moto_server`` in its own process on a free loopback port, for this module."""
     port = _free_port()
     server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     endpoint = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
     while True:
@@ -78,7 +78,7 @@ def fresh_copy(url: str, cache: Path, monkeypatch) -> ObjectStoreLake:
 def tree(root: Path) -> dict[str, str]:
     """Relative path -> sha256 of every file below ``root`` outside dot-names (what a store commits)."""
     return {p.relative_to(root).as_posix(): file_sha256(p) for p in sorted(root.rglob("*"))
-            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)}  # fmt: skip
+            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)}
 
 
 def test_a_commit_round_trips_to_another_working_copy_and_publishes_each_file_at_its_own_path(
@@ -135,7 +135,7 @@ def test_a_crash_before_the_manifest_leaves_the_previous_state_whole_and_the_nex
     assert writer.commit("v2 again") == 2  # the writer restarts: its working copy still holds the changes
     reader.pull()
     expected = {"a.txt": file_sha256(writer.root / "a.txt"), "b.txt": before["b.txt"],
-                "c.txt": file_sha256(writer.root / "c.txt")}  # fmt: skip
+                "c.txt": file_sha256(writer.root / "c.txt")}
     assert tree(reader.root) == tree(writer.root) == expected
 
 
@@ -156,7 +156,7 @@ def test_two_writers_racing_for_one_version_both_land_and_garbage_is_only_what_n
     assert sorted(head.files) == ["runs/backtest-1/r.json", "runs/backtest-2/r.json"]
     third = fresh_copy(bucket_url, tmp_path / "third", monkeypatch)
     assert tree(third.root) == {name: file_sha256(copy.root / name) for name, copy in
-                                [("runs/backtest-1/r.json", first), ("runs/backtest-2/r.json", second)]}  # fmt: skip
+                                [("runs/backtest-1/r.json", first), ("runs/backtest-2/r.json", second)]}
 
     orphan = first.key(store_module.STORE_DIR, store_module.STAGING_DIR, "20200101T000000-0badf00d", "x.txt")
     first.fs.pipe_file(orphan, b"a crashed writer's upload")
@@ -186,7 +186,7 @@ def _escape_spellings(target: Path, depth: int) -> dict[str, str]:
     decoder would see it)."""
     below = target.relative_to(target.parent.parent).as_posix()
     return {"dotdot": "../" * depth + below, "absolute": str(target),
-            "percent-encoded": "%252e%252E/" * depth + below}  # fmt: skip
+            "percent-encoded": "%252e%252E/" * depth + below}
 
 
 @pytest.mark.parametrize("spelling", ["dotdot", "absolute", "percent-encoded"])
@@ -211,7 +211,7 @@ def test_a_raw_key_that_would_leave_the_working_copy_is_refused_naming_it_and_no
 
 
 def _commit_by_hand(store: ObjectStoreLake, version: int, files: dict[str, bytes], objects: dict[str, str]
-                    ) -> None:  # fmt: skip
+                    ) -> None:
     """A manifest written as anyone with access to the bucket could write one: each file's bytes staged under
     ``objects[path]`` (default ``tx/hand/<path>``), the manifest created as version ``version``."""
     entries = {}
@@ -273,14 +273,14 @@ def _cli(*args: str, env: dict[str, str], cwd: Path) -> subprocess.CompletedProc
     own = ("NESTCAST_", "PREFECT_API_URL", "PREFECT_LOGGING", "AWS_")  # this test's settings, not the session's
     clean = {k: v for k, v in os.environ.items() if not k.startswith(own)}
     return subprocess.run([sys.executable, "-m", "deployments.cli", *args], cwd=cwd, capture_output=True, text=True,
-                          env={**clean, "PYTHONPATH": str(REPO), **env}, timeout=600)  # fmt: skip
+                          env={**clean, "PYTHONPATH": str(REPO), **env}, timeout=600)
 
 
 def option_fields(options: list[str]) -> dict[str, str]:
     """CLI options (``--batch-size 256``, ``--set head_units=8``) as config fields (the config parses the values)."""
     pairs = zip(options[::2], options[1::2], strict=True)
     return dict(value.split("=", 1) if flag == "--set" else (flag[2:].replace("-", "_"), value)
-                for flag, value in pairs)  # fmt: skip
+                for flag, value in pairs)
 
 
 @pytest.mark.slow
@@ -293,7 +293,7 @@ def test_the_whole_flow_runs_on_an_s3_data_dir_and_a_crash_before_a_commit_loses
     from tests.test_console import TINY_OPTIONS
 
     env = {**CREDENTIALS, "AWS_ENDPOINT_URL": s3_endpoint, "NESTCAST_STORE_CACHE": str(tmp_path / "cache"),
-           "PREFECT_HOME": str(tmp_path / "prefect")}  # fmt: skip
+           "PREFECT_HOME": str(tmp_path / "prefect")}
     made = _cli("demo-data", bucket_url, "--scale", "tiny", "--seed", "3", env=env, cwd=tmp_path)
     assert made.returncode == 0, made.stderr[-2000:]
     missing = _cli("run", "--data-dir", bucket_url + "-elsewhere", env=env, cwd=tmp_path)
@@ -313,7 +313,7 @@ def test_the_whole_flow_runs_on_an_s3_data_dir_and_a_crash_before_a_commit_loses
         "s.ObjectStoreLake.create_exclusive = create\n"
     )
     crashed = _cli("run", "--data-dir", bucket_url, *TINY_OPTIONS, "--set", "retries=0",
-                   env={**env, "PYTHONPATH": f"{hook}:{REPO}"}, cwd=tmp_path)  # fmt: skip
+                   env={**env, "PYTHONPATH": f"{hook}:{REPO}"}, cwd=tmp_path)
     assert crashed.returncode != 0 and "injected crash before the export commit" in crashed.stderr + crashed.stdout
 
     store = fresh_copy(bucket_url, tmp_path / "reader", monkeypatch)  # another machine reads what the crash left
@@ -333,7 +333,7 @@ def test_the_whole_flow_runs_on_an_s3_data_dir_and_a_crash_before_a_commit_loses
     store.pull()
     assert (store.root / "submissions" / url.rsplit("/", 1)[1]).read_bytes() == store.fs.cat_file(url)
     new_commits = [json.loads(store.fs.cat_file(store.key("_nestcast", "commits", f"{v:010d}.json")))
-                   for v in store.versions() if v > committed_before]  # fmt: skip
+                   for v in store.versions() if v > committed_before]
     assert not {c["note"] for c in new_commits} & {"ingest", "build-windows", "select", "refit"}, "recomputed"
     assert any(name.startswith("submissions/") for c in new_commits for name in c["changed"])
 

@@ -22,10 +22,10 @@ def test_training_logs_device_samples_and_batches_before_epoch_one_and_draws_a_b
     progress = TrainingProgress("select", lines.append, bar=True, stream=terminal)
     train, val = make_data(300, 0), make_data(64, 1)
     train_model(build(), train, val, TrainConfig(epochs=2, batch_size=64), tmp_path, device=CPU,
-                callbacks=[progress])  # fmt: skip
+                callbacks=[progress])
     (line,) = lines
     assert line.startswith("select: training on CPU, no GPU found; 300 samples in 5 batches of 64 per epoch, "
-                           "up to 2 epochs; first batch (graph build and compile) ")  # fmt: skip
+                           "up to 2 epochs; first batch (graph build and compile) ")
     drawn = terminal.getvalue()
     assert "select epoch 1/2" in drawn and "select epoch 2/2" in drawn and "5/5" in drawn and "batch" in drawn
 
@@ -35,7 +35,7 @@ def test_no_bar_is_drawn_when_the_output_is_not_a_terminal(tmp_path):
     progress = TrainingProgress("refit-final", None, stream=captured)
     assert progress.bar_enabled is False
     train_model(build(), make_data(128, 0), None, TrainConfig(epochs=1, batch_size=64), tmp_path, device=CPU,
-                callbacks=[progress])  # fmt: skip
+                callbacks=[progress])
     assert captured.getvalue() == "" and progress.start_line is not None
 
 

@@ -57,7 +57,7 @@ def synthetic_rows(n: int, seed: int) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     return {"new_item": rng.random(n) < 0.1, "new_pair": rng.random(n) < 0.2,
             "prev": rng.choice([0.0, 1.0, 2.0, 4.0, 9.0], n, p=[0.6, 0.15, 0.1, 0.1, 0.05]),
-            "point": rng.uniform(0, 6, n)}  # fmt: skip
+            "point": rng.uniform(0, 6, n)}
 
 
 # --- the math ---------------------------------------------------------------------------------------
@@ -106,7 +106,7 @@ def test_pinball_loss_and_coverage_equal_the_oracle() -> None:
 
 def test_levels_stay_monotone_and_inside_the_clip_range_after_clipping() -> None:
     calibration = quantiles.calibrate(np.array([0.0, 20.0] * 300), np.full(600, 10.0), np.zeros(600),
-                                      np.full(600, 2), (0.05, 0.2, 0.5, 0.8, 0.95))  # fmt: skip
+                                      np.full(600, 2), (0.05, 0.2, 0.5, 0.8, 0.95))
     point = np.array([0.0, 0.5, 19.5, 20.0, 7.0])
     ranges = quantiles.apply(point, np.full(point.size, 2), calibration, CLIP)
     assert (np.diff(ranges, axis=1) >= 0).all()
@@ -132,7 +132,7 @@ def test_coverage_is_near_nominal_when_residuals_come_from_a_known_distribution(
     assert scored["interval_coverage"] == pytest.approx(0.8, abs=0.015)
     new_items = codes == 0
     on_new = quantiles.score(actual[new_items], quantiles.apply(point, codes, calibration, (-100.0, 100.0))[new_items],
-                             LEVELS)  # fmt: skip
+                             LEVELS)
     assert on_new["interval_coverage"] == pytest.approx(0.8, abs=0.05)
 
 
@@ -143,7 +143,7 @@ def test_resampled_totals_match_a_loop_over_draws_with_the_same_random_numbers()
     pools = [rng.normal(0, 1 + i, 50 + i) for i in range(len(quantiles.LEAVES))]
     groups = rng.integers(-1, 3, codes.size)
     totals, everything = quantiles.resampled_totals(rows["point"], codes, pools, groups, 3, CLIP, draws=30, seed=11,
-                                                    chunk=7)  # fmt: skip
+                                                    chunk=7)
     replay = np.random.default_rng(11)
     for first in range(0, 30, 7):
         count = min(7, 30 - first)
@@ -180,9 +180,9 @@ def test_the_quantiles_file_is_written_atomically_sorted_by_id(tmp_path: Path) -
     (0, "q0.9", 25.0, "outside [0, 20]"),
     (2, "q0.1", -1.0, "outside [0, 20]"),
     (2, "q0.5", np.nan, "not a finite number"),
-])  # fmt: skip
+])
 def test_a_bad_quantiles_file_is_refused_naming_the_file_row_and_rule(tmp_path: Path, row: int, column: str,
-                                                                       value: float, rule: str) -> None:  # fmt: skip
+                                                                       value: float, rule: str) -> None:
     frame = good_frame()
     if column == "q0.5" and value == 0.2:
         frame.loc[row, ["q0.1", "q0.5", "q0.9"]] = [0.4, 0.6, 0.5]
@@ -198,7 +198,7 @@ def test_a_bad_quantiles_file_is_refused_naming_the_file_row_and_rule(tmp_path: 
 def test_a_quantiles_file_missing_an_exported_id_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ExportCheckError, match="one row per exported ID"):
         quantiles.write_quantiles(tmp_path / "x.quantiles.parquet", good_frame(), np.array([3, 5, 7, 9]), LEVELS,
-                                  CLIP)  # fmt: skip
+                                  CLIP)
 
 
 def test_quantile_levels_are_validated_naming_the_value() -> None:
@@ -276,21 +276,21 @@ def test_accountability_scores_the_kept_quantiles_and_the_naive_range_of_their_t
     quantiles.quantile_frame(np.array([4, 3, 2, 1]), np.zeros(4), np.arange(4), ranges, LEVELS).to_parquet(
         paths.submission_quantiles("2015-11"), index=False)
     calibration = quantiles.calibrate(np.array([0.0, 2.0, 1.0] * 100), np.ones(300), np.ones(300),
-                                      np.full(300, 3), LEVELS)  # fmt: skip
+                                      np.full(300, 3), LEVELS)
     forecast = accountability.Forecast(34, "2015-11", paths.submission("2015-11"),
-                                       {"quantiles": {"calibration": calibration.to_dict()}})  # fmt: skip
+                                       {"quantiles": {"calibration": calibration.to_dict()}})
     scored = accountability.score_ranges(paths, forecast, np.array([4, 3, 2, 1]), actual, previous, CLIP)
     # IDs 4, 3, 2, 1 are the rows of the file sorted by ID backwards: row i of the arrays is ranges[i].
     own = quantiles.score(actual, ranges, LEVELS)
     assert scored["interval_coverage"] == pytest.approx(own["interval_coverage"]) == pytest.approx(3 / 4)
     assert scored["pinball"] == pytest.approx(np.mean([oracle_pinball(actual.tolist(), ranges[:, j].tolist(), lv)
-                                                       for j, lv in enumerate(LEVELS)]))  # fmt: skip
+                                                       for j, lv in enumerate(LEVELS)]))
     naive = np.clip(previous[:, None] + np.array(calibration.naive)[None, :], *CLIP)
     assert scored["pinball_naive"] == pytest.approx(quantiles.score(actual, naive, LEVELS)["pinball"])
     assert json.loads(scored["coverage_levels"]) == pytest.approx({"0.1": 0.25, "0.5": 0.75, "0.9": 0.75})  # by hand
     without = accountability.Forecast(35, "2015-12", paths.submission("2015-12"), {})
     assert math.isnan(accountability.score_ranges(paths, without, np.array([1]), actual[:1], previous[:1],
-                                                  CLIP)["pinball"])  # fmt: skip
+                                                  CLIP)["pinball"])
 
 
 def test_the_history_plot_adds_coverage_against_nominal_once_a_month_has_ranges() -> None:
@@ -302,7 +302,7 @@ def test_the_history_plot_adds_coverage_against_nominal_once_a_month_has_ranges(
                             "note": ["", ""], "coverage_levels": ["", json.dumps({"0.1": 0.2, "0.9": 0.93})],
                             "interval_coverage": [np.nan, 0.78], "interval_width": [np.nan, 2.0],
                             "pinball": [np.nan, 0.2], "interval_coverage_naive": [np.nan, 0.7],
-                            "pinball_naive": [np.nan, 0.3]})  # fmt: skip
+                            "pinball_naive": [np.nan, 0.3]})
     with_ranges = accountability.plot_history(records, "2013-01")
     without = accountability.plot_history(records.drop(columns=["coverage_levels"]), "2013-01")
     assert with_ranges[:4] == without[:4] == b"\x89PNG" and with_ranges != without

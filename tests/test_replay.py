@@ -54,7 +54,7 @@ def test_each_replayed_month_is_its_own_forecast_flow_run_under_the_replay_run(r
     parent = state.state_details.flow_run_id
     with get_client(sync_client=True) as client:
         parent_task_runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(
-            parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[parent])))  # fmt: skip
+            parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[parent])))
     names = sorted(run.name for run in parent_task_runs)
     assert [name for name in names if name.startswith("forecast-")] == [
         f"forecast-{forecast_month_label(m)}-nlstm-epochs=1-batch_size=512-lookback=3-units=4-depth=1" for m in MONTHS]

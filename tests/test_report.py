@@ -34,7 +34,7 @@ def wide_holdout(n: int = 600, seed: int = 3) -> tuple[pd.DataFrame, dict[str, n
     frame["new_pair"] = frame["new_item"] | (rng.random(n) < 0.3)
     actual = frame["actual"].to_numpy()
     columns = {"model": actual + rng.normal(0, 0.9, n), "reference": actual + rng.normal(0, 0.5, n),
-               "ensemble": actual + rng.normal(0, 0.7, n)}  # fmt: skip
+               "ensemble": actual + rng.normal(0, 0.7, n)}
     return frame, columns
 
 
@@ -42,7 +42,7 @@ def scored(seed: int = 3) -> tuple[pd.DataFrame, Evaluation]:
     frame, columns = wide_holdout(seed=seed)
     names = {i: f"Category {i} | part" for i in range(14)}
     return frame, evaluate(frame, columns["model"], category_names=names, others={k: v for k, v in columns.items()
-                                                                                 if k != "model"})  # fmt: skip
+                                                                                 if k != "model"})
 
 
 def test_the_verdict_names_the_export_and_every_forecaster_that_beat_it_with_how_much() -> None:
@@ -64,10 +64,10 @@ def test_the_report_opens_with_the_verdict_and_shows_every_forecaster_and_segmen
     history = pd.DataFrame({"date_block_num": np.arange(20, 33), "actual": np.linspace(400, 500, 13)})
     selection = {"validation_months": [31, 32], "blend": {"known": 0.6, "launch": 0.2},
                  "validation_rmse_by_month": {"model": {"31": 1.2, "32": 1.4}, "ensemble": {"31": 1.1, "32": 1.3},
-                                              "baseline": {"31": 1.5, "32": 1.7}}}  # fmt: skip
+                                              "baseline": {"31": 1.5, "32": 1.7}}}
     paths = write_report(ev, tmp_path / "run", exported="ensemble", reason="the ensemble has the lowest RMSE",
                          forecast_month=34, history=history, forecast_totals={"ensemble": 480.0, "model": 470.0},
-                         selection=selection, extra={"model": "nlstm"}, top=5)  # fmt: skip
+                         selection=selection, extra={"model": "nlstm"}, top=5)
     assert set(paths) == {"report", "totals_plot", "pairs_plot", "segments_plot"}
     report = paths["report"].read_text(encoding="utf-8")
     lines = report.splitlines()

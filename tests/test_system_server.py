@@ -61,15 +61,15 @@ def postgres() -> Iterator[str | None]:
     run = functools.partial(subprocess.run, capture_output=True, text=True, timeout=120, check=True)
     try:
         run(_as_postgres_user([str(bindir / "initdb"), "-D", str(data), "-U", "postgres", "-A", "trust", "-E",
-                               "UTF8", "--no-sync"]))  # fmt: skip
+                               "UTF8", "--no-sync"]))
         options = f"-c listen_addresses=127.0.0.1 -p {port} -c unix_socket_directories={root} -c fsync=off"
         run(_as_postgres_user([str(bindir / "pg_ctl"), "-D", str(data), "-l", str(root / "postgres.log"), "-o",
-                               options, "-w", "-t", "60", "start"]))  # fmt: skip
+                               options, "-w", "-t", "60", "start"]))
         yield f"postgresql+asyncpg://postgres@127.0.0.1:{port}/postgres"
     finally:
         if (data / "postmaster.pid").exists():
             subprocess.run(_as_postgres_user([str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"]),
-                           capture_output=True, timeout=60)  # fmt: skip
+                           capture_output=True, timeout=60)
         shutil.rmtree(root, ignore_errors=True)
 
 
@@ -95,7 +95,7 @@ def server(tmp_path_factory, postgres) -> Iterator[dict]:
     process = subprocess.Popen(
         [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
         env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )  # fmt: skip
+    )
 
     def healthy() -> bool:
         try:
@@ -118,7 +118,7 @@ def served(server) -> Iterator[None]:
     process = subprocess.Popen(
         [str(BIN / "python"), "-m", "deployments.serve"],
         cwd=REPO, env=server["env"], stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )  # fmt: skip
+    )
 
     def deployment_ready() -> bool:
         response = httpx.get(f"{server['api']}/deployments/name/sales-forecast/manual", timeout=5)
@@ -143,11 +143,11 @@ def test_manual_deployment_runs_to_completion_with_artifacts_and_a_ui_page(serve
         "data_dir": str(data_dir), "epochs": 1, "units": 4, "depth": 1, "lookback": 4, "batch_size": 256,
         "overrides": {"head_units": 4, "sample_budget": 2000, "retry_delay_seconds": 0, "jit_compile": "off",
                       "max_rounds": 20},
-    }  # fmt: skip
+    }
     triggered = subprocess.run(
         [str(BIN / "prefect"), "deployment", "run", "sales-forecast/manual", "--params", json.dumps(params)],
         env=server["env"], capture_output=True, text=True, timeout=60, check=True,
-    )  # fmt: skip
+    )
     flow_run_id = re.search(r"UUID:\s*([0-9a-f-]{36})", triggered.stdout).group(1)
 
     def finished() -> dict | None:
@@ -163,7 +163,7 @@ def test_manual_deployment_runs_to_completion_with_artifacts_and_a_ui_page(serve
     keys = {artifact["key"] for artifact in artifacts}
     expected = {"validation-sales-train-csv", "training-progress-select", "training-progress-refit-holdout",
                 "training-progress-refit-final", "training-epochs-select", "evaluation", "evaluation-report",
-                "submission"}  # fmt: skip
+                "submission"}
     assert expected <= keys
     assert list((data_dir / "submissions").glob("*.csv"))
     # named by its month, encoder and the knobs that differ from the defaults (core/run_names.py)
@@ -178,7 +178,7 @@ def test_manual_deployment_runs_to_completion_with_artifacts_and_a_ui_page(serve
         "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
         "--disable-background-networking", "--disable-component-update", "--disable-sync",
         f"--user-data-dir={tmp_path / 'chromium-profile'}", "--window-size=1400,1000", "--virtual-time-budget=20000",
-    ]  # fmt: skip
+    ]
     screenshot = tmp_path / "flow-run.png"
     subprocess.run([chromium, *flags, f"--screenshot={screenshot}", page], capture_output=True, timeout=120)
     dom = subprocess.run([chromium, *flags, "--dump-dom", page], capture_output=True, text=True, timeout=120).stdout
@@ -196,7 +196,7 @@ def test_manual_deployment_runs_to_completion_with_artifacts_and_a_ui_page(serve
         shot = saved / f"{key}.png"
         subprocess.run([chromium, *flags, f"--screenshot={shot}", url], capture_output=True, timeout=120)
         return subprocess.run([chromium, *flags, "--dump-dom", url], capture_output=True, text=True,
-                              timeout=120).stdout, shot  # fmt: skip
+                              timeout=120).stdout, shot
 
     # The report artifact's plots are inline (data URIs), so the UI's page shows them as images.
     report_dom, report_shot = artifact_page("evaluation-report")
@@ -211,7 +211,7 @@ TINY_RUN = {
     "epochs": 1, "units": 4, "depth": 1, "lookback": 4, "batch_size": 256,
     "overrides": {"head_units": 4, "embedding_dim": 2, "sample_budget": 2000, "retry_delay_seconds": 0,
                   "jit_compile": "off", "max_rounds": 20},
-}  # fmt: skip
+}
 CONCURRENT_RUNS = 2  # one more than RUN_LIMIT
 RUN_LIMIT = 1  # the deployment's own limit, set again here so that the test does not rest on the YAML alone
 
@@ -223,7 +223,7 @@ def _intervals(runs: list[dict]) -> list[tuple[datetime, datetime]]:
 def most_at_once(intervals: list[tuple[datetime, datetime]]) -> int:
     """The largest number of the intervals open at one instant (an end at the next one's start is no overlap)."""
     events = sorted([(start, 1) for start, _ in intervals] + [(end, -1) for _, end in intervals],
-                    key=lambda e: (e[0], e[1]))  # fmt: skip
+                    key=lambda e: (e[0], e[1]))
     open_now = peak = 0
     for _, step in events:
         open_now += step
@@ -241,18 +241,18 @@ def _post(server: dict, path: str, body: dict) -> httpx.Response:
 def test_concurrent_manual_runs_on_postgresql_all_complete_within_the_limits(server, served, tmp_path):
     if not server["postgres"]:
         pytest.skip("PostgreSQL binaries not found (initdb under /usr/lib/postgresql/*/bin or on PATH); "
-                    ".ci/run installs Debian's postgresql")  # fmt: skip
+                    ".ci/run installs Debian's postgresql")
     manual = httpx.get(f"{server['api']}/deployments/name/sales-forecast/manual", timeout=5).json()
     httpx.patch(f"{server['api']}/deployments/{manual['id']}", json={"concurrency_limit": RUN_LIMIT},
-                timeout=10).raise_for_status()  # fmt: skip
+                timeout=10).raise_for_status()
     subprocess.run([str(BIN / "prefect"), "concurrency-limit", "create", "gpu", "1"], env=server["env"],
-                   capture_output=True, text=True, timeout=60, check=True)  # fmt: skip
+                   capture_output=True, text=True, timeout=60, check=True)
     run_ids = []
     for k in range(CONCURRENT_RUNS):  # one data directory each, triggered back to back through the API
         data_dir = tmp_path / f"lake-{k}"
         write_competition_files(data_dir / "raw", scale="tiny", seed=k)
         created = _post(server, f"/deployments/{manual['id']}/create_flow_run",
-                        {"parameters": {**TINY_RUN, "data_dir": str(data_dir)}})  # fmt: skip
+                        {"parameters": {**TINY_RUN, "data_dir": str(data_dir)}})
         run_ids.append(created.json()["id"])
 
     def all_finished() -> list[dict] | None:
@@ -268,7 +268,7 @@ def test_concurrent_manual_runs_on_postgresql_all_complete_within_the_limits(ser
     assert most_at_once(_intervals(runs)) <= RUN_LIMIT, "the deployment limit held"
     trainings = _post(server, "/task_runs/filter", {
         "flow_runs": {"id": {"any_": run_ids}}, "task_runs": {"tags": {"all_": ["gpu"]}},
-    }).json()  # fmt: skip
+    }).json()
     assert len(trainings) >= 2 * CONCURRENT_RUNS and all(t["state"]["type"] == "COMPLETED" for t in trainings)
     assert most_at_once(_intervals(trainings)) == 1, "the gpu tag limit kept trainings from overlapping"
 
@@ -279,11 +279,11 @@ def test_prefect_yaml_deploys_both_deployments_to_a_process_pool(server):
     subprocess.run(
         [prefect, "work-pool", "create", "nestcast-process", "--type", "process", "--overwrite"],
         env=env, cwd=REPO, capture_output=True, text=True, timeout=60, check=True,
-    )  # fmt: skip
+    )
     deployed = subprocess.run(
         [prefect, "--no-prompt", "deploy", "--prefect-file", "deployments/prefect.yaml", "--all"],
         env=env, cwd=REPO, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+    )
     assert deployed.returncode == 0, deployed.stdout[-2000:] + deployed.stderr[-2000:]
     for name in ("monthly", "manual"):
         deployment = httpx.get(f"{server['api']}/deployments/name/sales-forecast/{name}", timeout=5).json()

@@ -396,7 +396,7 @@ def test_split_boundaries(tmp_path: Path, tiny: dict[str, pd.DataFrame]) -> None
         part = validation[validation["date_block_num"] == month]
         assert set(zip(part["shop_id"], part["item_id"], strict=True)) == cells and len(part) == len(cells)
     one = WindowStore.open(build_windows(tiny_lake(tmp_path / "one", tiny, min_train_month=3, validation_months=1))
-                           .windows_dir)  # fmt: skip
+                           .windows_dir)
     assert one.validation_months == [last - 1]
 
     holdout = store.holdout_frame()
@@ -563,7 +563,7 @@ def test_a_budgeted_dataset_draws_afresh_each_epoch_and_a_resumed_run_redraws_th
     def epoch_rows(dataset: object, epoch: int) -> set[tuple[int, int]]:
         start = epoch * len(dataset)  # the stream's batches of that epoch
         rows = np.concatenate([dataset.epoch_samples(epoch)[dataset.batch_positions(start + i)]
-                               for i in range(len(dataset))])  # fmt: skip
+                               for i in range(len(dataset))])
         return set(map(tuple, rows[: dataset.n_samples].tolist()))
 
     batches = store.train_dataset(batch_size=64, seed=5, budget=budget, pad_last=True, endless=True)

@@ -9,4 +9,4 @@ from core.nlstm import NestedLSTM
 
 def build(config: Any, seed: int, dtype: Any) -> NestedLSTM:
     return NestedLSTM(config.units, depth=config.depth, dropout=config.dropout,
-                      recurrent_dropout=config.recurrent_dropout, seed=seed, name="encoder", dtype=dtype)  # fmt: skip
+                      recurrent_dropout=config.recurrent_dropout, seed=seed, name="encoder", dtype=dtype)

@@ -36,7 +36,7 @@ def outcome_of(csv_file: CsvFile, sha: str, accepted: pa.Table, quarantine: pa.T
 
 
 def quarantined_share_warnings(report: FileReport, rules: IngestConfig, outcome: Outcome | None = None
-                               ) -> list[str]:  # fmt: skip
+                               ) -> list[str]:
     """Fail a file whose quarantined share is above ``max_quarantined_share``; a warning above
     ``warn_quarantined_share``. Mostly-rejected input is a broken export, not bad rows, and accepting
     what is left would only surface later as missing months.
@@ -53,7 +53,7 @@ def quarantined_share_warnings(report: FileReport, rules: IngestConfig, outcome:
             f"top rules: {top}")
     if share > rules.max_quarantined_share:
         where = (" (see lake/quarantine and lake/validation for the rows)" if outcome is None
-                 else f". {_rule_examples(outcome, top_rules)}. Nothing was written to the lake")  # fmt: skip
+                 else f". {_rule_examples(outcome, top_rules)}. Nothing was written to the lake")
         raise DataValidationError(f"{what}; above ingest.max_quarantined_share = {rules.max_quarantined_share:g}"
                                   f"{where}")
     if share > rules.warn_quarantined_share:
@@ -64,16 +64,16 @@ def quarantined_share_warnings(report: FileReport, rules: IngestConfig, outcome:
 
 #: What the rules checked before Great Expectations sees a file expect (GE's rules carry their own description).
 _READER_RULES = {FIELD_COUNT_RULE: "every line has the header's number of fields",
-                 UNBALANCED_QUOTE_RULE: "every quote closes on its line"}  # fmt: skip
+                 UNBALANCED_QUOTE_RULE: "every quote closes on its line"}
 
 
 def _rule_examples(outcome: Outcome, rules: list[str]) -> str:
     """``rule (what it expects): line N reads ...`` for each of ``rules``: the first line that broke it."""
     expects = {**_READER_RULES, **{result.expectation_config.meta["rule"]: result.expectation_config.description
-                                   for suite in outcome.validation for result in suite.results}}  # fmt: skip
+                                   for suite in outcome.validation for result in suite.results}}
     quarantine = outcome.quarantine.sort_by("line_number").to_pylist()
     columns = [c for c in outcome.quarantine.column_names if c not in ("source_file", "line_number", "rule",
-                                                                         "rules", "raw_line")]  # fmt: skip
+                                                                         "rules", "raw_line")]
     parts = []
     for rule in rules:
         row = next(r for r in quarantine if r["rule"] == rule)

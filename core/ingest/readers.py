@@ -89,7 +89,7 @@ def quarantine_preview(paths: PathLike, file_name: str, limit: int = 10) -> list
     for record in frame.to_dict("records"):
         raw = record.get("raw_line")
         written = raw if isinstance(raw, str) else ", ".join(f"{c}={record[c]}" for c in values
-                                                             if record[c] is not None)  # fmt: skip
+                                                             if record[c] is not None)
         rows.append({"line": int(record["line_number"]), "rule": str(record["rule"]), "values": written})
     return rows
 

@@ -105,7 +105,7 @@ def _outputs_by_file(paths: LakePaths, manifest: Mapping[str, Any]) -> dict[str,
         for owner in owners_of(recorded):
             owned.setdefault(owner, []).append(int(month))
     return {name: [partition(paths, m) for m in sorted(owned.get(name, []))] if kind_of(name) == "sales"
-            else [paths.reference_table(kind_of(name))] for name in manifest.get("files", {})}  # fmt: skip
+            else [paths.reference_table(kind_of(name))] for name in manifest.get("files", {})}
 
 
 def missing_outputs(paths: LakePaths, manifest: Mapping[str, Any], present: Mapping[str, str]) -> frozenset[str]:
@@ -217,7 +217,7 @@ def _note_shared(plan: IngestPlan, owners: Mapping[int, Owners], outcomes: Mappi
 
 
 def month_tables(ctx: IngestContext, outcomes: Mapping[str, Outcome], owners: Mapping[int, Owners]
-                 ) -> dict[int, pa.Table]:  # fmt: skip
+                 ) -> dict[int, pa.Table]:
     """The new partition of every month a validated sales file owns: its owners' rows in arrival order (the rows
     of owners not validated now, joined by a new part, are the month's partition as it stands). Parts that share
     identical rows are refused: one restates the other, and ingest cannot tell which is out of date."""
@@ -281,7 +281,7 @@ def _removed_files(paths: LakePaths, plan: IngestPlan, owners: Mapping[int, Owne
 
 def _stage(ctx: IngestContext, tx: Transaction, plan: IngestPlan, outcomes: Mapping[str, Outcome],
            owners: Mapping[int, Owners], months: Mapping[int, pa.Table], deleted: list[int],
-           manifest: dict[str, Any]) -> None:  # fmt: skip
+           manifest: dict[str, Any]) -> None:
     """Write every output of the run to staging, and the new manifest last."""
     now = datetime.now(UTC).isoformat(timespec="seconds")
     sales_jobs = [(partition(ctx.paths, month), table) for month, table in months.items()]
@@ -311,7 +311,7 @@ def _stage(ctx: IngestContext, tx: Transaction, plan: IngestPlan, outcomes: Mapp
 
 
 def _partition_hashes(manifest: Mapping[str, Any], owners: Mapping[int, Owners], written: Mapping[int, str]
-                      ) -> dict[str, str]:  # fmt: skip
+                      ) -> dict[str, str]:
     """Month -> sha256 of its partition: this run's for the months it wrote, the manifest's for the rest."""
     before = manifest.get(PARTITION_HASHES, {})
     hashes = {str(m): written.get(m, before.get(str(m))) for m in sorted(owners)}

@@ -122,7 +122,7 @@ class NestedLSTMCell(keras.layers.Layer, DropoutRNNCell):
                     name=f"recurrent_kernel{suffix}",
                     initializer=seeded_initializer(
                         self.recurrent_initializer, self.seed, f"recurrent_kernel{suffix}"
-                    ),  # fmt: skip
+                    ),
                     regularizer=self.recurrent_regularizer,
                     constraint=self.recurrent_constraint,
                 )
