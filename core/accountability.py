@@ -454,7 +454,20 @@ def _history_cell(value: Any) -> str:
     return str(value).replace("|", "\\|")
 
 
-def write_history(config: NestcastConfig, run_dir: str | Path) -> dict[str, Any]:
+@dataclass(frozen=True)
+class History:
+    """The accuracy history as the run shows it: the records file, its table rows, the report section (and where
+    it went), the plot (None before any month is scored) and the forecast months' labels."""
+
+    records: str
+    rows: list[dict[str, Any]]
+    report: str
+    markdown: str
+    plot: str | None
+    months: list[str]
+
+
+def write_history(config: NestcastConfig, run_dir: str | Path) -> History:
     """The history plot into ``run_dir`` and its section into ``run_dir/report.md`` (replacing an older one)."""
     from core.report import replace_report_section
 
@@ -465,6 +478,6 @@ def write_history(config: NestcastConfig, run_dir: str | Path) -> dict[str, Any]
     plot = write_bytes_atomic(run_dir / HISTORY_PLOT, image) if image is not None else None
     section = history_markdown(records, HISTORY_PLOT if plot is not None else None)
     report = replace_report_section(run_dir / REPORT_FILE, SECTION_KEY, section)
-    return {"records": str(paths.accountability_records), "rows": history_rows(records),
-            "report": str(report), "markdown": section, "plot": None if plot is None else str(plot),
-            "months": [forecast_month_label(int(m), config.ingest.first_month) for m in records["forecast_month"]]}
+    return History(records=str(paths.accountability_records), rows=history_rows(records), report=str(report),
+                   markdown=section, plot=None if plot is None else str(plot),
+                   months=[forecast_month_label(int(m), config.ingest.first_month) for m in records["forecast_month"]])

@@ -321,6 +321,29 @@ def write_state(config: NestcastConfig) -> Path:
     return target
 
 
+@dataclass(frozen=True)
+class MonthlyLake:
+    """What the aggregation step hands on: the months ``lake/monthly`` holds, the content hash of each month's
+    inputs (which keys the steps downstream), the partitions it removed and where the state file is."""
+
+    months: list[int]
+    input_hashes: dict[int, str]
+    removed: list[int]
+    state: str
+
+    @property
+    def last_month(self) -> int:
+        return max(self.months)
+
+
+def finish(config: NestcastConfig, input_hashes: dict[int, str]) -> MonthlyLake:
+    """After every month is aggregated: drop partitions whose sales month is gone and record the lake's state."""
+    removed = remove_stale_months(config)
+    state = write_state(config)
+    return MonthlyLake(months=sorted(input_hashes), input_hashes=dict(input_hashes), removed=removed,
+                       state=str(state))
+
+
 def aggregate(config: NestcastConfig, months: Iterable[int] | None = None, workers: int = 4) -> AggregateSummary:
     """Bring ``lake/monthly`` up to date with ``lake/sales``: recompute changed months only.
 

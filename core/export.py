@@ -167,6 +167,11 @@ class ExportResult:
     total: float
     previous_path: Path | None = None  # where the earlier, different submission of the month was kept
     quantiles_path: Path | None = None  # submissions/<month>.quantiles.parquet
+    exported: str = ""  # the forecaster the gate chose (``export_run``); empty for a frame exported as is
+
+    @property
+    def submission(self) -> str:
+        return str(self.csv_path)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -179,6 +184,7 @@ class ExportResult:
             "sha256": self.sha256,
             "total": self.total,
             "quantiles_path": None if self.quantiles_path is None else str(self.quantiles_path),
+            "exported": self.exported,
         }
 
 
@@ -365,7 +371,7 @@ def export_run(config: Any, windows_dir: str | Path, run_dir: str | Path, decisi
     write_parquet_atomic(paths.submission_pairs(label), pa.Table.from_pandas(
         test[["ID", "shop_id", "item_id"]].sort_values("ID").reset_index(drop=True), preserve_index=False))
     quantiles.write_quantiles(quantiles_path, ranges, forecast["ID"].to_numpy(), calibration.levels, clip)
-    return dataclasses.replace(result, quantiles_path=quantiles_path)
+    return dataclasses.replace(result, quantiles_path=quantiles_path, exported=str(decision.exported))
 
 
 def _run_sidecar(config: Any, paths: Any, run_dir: Path, meta: Mapping[str, Any], decision: Any,

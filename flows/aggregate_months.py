@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from prefect import flow, unmapped
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
+from core.aggregate import MonthlyLake
 from core.config import NestcastConfig
+from core.ingest import IngestSummary
 from tasks.aggregate import aggregate_month, finish_aggregation, plan_months
 from tasks.common import step_options
 
@@ -37,7 +37,7 @@ def make_task_runner(config: NestcastConfig) -> TaskRunner:
 
 
 @flow(name="aggregate-months", flow_run_name="aggregate-months")
-def _aggregate_months(config: NestcastConfig, ingested: dict[str, Any]) -> dict[str, Any]:
+def _aggregate_months(config: NestcastConfig, ingested: IngestSummary) -> MonthlyLake:
     options = step_options(config, timeout=False)  # mapped on the runner's threads or workers
     input_hashes = plan_months.with_options(**options)(config, ingested)
     months = sorted(input_hashes)
@@ -47,6 +47,6 @@ def _aggregate_months(config: NestcastConfig, ingested: dict[str, Any]) -> dict[
     return finish_aggregation.with_options(**options)(config, input_hashes)
 
 
-def aggregate_months(config: NestcastConfig, ingested: dict[str, Any]) -> dict[str, Any]:
+def aggregate_months(config: NestcastConfig, ingested: IngestSummary) -> MonthlyLake:
     """Run the aggregation sub-flow on the task runner the config asks for."""
     return _aggregate_months.with_options(task_runner=make_task_runner(config))(config, ingested)

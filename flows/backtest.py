@@ -20,6 +20,7 @@ from prefect import flow, get_run_logger
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
 from core import backtest as backtest_step
+from core.aggregate import MonthlyLake
 from core.config import BACKTEST_KNOBS, NestcastConfig
 from flows.aggregate_months import aggregate_months, make_task_runner
 from flows.parameters import OVERRIDES, OVERRIDES_HELP, with_knobs
@@ -45,18 +46,17 @@ def training_task_runner(config: NestcastConfig) -> TaskRunner:
 
 @flow(name="backtest-origins", flow_run_name="backtest-origins")
 def _backtest_origins(
-    config: NestcastConfig, months: list[int], root: str, monthly: dict[str, Any]
+    config: NestcastConfig, months: list[int], root: str, monthly: MonthlyLake
 ) -> dict[str, Any]:
     options = step_options(config, timeout=False)  # submitted: a timeout could not interrupt a worker thread
     reports: list[dict[str, Any]] = []
 
     def start_origin(origin: int, root: Path) -> Callable[[], backtest_step.OriginResult]:
         future = backtest_origin.with_options(**options).submit(config, origin, str(root), monthly)
-        return lambda: backtest_step.OriginResult.from_dict(future.result())
+        return future.result
 
     def finish(result: backtest_step.BacktestResult, root: Path) -> None:
-        origins_done = [o.to_dict() for o in result.origins]
-        reports.append(backtest_report.with_options(**options)(config, origins_done, str(root)))
+        reports.append(backtest_report.with_options(**options)(config, result.origins, str(root)))
 
     backtest_step.backtest(config, months, Path(root), prepare=False, start_origin=start_origin, finish=finish)
     (report,) = reports
@@ -80,8 +80,8 @@ def backtest(
     options = step_options(config)
     ingested = ingest_raw_files.with_options(**options)(config)
     monthly = aggregate_months(config, ingested)
-    months = backtest_step.parse_origins(origins if origins else monthly["months"][-3:],
-                                         last_month=max(monthly["months"]))
+    months = backtest_step.parse_origins(origins if origins else monthly.months[-3:],
+                                         last_month=monthly.last_month)
     root = backtest_step.default_run_dir(config, months)
     runner = training_task_runner(config)
     report = _backtest_origins.with_options(task_runner=runner)(config, months, str(root), monthly)

@@ -7,11 +7,13 @@ forecast (``replay-accountability``). It returns, and shows, the accountability 
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from prefect import flow, get_run_logger
 
 from core import replay as replay_step
+from core.accountability import History
 from core.config import RUN_KNOBS, NestcastConfig
 from core.lake import LakePaths, forecast_month_label
 from core.run_names import replay_run_name
@@ -29,14 +31,14 @@ HISTORY_RUN = "replay"
 
 
 @flow(name="replay-accountability", flow_run_name="replay-accountability")
-def replay_accountability(config: NestcastConfig) -> dict[str, Any]:
+def replay_accountability(config: NestcastConfig) -> History:
     """Ingest the last drop and score the last forecast: the forecast flow's first steps, then the history."""
     options = step_options(config)
     ingested = ingest_raw_files.with_options(**options)(config)
     monthly = aggregate_months(config, ingested)
     scored = score_forecasts.with_options(**options)(config, monthly)
     run_dir = str(LakePaths.of(config).run_dir(HISTORY_RUN))
-    return publish_history.with_options(**options)(config, run_dir, scored, {})
+    return publish_history.with_options(**options)(config, run_dir, scored, None)
 
 
 def _extra_parameters() -> list[Any]:
@@ -73,6 +75,6 @@ def replay(*, from_month: int, to_month: int | None = None, workspace: str | Non
     data_dir = stage(*args, plan.months[-1] + 1, history.ingest.first_month)
     history_result = replay_accountability(history.with_overrides(data_dir=data_dir))
     get_run_logger().info("replay of months %s-%s: %d accountability record(s) in %s", plan.months[0],
-                          plan.months[-1], len(history_result["rows"]), history_result["records"])
+                          plan.months[-1], len(history_result.rows), history_result.records)
     return {"workspace": str(plan.workspace), "months": plan.months, "runs": [r["run_dir"] for r in runs],
-            **history_result}
+            **dataclasses.asdict(history_result)}

@@ -70,7 +70,7 @@ def sales_forecast(*, overrides: dict[str, Any] | None = None, **knobs: Any) -> 
     ingested = ingest_raw_files.with_options(**options)(config)
     monthly = aggregate_months(config, ingested)
     scored = score_forecasts.with_options(**options)(config, monthly)
-    forecast_month = max(monthly["months"]) + 1
+    forecast_month = monthly.last_month + 1
     name_flow_run(forecast_run_name(config, DEFAULTS, forecast_month_label(forecast_month, first_month)))
     windows = build_windows.with_options(**options)(config, monthly, purpose="evaluation")
     final_windows = build_windows.with_options(**options)(config, monthly, purpose="final")
@@ -85,10 +85,10 @@ def sales_forecast(*, overrides: dict[str, Any] | None = None, **knobs: Any) -> 
 
     summary = {
         "data_dir": str(config.data_dir),
-        "rows_in": ingested["rows_in"],
-        "rows_accepted": ingested["rows_accepted"],
-        "rows_quarantined": ingested["rows_quarantined"],
-        "months": monthly["months"],
+        "rows_in": ingested.rows_in,
+        "rows_accepted": ingested.rows_accepted,
+        "rows_quarantined": ingested.rows_quarantined,
+        "months": monthly.months,
         "forecast_month": forecast_month,
         "train_samples": windows.sample_counts["train"],
         "sample_budget": config.train.sample_budget,
@@ -102,10 +102,10 @@ def sales_forecast(*, overrides: dict[str, Any] | None = None, **knobs: Any) -> 
         "exported_rmse": decision.exported_rmse,
         "beaten_by": decision.beaten_by,
         "reason": decision.reason,
-        "submission": exported["submission"],
+        "submission": exported.submission,
         "report": decision.report,
-        "accountability": history["records"],
-        "accountability_months": scored["months"],
+        "accountability": history.records,
+        "accountability_months": scored.months,
         "flow_run_url": flow_run_url(),
     }
     verdict = display.verdict(summary, first_month)

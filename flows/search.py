@@ -92,7 +92,7 @@ def search(
     options = step_options(config)
     ingested = ingest_raw_files.with_options(**options)(config)
     monthly = aggregate_months(config, ingested)
-    months = parse_origins(origins if origins else monthly["months"][-3:], last_month=max(monthly["months"]))
+    months = parse_origins(origins if origins else monthly.months[-3:], last_month=monthly.last_month)
     identity = {k: v for k, v in fixed.items() if k not in PLACEMENT_FIELDS}  # same search, same id, any runner
     key = json.dumps({"fixed": identity, "origins": months, "seed": seed, "trials": trials,
                       "concurrent_trials": concurrent_trials}, sort_keys=True, default=str)

@@ -2,21 +2,22 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from prefect import get_run_logger
 
 from core import aggregate as aggregate_step
 from core.config import NestcastConfig
 from core.display import month_range
-from core.ingest import recover_lake
+from core.ingest import IngestSummary, recover_lake
 from core.lake import LakePaths
 from tasks.common import content_cache_key, nestcast_task
 
 
 @nestcast_task("plan-months")
-def plan_months(config: NestcastConfig, ingested: dict[str, Any]) -> dict[int, str]:
-    """Every month partition in lake/sales with the content hash that keys its aggregation."""
+def plan_months(config: NestcastConfig, ingested: IngestSummary) -> dict[int, str]:
+    """Every month partition in lake/sales with the content hash that keys its aggregation.
+
+    ``ingested`` only ties this step to the ingest: the lake must be written first.
+    """
     paths = LakePaths.of(config)
     recover_lake(paths)  # never read a half-applied ingest commit
     months = paths.sales_months()
@@ -36,13 +37,12 @@ def aggregate_month(config: NestcastConfig, month: int, input_hash: str) -> str:
 
 
 @nestcast_task("finish-aggregation")
-def finish_aggregation(config: NestcastConfig, input_hashes: dict[int, str]) -> dict[str, Any]:
+def finish_aggregation(config: NestcastConfig, input_hashes: dict[int, str]) -> aggregate_step.MonthlyLake:
     """Drop monthly partitions whose sales month is gone and record the lake's monthly state."""
-    removed = aggregate_step.remove_stale_months(config)
-    state = aggregate_step.write_state(config)
+    monthly = aggregate_step.finish(config, input_hashes)
     # One line for the whole fan-out: the console drops each aggregate-month's own completion line.
     get_run_logger().info(
         "aggregated %s into lake/monthly%s", month_range(input_hashes, config.ingest.first_month),
-        f", removed {len(removed)} stale partition(s)" if removed else "",
+        f", removed {len(monthly.removed)} stale partition(s)" if monthly.removed else "",
     )
-    return {"months": sorted(input_hashes), "input_hashes": input_hashes, "removed": removed, "state": str(state)}
+    return monthly

@@ -15,6 +15,7 @@ from prefect import get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from core import backtest as backtest_step
+from core.aggregate import MonthlyLake
 from core.config import NestcastConfig
 from tasks.common import artifact_key, content_cache_key, nestcast_task
 
@@ -36,7 +37,9 @@ def _log_epochs(label: str, epochs: int) -> Any:
     cache_key=content_cache_key("windows", "model", "train"),
     outputs=lambda p: backtest_step.origin_outputs(p["config"], p["origin"], p["root"]),
 )
-def backtest_origin(config: NestcastConfig, origin: int, root: str, monthly: dict[str, Any]) -> dict[str, Any]:
+def backtest_origin(
+    config: NestcastConfig, origin: int, root: str, monthly: MonthlyLake
+) -> backtest_step.OriginResult:
     """Windows with ``origin`` held out, the model trained on the months before, the origin's grid scored.
 
     ``monthly`` (the aggregation summary, with its input hashes) ties the cache key to the data.
@@ -48,15 +51,13 @@ def backtest_origin(config: NestcastConfig, origin: int, root: str, monthly: dic
         "origin %d: model RMSE %.4f vs previous month %.4f (x%.3f), %d parameters, %.0f s training",
         origin, result.rmse["model"], result.rmse["baseline"], result.ratio, result.params, result.train_seconds,
     )
-    return result.to_dict()
+    return result
 
 
 @nestcast_task("backtest-report")
-def backtest_report(config: NestcastConfig, origins: list[dict[str, Any]], root: str) -> dict[str, Any]:
+def backtest_report(config: NestcastConfig, origins: list[backtest_step.OriginResult], root: str) -> dict[str, Any]:
     """``backtest.md`` + ``backtest.json`` under ``root``, and the per-origin RMSE table artifact."""
-    result = backtest_step.BacktestResult(
-        config=config.flat(), origins=[backtest_step.OriginResult.from_dict(o) for o in origins]
-    )
+    result = backtest_step.BacktestResult(config=config.flat(), origins=list(origins))
     report = backtest_step.write_backtest_files(result, root)
     create_table_artifact(
         key="backtest",
@@ -85,7 +86,7 @@ def _trial_outputs(parameters: Mapping[str, Any]) -> list[Path]:
     outputs=_trial_outputs,
 )
 def search_trial(
-    config: NestcastConfig, number: int, origins: list[int], root: str, monthly: dict[str, Any]
+    config: NestcastConfig, number: int, origins: list[int], root: str, monthly: MonthlyLake
 ) -> dict[str, Any]:
     """One hyperparameter trial: a backtest of ``config`` over ``origins``; its mean ratio is the objective."""
     result = backtest_step.backtest(config, origins, _trial_root(root, number), prepare=False)

@@ -68,8 +68,12 @@ def retry_transient_only(task: Task[..., Any], task_run: TaskRun, state: State) 
 
 
 def _fingerprint(value: Any) -> str:
+    """A parameter as stable text for a cache key: typed step results (pydantic models, dataclasses) by their
+    fields, everything else as sorted JSON."""
     if hasattr(value, "model_dump_json"):
         return value.model_dump_json()
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        value = dataclasses.asdict(value)
     return json.dumps(value, sort_keys=True, default=str)
 
 
@@ -322,15 +326,6 @@ def artifact_key(*parts: object) -> str:
     """Prefect artifact keys allow lowercase letters, digits and dashes only."""
     text = "-".join(str(part) for part in parts).lower()
     return re.sub(r"-{2,}", "-", re.sub(r"[^a-z0-9]+", "-", text)).strip("-")
-
-
-def jsonable(result: Any) -> Any:
-    """A step's summary as plain JSON data (tasks pass small references, never frames)."""
-    if hasattr(result, "model_dump"):
-        return result.model_dump(mode="json")
-    if dataclasses.is_dataclass(result) and not isinstance(result, type):
-        return json.loads(json.dumps(dataclasses.asdict(result), default=str))
-    return json.loads(json.dumps(result, default=str))
 
 
 def flow_run_record() -> dict[str, Any]:

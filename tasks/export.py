@@ -26,26 +26,26 @@ def _markdown_table(frame: pd.DataFrame) -> str:
     return "\n".join(f"| {row} |" for row in rows)
 
 
-def _publish(result: Mapping[str, Any], parameters: Mapping[str, Any]) -> None:
+def _publish(result: export_step.ExportResult, parameters: Mapping[str, Any]) -> None:
     """The submission's first rows inline and its absolute path to copy (a ``file://`` link does not open from
     the UI's page)."""
-    path = Path(result["submission"]).resolve()
+    path = Path(result.csv_path).resolve()
     head = pd.read_csv(path, nrows=HEAD_ROWS)
     create_markdown_artifact(
         key="submission",
-        markdown=f"## Submission {result['forecast_month']}: {result['rows']:,} rows, the {result['exported']} "
+        markdown=f"## Submission {result.forecast_month}: {result.rows:,} rows, the {result.exported} "
         f"forecast\n\n`{path}`\n\nFirst {len(head)} rows:\n\n{_markdown_table(head)}\n",
-        description=f"submission {result['forecast_month']} ({result['exported']} forecast)",
+        description=f"submission {result.forecast_month} ({result.exported} forecast)",
     )
 
 
 @nestcast_task("export", publish=_publish)
 def export_forecast(
     config: NestcastConfig, windows: WindowsSummary, run_dir: str, decision: ExportDecision
-) -> dict[str, Any]:
+) -> export_step.ExportResult:
     """Write submissions/<month>.csv (the forecast the gate chose) and its JSON sidecar, after its checks."""
     result = export_step.export_run(config, windows.windows_dir, run_dir, decision, extra=flow_run_record())
     get_run_logger().info("exported the %s forecast to %s (%s)", decision.exported, result.csv_path, decision.reason)
     if result.previous_path is not None:
         get_run_logger().info("the month's earlier submission is kept as %s", result.previous_path)
-    return {**result.to_dict(), "submission": str(result.csv_path), "exported": decision.exported}
+    return result

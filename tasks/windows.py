@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from prefect import get_run_logger
 
 from core import windows as windows_step
+from core.aggregate import MonthlyLake
 from core.config import NestcastConfig
 from core.ingest import recover_lake
 from core.lake import LakePaths
@@ -20,7 +19,7 @@ from tasks.common import content_cache_key, nestcast_task
     cache_key=content_cache_key("aggregate", "windows", input_trees=lambda config: [LakePaths.of(config).reference]),
     outputs=lambda p: windows_step.store_files(LakePaths.of(p["config"]).windows_dir(p["purpose"])),
 )
-def build_windows(config: NestcastConfig, monthly: dict[str, Any],
+def build_windows(config: NestcastConfig, monthly: MonthlyLake,
                   purpose: str = "evaluation") -> windows_step.WindowsSummary:
     """Features [series, month, channel] + (series, target month) samples, split by time.
 
@@ -30,7 +29,7 @@ def build_windows(config: NestcastConfig, monthly: dict[str, Any],
     recover_lake(LakePaths.of(config))  # never read a half-applied ingest commit
     target = LakePaths.of(config).windows_dir(purpose)  # checks the purpose
     if purpose == "final":
-        built = windows_step.build_windows(config, holdout_month=max(monthly["months"]) + 1, windows_dir=target)
+        built = windows_step.build_windows(config, holdout_month=monthly.last_month + 1, windows_dir=target)
     else:
         built = windows_step.build_windows(config, windows_dir=target)
     get_run_logger().info(

@@ -214,10 +214,10 @@ def test_a_bad_value_in_a_hand_edited_submission_leaves_its_month_unresolved_wit
     handler.emit = lambda record: warnings.append(record.getMessage())  # type: ignore[method-assign]
     logging.getLogger("prefect.task_runs").addHandler(handler)
     try:
-        summary = score_forecasts(NestcastConfig(data_dir=root), monthly={})  # a real task run: it completes
+        summary = score_forecasts(NestcastConfig(data_dir=root), monthly=None)  # a real task run: it completes
     finally:
         logging.getLogger("prefect.task_runs").removeHandler(handler)
-    assert summary["unresolved"] == [DROP_MONTH]
+    assert summary.unresolved == [DROP_MONTH]
     record = accountability.read_records(LakePaths(root)).iloc[0]
     assert record["status"] == "unresolved" and np.isnan(record["rmse_exported"])
     expected = f"submissions/2014-04.csv line 3: item_cnt_month {BAD_VALUES[case][1]}"

@@ -197,7 +197,7 @@ def test_a_file_level_validation_error_fails_at_once_without_retry(data_dir):
 
 
 @flow(name="ingest-only")
-def _ingest_only(config: Any) -> dict[str, Any]:
+def _ingest_only(config: Any) -> core.ingest.IngestSummary:
     return ingest_raw_files(config)
 
 
@@ -207,11 +207,11 @@ def test_the_validation_artifacts_show_the_first_quarantined_lines_and_the_ge_pa
         handle.write("02.01.2013,0,1,1,-5.0,1.0\n02.01.2013,0,1,1,5.0\n")
     state = _ingest_only(build_config(data_dir=str(data_dir)), return_state=True)
     summary = state.result()
-    (report,) = [f for f in summary["files"] if f["file"] == "sales_train.csv"]
+    report = summary.file("sales_train.csv")
     artifacts = artifacts_of(state.state_details.flow_run_id)
     measures = {row["measure"]: row["value"] for row in table(artifacts["validation-sales-train-csv"])}
-    assert measures["status"] == (f"failed on {report['rows_quarantined']:,} rows (quarantined); "
-                                  f"the other {report['rows_accepted']:,} accepted")
+    assert measures["status"] == (f"failed on {report.rows_quarantined:,} rows (quarantined); "
+                                  f"the other {report.rows_accepted:,} accepted")
     assert Path(measures["validation page"]).is_file() and measures["validation page"].endswith(".html")
     quarantine = pd.read_parquet(data_dir / "lake" / "quarantine" / "sales_train.parquet").sort_values("line_number")
     markdown = artifacts["quarantine-sales-train-csv"].data
@@ -229,11 +229,12 @@ def test_the_validation_artifacts_show_the_first_quarantined_lines_and_the_ge_pa
 
 def test_per_month_aggregation_runs_on_a_local_dask_cluster(data_dir):
     config = build_config(data_dir=str(data_dir), task_runner="dask")
-    ingested = core.ingest.ingest(config).model_dump(mode="json")
+    ingested = core.ingest.ingest(config)
     summary = aggregate_months(config, ingested)
-    assert summary["months"] == ingested["months"]
+    assert summary.months == ingested.months and summary.last_month == max(ingested.months)
+    assert sorted(summary.input_hashes) == summary.months and summary.removed == []
     partitions = sorted((data_dir / "lake" / "monthly").glob("date_block_num=*/data.parquet"))
-    assert len(partitions) == len(ingested["months"])
+    assert len(partitions) == len(ingested.months)
     monthly = read_monthly(LakePaths(data_dir))
     assert monthly["item_cnt_month"].sum() == pytest.approx(
         core.ingest.read_sales(LakePaths(data_dir)).column("item_cnt_day").to_numpy().sum(), rel=1e-6

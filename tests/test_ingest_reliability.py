@@ -238,9 +238,9 @@ def test_the_rows_a_drop_replaces_are_counted_and_logged(tmp_path: Path, monkeyp
         summary = task_module.ingest_raw_files.fn(config)
     finally:
         logger.removeHandler(handler)
-    drop = next(f for f in summary["files"] if f["file"] == "sales_2013-04.csv")
-    assert (drop["rows_replaced"], drop["months_replaced"]) == (3, [2])  # lines 6-8 of sales_train.csv
-    assert summary["rows_replaced"] == 3
+    drop = summary.file("sales_2013-04.csv")
+    assert (drop.rows_replaced, drop.months_replaced) == (3, [2])  # lines 6-8 of sales_train.csv
+    assert summary.rows_replaced == 3
     messages = [r.getMessage() for r in records]
     assert "sales_2013-04.csv replaced 3 rows of months [2] that earlier files had written" in messages
 

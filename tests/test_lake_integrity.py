@@ -16,7 +16,7 @@ import pytest
 from prefect import flow
 from test_ingest import _sales, _write_raw
 
-from core.aggregate import aggregate
+from core.aggregate import MonthlyLake, aggregate
 from core.config import NestcastConfig
 from core.errors import ModelIntegrityError
 from core.files import file_sha256, read_json, write_json_atomic
@@ -70,7 +70,7 @@ def _damage_in_place(path: Path) -> None:
 
 def test_a_monthly_file_damaged_in_place_with_size_and_mtime_kept_is_recomputed_by_the_flow(tmp_path: Path) -> None:
     config = _write_raw(tmp_path)
-    ingested = ingest(config).model_dump(mode="json")
+    ingested = ingest(config)
     aggregate_months(config, ingested)
     paths = LakePaths(tmp_path)
     target = paths.monthly_file(1)
@@ -322,14 +322,14 @@ def test_a_data_dir_that_never_had_a_test_csv_runs_end_to_end(tmp_path, tiny_dat
 
 
 @flow(name="windows-only")
-def _windows_flow(config: NestcastConfig, monthly: dict) -> str:
+def _windows_flow(config: NestcastConfig, monthly: MonthlyLake) -> str:
     return build_windows_task(config, monthly, purpose="evaluation", return_state=True).name
 
 
 def test_a_windows_array_deleted_or_damaged_in_place_is_rebuilt_not_served(tmp_path: Path, tiny_data) -> None:
     config = NestcastConfig(data_dir=tiny_data(tmp_path, seed=2))
     ingest(config)
-    monthly = {"months": aggregate(config).months}
+    monthly = MonthlyLake(months=aggregate(config).months, input_hashes={}, removed=[], state="")
     assert _windows_flow(config, monthly) == "Completed"
     store = LakePaths(tmp_path).windows
     built = {p.name: p.read_bytes() for p in store.iterdir()}
