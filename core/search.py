@@ -16,7 +16,7 @@ from typing import Any
 
 import optuna
 
-from core.backtest import markdown_table
+from core.backtest import BacktestResult, markdown_table
 from core.files import write_text_atomic
 
 REPORT_FILE = "search.md"
@@ -65,16 +65,16 @@ def suggest(trial: optuna.Trial, fixed: dict[str, Any] | None = None) -> dict[st
     return params
 
 
-def trial_row(number: int, params: dict[str, Any], outcome: dict[str, Any] | None) -> dict[str, Any]:
+def trial_row(number: int, params: dict[str, Any], outcome: BacktestResult | None) -> dict[str, Any]:
     """One table row: the trial's parameters, its objective and cost (``outcome``: None when it failed)."""
     row: dict[str, Any] = {"trial": number}
     row.update({name: round(v, 6) if isinstance(v, float) else v for name, v in params.items()})
     if outcome is None:
         return row | {"model_vs_previous": None, "params": None, "train_s": None, "state": "failed"}
     return row | {
-        "model_vs_previous": round(float(outcome["mean_ratio"]), 4),
-        "params": outcome.get("params"),
-        "train_s": round(float(outcome.get("train_seconds", 0.0)), 1),
+        "model_vs_previous": round(outcome.mean_ratio, 4),
+        "params": outcome.params,
+        "train_s": round(outcome.train_seconds, 1),
         "state": "complete",
     }
 

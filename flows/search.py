@@ -50,7 +50,7 @@ def _run_batch(
         state = future.state
         if state.is_completed():
             outcome = state.result()
-            study.tell(trial, float(outcome["mean_ratio"]))
+            study.tell(trial, outcome.mean_ratio)
         else:  # a diverged or crashed trial is recorded as failed; the search goes on
             outcome = None
             study.tell(trial, state=optuna.trial.TrialState.FAIL)

@@ -87,14 +87,14 @@ def _trial_outputs(parameters: Mapping[str, Any]) -> list[Path]:
 )
 def search_trial(
     config: NestcastConfig, number: int, origins: list[int], root: str, monthly: MonthlyLake
-) -> dict[str, Any]:
+) -> backtest_step.BacktestResult:
     """One hyperparameter trial: a backtest of ``config`` over ``origins``; its mean ratio is the objective."""
     result = backtest_step.backtest(config, origins, _trial_root(root, number), prepare=False)
     get_run_logger().info(
         "trial %d: mean model / previous %.4f, %d parameters, %.0f s training",
         number, result.mean_ratio, result.params, result.train_seconds,
     )
-    return result.to_dict() | {"train_seconds": result.train_seconds, "params": result.params}
+    return result
 
 
 @nestcast_task("search-report")

@@ -193,6 +193,7 @@ def test_backtest_and_search_flows_write_reports_and_table_artifacts(thread_flow
     rows = found["rows"]
     assert sorted(r["trial"] for r in rows) == [0, 1]
     assert all(r["state"] == "complete" and r["model_vs_previous"] > 0 for r in rows)
+    assert all(r["params"] > 0 and r["train_s"] >= 0 for r in rows), "each trial's cost comes from its backtest"
     assert all("learning_rate" in r and "epochs" not in r for r in rows), "pinned parameters leave the space"
     assert found["best"]["model_vs_previous"] == pytest.approx(min(r["model_vs_previous"] for r in rows), abs=1e-4)
     assert (Path(found["run_dir"]) / "search.md").exists() and (Path(found["run_dir"]) / "best.json").exists()
