@@ -305,9 +305,6 @@ class AccountabilitySummary:
     #: ``<month label>: <note>`` of each unresolved month, for the run's log
     unresolved_notes: list[str] = field(default_factory=list)
 
-    def to_dict(self) -> dict[str, Any]:
-        return dict(vars(self))
-
 
 def update_accountability(config: NestcastConfig) -> AccountabilitySummary:
     """Score every exported forecast whose month is now in the lake, and keep one record per month.

@@ -169,24 +169,6 @@ class ExportResult:
     quantiles_path: Path | None = None  # submissions/<month>.quantiles.parquet
     exported: str = ""  # the forecaster the gate chose (``export_run``); empty for a frame exported as is
 
-    @property
-    def submission(self) -> str:
-        return str(self.csv_path)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "previous_path": None if self.previous_path is None else str(self.previous_path),
-            "forecast_month": self.forecast_month,
-            "csv_path": str(self.csv_path),
-            "sidecar_path": str(self.sidecar_path),
-            "copy_path": None if self.copy_path is None else str(self.copy_path),
-            "rows": self.rows,
-            "sha256": self.sha256,
-            "total": self.total,
-            "quantiles_path": None if self.quantiles_path is None else str(self.quantiles_path),
-            "exported": self.exported,
-        }
-
 
 def submission_frame(forecast: pd.DataFrame) -> pd.DataFrame:
     """``ID,item_cnt_month`` from a forecast frame of exactly ID plus one value column, sorted by ID; no check.

@@ -102,7 +102,7 @@ def sales_forecast(*, overrides: dict[str, Any] | None = None, **knobs: Any) -> 
         "exported_rmse": decision.exported_rmse,
         "beaten_by": decision.beaten_by,
         "reason": decision.reason,
-        "submission": exported.submission,
+        "submission": str(exported.csv_path),
         "report": decision.report,
         "accountability": history.records,
         "accountability_months": scored.months,

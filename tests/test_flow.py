@@ -143,6 +143,7 @@ def test_transient_errors_are_retried_data_errors_are_not_and_a_rerun_resumes_fr
     assert flow_run_name(second.state_details.flow_run_id) == (
         f"forecast-{summary['submission'][-11:-4]}-nlstm-epochs=2-batch_size=256-lookback=4-units=4-depth=1")
     assert "| months in the lake | 2013-01 – " in artifacts["sales-forecast-summary"].data
+    assert f"rows, the {summary['exported']} forecast" in artifacts["submission"].data, "the gate's choice, named"
     assert summary["rows_in"] == summary["rows_accepted"] + summary["rows_quarantined"]
     submission = pd.read_csv(summary["submission"])
     test = pd.read_csv(data_dir / "raw" / "test.csv")
