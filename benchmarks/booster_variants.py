@@ -78,6 +78,14 @@ def refit_booster(store: WindowStore, config: NestcastConfig, names: tuple[str, 
             "rounds": selected.rounds, "seconds": selected.seconds + refitted.seconds}
 
 
+def same_samples(kept: WindowStore, rebuilt: WindowStore) -> WindowStore:
+    """``rebuilt``, once its training, validation and holdout samples are checked to be ``kept``'s."""
+    for name in ("train_index", "validation_index", "holdout_index"):
+        if not np.array_equal(getattr(kept, name), getattr(rebuilt, name)):
+            raise SystemExit(f"{rebuilt.dir}: its {name} differs from the kept store's {kept.dir}")
+    return rebuilt
+
+
 def replace_column(source: Path, target: Path, values: np.ndarray) -> pd.DataFrame:
     frame = pd.read_parquet(source)
     frame[BOOSTER.name] = values.astype(frame[BOOSTER.name].dtype)
@@ -92,6 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True, help="where the variant's mirrored runs are written")
     parser.add_argument("--add", default="", help="features or feature sets the booster also reads")
     parser.add_argument("--drop", default="", help="features or feature sets the booster no longer reads")
+    parser.add_argument("--stores", type=Path, help="read the windows stores of this directory instead (one rebuilt "
+                        "by newer code with more arrays: its samples must be the kept runs')")
     parser.add_argument("--set", dest="sets", action="append", default=[], help="NAME=VALUE config override")
     args = parser.parse_args(argv)
     names = variant_features(args.add, args.drop)
@@ -106,6 +116,8 @@ def main(argv: list[str] | None = None) -> int:
             continue
         started = time.perf_counter()
         store = store_of(args.runs, origin)
+        if args.stores is not None:
+            store = same_samples(store, store_of(args.stores, origin))
         fit = refit_booster(store, base.with_overrides(seed=seed), names)
         replace_column(run_dir / "select" / "validation.parquet", mirror / "select" / "validation.parquet",
                        fit["validation"])

@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 from core.aggregate import merge_shop_ids, read_monthly_table
 from core.config import NestcastConfig
 from core.errors import DataValidationError
-from core.features import NEVER
+from core.features import NAME_DIMS, NEVER
 from core.lake import LakePaths
 
 # (name, level, scaled). Order is the channel order of every window.
@@ -149,6 +149,30 @@ def item_families(items_ref: pd.DataFrame, item_ids: np.ndarray) -> np.ndarray:
     return pd.factorize(families)[0].astype(np.int32)
 
 
+def item_name_vectors(items_ref: pd.DataFrame, item_ids: np.ndarray, dims: int = NAME_DIMS) -> np.ndarray:
+    """``[items, dims]``: each vocabulary item's name as a short dense vector (TF-IDF of its character 2-4-grams,
+    reduced by a truncated SVD fitted on the vocabulary's names), so trees can read what a never-sold item is
+    from items whose names are alike (platform, format, edition). Zeros where no name is known."""
+    from sklearn.decomposition import TruncatedSVD
+    from sklearn.feature_extraction.text import TfidfVectorizer
+
+    out = np.zeros((item_ids.size, dims), dtype=np.float32)
+    if "item_name" not in items_ref.columns or item_ids.size < 3:
+        return out
+    names = pd.Series(items_ref["item_name"].to_numpy(), index=items_ref["item_id"].to_numpy()).reindex(item_ids)
+    known = names.notna().to_numpy()
+    text = names[known].astype(str).str.lower().to_numpy()
+    try:
+        tfidf = TfidfVectorizer(analyzer="char_wb", ngram_range=(2, 4), min_df=2, sublinear_tf=True).fit_transform(text)
+    except ValueError:  # no n-gram shared by two names: nothing to reduce
+        return out
+    width = min(dims, tfidf.shape[0] - 1, tfidf.shape[1] - 1)
+    if width < 1:
+        return out
+    out[known, :width] = TruncatedSVD(n_components=width, random_state=0).fit_transform(tfidf)
+    return out
+
+
 def _grid_means(
     clipped: np.ndarray,
     shop: np.ndarray,
@@ -273,6 +297,7 @@ class Vocabularies:
     category_ids: np.ndarray
     item_category: np.ndarray  # [items] category index
     item_family: np.ndarray  # [items] name-family index
+    item_names: np.ndarray  # [items, NAME_DIMS] name vectors
     test_shop: np.ndarray  # [test rows] shop index, in ID order
     test_item: np.ndarray
 
@@ -295,6 +320,7 @@ def vocabularies(monthly: dict[str, np.ndarray], refs: References, config: Nestc
         category_ids=category_ids,
         item_category=np.searchsorted(category_ids, item_category_ids),
         item_family=item_families(refs.items, item_ids),
+        item_names=item_name_vectors(refs.items, item_ids),
         test_shop=np.searchsorted(shop_ids, test_shop),
         test_item=np.searchsorted(item_ids, test_item),
     )

@@ -27,6 +27,7 @@ import numpy as np
 
 HeadTransform = Literal["log1p", "plain"]
 NEVER = 1 << 20  # first-sale month of an item or pair that never sold
+NAME_DIMS = 8  # dimensions of an item's name vector (core.cube.item_name_vectors)
 
 
 # --- what features are computed from -------------------------------------------------------------
@@ -47,6 +48,7 @@ class StoreArrays:
     grid_shops: np.ndarray  # [months, shops] bool: the shop sold something that month
     grid_items: np.ndarray  # [months, items] bool: the item sold somewhere that month
     item_family: np.ndarray  # [items] the item's name family (same first two words: editions, sequels)
+    item_names: np.ndarray  # [items, dims] the item's name as a vector (core.cube.item_name_vectors)
     rows: Mapping[str, np.ndarray]  # level -> [series] row in that level's arrays
     n_categories: int
     clip: tuple[float, float]
@@ -82,6 +84,7 @@ class FeatureTables:
     family_mean: np.ndarray  # [families, months] clipped sales per grid cell of the family's active items
     grid_items: np.ndarray  # [months, items] bool
     item_shops_sold: np.ndarray  # [items, months] shops that sold the item (clipped count > 0)
+    item_names: np.ndarray  # [items, dims]
 
     @functools.cached_property
     def pair_cumulative(self) -> np.ndarray:
@@ -156,6 +159,7 @@ class FeatureTables:
             family_mean=_divide(group_sum(family[pair_item], n_families), (grid_shops[:, None] * family_items).T),
             grid_items=grid_items,
             item_shops_sold=group_sum_of(pair_item, n_items, (counts > 0).astype(np.float64)).astype(np.float32),
+            item_names=np.asarray(arrays.item_names, dtype=np.float32),
         )
 
 
@@ -415,6 +419,11 @@ _RECENT_NAMES = (
     ),
 )
 
+# What the item's name says (core.cube.item_name_vectors), known for a launch on its first day.
+_NAME_NAMES = tuple(
+    declare(f"item_name_{k}", lambda t, s, k=k: t.item_names[s.rows["item"], k], head=None) for k in range(NAME_DIMS)
+)
+
 #: The standard recipe of this competition (lags, target encodings, timing, price, ids): what the reported
 #: LightGBM reference reads.
 RECIPE: tuple[str, ...] = (
@@ -426,6 +435,8 @@ LAUNCH: tuple[str, ...] = _LAUNCH_NAMES
 HISTORY: tuple[str, ...] = _HISTORY_NAMES
 #: The pair's trailing means and sale regularity, last year's item and category level (trees only).
 RECENT: tuple[str, ...] = _RECENT_NAMES
+#: The item's name vector (trees only).
+NAME: tuple[str, ...] = _NAME_NAMES
 #: The ensemble's booster: the recipe, the launch features and the longer history.
 BOOSTER: tuple[str, ...] = (*RECIPE, *LAUNCH, *HISTORY)
 #: The network head's ``static`` input, in order: every feature of the booster that the head reads.

@@ -88,6 +88,7 @@ class WindowStore:
         self.forecast_index: np.ndarray = np.load(self.dir / "forecast_index.npy")
         self.grid: dict[str, np.ndarray] = {name: np.load(self.dir / f"{name}.npy") for name in GRID_ARRAYS}
         self.item_family: np.ndarray = np.load(self.dir / "item_family.npy")
+        self.item_names: np.ndarray = np.load(self.dir / "item_names.npy")
         # Read now, not on demand: a rebuild swaps the directory, and a store must stay one snapshot.
         self._holdout_frame = pq.read_table(self.dir / "holdout.parquet").to_pandas()
         self._validation_frame = pq.read_table(self.dir / "validation.parquet").to_pandas()
@@ -105,6 +106,7 @@ class WindowStore:
             grid_shops=self.grid["grid_shops"],
             grid_items=self.grid["grid_items"],
             item_family=self.item_family,
+            item_names=self.item_names,
             rows={**self.rows_of, "shop": self.shop_index, "category": self.category_index},
             n_categories=int(self.meta["n_categories"]),
             clip=self._clip,

@@ -380,6 +380,7 @@ class _WindowsBuild:
 
     levels: Levels
     item_family: np.ndarray
+    item_names: np.ndarray
     grid: Grid
     series: pa.Table
     train_index: np.ndarray
@@ -390,7 +391,7 @@ class _WindowsBuild:
         """``<name>.npy`` contents by name."""
         return (
             self.levels.arrays()
-            | {"item_family": self.item_family, "train_index": self.train_index}
+            | {"item_family": self.item_family, "item_names": self.item_names, "train_index": self.train_index}
             | {f"{name}_index": split.index for name, split in self.splits.items()}
             | {"grid_shops": self.grid.shops, "grid_items": self.grid.items}
         )
@@ -426,6 +427,7 @@ def _build(
     return _WindowsBuild(
         levels=levels,
         item_family=vocab.item_family,
+        item_names=vocab.item_names,
         grid=grid,
         series=_series_table(series, levels.pair, vocab.category_ids.size),
         train_index=train_index,

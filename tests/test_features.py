@@ -19,7 +19,8 @@ from lake_helpers import write_lake
 
 from core.aggregate import aggregate, read_monthly
 from core.config import NestcastConfig
-from core.features import HISTORY, RECENT, RECIPE, FeatureTables, matrix
+from core.cube import item_name_vectors
+from core.features import HISTORY, NAME, NAME_DIMS, RECENT, RECIPE, FeatureTables, matrix
 from core.lake import LakePaths
 from core.reference import fit_reference
 from core.synthetic import generate
@@ -212,3 +213,34 @@ def test_launch_rows_are_the_samples_whose_item_never_sold_before_the_target_mon
         np.testing.assert_array_equal(launch_rows(store, index), expected, err_msg=name)
     assert launch_rows(store, store.holdout_index).any(), "the tiny data must launch items in month 14"
     np.testing.assert_array_equal(launch_rows(store, store.holdout_index), store.holdout_frame()["new_item"])
+
+
+def test_items_with_alike_names_get_close_name_vectors_and_an_unknown_name_gets_zeros() -> None:
+    items = pd.DataFrame({
+        "item_id": range(8),
+        "item_name": ["FIFA 14 [PS3, русская версия]", "FIFA 15 [PS3, русская версия]", "FIFA 15 [PC, Jewel]",
+                      "Звездные войны (Blu-Ray)", "Звездные войны 2 (Blu-Ray)", "Гарри Поттер (DVD)",
+                      "Гарри Поттер 2 (DVD)", "Наушники Sony MDR"],
+    })
+    ids = np.array([0, 1, 2, 3, 4, 5, 6, 7, 99])  # 99 is in no items table
+    vectors = item_name_vectors(items, ids)
+    assert vectors.shape == (9, NAME_DIMS) and vectors.dtype == np.float32
+    assert not vectors[99 == ids].any() and np.abs(vectors[:8]).sum(axis=1).min() > 0
+    unit = vectors[:8] / np.linalg.norm(vectors[:8], axis=1, keepdims=True)
+    similarity = unit @ unit.T
+    assert similarity[0, 1] > similarity[0, 3] and similarity[0, 1] > similarity[0, 5]
+    assert similarity[3, 4] > similarity[3, 0] and similarity[5, 6] > similarity[5, 7]
+    np.testing.assert_array_equal(item_name_vectors(items, ids), vectors)  # the same names, the same vectors
+
+
+def test_the_name_features_are_the_stores_name_vectors_of_each_samples_item(tmp_path: Path, tiny) -> None:
+    _, store = lake(tmp_path, tiny, holdout=12)
+    rows = np.concatenate([store.train_index[:50], store.holdout_index[:20]])
+    got = matrix(store.feature_tables(), rows, NAME)
+    tables = store.feature_tables()
+    vocabulary = np.zeros(tables.item_names.shape[0], dtype=np.int64)  # item row -> item id, from the series
+    vocabulary[tables.rows["item"]] = store.series["item_id"].to_numpy()
+    assert np.array_equal(np.unique(vocabulary), vocabulary)  # every item has a series: this is the vocabulary
+    names = pd.read_parquet(LakePaths(tmp_path).reference / "items.parquet")  # the names the lake holds
+    expected = item_name_vectors(names, vocabulary)[tables.rows["item"][rows[:, 0]]]
+    np.testing.assert_allclose(got, expected, rtol=1e-6)
