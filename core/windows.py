@@ -62,8 +62,9 @@ from core.files import atomic_path, file_sha256, read_json, recorded_file_proble
 from core.lake import WINDOWS_META_FILE, LakePaths
 
 STORE_FILES = "files"  # in meta.json: file name -> sha256 of every array and table of the store
-#: 2: grid masks, validation month; 3: target-encoded means; 4: item name families; 5: universe; 6: validation months
-WINDOWS_VERSION = "6"
+#: 2: grid masks, validation month; 3: target-encoded means; 4: item name families; 5: universe; 6: validation months;
+#: 7: item name vectors
+WINDOWS_VERSION = "7"
 
 @dataclass
 class WindowsSummary:
