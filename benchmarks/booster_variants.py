@@ -7,8 +7,8 @@
 the way the flow trains it (``core.protocol``'s stages): early-stopped on the validation months m-2 and m-1 with
 training months < m-2, then refitted on every month < m with the chosen rounds; the network's columns are kept as
 they are. ``--out`` mirrors the runs with the ``reference`` column of ``select/validation.parquet`` and
-``refit/holdout.parquet`` replaced (its ``lake`` is a link to the original's), so ``accuracy.py`` re-makes blend
-and gate from it. Month m only scores.
+``refit/holdout.parquet`` replaced (its ``lake`` is a link to the original's, or to ``--stores``'s), so
+``accuracy.py`` re-makes blend and gate from it. Month m only scores.
 
 A variant is features added to or removed from the booster's (a set of ``core.features``, e.g. ``RECENT``, or
 feature names, comma-separated) and ``--set NAME=VALUE`` config overrides (e.g. ``num_leaves=31``). With no
@@ -78,11 +78,14 @@ def refit_booster(store: WindowStore, config: NestcastConfig, names: tuple[str, 
             "rounds": selected.rounds, "seconds": selected.seconds + refitted.seconds}
 
 
-def same_samples(kept: WindowStore, rebuilt: WindowStore) -> WindowStore:
-    """``rebuilt``, once its training, validation and holdout samples are checked to be ``kept``'s."""
+def same_samples(runs: Path, stores: Path, origin: int) -> WindowStore:
+    """The rebuilt store of ``origin``, once its samples are checked to be the kept store's (read as arrays: the
+    kept store may be one this version no longer opens)."""
+    rebuilt = store_of(stores, origin)
+    (kept,) = sorted(runs.glob(f"lake/backtest/windows-{origin}-*"))
     for name in ("train_index", "validation_index", "holdout_index"):
-        if not np.array_equal(getattr(kept, name), getattr(rebuilt, name)):
-            raise SystemExit(f"{rebuilt.dir}: its {name} differs from the kept store's {kept.dir}")
+        if not np.array_equal(np.load(kept / f"{name}.npy"), getattr(rebuilt, name)):
+            raise SystemExit(f"{rebuilt.dir}: its {name} differs from the kept store's {kept}")
     return rebuilt
 
 
@@ -108,16 +111,14 @@ def main(argv: list[str] | None = None) -> int:
     base = NestcastConfig(data_dir=args.runs).with_overrides(parse_sets(args.sets))
     args.out.mkdir(parents=True, exist_ok=True)
     if not (args.out / "lake").exists():
-        (args.out / "lake").symlink_to((args.runs / "lake").resolve())
+        (args.out / "lake").symlink_to((args.stores or args.runs).resolve() / "lake")
     print(f"{len(names)} features; overrides {parse_sets(args.sets) or 'none'}")
     for (seed, origin), run_dir in sorted(origin_dirs(args.runs).items(), key=lambda kv: (kv[0][1], kv[0][0])):
         mirror = args.out / run_dir.relative_to(args.runs)
         if (mirror / "refit" / "holdout.parquet").exists():  # a rerun goes on where the last one stopped
             continue
         started = time.perf_counter()
-        store = store_of(args.runs, origin)
-        if args.stores is not None:
-            store = same_samples(store, store_of(args.stores, origin))
+        store = store_of(args.runs, origin) if args.stores is None else same_samples(args.runs, args.stores, origin)
         fit = refit_booster(store, base.with_overrides(seed=seed), names)
         replace_column(run_dir / "select" / "validation.parquet", mirror / "select" / "validation.parquet",
                        fit["validation"])

@@ -130,6 +130,11 @@ class ModelConfig(_Section):
     embeddings: bool = Field(True, description="Learn shop and category embeddings beside the sequence.")
     embedding_dim: int = Field(4, ge=1)
     head_units: int = Field(32, ge=0, description="Hidden Dense units of the head (0: linear head).")
+    launch_head: bool = Field(
+        False,
+        description="A head of its own for items in their launch month (selected by the static input item_is_new), "
+        "so a launch's forecast is not a compromise with the pairs that have a history (core.model.LaunchGate).",
+    )
 
 
 Device = Literal["auto", "cpu", "gpu"]

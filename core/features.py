@@ -351,8 +351,12 @@ def _launch_mean(t: FeatureTables, s: Samples, group: str, rows: np.ndarray, mon
     return _ratio(t.launch[f"{group}_sum"], t.launch[f"{group}_cells"], rows, first, last)
 
 
+#: 1.0 where the sample's item never sold before the target month (its launch month or later), else 0.0.
+ITEM_IS_NEW = declare(
+    "item_is_new", lambda t, s: (t.item_first[s.rows["item"]] >= s.target).astype(np.float32), head="plain"
+)
 _LAUNCH_NAMES = (
-    declare("item_is_new", lambda t, s: (t.item_first[s.rows["item"]] >= s.target).astype(np.float32), head="plain"),
+    ITEM_IS_NEW,
     # The month the item first sold (T itself for a launch): the trees read the launch cohort it belongs to, and a
     # launch is forecast like the newest cohorts. Absolute time: kept out of the network, which would extrapolate.
     declare("item_first_sale_month",

@@ -25,6 +25,7 @@ import numpy as np
 from core.batches import ArrayBatches
 from core.device import DeviceInfo, default_cpu_device
 from core.encoders import build_encoder, import_all
+from core.features import HEAD, ITEM_IS_NEW
 from core.initializers import seeded_initializer
 from core.sampling import EpochShuffled
 
@@ -97,7 +98,11 @@ def build_model(
             features += _static_features(inputs, n_static, seed, dtype)
         if model_cfg.embeddings:
             features += _id_embeddings(model_cfg, inputs, {"shop": n_shops, "category": n_categories}, seed, dtype)
-        model = keras.Model(inputs, _head(model_cfg, features, seed, dtype), name=model_cfg.kind)
+        count = _head(model_cfg, features, seed, dtype)
+        if model_cfg.launch_head and n_static > 0:
+            launch = _head(model_cfg, features, seed, dtype, prefix="launch_")
+            count = LaunchGate(HEAD.index(ITEM_IS_NEW), name="launch_gate")([count, launch, inputs["static"]])
+        model = keras.Model(inputs, count, name=model_cfg.kind)
         _compile(model, model_cfg, train_cfg, device)
     return model
 
@@ -129,21 +134,54 @@ def _id_embeddings(
     ]
 
 
-def _head(model_cfg: ModelConfig, features: list[Any], seed: int, dtype: str) -> Any:
-    """The features concatenated, through the optional relu layer, to the float32 count."""
-    hidden = features[0] if len(features) == 1 else keras.layers.Concatenate(name="features")(features)
+def _head(model_cfg: ModelConfig, features: list[Any], seed: int, dtype: str, prefix: str = "") -> Any:
+    """The features concatenated, through the optional relu layer, to the float32 count (layers named with
+    ``prefix``: a second head has its own)."""
+    hidden = features[0] if len(features) == 1 else keras.layers.Concatenate(name=f"{prefix}features")(features)
     if model_cfg.head_units > 0:
         hidden = keras.layers.Dense(
             model_cfg.head_units,
             activation="relu",
-            name="head",
+            name=f"{prefix}head",
             dtype=dtype,
-            kernel_initializer=seeded_initializer("glorot_uniform", seed, "head"),
+            kernel_initializer=seeded_initializer("glorot_uniform", seed, f"{prefix}head"),
         )(hidden)
     # The output stays float32 under mixed precision: the loss is computed on it.
     return keras.layers.Dense(
-        1, name="count", dtype="float32", kernel_initializer=seeded_initializer("glorot_uniform", seed, "count")
+        1, name=f"{prefix}count", dtype="float32",
+        kernel_initializer=seeded_initializer("glorot_uniform", seed, f"{prefix}count"),
     )(hidden)
+
+
+@keras.saving.register_keras_serializable(package="nestcast")
+class LaunchGate(keras.layers.Layer):
+    """The launch head's count where the sample's item is in its launch month, the main head's elsewhere.
+
+    Items new on the forecast day have no sales to encode; a shared head fits them as a compromise with the pairs
+    that have a history (a few percent of the rows, a third of the network's squared error on the real slice).
+
+    Args:
+        column: the index, in the ``static`` input, of the 0/1 flag ``item_is_new``.
+
+    Call arguments: ``[established, launch, static]``: the two heads' ``[b, 1]`` counts and the static input.
+    """
+
+    def __init__(self, column: int, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        if not isinstance(column, int) or column < 0:
+            raise ValueError(f"column must be an int >= 0, got {column!r}")
+        self.column = column
+
+    def call(self, inputs: list[Any]) -> Any:
+        established, launch, static = inputs
+        new = keras.ops.cast(static[:, self.column : self.column + 1] > 0.5, established.dtype)
+        return established + new * (launch - established)
+
+    def compute_output_shape(self, input_shape: list[Any]) -> Any:
+        return input_shape[0]
+
+    def get_config(self) -> dict[str, Any]:
+        return super().get_config() | {"column": self.column}
 
 
 def _compile(model: keras.Model, model_cfg: ModelConfig, train_cfg: TrainConfig | None, device: DeviceInfo) -> None:

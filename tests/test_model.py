@@ -16,7 +16,8 @@ from core.batches import ArrayBatches
 from core.config import ModelConfig, TrainConfig
 from core.device import DeviceInfo, select_device, visible_gpus
 from core.errors import DeviceUnavailableError
-from core.model import build_model, load_model, predict
+from core.features import HEAD, ITEM_IS_NEW
+from core.model import LaunchGate, build_model, load_model, predict
 from core.sampling import EpochShuffled
 from core.schedule import CosineLearningRate
 from core.training import train_model
@@ -420,3 +421,36 @@ def test_a_refit_from_the_selection_continues_its_network_and_a_refit_from_scrat
     assert json.loads((tmp_path / "cold" / "metadata.json").read_text())["started_from"] is None
     with pytest.raises(ValueError, match="only a refit starts from a trained network"):
         train_forecaster(config, windows, tmp_path / "bad", stage="select", start_from=selected.model_path)
+
+
+def test_the_launch_head_alone_forecasts_new_items_and_survives_a_save_and_load(tmp_path):
+    rng = np.random.default_rng(5)
+    n = 64
+    inputs, _ = make_data(n, 6)
+    static = rng.uniform(0, 3, (n, len(HEAD))).astype("float32")
+    new = rng.random(n) < 0.5
+    static[:, HEAD.index(ITEM_IS_NEW)] = new
+    data = {**inputs, "static": static, "month": rng.integers(0, 12, n).astype("int32")}
+    model = build(n_static=len(HEAD), launch_head=True)
+    before = predict(model, data, clip_min=-100.0, clip_max=100.0)
+
+    def shifted(layer: str) -> np.ndarray:
+        kernel, bias = model.get_layer(layer).get_weights()
+        model.get_layer(layer).set_weights([kernel, bias + 7.0])
+        out = predict(model, data, clip_min=-100.0, clip_max=100.0)
+        model.get_layer(layer).set_weights([kernel, bias])
+        return out
+
+    launch_moved, main_moved = shifted("launch_count") - before, shifted("count") - before
+    np.testing.assert_allclose(launch_moved[new], 7.0, rtol=1e-5)
+    np.testing.assert_allclose(launch_moved[~new], 0.0, atol=1e-5)
+    np.testing.assert_allclose(main_moved[~new], 7.0, rtol=1e-5)
+    np.testing.assert_allclose(main_moved[new], 0.0, atol=1e-5)
+    model.save(tmp_path / "model.keras")
+    np.testing.assert_array_equal(predict(load_model(tmp_path / "model.keras"), data, clip_min=-100.0,
+                                          clip_max=100.0), before)
+
+
+def test_the_launch_gate_names_a_bad_column():
+    with pytest.raises(ValueError, match="column must be an int >= 0, got -1"):
+        LaunchGate(-1)
