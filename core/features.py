@@ -437,12 +437,14 @@ RECIPE: tuple[str, ...] = (
 LAUNCH: tuple[str, ...] = _LAUNCH_NAMES
 #: An item's and a pair's longer history (the trees only: the network reads its own sequence).
 HISTORY: tuple[str, ...] = _HISTORY_NAMES
-#: The pair's trailing means and sale regularity, last year's item and category level (trees only).
+#: The pair's trailing means and sale regularity, last year's item and category level (trees only). Read by no
+#: forecaster: measured on the 12-origin backtest and dropped (docs/accuracy.md); kept so that row reproduces
+#: (``benchmarks/booster_variants.py --add RECENT``).
 RECENT: tuple[str, ...] = _RECENT_NAMES
 #: The item's name vector (trees only).
 NAME: tuple[str, ...] = _NAME_NAMES
-#: The ensemble's booster: the recipe, the launch features and the longer history.
-BOOSTER: tuple[str, ...] = (*RECIPE, *LAUNCH, *HISTORY)
+#: The ensemble's booster: the recipe, the launch features, the longer history and the item's name.
+BOOSTER: tuple[str, ...] = (*RECIPE, *LAUNCH, *HISTORY, *NAME)
 #: The network head's ``static`` input, in order: every feature of the booster that the head reads.
 HEAD: tuple[str, ...] = tuple(name for name in BOOSTER if REGISTRY[name].head is not None)
 
