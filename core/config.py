@@ -131,9 +131,11 @@ class ModelConfig(_Section):
     embedding_dim: int = Field(4, ge=1)
     head_units: int = Field(32, ge=0, description="Hidden Dense units of the head (0: linear head).")
     launch_head: bool = Field(
-        False,
+        True,
         description="A head of its own for items in their launch month (selected by the static input item_is_new), "
-        "so a launch's forecast is not a compromise with the pairs that have a history (core.model.LaunchGate).",
+        "so a launch's forecast is not a compromise with the pairs that have a history (core.model.LaunchGate). "
+        "On the real slice's 12 origins it made the network 1.3 % and 1.1 % better in the two halves "
+        "(docs/accuracy.md).",
     )
 
 
