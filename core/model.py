@@ -100,6 +100,10 @@ def build_model(
             features += _id_embeddings(model_cfg, inputs, {"shop": n_shops, "category": n_categories}, seed, dtype)
         count = _head(model_cfg, features, seed, dtype)
         if model_cfg.launch_head and n_static > 0:
+            if n_static != len(HEAD):
+                raise ValueError(f"launch_head reads item_is_new from the static input of core.features.HEAD "
+                                 f"({len(HEAD)} columns), got n_static={n_static}; set launch_head=False for "
+                                 f"another static input")
             launch = _head(model_cfg, features, seed, dtype, prefix="launch_")
             count = LaunchGate(HEAD.index(ITEM_IS_NEW), name="launch_gate")([count, launch, inputs["static"]])
         model = keras.Model(inputs, count, name=model_cfg.kind)

@@ -38,6 +38,7 @@ def make_data(n: int, seed: int, sign: float = 1.0):
 
 
 def build(kind: str = "nlstm", seed: int = 1, n_static: int = 0, **model_kw) -> keras.Model:
+    model_kw.setdefault("launch_head", n_static == len(HEAD))  # the gate reads the feature room's static input
     cfg = ModelConfig(kind=kind, units=8, depth=2, head_units=8, **model_kw)
     return build_model(
         cfg,
@@ -349,7 +350,7 @@ def test_the_head_learns_from_static_features_and_the_month():
     month = rng.integers(0, 12, n).astype("int32")
     y = (2.0 * static[:, 0] + (month == 11) * 5.0).astype("float32")
     model = build_model(
-        ModelConfig(kind="nlstm", units=8, depth=2, head_units=16),
+        ModelConfig(kind="nlstm", units=8, depth=2, head_units=16, launch_head=False),
         lookback=LOOKBACK, n_channels=CHANNELS, n_shops=SHOPS, n_categories=CATEGORIES, seed=1,
         train_cfg=TrainConfig(learning_rate=1e-2), device=CPU_NO_JIT, n_static=5,
     )
@@ -451,6 +452,8 @@ def test_the_launch_head_alone_forecasts_new_items_and_survives_a_save_and_load(
                                           clip_max=100.0), before)
 
 
-def test_the_launch_gate_names_a_bad_column():
+def test_the_launch_gate_names_a_bad_column_and_a_static_input_without_the_launch_flag():
     with pytest.raises(ValueError, match="column must be an int >= 0, got -1"):
         LaunchGate(-1)
+    with pytest.raises(ValueError, match=f"launch_head reads item_is_new .*{len(HEAD)} columns.*n_static=5"):
+        build(n_static=5, launch_head=True)
