@@ -424,6 +424,7 @@ def test_a_refit_from_the_selection_continues_its_network_and_a_refit_from_scrat
         train_forecaster(config, windows, tmp_path / "bad", stage="select", start_from=selected.model_path)
 
 
+@pytest.mark.filterwarnings("ignore:Skipping variable loading for optimizer")  # saved before any training step
 def test_the_launch_head_alone_forecasts_new_items_and_survives_a_save_and_load(tmp_path):
     rng = np.random.default_rng(5)
     n = 64
