@@ -1,6 +1,6 @@
 """Refit only the LightGBM booster of every kept backtest run under a variant, for ``benchmarks/accuracy.py``.
 
-    .venv/bin/python benchmarks/booster_variants.py --runs /tmp/runF/work --out /tmp/varA --add RECENT
+    .venv/bin/python benchmarks/booster_variants.py --runs /tmp/runF/work --out /tmp/varB --add NAME
     .venv/bin/python benchmarks/accuracy.py --runs /tmp/varA --recipe /tmp/origins
 
 ``--runs`` is a ``compare_models.py --keep`` directory. For each (seed, origin) run in it, the booster is trained
@@ -10,7 +10,7 @@ they are. ``--out`` mirrors the runs with the ``reference`` column of ``select/v
 ``refit/holdout.parquet`` replaced (its ``lake`` is a link to the original's, or to ``--stores``'s), so
 ``accuracy.py`` re-makes blend and gate from it. Month m only scores.
 
-A variant is features added to or removed from the booster's (a set of ``core.features``, e.g. ``RECENT``, or
+A variant is features added to or removed from the booster's (a set of ``core.features``, e.g. ``NAME``, or
 feature names, comma-separated) and ``--set NAME=VALUE`` config overrides (e.g. ``num_leaves=31``). With no
 change it is the control, which reproduces the kept ``reference`` column (LightGBM is run deterministically).
 Prints one line per run: seconds, rounds and the reference's RMSE on month m before and after. A rerun into the
@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -127,7 +126,6 @@ def main(argv: list[str] | None = None) -> int:
         actual = store.holdout_frame()["actual"].to_numpy(np.float64)
         print(f"origin {origin} seed {seed}: {time.perf_counter() - started:6.1f} s, {fit['rounds']} rounds, "
               f"reference {rmse(before, actual):.4f} -> {rmse(fit['holdout'], actual):.4f}", flush=True)
-    shutil.copy2(Path(__file__), args.out / "variant.py.txt")
     (args.out / "variant.txt").write_text(" ".join(sys.argv[1:] if argv is None else argv) + "\n")
     return 0
 

@@ -92,11 +92,6 @@ class FeatureTables:
         return np.cumsum(self.pair_clipped, axis=1, dtype=np.float64).astype(np.float32)
 
     @functools.cached_property
-    def pair_sold_cumulative(self) -> np.ndarray:
-        """[pair rows, months] months with a sale counted from month 0 through each month."""
-        return np.cumsum(self.pair_clipped > 0, axis=1, dtype=np.int32).astype(np.float32)
-
-    @functools.cached_property
     def item_cumulative(self) -> np.ndarray:
         """[items, months] the item's sales per grid cell summed from month 0 through each month."""
         return np.cumsum(self.means["item"], axis=1, dtype=np.float64).astype(np.float32)
@@ -398,31 +393,6 @@ _HISTORY_NAMES = (
         t.item_cumulative, s.rows["item"], t.item_first[s.rows["item"]], s.target), head=None),
 )
 
-# The pair's recent level and regularity, and last year's level of its item and category: smoother than single
-# lags for intermittent sellers, and the seasonal peak (December) a 12-month-old encoding carries.
-def _trailing_mean(cumulative: np.ndarray, rows: np.ndarray, target: np.ndarray, months: int) -> np.ndarray:
-    """Per sample, the mean of a monthly series over its last ``months`` months before T (fewer near month 0);
-    NaN where ``T < 1``."""
-    start = target - months - 1  # the cumulative sum just before the window
-    total = _at(cumulative, rows, target - 1) - np.where(start >= 0, _at(cumulative, rows, start), 0.0)
-    return (total / np.maximum(np.minimum(target, months), 1)).astype(np.float32)
-
-
-TRAILING_MONTHS: tuple[int, ...] = (6, 12)
-_RECENT_NAMES = (
-    *(
-        declare(f"pair_mean_last_{k}", lambda t, s, k=k: _trailing_mean(t.pair_cumulative, s.rows["pair"], s.target, k),
-                head=None)
-        for k in TRAILING_MONTHS
-    ),
-    declare("pair_share_sold_last_12", lambda t, s: _trailing_mean(
-        t.pair_sold_cumulative, s.rows["pair"], s.target, 12), head=None),
-    *(
-        declare(f"{g}_mean_lag_12", lambda t, s, g=g: _at(t.means[g], s.rows[g], s.target - 12), head=None)
-        for g in ("item", "category")
-    ),
-)
-
 # What the item's name says (core.cube.item_name_vectors), known for a launch on its first day.
 _NAME_NAMES = tuple(
     declare(f"item_name_{k}", lambda t, s, k=k: t.item_names[s.rows["item"], k], head=None) for k in range(NAME_DIMS)
@@ -437,10 +407,6 @@ RECIPE: tuple[str, ...] = (
 LAUNCH: tuple[str, ...] = _LAUNCH_NAMES
 #: An item's and a pair's longer history (the trees only: the network reads its own sequence).
 HISTORY: tuple[str, ...] = _HISTORY_NAMES
-#: The pair's trailing means and sale regularity, last year's item and category level (trees only). Read by no
-#: forecaster: measured on the 12-origin backtest and dropped (docs/accuracy.md); kept so that row reproduces
-#: (``benchmarks/booster_variants.py --add RECENT``).
-RECENT: tuple[str, ...] = _RECENT_NAMES
 #: The item's name vector (trees only).
 NAME: tuple[str, ...] = _NAME_NAMES
 #: The ensemble's booster: the recipe, the launch features, the longer history and the item's name.

@@ -20,7 +20,7 @@ from lake_helpers import write_lake
 from core.aggregate import aggregate, read_monthly
 from core.config import NestcastConfig
 from core.cube import item_name_vectors
-from core.features import HISTORY, NAME, NAME_DIMS, RECENT, RECIPE, FeatureTables, matrix
+from core.features import HISTORY, NAME, NAME_DIMS, RECIPE, FeatureTables, matrix
 from core.lake import LakePaths
 from core.reference import fit_reference
 from core.synthetic import generate
@@ -101,15 +101,6 @@ def loop_features(monthly: pd.DataFrame, store: WindowStore, shop: int, item: in
     since_item = range(item_months[0], target) if item_months else range(0)
     out["item_mean_since_first"] = (sum(group_mean(m, lambda s, i: i == item) for m in since_item) / len(since_item)
                                     if since_item else math.nan)
-    for k in (6, 12):
-        window = range(max(target - k, 0), target)
-        out[f"pair_mean_last_{k}"] = sum(clipped(shop, item, m) for m in window) / len(window) if window else math.nan
-    last_year = range(max(target - 12, 0), target)
-    out["pair_share_sold_last_12"] = (sum(clipped(shop, item, m) > 0 for m in last_year) / len(last_year)
-                                      if last_year else math.nan)
-    m = target - 12
-    out["item_mean_lag_12"] = group_mean(m, lambda s, i: i == item) if m >= 0 else math.nan
-    out["category_mean_lag_12"] = group_mean(m, lambda s, i: category_of[i] == c) if m >= 0 else math.nan
     return out
 
 
@@ -120,7 +111,7 @@ def test_every_feature_equals_the_loop_reference(tmp_path: Path, tiny: dict[str,
     rng = np.random.default_rng(0)
     rows = store.train_index[rng.choice(store.train_index.shape[0], 60, replace=False)]
     rows = np.concatenate([rows, store.holdout_index[:20], store.forecast_index[:20]])
-    names = (*RECIPE, *HISTORY, *RECENT)
+    names = (*RECIPE, *HISTORY)
     got = matrix(tables, rows, names)
     assert got.shape == (rows.shape[0], len(names)) and got.dtype == np.float32
     column = {name: k for k, name in enumerate(names)}
@@ -145,7 +136,7 @@ def test_no_feature_sees_the_target_month_or_later(tmp_path: Path, tiny: dict[st
 
     def keyed(store: WindowStore) -> dict[tuple[int, int, int], np.ndarray]:
         rows = np.concatenate([store.train_index, store.holdout_index])
-        values = matrix(FeatureTables.of(store.arrays()), rows, (*RECIPE, *HISTORY, *RECENT))
+        values = matrix(FeatureTables.of(store.arrays()), rows, (*RECIPE, *HISTORY))
         keys = zip(store.series["shop_id"].to_numpy()[rows[:, 0]], store.series["item_id"].to_numpy()[rows[:, 0]],
                    rows[:, 1], strict=True)
         return {tuple(int(v) for v in key): values[n] for n, key in enumerate(keys)}
